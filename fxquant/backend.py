@@ -1,0 +1,161 @@
+"""The `fxquant` torch.compile backend.
+
+Dynamo hands us a torch-level graph whose parameters are inputs. We let Inductor lower it to
+an ATen inference graph (AOT autograd + decompositions) and run fxquant's pass as Inductor's
+`joint_custom_pre_pass`, before Inductor's own passes: at that point each placeholder is
+one of Dynamo's example inputs, so the real parameters can be quantized and packed once, at
+compile time, and embedded as constants. Inductor compiles the rest of the graph as usual.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from .configs import Int8WeightOnly, QuantConfig
+from .passes import quantize as qpass
+from .passes.constants import PlaceholderConstants, dynamo_source_to_fqn
+from .passes.rewrite import LayerFilter, RewriteContext
+from .report import LinearRecord, format_report
+
+OPTIONS = ("config", "skip", "filter", "release_weights", "verbose")
+
+
+class Backend:
+    """A torch.compile backend that quantizes every eligible linear of the captured graphs.
+
+    `report` lists every linear seen (the latest compile's record per layer name).
+    """
+
+    def __init__(self, config: QuantConfig | None = None, *, skip: Sequence[str] = (),
+                 filter: LayerFilter | None = None, release_weights: bool = False,  # noqa: A002
+                 verbose: bool = False):
+        config = Int8WeightOnly() if config is None else config
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"fxquant: config must be an fxquant config (e.g. fxquant.Int8WeightOnly()), "
+                            f"got {type(config).__name__}")
+        if isinstance(skip, str):
+            skip = (skip,)
+        if filter is not None and not callable(filter):
+            raise TypeError("fxquant: options['filter'] must be a callable (name, (out, in)) -> bool")
+        self.config = config
+        self.skip = tuple(skip)
+        self.filter = filter
+        self.release_weights = bool(release_weights)
+        self.verbose = bool(verbose)
+        self._records: dict[str, LinearRecord] = {}
+        self._pack_cache: dict = {}
+        self._warned: set[str] = set()
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> "Backend":
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"fxquant: unknown option(s) {unknown}; allowed: {list(OPTIONS)}")
+        return cls(options.pop("config", None), **options)
+
+    @property
+    def report(self) -> list[LinearRecord]:
+        return list(self._records.values())
+
+    def format_report(self) -> str:
+        return format_report(self.report)
+
+    # ---------------------------------------------------------------------------------------
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        from torch._inductor.compile_fx import compile_fx
+
+        grad = torch.is_grad_enabled()
+        if grad:
+            self._warn_once("grad", "fxquant is inference-only: the graph is compiled under no_grad, its "
+                            "weights are treated as constants and its outputs do not require grad.")
+        names = [_placeholder_name(n) for n in gm.graph.find_nodes(op="placeholder")]
+        state: dict[str, Any] = {}
+        joint_pass = _QuantizeJointPass(self, example_inputs, names, state)
+        patches = {"joint_custom_pre_pass": joint_pass, "fx_graph_cache": False,
+                   "cpp.enable_concat_linear": False}
+        with torch.no_grad(), torch._inductor.config.patch(patches), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            compiled = compile_fx(gm, example_inputs)
+
+        if "restore_fake" in state:
+            state["restore_fake"].allow_non_fake_inputs = False
+        records = state.get("records", [])
+        for r in records:
+            self._records[r.name] = r
+        if not any(r.status == "quantized" for r in records):
+            self._warn_once("none", "fxquant: no eligible linear layer with a constant weight in the "
+                            "captured graph; it runs unquantized.")
+        if self.verbose and records:
+            print(format_report(records))
+        if self.release_weights:
+            for t in state.get("release", []):
+                # Same shape/strides (Dynamo's guards still pass), no memory behind it.
+                t.untyped_storage().resize_(0)
+        if not grad:
+            return compiled
+
+        @functools.wraps(compiled)
+        def run_no_grad(*args):
+            with torch.no_grad():
+                return compiled(*args)
+        return run_no_grad
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, stacklevel=3)
+
+
+class _QuantizeJointPass(CustomGraphPass):
+    def __init__(self, backend: Backend, example_inputs, names, state: dict):
+        self.backend, self.example_inputs, self.names, self.state = backend, example_inputs, names, state
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        b = self.backend
+        constants = PlaceholderConstants(graph.owning_module, self.example_inputs, self.names)
+        ctx = RewriteContext(b.config, constants, skip=b.skip, layer_filter=b.filter, pack_cache=b._pack_cache)
+        self.state["records"] = qpass.run(graph, ctx)
+        self.state["release"] = qpass.unused_weights(graph, ctx)
+        fake = _graph_fake_mode(graph)
+        if fake is not None and ctx.quantized_weights and not fake.allow_non_fake_inputs:
+            # Inductor re-propagates fake values through the graph; our packed weights are real
+            # get_attr constants, which this compile's fake mode must accept.
+            fake.allow_non_fake_inputs = True
+            self.state["restore_fake"] = fake
+
+    def uuid(self) -> str:
+        return f"fxquant:{self.backend.config.describe()}:{self.backend.skip}"
+
+
+def _graph_fake_mode(graph: torch.fx.Graph):
+    from torch._guards import detect_fake_mode
+    vals = [n.meta["val"] for n in graph.find_nodes(op="placeholder") if isinstance(n.meta.get("val"), torch.Tensor)]
+    return detect_fake_mode(vals) if vals else None
+
+
+def _placeholder_name(node: torch.fx.Node) -> str | None:
+    arg = node.meta.get("grapharg")
+    source = getattr(arg, "source", None)
+    if source is None:
+        return None
+    name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", None)
+    return dynamo_source_to_fqn(str(name)) if name else None
+
+
+_BY_OPTIONS: dict[int, tuple[object, Backend]] = {}
+
+
+def registered_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None):
+    """Entry point for `torch.compile(model, backend="fxquant", options={...})`."""
+    key = id(options)
+    hit = _BY_OPTIONS.get(key)
+    if hit is None or hit[0] is not options:
+        # Keep `options` alive so its id names this backend (its pack cache survives recompiles).
+        hit = (options, Backend.from_options(options))
+        _BY_OPTIONS[key] = hit
+    return hit[1](gm, example_inputs)

@@ -1,0 +1,63 @@
+"""CPU kernels of the fxquant ops: ATen's fast kernels where they exist, else dequantize + GEMM.
+
+ATen's CPU weight-only kernels win only at small M in half precision (measured on a 2-core
+x86 machine: `_weight_int8pack_mm` is 2-5x faster than F.linear at M <= 16 in bf16, but 3-60x
+slower in float32 or at M >= 256). Dequantizing once per call costs O(N*K), which is small next
+to the O(M*N*K) GEMM at large M, so that is the large-M path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import numerics as nq
+
+ATEN_WOQ_MAX_M = 16
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _finish(out2d: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if bias is not None:
+        out2d = out2d + bias.to(out2d.dtype)
+    return out2d.to(x.dtype).reshape(*x.shape[:-1], out2d.shape[-1])
+
+
+def int8_weight_only_linear(x, qweight, scales, bias):
+    x2 = _rows(x)
+    if x.dtype in _HALF and x2.shape[0] <= ATEN_WOQ_MAX_M and x2.shape[0] > 0:
+        out = torch._weight_int8pack_mm(x2.contiguous(), qweight, scales.to(x.dtype))
+    else:
+        out = F.linear(x2, nq.dequantize_int8_per_channel(qweight, scales, x.dtype))
+    return _finish(out, x, bias)
+
+
+def int4_weight_only_linear(x, qweight, scales_zeros, bias, group_size):
+    w = nq.dequantize_int4(qweight, scales_zeros, group_size, x.dtype)
+    return _finish(F.linear(_rows(x), w), x, bias)
+
+
+def int8_dynamic_linear(x, qweight, w_scales, bias):
+    x2 = _rows(x)
+    if x2.shape[0] == 0:
+        return _finish(x2.new_zeros(0, qweight.shape[0]), x, bias)
+    xq, xs = nq.quantize_int8_per_token(x2)
+    acc = torch._int_mm(xq, qweight.t())
+    out = acc.float() * xs * w_scales.float()[None, :]
+    return _finish(out, x, bias)
+
+
+def float8_dynamic_linear(x, qweight, w_scales, bias, per_row):
+    x2 = _rows(x)
+    xq, xs = nq.quantize_fp8(x2, per_row)
+    # Reference arithmetic: fp8 values are exact in float32, accumulate in float32.
+    out = (xq.float() @ qweight.float().t()) * xs * w_scales.float().reshape(1, -1)
+    return _finish(out, x, bias)
+
+
+def float8_weight_only_linear(x, qweight, w_scales, bias):
+    w = nq.dequantize_fp8_weight(qweight, w_scales, x.dtype)
+    return _finish(F.linear(_rows(x), w), x, bias)

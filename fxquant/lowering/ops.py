@@ -1,0 +1,92 @@
+"""The fxquant op boundary: one `torch.ops.fxquant.*` op per scheme.
+
+Every op has the form `op(x, <packed weight tensors>, bias, <static args>) -> out` with
+x [..., K] in bf16/fp16/fp32, out [..., N] in x's dtype; N is always qweight.shape[0].
+The fake kernels work with symbolic M. Kernels per device are registered beside them:
+CPU here (lowering/cpu.py), CUDA in lowering/triton/ (when triton and a GPU are present).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import cpu
+
+LIB = "fxquant"
+
+
+def _out_like(x: Tensor, qweight: Tensor) -> Tensor:
+    torch._check(x.dim() >= 1, lambda: "fxquant linear: x must have at least one dim")
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _check_k(x: Tensor, k: int, op: str) -> None:
+    torch._check(x.shape[-1] == k, lambda: f"fxquant.{op}: x has K={x.shape[-1]} but the weight has K={k}")
+    torch._check(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                 lambda: f"fxquant.{op}: x must be float32/float16/bfloat16, got {x.dtype}")
+
+
+@torch.library.custom_op(f"{LIB}::int8_weight_only_linear", mutates_args=(), device_types="cpu")
+def int8_weight_only_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    _check_k(x, qweight.shape[1], "int8_weight_only_linear")
+    return cpu.int8_weight_only_linear(x, qweight, scales, bias)
+
+
+@int8_weight_only_linear.register_fake
+def _(x, qweight, scales, bias):
+    _check_k(x, qweight.shape[1], "int8_weight_only_linear")
+    return _out_like(x, qweight)
+
+
+@torch.library.custom_op(f"{LIB}::int4_weight_only_linear", mutates_args=(), device_types="cpu")
+def int4_weight_only_linear(x: Tensor, qweight: Tensor, scales_zeros: Tensor, bias: Tensor | None,
+                            group_size: int) -> Tensor:
+    _check_k(x, qweight.shape[1] * 2, "int4_weight_only_linear")
+    return cpu.int4_weight_only_linear(x, qweight, scales_zeros, bias, group_size)
+
+
+@int4_weight_only_linear.register_fake
+def _(x, qweight, scales_zeros, bias, group_size):
+    _check_k(x, qweight.shape[1] * 2, "int4_weight_only_linear")
+    return _out_like(x, qweight)
+
+
+@torch.library.custom_op(f"{LIB}::int8_dynamic_linear", mutates_args=(), device_types="cpu")
+def int8_dynamic_linear(x: Tensor, qweight: Tensor, w_scales: Tensor, bias: Tensor | None) -> Tensor:
+    _check_k(x, qweight.shape[1], "int8_dynamic_linear")
+    return cpu.int8_dynamic_linear(x, qweight, w_scales, bias)
+
+
+@int8_dynamic_linear.register_fake
+def _(x, qweight, w_scales, bias):
+    _check_k(x, qweight.shape[1], "int8_dynamic_linear")
+    return _out_like(x, qweight)
+
+
+@torch.library.custom_op(f"{LIB}::float8_dynamic_linear", mutates_args=(), device_types="cpu")
+def float8_dynamic_linear(x: Tensor, qweight: Tensor, w_scales: Tensor, bias: Tensor | None,
+                          per_row: bool) -> Tensor:
+    _check_k(x, qweight.shape[1], "float8_dynamic_linear")
+    return cpu.float8_dynamic_linear(x, qweight, w_scales, bias, per_row)
+
+
+@float8_dynamic_linear.register_fake
+def _(x, qweight, w_scales, bias, per_row):
+    _check_k(x, qweight.shape[1], "float8_dynamic_linear")
+    return _out_like(x, qweight)
+
+
+@torch.library.custom_op(f"{LIB}::float8_weight_only_linear", mutates_args=(), device_types="cpu")
+def float8_weight_only_linear(x: Tensor, qweight: Tensor, w_scales: Tensor, bias: Tensor | None) -> Tensor:
+    _check_k(x, qweight.shape[1], "float8_weight_only_linear")
+    return cpu.float8_weight_only_linear(x, qweight, w_scales, bias)
+
+
+@float8_weight_only_linear.register_fake
+def _(x, qweight, w_scales, bias):
+    _check_k(x, qweight.shape[1], "float8_weight_only_linear")
+    return _out_like(x, qweight)
+
+
+ALL_OPS = (int8_weight_only_linear, int4_weight_only_linear, int8_dynamic_linear,
+           float8_dynamic_linear, float8_weight_only_linear)

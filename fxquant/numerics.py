@@ -1,0 +1,149 @@
+"""The one place where fxquant's quantization arithmetic lives.
+
+Passes (packing at compile time), CPU kernels, GPU kernels' references and tests all
+import from here, so a scheme's rounding, clamping and layout are defined exactly once.
+
+Layouts (chosen for coalesced GPU reads, see lowering/):
+  int8 weight       : int8  [N, K], per-output-channel scale [N]
+  int4 weight       : uint8 [N, K // 2]; byte j of row n holds k = 2j in the low nibble and
+                      k = 2j + 1 in the high nibble. Values q in [0, 15] dequantize as
+                      w = (q - 8) * scale + zero, per group of `group_size` along K.
+  int4 scales/zeros : [K // group_size, N, 2] in the model dtype ([..., 0] scale, [..., 1] zero),
+                      N contiguous so one K-group of a tile is one coalesced read.
+  fp8 weight        : float8_e4m3fn [N, K], float32 scale [N] (row) or [1] (tensor).
+"""
+from __future__ import annotations
+
+import torch
+
+INT8_QMAX = 127
+INT4_MID = 8
+INT4_QMAX = 15
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _safe_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round a float32 scale to `dtype` without letting it underflow to zero or overflow."""
+    info = torch.finfo(dtype)
+    return scale.clamp(min=info.tiny, max=info.max).to(dtype)
+
+
+def _div_round(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # torch.round is round-half-to-even, as the GPU kernels' rint is.
+    return torch.round(w / scale)
+
+
+# --------------------------------------------------------------------------- int8 weights
+def quantize_int8_per_channel(w: torch.Tensor, scale_dtype: torch.dtype | None = None):
+    """Symmetric per-output-channel int8. w: [N, K] float -> (q int8 [N, K], scale [N])."""
+    scale_dtype = scale_dtype or w.dtype
+    w32 = w.float()
+    amax = w32.abs().amax(dim=1)
+    scale = _safe_scale(amax / INT8_QMAX, scale_dtype)
+    q = _div_round(w32, scale.float()[:, None]).clamp(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8_per_channel(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+# --------------------------------------------------------------------------- int4 weights
+def quantize_int4_groupwise(w: torch.Tensor, group_size: int, symmetric: bool = False,
+                            scale_dtype: torch.dtype | None = None):
+    """Group-wise int4 along K. w: [N, K], K % group_size == 0.
+
+    Returns (q uint8 [N, K] with values 0..15, scales_zeros [K // group_size, N, 2]).
+    Scale and zero are rounded to their storage dtype *before* q is computed, so the stored
+    (q, scale, zero) triple is the best one for what the kernels actually read.
+    """
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"K={K} is not a multiple of group_size={group_size}")
+    scale_dtype = scale_dtype or w.dtype
+    g = w.float().reshape(N, K // group_size, group_size)
+    if symmetric:
+        amax = g.abs().amax(dim=2)
+        scale = _safe_scale(amax / (INT4_MID - 1), scale_dtype)
+        zero = torch.zeros_like(scale)
+    else:
+        lo, hi = g.amin(dim=2), g.amax(dim=2)
+        scale = _safe_scale((hi - lo) / INT4_QMAX, scale_dtype)
+        # zero is the value of q == 8, so q == 0 lands on the group minimum.
+        zero = (lo + INT4_MID * scale.float()).to(scale_dtype)
+    s32, z32 = scale.float()[..., None], zero.float()[..., None]
+    q = (_div_round(g - z32, s32) + INT4_MID).clamp(0, INT4_QMAX).to(torch.uint8)
+    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    return q.reshape(N, K), scales_zeros
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] values 0..15 -> uint8 [N, K // 2] (even k low nibble, odd k high nibble)."""
+    if q.shape[-1] % 2:
+        raise ValueError("int4 packing needs an even K")
+    q = q.to(torch.uint8)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K // 2] -> uint8 [N, K] values 0..15."""
+    lo, hi = packed & 0xF, packed >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def dequantize_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Packed int4 [N, K // 2] -> float [N, K] in `dtype` (computed in float32)."""
+    q = unpack_int4(packed).float()
+    N, K = q.shape
+    sz = scales_zeros.float().transpose(0, 1)  # [N, G, 2]
+    g = q.reshape(N, K // group_size, group_size)
+    w = (g - INT4_MID) * sz[..., 0:1] + sz[..., 1:2]
+    return w.reshape(N, K).to(dtype)
+
+
+# --------------------------------------------------------------------------- int8 activations
+def quantize_int8_per_token(x: torch.Tensor):
+    """Dynamic symmetric per-row int8. x: [M, K] -> (q int8 [M, K], scale float32 [M, 1])."""
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1, keepdim=True)
+    scale = (amax / INT8_QMAX).clamp(min=torch.finfo(torch.float32).tiny)
+    q = _div_round(x32, scale).clamp(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_int8_weight_for_dynamic(w: torch.Tensor):
+    """Per-channel int8 weight with a float32 scale (the int32 accumulator is rescaled in fp32)."""
+    return quantize_int8_per_channel(w, scale_dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- fp8
+def quantize_fp8(t: torch.Tensor, per_row: bool):
+    """e4m3 with a float32 scale per row ([R, 1]) or per tensor ([1, 1]). t: [R, C]."""
+    t32 = t.float()
+    amax = t32.abs().amax(dim=-1, keepdim=True) if per_row else t32.abs().amax().reshape(1, 1)
+    scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    q = (t32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def quantize_fp8_weight(w: torch.Tensor, per_row: bool = True):
+    """w: [N, K] -> (q e4m3 [N, K], scale float32 [N] or [1])."""
+    q, scale = quantize_fp8(w, per_row)
+    return q, scale.reshape(-1)
+
+
+def dequantize_fp8_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale.float().reshape(-1, 1)).to(dtype)
+
+
+# --------------------------------------------------------------------------- metrics
+def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when identical)."""
+    ref, test = ref.double(), test.double()
+    noise = (ref - test).pow(2).mean()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(ref.pow(2).mean() / noise))

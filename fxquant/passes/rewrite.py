@@ -1,0 +1,261 @@
+"""The replacement shared by every pattern in fxquant/patterns/: find the constant weight
+behind a matmul operand, decide whether the layer is eligible, pack it once and emit one
+`torch.ops.fxquant.*` node."""
+from __future__ import annotations
+
+import contextlib
+import weakref
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from ..configs import QuantConfig
+from ..numerics import FLOAT_DTYPES
+from ..report import LinearRecord
+from .constants import module_path_from_stack
+
+aten = torch.ops.aten
+LayerFilter = Callable[[str, tuple], bool]
+
+
+@dataclass
+class WeightRef:
+    node: fx.Node            # the constant node (get_attr / placeholder)
+    base: torch.Tensor       # the stored tensor
+    transposed: bool         # stored as [K, N] (HF Conv1D, x @ w) rather than [N, K]
+    dtype: torch.dtype       # dtype the graph computes in (after autocast-style casts)
+
+    def logical(self) -> torch.Tensor:
+        """The weight as [N, K] in the compute dtype."""
+        w = self.base.t() if self.transposed else self.base
+        return w.to(self.dtype)
+
+    @property
+    def shape_nk(self) -> tuple[int, int]:
+        n, k = self.base.shape if not self.transposed else self.base.shape[::-1]
+        return int(n), int(k)
+
+
+class RewriteContext:
+    """State of one pass over one graph; the pattern handlers read it via `active()`."""
+
+    def __init__(self, config: QuantConfig, constants, *, skip: Sequence[str] = (),
+                 layer_filter: LayerFilter | None = None, pack_cache: dict | None = None):
+        self.config = config
+        self.constants = constants
+        self.skip = tuple(skip)
+        self.layer_filter = layer_filter
+        self.records: dict[fx.Node, LinearRecord] = {}
+        self.pack_cache = {} if pack_cache is None else pack_cache
+        self.graph_nodes: dict[tuple, tuple[list[fx.Node], str]] = {}
+        self.packed_bytes: dict[tuple, int] = {}
+        self.quantized_weights: dict[int, tuple[torch.Tensor, fx.Node]] = {}
+
+    # -- weights ---------------------------------------------------------------------------
+    def resolve(self, node: object, transposed: bool) -> WeightRef | None:
+        """Follow casts and 2-D transposes from a matmul operand to a constant tensor."""
+        dtype = None
+        while isinstance(node, fx.Node):
+            t = self.constants.tensor(node)
+            if t is not None:
+                if t.dim() != 2:
+                    return None
+                return WeightRef(node, t, transposed, dtype or t.dtype)
+            if node.op != "call_function":
+                return None
+            if _is_transpose(node):
+                transposed = not transposed
+            elif node.target is torch.ops.prims.convert_element_type.default:
+                dtype = dtype or node.args[1]
+            elif node.target is aten._to_copy.default and set(node.kwargs) <= {"dtype"}:
+                dtype = dtype or node.kwargs.get("dtype")
+            else:
+                return None
+            node = node.args[0]
+        return None
+
+    def weight_of(self, kwargs: dict) -> WeightRef | None:
+        if "w_nk" in kwargs:  # aten.linear: already [N, K]
+            return self.resolve(kwargs["w_nk"], transposed=False)
+        # mm/addmm second operand is [K, N]: a constant seen through one transpose is [N, K].
+        return self.resolve(kwargs["w"], transposed=True)
+
+    def layer_name(self, node: fx.Node, ref: WeightRef) -> str:
+        path = module_path_from_stack(node)
+        if path:
+            return path
+        wname = self.constants.weight_name(ref.node) or ref.node.name
+        return wname[: -len(".weight")] if wname.endswith(".weight") else wname
+
+    # -- eligibility -----------------------------------------------------------------------
+    def check(self, node: fx.Node, ref: WeightRef) -> bool:
+        name = self.layer_name(node, ref)
+        n, k = ref.shape_nk
+        reason = self._skip_reason(name, n, k, ref)
+        if reason is not None:
+            self.records[node] = LinearRecord(name, k, n, self.config.scheme, _nbytes(ref.base), _nbytes(ref.base),
+                                              "skipped", reason)
+            return False
+        return True
+
+    def _skip_reason(self, name: str, n: int, k: int, ref: WeightRef) -> str | None:
+        for pat in self.skip:
+            if fnmatch.fnmatchcase(name, pat):
+                return f"name matches skip pattern {pat!r}"
+        if self.layer_filter is not None and not self.layer_filter(name, (n, k)):
+            return "excluded by filter"
+        if ref.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"fxquant: layer {name!r} has a {ref.dtype} weight; only float32, float16 and "
+                            f"bfloat16 weights can be quantized (convert the model, or skip the layer with "
+                            f"options['skip'])")
+        return self.config.check(n, k, ref.dtype)
+
+    # -- rewrite ---------------------------------------------------------------------------
+    def packed_nodes(self, graph: fx.Graph, ref: WeightRef, name: str) -> tuple[list[fx.Node], tuple, str | None]:
+        """Constant nodes of the packed weight and the op's static args; packs on first sight
+        and reuses the nodes for a tied weight (returning the first user's name)."""
+        key = self._key(ref)
+        if key in self.graph_nodes:
+            nodes, first = self.graph_nodes[key]
+            return nodes, self.pack_cache[key][2], first
+        cached = self.pack_cache.get(key)
+        if cached is None or cached[0]() is not ref.base:
+            packed, static = self._pack(ref, name)
+            cached = (weakref.ref(ref.base), packed, static)
+            self.packed_bytes[key] = sum(_nbytes(t) for t in packed)
+            self.pack_cache[key] = cached
+        _, packed, static = cached
+        self.packed_bytes[key] = sum(_nbytes(t) for t in packed)
+        nodes = [self.constants.add(graph, t, f"{name}_{i}") for i, t in enumerate(packed)]
+        fake = _fake_mode(graph)
+        for node, t in zip(nodes, packed):
+            if fake is not None:
+                node.meta["val"] = fake.from_tensor(t, static_shapes=True)
+        self.graph_nodes[key] = (nodes, name)
+        self.quantized_weights[id(ref.base)] = (ref.base, ref.node)
+        return nodes, static, None
+
+    @staticmethod
+    def _key(ref: WeightRef) -> tuple:
+        return (id(ref.base), ref.transposed, ref.dtype)
+
+    def _pack(self, ref: WeightRef, name: str):
+        with unset_fake_temporarily(), torch.no_grad():
+            if ref.base.untyped_storage().nbytes() == 0 and ref.base.numel() > 0:
+                raise RuntimeError(f"fxquant: the weight of {name!r} was released (release_weights=True) and "
+                                   f"cannot be quantized again; recompiling needs the original weights")
+            w = ref.logical().detach()
+            if not torch.isfinite(w).all():
+                raise ValueError(f"fxquant: the weight of layer {name!r} contains NaN or Inf; refusing to "
+                                 f"quantize it (fix the checkpoint, or skip the layer with options['skip'])")
+            return self.config.pack(w)
+
+    def replace(self, match, x: fx.Node, bias: object, ref: WeightRef) -> None:
+        node = match.output_node()
+        graph = node.graph
+        name = self.layer_name(node, ref)
+        n, k = ref.shape_nk
+        packed, static, first = self.packed_nodes(graph, ref, name)
+        bias_arg = bias if _is_vector_bias(bias, n) else None
+        with graph.inserting_before(node):
+            new = graph.call_function(self.config.op, (x, *packed, bias_arg, *static))
+            out = new
+            if bias is not None and bias_arg is None:
+                out = graph.call_function(aten.add.Tensor, (new, bias))
+        new.meta.update({k_: v for k_, v in node.meta.items() if k_ in ("nn_module_stack", "stack_trace")})
+        _set_fake_val(new)
+        if out is not new:
+            _set_fake_val(out)
+        node.replace_all_uses_with(out)
+        match.erase_nodes()
+        shared = first is not None
+        before = 0 if shared else _nbytes(ref.base)
+        after = 0 if shared else self.packed_bytes[self._key(ref)]
+        self.records[new] = LinearRecord(name, k, n, self.config.scheme, before, after, "quantized",
+                                         f"tied weight: shares the packing of {first!r}" if shared else "")
+
+    def ordered_records(self, graph: fx.Graph) -> list[LinearRecord]:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        return [r for _, r in sorted(self.records.items(), key=lambda kv: order.get(kv[0], -1))]
+
+
+# --------------------------------------------------------------------------- pattern hooks
+_ACTIVE: list[RewriteContext] = []
+
+
+@contextlib.contextmanager
+def activate(ctx: RewriteContext) -> Iterator[RewriteContext]:
+    _ACTIVE.append(ctx)
+    try:
+        yield ctx
+    finally:
+        _ACTIVE.pop()
+
+
+def active() -> RewriteContext:
+    if not _ACTIVE:
+        raise RuntimeError("fxquant patterns run only inside fxquant.passes.quantize")
+    return _ACTIVE[-1]
+
+
+def is_linear_match(match) -> bool:
+    """Extra check shared by the patterns: a constant weight, and the layer is eligible."""
+    if not _ACTIVE:
+        return False
+    ctx = active()
+    x = match.kwargs["x"]
+    if isinstance(x, fx.Node) and ctx.constants.tensor(x) is not None:
+        return False  # constant @ something: not a linear layer
+    ref = ctx.weight_of(match.kwargs)
+    return ref is not None and ctx.check(match.output_node(), ref)
+
+
+def replace_linear(match, *, x: fx.Node, bias: object, w: fx.Node | None = None,
+                   w_nk: fx.Node | None = None) -> None:
+    ctx = active()
+    ref = ctx.weight_of({"w": w} if w_nk is None else {"w_nk": w_nk})
+    ctx.replace(match, x, bias, ref)
+
+
+# --------------------------------------------------------------------------- helpers
+def _is_transpose(node: fx.Node) -> bool:
+    if node.target is aten.t.default:
+        return True
+    if node.target is aten.permute.default:
+        return list(node.args[1]) == [1, 0]
+    if node.target is aten.transpose.int:
+        return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+    return False
+
+
+def _is_vector_bias(bias: object, n: int) -> bool:
+    if not isinstance(bias, fx.Node):
+        return False
+    val = bias.meta.get("val")
+    return val is None or (val.dim() == 1 and val.shape[0] == n)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _fake_mode(graph: fx.Graph):
+    from torch._guards import detect_fake_mode
+    vals = [n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    return detect_fake_mode(vals) if vals else None
+
+
+def _set_fake_val(node: fx.Node) -> None:
+    """Propagate meta['val'] through a new node when its inputs carry fake values."""
+    args = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
+    if any(isinstance(a, fx.Node) and "val" not in a.meta for a in node.args):
+        return
+    fake = _fake_mode(node.graph)
+    if fake is None:
+        return
+    with fake:
+        node.meta["val"] = node.target(*args)
