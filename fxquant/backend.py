@@ -8,6 +8,7 @@ compile time, and embedded as constants. Inductor compiles the rest of the graph
 """
 from __future__ import annotations
 
+import collections
 import functools
 import warnings
 from typing import Any, Callable, Sequence
@@ -49,6 +50,7 @@ class Backend:
         self._records: dict[str, LinearRecord] = {}
         self._pack_cache: dict = {}
         self._warned: set[str] = set()
+        self.compiled_graphs: list[collections.Counter] = []  # op counts of each rewritten graph
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> "Backend":
@@ -121,6 +123,9 @@ class _QuantizeJointPass(CustomGraphPass):
         ctx = RewriteContext(b.config, constants, skip=b.skip, layer_filter=b.filter, pack_cache=b._pack_cache)
         self.state["records"] = qpass.run(graph, ctx)
         self.state["release"] = qpass.unused_weights(graph, ctx)
+        b.compiled_graphs.append(collections.Counter(
+            str(n.target) for n in graph.nodes if n.op in ("call_function", "get_attr")
+            and (n.op == "call_function" or n.target.startswith("_fxquant_"))))
         fake = _graph_fake_mode(graph)
         if fake is not None and ctx.quantized_weights and not fake.allow_non_fake_inputs:
             # Inductor re-propagates fake values through the graph; our packed weights are real

@@ -72,7 +72,11 @@ def _ident(s: str) -> str:
 
 
 def dynamo_source_to_fqn(source_name: str) -> str:
-    """L['self']._modules['layers']._modules['0']._parameters['weight'] -> layers.0.weight."""
+    """L['self']._modules['layers']._modules['0']._parameters['weight'] -> layers.0.weight.
+
+    Plain module paths (torch.export's nn_module_stack: 'layers.0.q_proj') pass through."""
+    if source_name[:2] not in ("L[", "G["):
+        return re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", source_name).lstrip(".")
     parts = re.findall(r"\[['\"]?([^'\"\]]+)['\"]?\]|\.(\w+)", source_name)
     names = [a or b for a, b in parts]
     if names and source_name[:2] in ("L[", "G["):

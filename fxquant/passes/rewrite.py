@@ -51,8 +51,9 @@ class RewriteContext:
         self.layer_filter = layer_filter
         self.records: dict[fx.Node, LinearRecord] = {}
         self.pack_cache = {} if pack_cache is None else pack_cache
-        self.graph_nodes: dict[tuple, tuple[list[fx.Node], str]] = {}
+        self.graph_nodes: dict[tuple, list[fx.Node]] = {}
         self.packed_bytes: dict[tuple, int] = {}
+        self.record_keys: dict[fx.Node, tuple] = {}  # quantized node -> packed weight key
         self.quantized_weights: dict[int, tuple[torch.Tensor, fx.Node]] = {}
 
     # -- weights ---------------------------------------------------------------------------
@@ -115,13 +116,12 @@ class RewriteContext:
         return self.config.check(n, k, ref.dtype)
 
     # -- rewrite ---------------------------------------------------------------------------
-    def packed_nodes(self, graph: fx.Graph, ref: WeightRef, name: str) -> tuple[list[fx.Node], tuple, str | None]:
+    def packed_nodes(self, graph: fx.Graph, ref: WeightRef, name: str) -> tuple[list[fx.Node], tuple]:
         """Constant nodes of the packed weight and the op's static args; packs on first sight
-        and reuses the nodes for a tied weight (returning the first user's name)."""
+        and reuses the nodes for a tied weight."""
         key = self._key(ref)
         if key in self.graph_nodes:
-            nodes, first = self.graph_nodes[key]
-            return nodes, self.pack_cache[key][2], first
+            return self.graph_nodes[key], self.pack_cache[key][2]
         cached = self.pack_cache.get(key)
         if cached is None or cached[0]() is not ref.base:
             packed, static = self._pack(ref, name)
@@ -135,9 +135,9 @@ class RewriteContext:
         for node, t in zip(nodes, packed):
             if fake is not None:
                 node.meta["val"] = fake.from_tensor(t, static_shapes=True)
-        self.graph_nodes[key] = (nodes, name)
+        self.graph_nodes[key] = nodes
         self.quantized_weights[id(ref.base)] = (ref.base, ref.node)
-        return nodes, static, None
+        return nodes, static
 
     @staticmethod
     def _key(ref: WeightRef) -> tuple:
@@ -159,7 +159,7 @@ class RewriteContext:
         graph = node.graph
         name = self.layer_name(node, ref)
         n, k = ref.shape_nk
-        packed, static, first = self.packed_nodes(graph, ref, name)
+        packed, static = self.packed_nodes(graph, ref, name)
         bias_arg = bias if _is_vector_bias(bias, n) else None
         with graph.inserting_before(node):
             new = graph.call_function(self.config.op, (x, *packed, bias_arg, *static))
@@ -172,15 +172,25 @@ class RewriteContext:
             _set_fake_val(out)
         node.replace_all_uses_with(out)
         match.erase_nodes()
-        shared = first is not None
-        before = 0 if shared else _nbytes(ref.base)
-        after = 0 if shared else self.packed_bytes[self._key(ref)]
-        self.records[new] = LinearRecord(name, k, n, self.config.scheme, before, after, "quantized",
-                                         f"tied weight: shares the packing of {first!r}" if shared else "")
+        self.records[new] = LinearRecord(name, k, n, self.config.scheme, _nbytes(ref.base),
+                                         self.packed_bytes[self._key(ref)], "quantized")
+        self.record_keys[new] = self._key(ref)
 
     def ordered_records(self, graph: fx.Graph) -> list[LinearRecord]:
+        """Records in graph order; a tied weight's bytes count at its first user only."""
         order = {n: i for i, n in enumerate(graph.nodes)}
-        return [r for _, r in sorted(self.records.items(), key=lambda kv: order.get(kv[0], -1))]
+        ordered = sorted(self.records.items(), key=lambda kv: order.get(kv[0], -1))
+        first_user: dict[tuple, str] = {}
+        for node, rec in ordered:
+            key = self.record_keys.get(node)
+            if key is None:
+                continue
+            if key in first_user:
+                rec.bytes_before = rec.bytes_after = 0
+                rec.reason = f"tied weight: shares the packing of {first_user[key]!r}"
+            else:
+                first_user[key] = rec.name
+        return [rec for _, rec in ordered]
 
 
 # --------------------------------------------------------------------------- pattern hooks
@@ -244,18 +254,25 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _fake_mode(graph: fx.Graph):
+    """The fake mode of the graph's inputs, or None (e.g. make_fx graphs mix several modes)."""
     from torch._guards import detect_fake_mode
-    vals = [n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    return detect_fake_mode(vals) if vals else None
+    vals = [n.meta["val"] for n in graph.find_nodes(op="placeholder") if isinstance(n.meta.get("val"), torch.Tensor)]
+    try:
+        return detect_fake_mode(vals) if vals else None
+    except AssertionError:
+        return None
 
 
 def _set_fake_val(node: fx.Node) -> None:
     """Propagate meta['val'] through a new node when its inputs carry fake values."""
-    args = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
     if any(isinstance(a, fx.Node) and "val" not in a.meta for a in node.args):
         return
     fake = _fake_mode(node.graph)
     if fake is None:
         return
-    with fake:
-        node.meta["val"] = node.target(*args)
+    args = [a.meta["val"] if isinstance(a, fx.Node) else a for a in node.args]
+    try:
+        with fake:
+            node.meta["val"] = node.target(*args)
+    except (AssertionError, RuntimeError):
+        node.meta.pop("val", None)  # inputs from another fake mode: leave it to later propagation

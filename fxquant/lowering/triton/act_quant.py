@@ -1,0 +1,100 @@
+"""One-pass per-token (or per-tensor) dynamic activation quantization, as numerics.py defines it.
+
+int8: scale = max(amax / 127, tiny), q = clamp(rint(x / scale), -127, 127)
+fp8 : scale = max(amax / 448, tiny), q = e4m3(clamp(x / scale, -448, 448))
+Division is IEEE round-to-nearest (div_rn) and rint is half-to-even, so q matches torch bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(float32).tiny
+# Rows up to this many elements are held in registers (one read of x); longer rows take two passes.
+ONE_PASS_MAX_K = 16384
+
+
+@triton.jit
+def rint_f32(v):
+    # Round half to even for |v| < 2**22, without libdevice so the interpreter runs it too.
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def quantize_values(x, scale, FP8: tl.constexpr):
+    """x float32 / scale -> int8 or e4m3 values (as their storage dtype)."""
+    v = tl.math.div_rn(x, scale)
+    if FP8:
+        return tl.minimum(tl.maximum(v, -448.0), 448.0).to(tl.float8e4nv)
+    else:
+        return tl.minimum(tl.maximum(rint_f32(v), -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def _row_amax(xrow, K, stride_xk, BLOCK_K: tl.constexpr):
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs
+        x = tl.load(xrow + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    return tl.max(amax, 0)
+
+
+@triton.jit
+def act_quant_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, K, stride_xm, stride_xk,
+                     FP8: tl.constexpr, MODE: tl.constexpr, ONE_PASS: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """One program per row. MODE 0: per-row scale, written to s_ptr[row].
+    MODE 1: per-tensor pass 1, atomic max of |x| into amax_ptr[0] (zeroed by the caller).
+    MODE 2: per-tensor pass 2, quantize with the scale from amax_ptr[0] (program 0 writes s_ptr[0])."""
+    row = tl.program_id(0).to(tl.int64)
+    xrow = x_ptr + row * stride_xm
+    qrow = q_ptr + row * K
+    QMAX: tl.constexpr = 448.0 if FP8 else 127.0
+    offs = tl.arange(0, BLOCK_K)
+    if ONE_PASS:
+        mask = offs < K
+        x = tl.load(xrow + offs * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), 0)
+    else:
+        amax = _row_amax(xrow, K, stride_xk, BLOCK_K)
+    if MODE == 1:
+        tl.atomic_max(amax_ptr, amax)
+    else:
+        if MODE == 2:
+            amax = tl.load(amax_ptr)
+        scale = tl.maximum(tl.math.div_rn(amax, QMAX), FP32_TINY)
+        if MODE == 0:
+            tl.store(s_ptr + row, scale)
+        else:
+            tl.store(s_ptr, scale, mask=row == 0)
+        if ONE_PASS:
+            tl.store(qrow + offs, quantize_values(x, scale, FP8), mask=mask)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + offs
+                xk = tl.load(xrow + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
+                tl.store(qrow + k, quantize_values(xk, scale, FP8), mask=k < K)
+
+
+def quantize_activations(x2: torch.Tensor, fp8: bool, per_row: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [M, K] float (any strides), M > 0 -> (q [M, K] int8/e4m3 contiguous, scale fp32 [M] or [1])."""
+    M, K = x2.shape
+    q = torch.empty((M, K), device=x2.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    one_pass = K <= ONE_PASS_MAX_K
+    block_k = triton.next_power_of_2(K) if one_pass else 4096
+    warps = max(1, min(16, block_k // 1024))  # ~8 elements per thread in the one-pass case
+    args = (K, x2.stride(0), x2.stride(1))
+    meta = dict(FP8=fp8, ONE_PASS=one_pass, BLOCK_K=block_k, num_warps=warps)
+    if per_row:
+        s = torch.empty((M,), device=x2.device, dtype=torch.float32)
+        act_quant_kernel[(M,)](x2, q, s, s, *args, MODE=0, **meta)
+    else:
+        s = torch.empty((1,), device=x2.device, dtype=torch.float32)
+        amax = torch.zeros((1,), device=x2.device, dtype=torch.float32)
+        act_quant_kernel[(M,)](x2, q, s, amax, *args, MODE=1, **meta)
+        act_quant_kernel[(M,)](x2, q, s, amax, *args, MODE=2, **meta)
+    return q, s

@@ -1,0 +1,63 @@
+"""Small models shared by the graph and backend tests."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    """Attention-like block: q/k/v linears, an activation x activation matmul, an MLP."""
+
+    def __init__(self, d: int = 64, hidden: int = 128):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d, bias=False), nn.Linear(d, d)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        att = torch.softmax(q @ k.transpose(-1, -2) / 8.0, dim=-1)
+        x = x + att @ v
+        return x + self.down(F.gelu(self.up(x)))
+
+
+class Tiny(nn.Module):
+    """Embedding -> repeated blocks -> lm_head tied to the embedding."""
+
+    def __init__(self, vocab: int = 96, d: int = 64, layers: int = 2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(layers))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.emb.weight
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for b in self.blocks:
+            x = b(x)
+        return self.lm_head(x)
+
+
+class Forms(nn.Module):
+    """Every graph form of a linear with a constant weight, on a 3-D input."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.w_flin = nn.Parameter(torch.randn(d, d) / 8)
+        self.w_t = nn.Parameter(torch.randn(d, d) / 8)
+        self.w_mm = nn.Parameter(torch.randn(d, d) / 8)
+        self.w_kn = nn.Parameter(torch.randn(d, d) / 8)  # HF Conv1D stores [K, N]
+        self.b_kn = nn.Parameter(torch.randn(d) / 8)
+
+    def forward(self, x):
+        x = self.lin(x)                                   # nn.Linear with bias
+        x = F.linear(x, self.w_flin)                      # F.linear without bias
+        x = x @ self.w_t.T                                # x @ w.T
+        x = torch.matmul(x, self.w_mm.t())                # torch.matmul
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(self.b_kn, flat, self.w_kn)       # Conv1D
+        return y.reshape(x.shape)
+
+
+def fxquant_ops(counter) -> int:
+    return sum(v for k, v in counter.items() if k.startswith("fxquant."))
