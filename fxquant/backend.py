@@ -22,7 +22,7 @@ from .passes.constants import PlaceholderConstants, dynamo_source_to_fqn
 from .passes.rewrite import LayerFilter, RewriteContext
 from .report import LinearRecord, format_report
 
-OPTIONS = ("config", "skip", "filter", "release_weights", "verbose")
+OPTIONS = ("config", "skip", "filter", "release_weights", "verbose", "inductor")
 
 
 class Backend:
@@ -33,7 +33,7 @@ class Backend:
 
     def __init__(self, config: QuantConfig | None = None, *, skip: Sequence[str] = (),
                  filter: LayerFilter | None = None, release_weights: bool = False,  # noqa: A002
-                 verbose: bool = False):
+                 verbose: bool = False, inductor: dict[str, Any] | None = None):
         config = Int8WeightOnly() if config is None else config
         if not isinstance(config, QuantConfig):
             raise TypeError(f"fxquant: config must be an fxquant config (e.g. fxquant.Int8WeightOnly()), "
@@ -47,6 +47,7 @@ class Backend:
         self.filter = filter
         self.release_weights = bool(release_weights)
         self.verbose = bool(verbose)
+        self.inductor = dict(inductor or {})  # extra Inductor config patches
         self._records: dict[str, LinearRecord] = {}
         self._pack_cache: dict = {}
         self._warned: set[str] = set()
@@ -68,7 +69,11 @@ class Backend:
         return format_report(self.report)
 
     # ---------------------------------------------------------------------------------------
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, mode: str | None = None,
+                 options: dict[str, Any] | None = None) -> Callable:
+        """Dynamo calls this per captured graph. `mode` ("reduce-overhead", "max-autotune", ...)
+        and `options` (Inductor config) come from `torch.compile(..., backend=self, mode=, options=)`."""
+        from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
         grad = torch.is_grad_enabled()
@@ -78,7 +83,8 @@ class Backend:
         names = [_placeholder_name(n) for n in gm.graph.find_nodes(op="placeholder")]
         state: dict[str, Any] = {}
         joint_pass = _QuantizeJointPass(self, example_inputs, names, state)
-        patches = {"joint_custom_pre_pass": joint_pass, "fx_graph_cache": False,
+        patches = {**(list_mode_options(mode) if mode else {}), **self.inductor, **(options or {}),
+                   "joint_custom_pre_pass": joint_pass, "fx_graph_cache": False,
                    "cpp.enable_concat_linear": False}
         with torch.no_grad(), torch._inductor.config.patch(patches), \
                 torch._functorch.config.patch(enable_autograd_cache=False):
@@ -155,12 +161,13 @@ def _placeholder_name(node: torch.fx.Node) -> str | None:
 _BY_OPTIONS: dict[int, tuple[object, Backend]] = {}
 
 
-def registered_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None):
-    """Entry point for `torch.compile(model, backend="fxquant", options={...})`."""
+def registered_backend(gm: torch.fx.GraphModule, example_inputs: list, mode: str | None = None,
+                       options: dict | None = None):
+    """Entry point for `torch.compile(model, backend="fxquant", mode=..., options={...})`."""
     key = id(options)
     hit = _BY_OPTIONS.get(key)
     if hit is None or hit[0] is not options:
         # Keep `options` alive so its id names this backend (its pack cache survives recompiles).
         hit = (options, Backend.from_options(options))
         _BY_OPTIONS[key] = hit
-    return hit[1](gm, example_inputs)
+    return hit[1](gm, example_inputs, mode=mode)

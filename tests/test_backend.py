@@ -226,3 +226,16 @@ def test_default_keeps_eager_model_usable():
     with torch.no_grad():
         assert model(x).shape == (2, 5, 96)
     gc.collect()
+
+
+def test_mode_and_inductor_options_pass_through():
+    torch._dynamo.reset()
+    model, x = _mlp(), torch.randn(2, 256)
+    be = fxquant.backend(fxquant.Int8WeightOnly(), inductor={"max_autotune": False})
+    with torch.no_grad():
+        out = torch.compile(model, backend=be, mode="max-autotune-no-cudagraphs")(x)
+        torch._dynamo.reset()
+        # torch.compile takes mode or options, not both: with a mode the default config applies.
+        out2 = torch.compile(model, backend="fxquant", mode="reduce-overhead")(x)
+    assert torch.equal(out, out2)
+    assert len(be.compiled_graphs) == 1
