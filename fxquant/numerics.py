@@ -24,10 +24,14 @@ FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _safe_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round a float32 scale to `dtype` without letting it underflow to zero or overflow."""
+def _safe_scale(scale: torch.Tensor, dtype: torch.dtype, qmax: float = 1.0) -> torch.Tensor:
+    """Round a float32 scale to `dtype` without letting it underflow to zero, nor let
+    qmax * scale overflow `dtype` when dequantized (fp16 weights near 65504)."""
     info = torch.finfo(dtype)
-    return scale.clamp(min=info.tiny, max=info.max).to(dtype)
+    s = scale.clamp(min=info.tiny, max=info.max / qmax).to(dtype)
+    # Rounding to dtype may step up past the limit: step back one ulp there.
+    over = s.float() * qmax > info.max
+    return torch.where(over, torch.nextafter(s, torch.zeros_like(s)), s)
 
 
 def _div_round(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -41,7 +45,7 @@ def quantize_int8_per_channel(w: torch.Tensor, scale_dtype: torch.dtype | None =
     scale_dtype = scale_dtype or w.dtype
     w32 = w.float()
     amax = w32.abs().amax(dim=1)
-    scale = _safe_scale(amax / INT8_QMAX, scale_dtype)
+    scale = _safe_scale(amax / INT8_QMAX, scale_dtype, INT8_QMAX)
     q = _div_round(w32, scale.float()[:, None]).clamp(-INT8_QMAX, INT8_QMAX).to(torch.int8)
     return q, scale
 
@@ -66,13 +70,14 @@ def quantize_int4_groupwise(w: torch.Tensor, group_size: int, symmetric: bool = 
     g = w.float().reshape(N, K // group_size, group_size)
     if symmetric:
         amax = g.abs().amax(dim=2)
-        scale = _safe_scale(amax / (INT4_MID - 1), scale_dtype)
+        scale = _safe_scale(amax / (INT4_MID - 1), scale_dtype, INT4_MID)
         zero = torch.zeros_like(scale)
     else:
         lo, hi = g.amin(dim=2), g.amax(dim=2)
         scale = _safe_scale((hi - lo) / INT4_QMAX, scale_dtype)
-        # zero is the value of q == 8, so q == 0 lands on the group minimum.
-        zero = (lo + INT4_MID * scale.float()).to(scale_dtype)
+        # zero is the value of q == 8, so q == 0 lands on the group minimum; a constant group
+        # is carried by the zero alone (q == 8), exactly.
+        zero = torch.where(hi == lo, lo, lo + INT4_MID * scale.float()).to(scale_dtype)
     s32, z32 = scale.float()[..., None], zero.float()[..., None]
     q = (_div_round(g - z32, s32) + INT4_MID).clamp(0, INT4_QMAX).to(torch.uint8)
     scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
@@ -123,7 +128,10 @@ def quantize_int8_weight_for_dynamic(w: torch.Tensor):
 def quantize_fp8(t: torch.Tensor, per_row: bool):
     """e4m3 with a float32 scale per row ([R, 1]) or per tensor ([1, 1]). t: [R, C]."""
     t32 = t.float()
-    amax = t32.abs().amax(dim=-1, keepdim=True) if per_row else t32.abs().amax().reshape(1, 1)
+    if per_row:
+        amax = t32.abs().amax(dim=-1, keepdim=True)
+    else:  # amax() of an empty tensor (M == 0) is an error: its scale is irrelevant anyway
+        amax = t32.abs().amax().reshape(1, 1) if t32.numel() else t32.new_zeros(1, 1)
     scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
     q = (t32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
