@@ -10,6 +10,9 @@ from .api import backend, compile, quantize_graph  # noqa: A004
 from .backend import Backend, registered_backend
 from .configs import (Float8DynamicActivationFloat8Weight, Float8WeightOnly, Int4WeightOnly,
                       Int8DynamicActivationInt8Weight, Int8WeightOnly, QuantConfig)
+# Imported eagerly: the function `export` must replace the submodule of the same name here.
+from .export import export, export_program  # noqa: E402
+from .persist import FormatError, QuantizedWeights, load, quantize_weights, save
 from .numerics import sqnr
 from .report import LinearRecord, format_report
 
@@ -19,7 +22,8 @@ _register_backend(registered_backend, name="fxquant")
 
 __all__ = ["Backend", "backend", "compile", "quantize_graph", "quantize_exported", "QuantConfig",
            "Int8WeightOnly", "Int4WeightOnly", "Int8DynamicActivationInt8Weight",
-           "Float8DynamicActivationFloat8Weight", "Float8WeightOnly", "LinearRecord", "format_report", "sqnr"]
+           "Float8DynamicActivationFloat8Weight", "Float8WeightOnly", "LinearRecord", "format_report", "sqnr",
+           "export", "export_program", "quantize_weights", "QuantizedWeights", "save", "load", "FormatError"]
 
 
 def quantize_exported(ep, config=None, **options):

@@ -20,17 +20,16 @@ def backend(config: QuantConfig | None = None, **options: Any) -> Backend:
 
 def compile(model: Any, config: QuantConfig | None = None, *, skip: Sequence[str] = (),  # noqa: A001
             filter: LayerFilter | None = None, release_weights: bool = False, verbose: bool = False,  # noqa: A002
-            **torch_compile_kwargs: Any):
+            prepacked: Any = None, **torch_compile_kwargs: Any):
     """`torch.compile(model, backend=fxquant.backend(config, ...), **torch_compile_kwargs)`.
 
-    The result has `.fxquant_report` (filled on the first call, when Dynamo compiles)."""
-    be = Backend(config, skip=skip, filter=filter, release_weights=release_weights, verbose=verbose)
+    The result has `.fxquant_report` (filled on the first call, when Dynamo compiles).
+    `prepacked=fxquant.load(path)` uses saved packed weights instead of quantizing."""
+    be = Backend(config, skip=skip, filter=filter, release_weights=release_weights, verbose=verbose,
+                 prepacked=prepacked)
     compiled = torch.compile(model, backend=be, **torch_compile_kwargs)
     compiled.fxquant_backend = be
-    try:
-        type(compiled).fxquant_report = property(lambda self: self.fxquant_backend.report)
-    except TypeError:  # plain functions: no property, give the live list's owner instead
-        pass
+    compiled.fxquant_report = be.report  # the backend fills this list in place when it compiles
     return compiled
 
 

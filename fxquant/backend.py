@@ -22,18 +22,21 @@ from .passes.constants import PlaceholderConstants, dynamo_source_to_fqn
 from .passes.rewrite import LayerFilter, RewriteContext
 from .report import LinearRecord, format_report
 
-OPTIONS = ("config", "skip", "filter", "release_weights", "verbose", "inductor")
+OPTIONS = ("config", "skip", "filter", "release_weights", "verbose", "inductor", "prepacked")
 
 
 class Backend:
     """A torch.compile backend that quantizes every eligible linear of the captured graphs.
 
     `report` lists every linear seen (the latest compile's record per layer name).
+    `prepacked` (fxquant.load / fxquant.quantize_weights) supplies packed weights by name, so
+    those layers are not quantized again; its config is the backend's config.
     """
 
     def __init__(self, config: QuantConfig | None = None, *, skip: Sequence[str] = (),
                  filter: LayerFilter | None = None, release_weights: bool = False,  # noqa: A002
-                 verbose: bool = False, inductor: dict[str, Any] | None = None):
+                 verbose: bool = False, inductor: dict[str, Any] | None = None, prepacked: Any = None):
+        config = _prepacked_config(config, prepacked)
         config = Int8WeightOnly() if config is None else config
         if not isinstance(config, QuantConfig):
             raise TypeError(f"fxquant: config must be an fxquant config (e.g. fxquant.Int8WeightOnly()), "
@@ -47,8 +50,10 @@ class Backend:
         self.filter = filter
         self.release_weights = bool(release_weights)
         self.verbose = bool(verbose)
+        self.prepacked = prepacked
         self.inductor = dict(inductor or {})  # extra Inductor config patches
         self._records: dict[str, LinearRecord] = {}
+        self._report: list[LinearRecord] = []  # live list, updated in place after each compile
         self._pack_cache: dict = {}
         self._warned: set[str] = set()
         self.compiled_graphs: list[collections.Counter] = []  # op counts of each rewritten graph
@@ -63,7 +68,8 @@ class Backend:
 
     @property
     def report(self) -> list[LinearRecord]:
-        return list(self._records.values())
+        """Every linear seen, the latest compile's record per layer name (a live list)."""
+        return self._report
 
     def format_report(self) -> str:
         return format_report(self.report)
@@ -95,6 +101,11 @@ class Backend:
         records = state.get("records", [])
         for r in records:
             self._records[r.name] = r
+        self._report[:] = self._records.values()
+        if state.get("packed_here"):
+            self._warn_once("packed_here", f"fxquant: prepacked weights given, but {len(state['packed_here'])} "
+                            f"layer(s) were not in them and were quantized at compile time: "
+                            f"{state['packed_here'][:5]}")
         if not any(r.status == "quantized" for r in records):
             self._warn_once("none", "fxquant: no eligible linear layer with a constant weight in the "
                             "captured graph; it runs unquantized.")
@@ -126,8 +137,10 @@ class _QuantizeJointPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         b = self.backend
         constants = PlaceholderConstants(graph.owning_module, self.example_inputs, self.names)
-        ctx = RewriteContext(b.config, constants, skip=b.skip, layer_filter=b.filter, pack_cache=b._pack_cache)
+        ctx = RewriteContext(b.config, constants, skip=b.skip, layer_filter=b.filter, pack_cache=b._pack_cache,
+                             prepacked=b.prepacked)
         self.state["records"] = qpass.run(graph, ctx)
+        self.state["packed_here"] = ctx.packed_here
         self.state["release"] = qpass.unused_weights(graph, ctx)
         b.compiled_graphs.append(collections.Counter(
             str(n.target) for n in graph.nodes if n.op in ("call_function", "get_attr")
@@ -141,6 +154,21 @@ class _QuantizeJointPass(CustomGraphPass):
 
     def uuid(self) -> str:
         return f"fxquant:{self.backend.config.describe()}:{self.backend.skip}"
+
+
+def _prepacked_config(config: QuantConfig | None, prepacked: Any) -> QuantConfig | None:
+    """The config to use with `prepacked` weights: theirs; a different explicit one is an error."""
+    if prepacked is None:
+        return config
+    from .persist import QuantizedWeights
+    if not isinstance(prepacked, QuantizedWeights):
+        raise TypeError(f"fxquant: prepacked must be fxquant.QuantizedWeights (from fxquant.load or "
+                        f"fxquant.quantize_weights), got {type(prepacked).__name__}")
+    if config is not None and config != prepacked.config:
+        shown = config.describe() if isinstance(config, QuantConfig) else repr(config)
+        raise ValueError(f"fxquant: the prepacked weights were quantized with {prepacked.config.describe()} "
+                         f"but the config given is {shown}; pass the same config, or none")
+    return prepacked.config
 
 
 def _graph_fake_mode(graph: torch.fx.Graph):

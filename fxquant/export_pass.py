@@ -2,6 +2,7 @@
 the graph signature; packed weights become new constant-tensor inputs of the program."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -52,16 +53,20 @@ class ExportConstants:
 
 
 def quantize_exported(ep: ExportedProgram, config: QuantConfig | None = None, *, skip: Sequence[str] = (),
-                      filter: LayerFilter | None = None, verbose: bool = False) -> ExportedProgram:  # noqa: A002
+                      filter: LayerFilter | None = None, verbose: bool = False,  # noqa: A002
+                      prepacked=None) -> ExportedProgram:
     """A new ExportedProgram in which every eligible linear is one `torch.ops.fxquant.*` node.
 
     The program is first decomposed to core ATen. Quantized weights leave its state_dict;
-    the packed tensors are constant-tensor inputs. `.fxquant_report` lists every linear."""
+    the packed tensors are constant-tensor inputs. `.fxquant_report` lists every linear.
+    `prepacked` (fxquant.load) supplies packed weights by parameter name instead of quantizing."""
+    from .backend import _prepacked_config
+    config = _prepacked_config(config, prepacked)
     config = Int8WeightOnly() if config is None else config
     ep = ep.run_decompositions()
     gm = ep.graph_module
     consts = ExportConstants(ep)
-    ctx = RewriteContext(config, consts, skip=skip, layer_filter=filter)
+    ctx = RewriteContext(config, consts, skip=skip, layer_filter=filter, prepacked=prepacked)
     records = qpass.run(gm.graph, ctx)
 
     state_dict = dict(ep.state_dict)
@@ -78,7 +83,7 @@ def quantize_exported(ep: ExportedProgram, config: QuantConfig | None = None, *,
             continue
         input_specs.append(spec)
     gm.recompile()
-    signature = ExportGraphSignature(input_specs=input_specs, output_specs=ep.graph_signature.output_specs)
+    signature = ExportGraphSignature(input_specs=input_specs, output_specs=_output_specs(ep, gm.graph))
     out = ExportedProgram(root=gm, graph=gm.graph, graph_signature=signature, state_dict=state_dict,
                           range_constraints=ep.range_constraints, module_call_graph=ep.module_call_graph,
                           example_inputs=ep.example_inputs, constants=constants, verifiers=ep.verifiers)
@@ -86,3 +91,14 @@ def quantize_exported(ep: ExportedProgram, config: QuantConfig | None = None, *,
     if verbose:
         print(format_report(records))
     return out
+
+
+def _output_specs(ep: ExportedProgram, graph: fx.Graph) -> list:
+    """The output specs renamed after the rewrite: a replaced linear may be a program output."""
+    outs = graph.output_node().args[0]
+    specs = []
+    for spec, node in zip(ep.graph_signature.output_specs, outs):
+        if isinstance(spec.arg, TensorArgument) and isinstance(node, fx.Node):
+            spec = dataclasses.replace(spec, arg=TensorArgument(node.name))
+        specs.append(spec)
+    return specs

@@ -239,3 +239,16 @@ def test_mode_and_inductor_options_pass_through():
         out2 = torch.compile(model, backend="fxquant", mode="reduce-overhead")(x)
     assert torch.equal(out, out2)
     assert len(be.compiled_graphs) == 1
+
+
+def test_recompile_after_in_place_weight_change_repacks():
+    model, x = _mlp(), torch.randn(2, 256)
+    torch._dynamo.reset()
+    be = fxquant.backend(fxquant.Int8WeightOnly())
+    with torch.no_grad():
+        before = torch.compile(model, backend=be)(x)
+        model[2].weight.mul_(2)
+        torch._dynamo.reset()
+        after = torch.compile(model, backend=be)(x)
+        assert fxquant.sqnr(model(x), after) > 40
+    assert not torch.allclose(before, after)

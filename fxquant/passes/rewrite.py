@@ -44,8 +44,12 @@ class RewriteContext:
     """State of one pass over one graph; the pattern handlers read it via `active()`."""
 
     def __init__(self, config: QuantConfig, constants, *, skip: Sequence[str] = (),
-                 layer_filter: LayerFilter | None = None, pack_cache: dict | None = None):
+                 layer_filter: LayerFilter | None = None, pack_cache: dict | None = None,
+                 prepacked=None):
         self.config = config
+        # fxquant.persist.QuantizedWeights: weights packed earlier, looked up by weight name.
+        self.prepacked = prepacked
+        self.packed_here: list[str] = []  # layers packed by this pass although `prepacked` was given
         self.constants = constants
         self.skip = tuple(skip)
         self.layer_filter = layer_filter
@@ -124,7 +128,13 @@ class RewriteContext:
             return self.graph_nodes[key], self.pack_cache[key][2]
         cached = self.pack_cache.get(key)
         if cached is None or cached[0]() is not ref.base:
-            packed, static = self._pack(ref, name)
+            found = None
+            if self.prepacked is not None:
+                with unset_fake_temporarily():  # may copy to the weight's device: real tensors
+                    found = self.prepacked.lookup(self.constants.weight_name(ref.node), ref, name)
+                if found is None:
+                    self.packed_here.append(name)
+            packed, static = found if found is not None else self._pack(ref, name)
             cached = (weakref.ref(ref.base), packed, static)
             self.packed_bytes[key] = sum(_nbytes(t) for t in packed)
             self.pack_cache[key] = cached
@@ -141,7 +151,8 @@ class RewriteContext:
 
     @staticmethod
     def _key(ref: WeightRef) -> tuple:
-        return (id(ref.base), ref.transposed, ref.dtype)
+        # _version moves on in-place writes, so a recompile after changing a weight repacks it.
+        return (id(ref.base), ref.base._version, ref.transposed, ref.dtype)
 
     def _pack(self, ref: WeightRef, name: str):
         with unset_fake_temporarily(), torch.no_grad():

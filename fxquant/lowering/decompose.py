@@ -1,0 +1,75 @@
+"""Each `torch.ops.fxquant.*` op written as plain ATen ops, for programs that must run without
+fxquant (AOTInductor packages): `ep.run_decompositions(fxquant_decompositions())`.
+
+Each function is the op's CPU kernel (lowering/cpu.py) minus its run-time branches on M (a
+traced branch on a dynamic dim would specialize it), built from the same numerics helpers, so
+the package computes what the compiled model computes. The packed tensors stay the program's
+constants; the dequantization runs inside the program, per call, exactly as in the CPU kernel.
+
+Differences from the CPU op, both deliberate:
+- int8 weight-only in bf16/fp16 at M <= 16: the CPU op calls ATen's `_weight_int8pack_mm`;
+  here it always dequantizes and multiplies (the op's large-M path), which rounds differently
+  in the last bits (float32 activations: identical).
+- int8 dynamic on CUDA: `torch._int_mm` needs M > 16 there, so rows are padded with zeros
+  (a padded row quantizes to zeros and is sliced off; the other rows are unchanged).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import numerics as nq
+from .cpu import _finish, _rows
+
+_CUDA_INT_MM_MIN_M = 17
+
+
+def int8_weight_only_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    w = nq.dequantize_int8_per_channel(qweight, scales, x.dtype)
+    return _finish(F.linear(_rows(x), w), x, bias)
+
+
+def int4_weight_only_linear(x: Tensor, qweight: Tensor, scales_zeros: Tensor, bias: Tensor | None,
+                            group_size: int) -> Tensor:
+    # unpack_int4 is bitwise ops (& 0xF, >> 4) on the packed bytes: Inductor fuses it into the dequant.
+    w = nq.dequantize_int4(qweight, scales_zeros, group_size, x.dtype)
+    return _finish(F.linear(_rows(x), w), x, bias)
+
+
+def int8_dynamic_linear(x: Tensor, qweight: Tensor, w_scales: Tensor, bias: Tensor | None) -> Tensor:
+    xq, xs = nq.quantize_int8_per_token(_rows(x))
+    if xq.device.type == "cuda":
+        m = xq.shape[0]
+        acc = torch._int_mm(F.pad(xq, (0, 0, 0, _CUDA_INT_MM_MIN_M)), qweight.t())[:m]
+    else:
+        acc = torch._int_mm(xq, qweight.t())
+    out = acc.float() * xs * w_scales.float()[None, :]
+    return _finish(out, x, bias)
+
+
+def float8_dynamic_linear(x: Tensor, qweight: Tensor, w_scales: Tensor, bias: Tensor | None,
+                          per_row: bool) -> Tensor:
+    xq, xs = nq.quantize_fp8(_rows(x), per_row)
+    # fp8 values are exact in float32; float32 accumulate, as the CPU kernel.
+    out = (xq.float() @ qweight.float().t()) * xs * w_scales.float().reshape(1, -1)
+    return _finish(out, x, bias)
+
+
+def float8_weight_only_linear(x: Tensor, qweight: Tensor, w_scales: Tensor, bias: Tensor | None) -> Tensor:
+    w = nq.dequantize_fp8_weight(qweight, w_scales, x.dtype)
+    return _finish(F.linear(_rows(x), w), x, bias)
+
+
+def fxquant_decompositions() -> dict[torch._ops.OpOverload, Callable]:
+    """{fxquant op overload: its ATen decomposition}, one entry per op."""
+    ops = torch.ops.fxquant
+    return {
+        ops.int8_weight_only_linear.default: int8_weight_only_linear,
+        ops.int4_weight_only_linear.default: int4_weight_only_linear,
+        ops.int8_dynamic_linear.default: int8_dynamic_linear,
+        ops.float8_dynamic_linear.default: float8_dynamic_linear,
+        ops.float8_weight_only_linear.default: float8_weight_only_linear,
+    }
