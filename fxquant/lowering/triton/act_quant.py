@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import INTERPRETED
+
 FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(float32).tiny
 # Rows up to this many elements are held in registers (one read of x); longer rows take two passes.
 ONE_PASS_MAX_K = 16384
@@ -21,14 +23,39 @@ def rint_f32(v):
     return (v + 12582912.0) - 12582912.0
 
 
+# Triton 3.9's interpreter rounds fp32 -> e4m3 wrongly when rounding carries into the next
+# binade (-125.36 became -64, not -128); under the interpreter, round on the e4m3 grid first.
+@triton.jit
+def round_to_e4m3_grid(v):
+    """Round-half-even of fp32 v (|v| <= 448) to the nearest e4m3 value, in fp32 arithmetic."""
+    a = tl.abs(v)
+    e = tl.maximum((a.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)  # subnormals: step 2**-9
+    c = ((e + 20) << 23).to(tl.float32, bitcast=True)  # ulp(c) == e4m3's step at |v|
+    r = (a + c) - c
+    return tl.where(v < 0, -r, r)
+
+
 @triton.jit
 def quantize_values(x, scale, FP8: tl.constexpr):
     """x float32 / scale -> int8 or e4m3 values (as their storage dtype)."""
     v = tl.math.div_rn(x, scale)
     if FP8:
-        return tl.minimum(tl.maximum(v, -448.0), 448.0).to(tl.float8e4nv)
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        if INTERPRETED:
+            v = round_to_e4m3_grid(v)
+        return v.to(tl.float8e4nv)
     else:
         return tl.minimum(tl.maximum(rint_f32(v), -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def act_scale(amax, FP8: tl.constexpr):
+    """numerics.py's scale: max(amax / QMAX, tiny), with an IEEE division."""
+    if FP8:
+        s = tl.math.div_rn(amax, 448.0)
+    else:
+        s = tl.math.div_rn(amax, 127.0)
+    return tl.maximum(s, FP32_TINY)
 
 
 @triton.jit
@@ -52,7 +79,6 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, K, stride_xm, stride_xk,
     row = tl.program_id(0).to(tl.int64)
     xrow = x_ptr + row * stride_xm
     qrow = q_ptr + row * K
-    QMAX: tl.constexpr = 448.0 if FP8 else 127.0
     offs = tl.arange(0, BLOCK_K)
     if ONE_PASS:
         mask = offs < K
@@ -65,7 +91,7 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, K, stride_xm, stride_xk,
     else:
         if MODE == 2:
             amax = tl.load(amax_ptr)
-        scale = tl.maximum(tl.math.div_rn(amax, QMAX), FP32_TINY)
+        scale = act_scale(amax, FP8)
         if MODE == 0:
             tl.store(s_ptr + row, scale)
         else:

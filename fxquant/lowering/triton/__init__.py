@@ -1,0 +1,1 @@
+"""Triton (CUDA) kernels of the fxquant ops. See register.py for how they are attached."""

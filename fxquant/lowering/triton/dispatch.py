@@ -1,0 +1,376 @@
+"""Launchers for the fxquant ops on CUDA: per-M kernel choice at run time, configs, autotune cache.
+
+Every call picks its kernel from M (a Python int at run time), so one compiled graph serves
+decode and prefill with no recompiles: M <= 16 may take the GEMV, anything may take the
+tensor-core GEMM (optionally split-K), weight-only schemes may take dequantize + cuBLAS.
+Config lookup order: on-disk autotune cache, shipped table (exact shape, then per M-bucket),
+heuristic default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+from . import common as C
+from .act_quant import quantize_activations
+from .gemm import dequant_kernel, gemm_kernel
+from .gemv import gemv_kernel
+
+# scheme -> (weight kind, GEMV activation quantization, dynamic activations?)
+WEIGHT_ONLY = ("int8_wo", "int4_wo", "fp8_wo")
+DYNAMIC = ("int8_dyn", "fp8_dyn_row", "fp8_dyn_tensor")
+SCHEMES = WEIGHT_ONLY + DYNAMIC
+_FP8 = ("fp8_wo", "fp8_dyn_row", "fp8_dyn_tensor")
+_WKIND = {"int8_wo": C.WK_INT8, "int4_wo": C.WK_INT4, "fp8_wo": C.WK_FP8,
+          "int8_dyn": C.WK_INT8_MMA, "fp8_dyn_row": C.WK_FP8_MMA, "fp8_dyn_tensor": C.WK_FP8_MMA}
+_GEMV_WKIND = {"int8_dyn": C.WK_INT8, "fp8_dyn_row": C.WK_FP8, "fp8_dyn_tensor": C.WK_FP8}
+_AQ = {"int8_dyn": C.AQ_INT8_ROW, "fp8_dyn_row": C.AQ_FP8_ROW, "fp8_dyn_tensor": C.AQ_FP8_TENSOR}
+GEMV_MAX_M = 16
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """kind: "gemv" | "gemm" | "deq" (dequantize to x's dtype, then cuBLAS; weight-only only).
+    gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size); deq bn/bk/warps."""
+    kind: str
+    bn: int
+    bk: int
+    warps: int = 4
+    bm: int = 16
+    stages: int = 3
+    split_k: int = 1
+    swap: bool = False
+    group_m: int = 8
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> "KernelConfig":
+        return KernelConfig(**d)
+
+
+def m_bucket(m: int) -> int:
+    for b in M_BUCKETS:
+        if m <= b:
+            return b
+    return M_BUCKETS[-1]
+
+
+# --------------------------------------------------------------------------- device facts
+_DEV_CACHE: dict = {}
+
+
+def _device_info(device: torch.device) -> tuple[str, int, tuple[int, int]]:
+    """(table key, SM count, capability); CPU tensors (the interpreter) get ("cpu", 132, (9, 0))."""
+    if device.type != "cuda":
+        return "cpu", 132, (9, 0)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _DEV_CACHE:
+        p = torch.cuda.get_device_properties(idx)
+        name = p.name.lower()
+        key = "h200" if "h200" in name else "h100" if "h100" in name else name.replace(" ", "_")
+        _DEV_CACHE[idx] = (key, p.multi_processor_count, (p.major, p.minor))
+    return _DEV_CACHE[idx]
+
+
+def check_fp8_supported(device: torch.device) -> None:
+    cap = _device_info(device)[2]
+    if cap < (8, 9):
+        raise RuntimeError(f"fxquant: float8 schemes need a GPU with compute capability >= 8.9 "
+                           f"(Ada/Hopper); this one is sm_{cap[0]}{cap[1]}. Use an int8 or int4 "
+                           f"scheme on this GPU.")
+
+
+# --------------------------------------------------------------------------- config tables
+_SHIPPED_PATH = Path(__file__).with_name("configs.json")
+_lock = threading.Lock()
+_tables: dict[str, dict] = {}
+
+
+def cache_path() -> Path:
+    root = os.environ.get("FXQUANT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fxquant")
+    return Path(root) / "triton_configs.json"
+
+
+def _load(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _table(which: str) -> dict:
+    with _lock:
+        if which not in _tables:
+            _tables[which] = _load(_SHIPPED_PATH if which == "shipped" else cache_path())
+        return _tables[which]
+
+
+def config_key(scheme: str, dtype: torch.dtype, n: int, k: int, group: int, m: int) -> str:
+    return f"{scheme}|{str(dtype).removeprefix('torch.')}|{n}x{k}|g{group}|m{m_bucket(m)}"
+
+
+def bucket_key(scheme: str, group: int, m: int) -> str:
+    return f"{scheme}|g{group}|m{m_bucket(m)}"
+
+
+def save_tuned(device_key: str, entries: dict[str, KernelConfig]) -> Path:
+    """Merge entries into the on-disk cache with an atomic replace (safe across processes)."""
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _lock:
+        data = _load(path)
+        data.setdefault(device_key, {}).update({k: v.to_json() for k, v in entries.items()})
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_configs_")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+        _tables["cache"] = data
+    return path
+
+
+def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelConfig:
+    """Untuned fallback: GEMV at M == 1, swapped split-K GEMM for skinny M, square tiles beyond."""
+    mma = scheme in DYNAMIC
+    if m == 1:
+        return KernelConfig("gemv", bn=4, bk=4096 if scheme == "int4_wo" else 2048, warps=4)
+    if m <= 64:
+        return KernelConfig("gemm", bm=max(16, triton.next_power_of_2(m)), bn=64, bk=128,
+                            warps=4, stages=4, split_k=0, swap=True)
+    if m <= 256:
+        return KernelConfig("gemm", bm=64, bn=128, bk=128 if mma else 64, warps=4, stages=4, split_k=0)
+    return KernelConfig("gemm", bm=128, bn=128, bk=128 if mma else 64, warps=8, stages=3)
+
+
+def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dtype,
+               device: torch.device) -> KernelConfig:
+    dev = _device_info(device)[0]
+    exact = config_key(scheme, dtype, n, k, group, m)
+    for which in ("cache", "shipped"):
+        tab = _table(which)
+        for d in (dev, "h100" if dev == "h200" else None):
+            if d and exact in tab.get(d, {}):
+                return KernelConfig.from_json(tab[d][exact])
+    tab = _table("shipped")
+    for d in (dev, "h100" if dev == "h200" else None):
+        bk = bucket_key(scheme, group, m)
+        if d and bk in tab.get(d, {}):
+            return KernelConfig.from_json(tab[d][bk])
+    if scheme == "fp8_dyn_tensor":  # same kernels as per-row but for the activation scale
+        return get_config("fp8_dyn_row", m, n, k, group, dtype, device)
+    return default_config(scheme, m, n, k, group)
+
+
+# --------------------------------------------------------------------------- launchers
+def _fix_bk(cfg_bk: int, scheme: str, group: int, k: int, kind: str) -> int:
+    bk = min(cfg_bk, max(32, triton.next_power_of_2(k)))  # no tile wider than K needs
+    if scheme == "int4_wo" and kind == "gemv":
+        bk = max(bk, group)  # the GEMV's int4 tile is whole groups
+    return max(bk, 32)
+
+
+def _auto_split(tiles: int, k_tiles: int, sms: int) -> int:
+    """Enough K-splits to give each SM ~2 tiles, never fewer than 4 K-tiles per split."""
+    if tiles >= sms:
+        return 1
+    split = 1
+    while split * 2 * tiles <= 2 * sms and k_tiles // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
+def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out):
+    M, K = x2.shape
+    N = qweight.shape[0]
+    wo = scheme in WEIGHT_ONLY
+    wkind = _WKIND[scheme] if wo else _GEMV_WKIND[scheme]
+    ws_mode = C.SC_NONE if scheme == "int4_wo" else (C.SC_ROW if scales.numel() == N else C.SC_TENSOR)
+    bk = _fix_bk(cfg.bk, scheme, group, K, "gemv")
+    block_m = max(1, triton.next_power_of_2(M))
+    gemv_kernel[(triton.cdiv(N, cfg.bn),)](
+        x2, qweight, scales, bias if bias is not None else scales, out, M, N, K,
+        x2.stride(0), x2.stride(1), out.stride(0),
+        WKIND=wkind, AQ=C.AQ_NONE if wo else _AQ[scheme], WS_MODE=ws_mode, GROUP=group,
+        HAS_BIAS=bias is not None, XK1=x2.stride(1) == 1, BLOCK_M=block_m, BLOCK_N=cfg.bn,
+        BLOCK_K=bk, AMAX_BK=min(max(16, triton.next_power_of_2(K)), 8192 // block_m),
+        num_warps=cfg.warps)
+    return out
+
+
+def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out):
+    M, K = x2.shape
+    N = qweight.shape[0]
+    xs, xs_mode = scales, C.SC_NONE
+    if scheme in DYNAMIC:
+        x2, xs = quantize_activations(x2, fp8=scheme != "int8_dyn", per_row=scheme != "fp8_dyn_tensor")
+        xs_mode = C.SC_TENSOR if scheme == "fp8_dyn_tensor" else C.SC_ROW
+    ws_mode = C.SC_NONE if scheme == "int4_wo" else (C.SC_ROW if scales.numel() == N else C.SC_TENSOR)
+    bk = _fix_bk(cfg.bk, scheme, group, K, "gemm")
+    tiles = triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn)
+    k_tiles = triton.cdiv(K, bk)
+    split = cfg.split_k or _auto_split(tiles, k_tiles, _device_info(x2.device)[1])
+    split = max(1, min(split, k_tiles))
+    dst = torch.zeros((M, N), device=out.device, dtype=torch.float32) if split > 1 else out
+    gemm_kernel[(tiles, split)](
+        x2, qweight, scales, xs, bias if bias is not None else scales, dst, M, N, K,
+        x2.stride(0), x2.stride(1), dst.stride(0), split,
+        WKIND=_WKIND[scheme], XS_MODE=xs_mode, WS_MODE=ws_mode, GROUP=group,
+        HAS_BIAS=bias is not None, ATOMIC=split > 1, SWAP=cfg.swap,
+        IEEE=out.dtype == torch.float32 and scheme in WEIGHT_ONLY, XK1=x2.stride(1) == 1,
+        BM=cfg.bm, BN=cfg.bn, BK=bk, GROUP_M=cfg.group_m,
+        num_warps=cfg.warps, num_stages=cfg.stages)
+    if split > 1:
+        out.copy_(dst)
+    return out
+
+
+def dequantize_weight(scheme: str, qweight: torch.Tensor, scales: torch.Tensor, group: int,
+                      dtype: torch.dtype, bn: int = 64, bk: int = 128, warps: int = 4) -> torch.Tensor:
+    """Packed weight -> [N, K] in `dtype` (the same values as numerics.dequantize_*)."""
+    N = qweight.shape[0]
+    K = qweight.shape[1] * (2 if scheme == "int4_wo" else 1)
+    w = torch.empty((N, K), device=qweight.device, dtype=dtype)
+    ws_mode = C.SC_NONE if scheme == "int4_wo" else (C.SC_ROW if scales.numel() == N else C.SC_TENSOR)
+    bk = _fix_bk(bk, scheme, group, K, "deq")
+    dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
+        qweight, scales, w, N, K, WKIND=_WKIND[scheme], WS_MODE=ws_mode, GROUP=group, BN=bn, BK=bk,
+        num_warps=warps)
+    return w
+
+
+def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+           bias: torch.Tensor | None, group: int = 0, cfg: KernelConfig | None = None) -> torch.Tensor:
+    """out[..., N] = the fxquant op `scheme` applied to x[..., K]; cfg overrides the lookup."""
+    K = x.shape[-1]
+    N = qweight.shape[0]
+    x2 = x.reshape(-1, K)  # a view where possible: the kernels take strides
+    M = x2.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return out.reshape(*x.shape[:-1], N)
+    if scheme in _FP8:
+        check_fp8_supported(x.device)
+    if not qweight.is_contiguous() or qweight.data_ptr() % 16:
+        qweight = qweight.contiguous() if not qweight.is_contiguous() else qweight.clone()
+    scales = scales if scales.is_contiguous() else scales.contiguous()
+    if cfg is None:
+        cfg = get_config(scheme, M, N, K, group, x.dtype, x.device)
+        if _autotune_enabled() and x.is_cuda and not torch.cuda.is_current_stream_capturing():
+            cfg = _maybe_autotune(scheme, x2, qweight, scales, bias, group, cfg)
+    if cfg.kind == "gemv" and M <= GEMV_MAX_M:
+        _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out)
+    elif cfg.kind == "deq" and scheme in WEIGHT_ONLY:
+        w = dequantize_weight(scheme, qweight, scales, group, x.dtype, cfg.bn, cfg.bk, cfg.warps)
+        torch.mm(x2, w.t(), out=out)
+        if bias is not None:
+            out.add_(bias.to(out.dtype))
+    else:
+        if cfg.kind != "gemm":
+            cfg = default_config(scheme, max(M, 17), N, K, group)
+        _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out)
+    return out.reshape(*x.shape[:-1], N)
+
+
+# --------------------------------------------------------------------------- autotuning
+def _autotune_enabled() -> bool:
+    return os.environ.get("FXQUANT_AUTOTUNE", "0") == "1"
+
+
+def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
+    """The search space the tuner times for one M-bucket (kept small: every entry compiles)."""
+    mma = scheme in DYNAMIC
+    out: list[KernelConfig] = []
+    G = KernelConfig
+    if m <= 4:  # GEMV: few, long rows per program so each SM has many bytes in flight
+        tiles = (((4, 4096, 4), (8, 4096, 4), (8, 2048, 4), (16, 2048, 8), (16, 1024, 4))
+                 if scheme == "int4_wo" else
+                 ((2, 4096, 4), (4, 4096, 8), (4, 2048, 4), (8, 2048, 8), (8, 1024, 4)))
+        out += [G("gemv", bn=bn, bk=max(bk, group), warps=w) for bn, bk, w in tiles]
+    if 2 <= m <= 256:  # swapped: W tile on the MMA's wide side, x (small M) on the narrow side
+        bm = max(16, min(128, triton.next_power_of_2(m)))
+        tiles = [(64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 5)]
+        if bm >= 128:
+            tiles = [(128, 64, 8, 4), (64, 128, 4, 3), (128, 128, 8, 3)]
+        out += [G("gemm", bm=bm, bn=bn, bk=bk, warps=w, stages=st, split_k=0, swap=True)
+                for bn, bk, w, st in tiles]
+    if 2 <= m <= 64:  # mma.sync with narrow N tiles: many programs without split-K
+        bm = max(16, triton.next_power_of_2(m))
+        out += [G("gemm", bm=bm, bn=bn, bk=bk, warps=4, stages=st, split_k=0)
+                for bn, bk, st in ((32, 256, 3), (64, 128, 4), (32, 128, 4))]
+    if 64 <= m <= 512:
+        tiles = ((64, 128, 128, 4, 4), (128, 128, 128, 8, 3), (64, 256, 128, 8, 3)) if mma else \
+            ((64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3))
+        out += [G("gemm", bm=bm, bn=bn, bk=bk, warps=w, stages=st, split_k=0)
+                for bm, bn, bk, w, st in tiles]
+    if m >= 512:
+        tiles = ((128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 128, 128, 4, 4),
+                 (256, 128, 128, 8, 3)) if mma else \
+            ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 128, 8, 3))
+        out += [G("gemm", bm=bm, bn=bn, bk=bk, warps=w, stages=st) for bm, bn, bk, w, st in tiles]
+    if not mma and m >= 128:
+        out.append(G("deq", bn=64, bk=128, warps=4))
+    return out
+
+
+def time_config(fn, reps: int = 20) -> float:
+    """Median µs of fn() over CUDA-graph replays (launch gaps excluded)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def autotune(scheme: str, x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+             bias: torch.Tensor | None, group: int, reps: int = 20,
+             candidates: list[KernelConfig] | None = None) -> tuple[KernelConfig, dict]:
+    """Time every candidate on these inputs; returns (best, {config repr: µs})."""
+    M = x2.shape[0]
+    results: dict = {}
+    best, best_t = None, float("inf")
+    for cfg in candidates or candidate_configs(scheme, M, group):
+        try:
+            t = time_config(lambda: linear(scheme, x2, qweight, scales, bias, group, cfg), reps)
+        except Exception as e:  # a config that does not compile or fit is skipped
+            results[repr(cfg)] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+            continue
+        results[repr(cfg)] = t
+        if t < best_t:
+            best, best_t = cfg, t
+    return best or default_config(scheme, M, qweight.shape[0], x2.shape[1], group), results
+
+
+def _maybe_autotune(scheme, x2, qweight, scales, bias, group, cfg):
+    N, K, M = qweight.shape[0], x2.shape[1], x2.shape[0]
+    key = config_key(scheme, x2.dtype, N, K, group, M)
+    dev = _device_info(x2.device)[0]
+    if key in _table("cache").get(dev, {}):
+        return cfg
+    best, _ = autotune(scheme, x2, qweight, scales, bias, group)
+    save_tuned(dev, {key: best})
+    return best

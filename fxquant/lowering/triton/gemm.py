@@ -1,0 +1,164 @@
+"""Tensor-core tiled GEMM for every scheme, plus a weight dequantization kernel.
+
+Weight-only schemes dequantize the weight tile in registers inside the main loop and feed it to
+a bf16/fp16 `tl.dot`; W8A8 and FP8 feed int8 / e4m3 tiles straight to an int8 / fp8 `tl.dot`.
+Scales and bias are applied in the epilogue. SWAP computes out^T = W x^T so that small M sits on
+the MMA's narrow N side (the weight fills the wide M side), and so that the dequantized weight
+is the register-sourced A operand. SPLIT_K > 1 (ATOMIC) adds fp32 partials into a workspace.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (INTERPRETED, MAGIC_BITS, MAGIC_Q8, SC_ROW, SC_TENSOR, WK_INT4, WK_INT8_MMA,
+                     WK_FP8_MMA)
+
+
+@triton.jit
+def weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND: tl.constexpr, GROUP: tl.constexpr,
+                BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr):
+    """Weight tile [BN, BK] (K-tile kt) in dtype DT. int4 is fully dequantized (scale, zero);
+    int8/fp8 come back unscaled (their per-row scale is applied in the epilogue)."""
+    if WKIND == WK_INT4:
+        kh = kt * (BK // 2) + tl.arange(0, BK // 2)
+        p = tl.load(w_ptr + rn[:, None] * (K // 2) + kh[None, :], mask=kh[None, :] < K // 2,
+                    other=0).to(tl.int32)
+        lo = ((p & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
+        hi = ((p >> 4) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
+        q = tl.reshape(tl.join(lo, hi), (BN, BK))  # byte j -> k = 2j (low), 2j + 1 (high)
+        if BK <= GROUP:
+            szp = s_ptr + ((kt * BK) // GROUP * N + rn) * 2
+            w = q * tl.load(szp).to(tl.float32)[:, None] + tl.load(szp + 1).to(tl.float32)[:, None]
+        else:
+            NG: tl.constexpr = BK // GROUP
+            g = kt * NG + tl.arange(0, NG)
+            gm = g[None, :] < K // GROUP
+            szp = s_ptr + (g[None, :] * N + rn[:, None]) * 2
+            sc = tl.load(szp, mask=gm, other=0.0).to(tl.float32)
+            zp = tl.load(szp + 1, mask=gm, other=0.0).to(tl.float32)
+            w = tl.reshape(tl.reshape(q, (BN, NG, GROUP)) * sc[:, :, None] + zp[:, :, None], (BN, BK))
+        return w.to(DT)
+    else:
+        k = kt * BK + tl.arange(0, BK)
+        # Loaded as raw bytes so masked lanes are 0 (an fp8 `other` does not exist everywhere).
+        w = tl.load(w_ptr.to(tl.pointer_type(tl.int8)) + rn[:, None] * K + k[None, :],
+                    mask=k[None, :] < K, other=0)
+        w = w.to(w_ptr.dtype.element_ty, bitcast=True)
+        if INTERPRETED:  # the interpreter's int8 -> bf16 cast is wrong; go through fp32
+            w = w.to(tl.float32)
+        return w.to(DT)
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])
+def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, M, N, K,
+                stride_xm, stride_xk, stride_om, split_k,
+                WKIND: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr,
+                GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                SWAP: tl.constexpr, IEEE: tl.constexpr, XK1: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsz = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsz
+    pid_n = (pid % width) // gsz
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rm = (offs_m % M).to(tl.int64)  # wrapped: loads need no row mask, the store is masked
+    rn = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BK)
+
+    if WKIND == WK_INT8_MMA:
+        ACC: tl.constexpr = tl.int32
+        DT: tl.constexpr = tl.int8
+    elif WKIND == WK_FP8_MMA:
+        ACC: tl.constexpr = tl.float32
+        DT: tl.constexpr = tl.float8e4nv
+    else:
+        ACC: tl.constexpr = tl.float32
+        DT: tl.constexpr = x_ptr.dtype.element_ty
+    if SWAP:
+        acc = tl.zeros((BN, BM), ACC)
+    else:
+        acc = tl.zeros((BM, BN), ACC)
+
+    for kt in range(pid_k, tl.cdiv(K, BK), split_k):
+        k = kt * BK + offs_k
+        # XK1: x's K stride is 1, stated at compile time so the x tile can be copied
+        # asynchronously (pipelined) rather than loaded synchronously every iteration.
+        xoff = rm[:, None] * stride_xm + (k[None, :] if XK1 else k[None, :] * stride_xk)
+        if WKIND >= WK_INT8_MMA:  # 8-bit activations: load raw bytes so masked lanes are 0
+            a = tl.load(x_ptr.to(tl.pointer_type(tl.int8)) + xoff, mask=k[None, :] < K, other=0)
+            a = a.to(DT, bitcast=True)
+        else:
+            a = tl.load(x_ptr + xoff, mask=k[None, :] < K, other=0.0)
+        w = weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND, GROUP, BN, BK, DT)
+        if INTERPRETED and DT == tl.bfloat16:
+            # The interpreter's dot multiplies bf16 bit patterns as integers: go through fp32.
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE:  # fp32 activations: full-precision dot, as the fp32 reference
+            if SWAP:
+                acc = tl.dot(w, tl.trans(a), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+        elif SWAP:
+            acc = tl.dot(w, tl.trans(a), acc, out_dtype=ACC)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=ACC)
+
+    # Epilogue in the accumulator's orientation.
+    if SWAP:
+        mi = rm[None, :]
+        ni = rn[:, None]
+        om = offs_m[None, :]
+        on = offs_n[:, None]
+    else:
+        mi = rm[:, None]
+        ni = rn[None, :]
+        om = offs_m[:, None]
+        on = offs_n[None, :]
+    out = acc.to(tl.float32)
+    if XS_MODE == SC_ROW:
+        out = out * tl.load(xs_ptr + mi)
+    elif XS_MODE == SC_TENSOR:
+        out = out * tl.load(xs_ptr)
+    if WS_MODE == SC_ROW:
+        out = out * tl.load(s_ptr + ni).to(tl.float32)
+    elif WS_MODE == SC_TENSOR:
+        out = out * tl.load(s_ptr).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + ni).to(tl.float32)
+        if ATOMIC:
+            bias = tl.where(pid_k == 0, bias, 0.0)  # only one split adds it
+        out = out + bias
+    mask = (om < M) & (on < N)
+    ptrs = out_ptr + om.to(tl.int64) * stride_om + on
+    if ATOMIC:
+        tl.atomic_add(ptrs, out, mask=mask)
+    else:
+        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, WKIND: tl.constexpr, WS_MODE: tl.constexpr,
+                   GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Packed weight -> [N, K] in out's dtype, computed in fp32 exactly as numerics.dequantize_*."""
+    pid_n = tl.program_id(0)
+    kt = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rn = (offs_n % N).to(tl.int64)
+    w = weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND, GROUP, BN, BK, tl.float32)
+    if WS_MODE == SC_ROW:
+        w = w * tl.load(s_ptr + rn).to(tl.float32)[:, None]
+    elif WS_MODE == SC_TENSOR:
+        w = w * tl.load(s_ptr).to(tl.float32)
+    k = kt * BK + tl.arange(0, BK)
+    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(offs_n[:, None] < N) & (k[None, :] < K))

@@ -1,0 +1,56 @@
+"""Registers the Triton launchers as the CUDA kernels of the existing torch.ops.fxquant.* ops.
+
+Uses CustomOpDef.register_kernel("cuda", ...) rather than torch.library.triton_op: triton_op
+defines a *new* op (its own schema, and the launcher itself becomes the fake kernel and the
+functional decomposition), so it cannot be attached to the ops that ops.py already defines with
+CPU kernels; and its decomposition would trace the launcher's Python branch on M, which guards
+on the symbolic M (a recompile per M-bucket). Here the op stays opaque to torch.compile and the
+per-M choice happens at run time in the launcher. Triton is imported on the first CUDA call.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+
+_registered = False
+
+
+def _dispatch():
+    from . import dispatch  # imports triton: deferred so CPU-only processes never need it
+    return dispatch
+
+
+def _int8_wo(x, qweight, scales, bias):
+    return _dispatch().linear("int8_wo", x, qweight, scales, bias)
+
+
+def _int4_wo(x, qweight, scales_zeros, bias, group_size):
+    return _dispatch().linear("int4_wo", x, qweight, scales_zeros, bias, group_size)
+
+
+def _int8_dyn(x, qweight, w_scales, bias):
+    return _dispatch().linear("int8_dyn", x, qweight, w_scales, bias)
+
+
+def _fp8_dyn(x, qweight, w_scales, bias, per_row):
+    return _dispatch().linear("fp8_dyn_row" if per_row else "fp8_dyn_tensor", x, qweight, w_scales, bias)
+
+
+def _fp8_wo(x, qweight, w_scales, bias):
+    return _dispatch().linear("fp8_wo", x, qweight, w_scales, bias)
+
+
+def register() -> bool:
+    """Idempotent. Returns False (and registers nothing) when torch has no CUDA support."""
+    global _registered
+    if _registered:
+        return True
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return False
+    for op, fn in ((ops.int8_weight_only_linear, _int8_wo), (ops.int4_weight_only_linear, _int4_wo),
+                   (ops.int8_dynamic_linear, _int8_dyn), (ops.float8_dynamic_linear, _fp8_dyn),
+                   (ops.float8_weight_only_linear, _fp8_wo)):
+        op.register_kernel("cuda")(fn)
+    _registered = True
+    return True

@@ -1,0 +1,178 @@
+"""Triton kernels under TRITON_INTERPRET=1 on CPU tensors, against the CPU reference ops.
+
+Every kernel family (GEMV, tensor-core GEMM plain / swapped / split-K, dequantize + GEMM,
+activation quantization) runs on small awkward shapes. Tolerance (documented in BENCHMARKS.md):
+relative Frobenius error ||out - ref|| / ||ref|| <= 1e-2 in bf16, 2e-3 in fp16, 1e-4 in fp32
+(the kernels and the reference round at different points: the weight-only GEMV and the int8/fp8
+epilogues apply the scale after the dot, the reference rounds the dequantized weight first).
+Activation quantization must match numerics.py bit for bit.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is (re)imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from fxquant import numerics as nq  # noqa: E402
+import fxquant.lowering  # noqa: E402,F401  (registers torch.ops.fxquant.*)
+
+
+def _kernel_modules():
+    """Import (or re-import, if something imported them without the interpreter) the kernels."""
+    names = ["common", "act_quant", "gemv", "gemm", "dispatch"]
+    mods = [importlib.import_module(f"fxquant.lowering.triton.{n}") for n in names]
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(mods[2].gemv_kernel, InterpretedFunction):
+        mods = [importlib.reload(m) for m in mods]
+    return mods[-1], mods[1]
+
+
+D, AQ = _kernel_modules()
+KC = D.KernelConfig
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+REF = {
+    "int8_wo": lambda x, w, b, g: torch.ops.fxquant.int8_weight_only_linear(x, *w, b),
+    "int4_wo": lambda x, w, b, g: torch.ops.fxquant.int4_weight_only_linear(x, *w, b, g),
+    "fp8_wo": lambda x, w, b, g: torch.ops.fxquant.float8_weight_only_linear(x, *w, b),
+    "int8_dyn": lambda x, w, b, g: torch.ops.fxquant.int8_dynamic_linear(x, *w, b),
+    "fp8_dyn_row": lambda x, w, b, g: torch.ops.fxquant.float8_dynamic_linear(x, *w, b, True),
+    "fp8_dyn_tensor": lambda x, w, b, g: torch.ops.fxquant.float8_dynamic_linear(x, *w, b, False),
+}
+
+
+def pack(scheme: str, w: torch.Tensor, group: int, symmetric: bool = False):
+    if scheme == "int8_wo":
+        return nq.quantize_int8_per_channel(w)
+    if scheme == "int4_wo":
+        q, sz = nq.quantize_int4_groupwise(w, group, symmetric)
+        return nq.pack_int4(q), sz
+    if scheme == "int8_dyn":
+        return nq.quantize_int8_weight_for_dynamic(w)
+    if scheme == "fp8_dyn_tensor":
+        return nq.quantize_fp8_weight(w, per_row=False)
+    return nq.quantize_fp8_weight(w, per_row=True)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def check(scheme, cfg, M=3, N=40, K=96, group=32, dtype=torch.bfloat16, bias=True, x3d=False,
+          noncontig=False, symmetric=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    packed = pack(scheme, w, group, symmetric)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    if noncontig:  # a transposed view: stride_xk != 1
+        x = torch.randn(K, M, generator=g).to(dtype).t()
+    elif x3d:
+        x = torch.randn(2, M, K, generator=g).to(dtype)
+    else:
+        x = torch.randn(M, K, generator=g).to(dtype)
+    out = D.linear(scheme, x, *packed, b, group if scheme == "int4_wo" else 0, cfg)
+    ref = REF[scheme](x, packed, b, group)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all()
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], f"{scheme} {cfg} M={M} N={N} K={K} {dtype}: rel err {err:.2e}"
+
+
+GEMV = KC("gemv", bn=8, bk=64, warps=4)
+GEMM = KC("gemm", bm=16, bn=32, bk=32, warps=4, stages=2)
+GEMM_SWAP = KC("gemm", bm=16, bn=32, bk=64, warps=4, stages=2, swap=True)
+GEMM_SPLIT = KC("gemm", bm=16, bn=16, bk=32, warps=4, stages=2, split_k=2, swap=True)
+DEQ = KC("deq", bn=16, bk=64, warps=4)
+SCHEMES = list(REF)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("cfg", [GEMV, GEMM, GEMM_SWAP, GEMM_SPLIT], ids=["gemv", "gemm", "swap", "splitk"])
+def test_kernel_families(scheme, cfg):
+    check(scheme, cfg, M=3, N=40, K=96)
+
+
+@pytest.mark.parametrize("scheme", ["int8_wo", "int4_wo", "fp8_wo"])
+def test_dequant_then_gemm(scheme):
+    check(scheme, DEQ, M=5, N=40, K=96)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("cfg", [GEMV, GEMM, GEMM_SWAP], ids=["gemv", "gemm", "swap"])
+def test_int4_k_equals_group_and_symmetric(group, cfg):
+    check("int4_wo", cfg, M=2, N=24, K=group, group=group, symmetric=True)
+    check("int4_wo", cfg, M=2, N=24, K=group, group=group, symmetric=False, seed=1)
+
+
+@pytest.mark.parametrize("cfg", [GEMM, GEMV], ids=["gemm", "gemv"])
+def test_int4_tile_spans_groups(cfg):
+    # BK (64 / 128) wider than the group (32): per-group scales inside one tile.
+    check("int4_wo", KC("gemm", bm=16, bn=16, bk=128, warps=4, stages=2) if cfg.kind == "gemm"
+          else KC("gemv", bn=4, bk=128), M=2, N=20, K=160, group=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_dtypes(scheme, dtype):
+    check(scheme, GEMM_SWAP, M=2, N=24, K=64, dtype=dtype)
+    check(scheme, GEMV, M=1, N=24, K=64, dtype=dtype, bias=False)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_3d_noncontiguous_and_empty(scheme):
+    check(scheme, GEMM, M=3, N=24, K=64, x3d=True)
+    check(scheme, GEMV, M=3, N=24, K=64, noncontig=True)
+    check(scheme, GEMM_SPLIT, M=5, N=24, K=64, noncontig=True, bias=False)
+    w = torch.randn(24, 64)
+    packed = pack(scheme, w, 32)
+    x = torch.randn(0, 64)
+    out = D.linear(scheme, x, *packed, None, 32 if scheme == "int4_wo" else 0)
+    assert out.shape == (0, 24)
+
+
+@pytest.mark.parametrize("M", [1, 8, 17, 64])
+def test_default_dispatch(M):
+    # No cfg: the launcher picks from M (the path the CUDA op takes).
+    for scheme in SCHEMES:
+        check(scheme, None, M=M, N=40, K=128)
+
+
+@pytest.mark.parametrize("fp8,per_row", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("K", [48, 17000])  # one-pass and two-pass rows
+def test_act_quant_bit_exact(fp8, per_row, K):
+    g = torch.Generator().manual_seed(K)
+    x = (torch.randn(3, K, generator=g) * 3).to(torch.bfloat16)
+    x[1, 5] = 0.5  # exact .5 after scaling is possible; keep a zero row too
+    x[2] = 0
+    q, s = AQ.quantize_activations(x, fp8=fp8, per_row=per_row)
+    if fp8:
+        rq, rs = nq.quantize_fp8(x, per_row)
+        assert torch.equal(q.float(), rq.float())
+    else:
+        rq, rs = nq.quantize_int8_per_token(x)
+        assert torch.equal(q, rq)
+    assert torch.equal(s, rs.reshape(-1))
+
+
+def test_fp8_needs_sm89():
+    class Dev:
+        type = "cuda"
+        index = 99
+    D._DEV_CACHE[99] = ("a100", 108, (8, 0))
+    with pytest.raises(RuntimeError, match="compute capability >= 8.9"):
+        D.check_fp8_supported(Dev())
+
+
+def test_config_cache_roundtrip(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXQUANT_CACHE_DIR", str(tmp_path))
+    D._tables.pop("cache", None)
+    cfg = KC("gemm", bm=32, bn=64, bk=128, split_k=2, swap=True)
+    D.save_tuned("cpu", {D.config_key("int8_wo", torch.bfloat16, 40, 96, 0, 20): cfg})
+    assert D.get_config("int8_wo", 20, 40, 96, 0, torch.bfloat16, torch.device("cpu")) == cfg
+    assert D.get_config("int8_wo", 70, 40, 96, 0, torch.bfloat16, torch.device("cpu")) != cfg
+    D._tables.pop("cache", None)
