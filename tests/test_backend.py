@@ -187,11 +187,11 @@ def test_bad_options_raise(make, match):
 _RELEASE_SCRIPT = textwrap.dedent("""
     import gc, sys, torch, torch.nn as nn, fxquant
     release = sys.argv[1] == "1"
-    model = nn.Sequential(*[nn.Linear(2048, 2048, bias=False) for _ in range(16)])  # 256 MiB fp32
-    x = torch.randn(2, 2048)
+    model = nn.Sequential(*[nn.Linear(4096, 4096, bias=False) for _ in range(16)])  # 1 GiB fp32
+    x = torch.randn(2, 4096)
     qm = fxquant.compile(model, fxquant.Int4WeightOnly(), release_weights=release)
     with torch.no_grad():
-        qm(x); qm(torch.randn(5, 2048)); qm(torch.randn(7, 2048))
+        qm(x); qm(torch.randn(5, 4096)); qm(torch.randn(7, 4096))
     gc.collect()
     print("RSS", int(open('/proc/self/statm').read().split()[1]) * 4096)
     print("RELEASED", model[0].weight.untyped_storage().nbytes() == 0)
@@ -215,7 +215,7 @@ def _release_run(flag: str) -> dict:
 def test_release_weights_frees_memory_and_eager_use_fails_loudly():
     kept, released = _release_run("0"), _release_run("1")
     freed_mib = (int(kept["RSS"]) - int(released["RSS"])) / 2**20
-    assert freed_mib > 160, (kept, released)  # 256 MiB of float weights leave (compile noise is ~50 MiB)
+    assert freed_mib > 700, (kept, released)  # 1 GiB of float weights leave (compile noise: ~100 MiB)
     assert released["RELEASED"] == "True" and kept["RELEASED"] == "False"
     assert released["EAGER"] == "fails" and kept["EAGER"] == "ok"
 
