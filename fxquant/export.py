@@ -14,6 +14,10 @@ off by default, and the package-size test guards it).
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import shutil
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -55,15 +59,64 @@ def export_program(model: torch.nn.Module, example_inputs: Sequence[Any], config
 
 def export(model: torch.nn.Module, example_inputs: Sequence[Any], config: QuantConfig | None,
            path: str | os.PathLike, dynamic_shapes: Any = None, *,
-           inductor_configs: dict[str, Any] | None = None, **options: Any) -> str:
+           inductor_configs: dict[str, Any] | None = None, link_symbolic: bool = True,
+           **options: Any) -> str:
     """Quantize `model` and compile it into an AOTInductor package at `path` (a `.pt2` file).
 
     `dynamic_shapes` is torch.export's (e.g. `({0: Dim("batch"), 1: Dim("seq")},)`). `options`:
     `skip`, `filter`, `verbose`, `prepacked`, `example_kwargs`, `strict` (see `export_program`).
+    `link_symbolic` links the package's library with `-Wl,-Bsymbolic` (see `symbolic_link_cxx`).
     Load the package with `torch._inductor.aoti_load_package(path)`; that needs torch only."""
     path = os.fspath(path)
     if not path.endswith(".pt2"):
         raise ValueError(f"fxquant.export: the package path must end in '.pt2', got {path!r}")
     program = export_program(model, example_inputs, config, dynamic_shapes, **options)
-    return torch._inductor.aoti_compile_and_package(program, package_path=path,
-                                                    inductor_configs=dict(inductor_configs or {}))
+    configs = dict(inductor_configs or {})
+    if link_symbolic and "cpp.cxx" not in configs:
+        cxx = symbolic_link_cxx()
+        if cxx is not None:
+            configs["cpp.cxx"] = cxx
+    return torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=configs)
+
+
+def symbolic_link_cxx() -> str | None:
+    """A compiler wrapper that adds `-Wl,-Bsymbolic` when linking a shared library, or None
+    where that does not apply (not Linux, compiler not gcc/clang, or not found).
+
+    Why: AOTInductor's library instantiates std::regex templates (parse_device_str, run in the
+    model's constructor) from the local compiler's headers and exports them as weak symbols;
+    libtorch exports its own instantiations from the compiler torch was built with. The dynamic
+    linker binds the package's calls to libtorch's copies, and where the two libstdc++ versions
+    differ the mix crashes at load (seen: torch 2.11+cu130 wheels, gcc 13.3, SIGSEGV in
+    aoti_load_package for any model). -Bsymbolic binds the package to its own copies."""
+    if sys.platform != "linux":
+        return None
+    cxx = torch._inductor.config.cpp.cxx
+    cxx = [c for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c][-1:]
+    real = shutil.which(cxx[0]) if cxx else None
+    if real is None:
+        return None
+    base = os.path.basename(real)
+    kind = "clang++" if "clang" in base else "g++" if re.search(r"(gcc|g\+\+)", base) else None
+    if kind is None:
+        return None
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    # The name keeps "g++"/"clang++": Inductor picks its flags by the compiler's name.
+    wrapper = os.path.join(cache_dir(), "fxquant", f"symbolic-link-{kind}")
+    script = ("#!/bin/sh\n"
+              f'case " $* " in *" -shared "*) exec {shlex.quote(real)} "$@" -Wl,-Bsymbolic ;; '
+              f'*) exec {shlex.quote(real)} "$@" ;; esac\n')
+    try:
+        with open(wrapper) as f:
+            current = f.read()
+    except OSError:
+        current = None
+    if current != script:
+        os.makedirs(os.path.dirname(wrapper), exist_ok=True)
+        tmp = f"{wrapper}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(script)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, wrapper)
+    return wrapper
