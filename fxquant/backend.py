@@ -19,6 +19,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from .configs import Int8WeightOnly, QuantConfig
 from .passes import quantize as qpass
 from .passes.constants import PlaceholderConstants, dynamo_source_to_fqn
+from .passes.inline_cpu import inline_cpu_float32
 from .passes.rewrite import LayerFilter, RewriteContext
 from .report import LinearRecord, format_report
 
@@ -146,6 +147,8 @@ class _QuantizeJointPass(CustomGraphPass):
             str(n.target) for n in graph.nodes if n.op in ("call_function", "get_attr")
             and (n.op == "call_function" or n.target.startswith("_fxquant_"))))
         fake = _graph_fake_mode(graph)
+        if fake is not None and ctx.quantized_weights:
+            inline_cpu_float32(graph, fake)  # lowering, after the rewrite is recorded
         if fake is not None and ctx.quantized_weights and not fake.allow_non_fake_inputs:
             # Inductor re-propagates fake values through the graph; our packed weights are real
             # get_attr constants, which this compile's fake mode must accept.

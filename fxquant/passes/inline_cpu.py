@@ -1,0 +1,50 @@
+"""Lowering for CPU float32 graphs: replace each fxquant op node by its plain-ATen decomposition
+(lowering/decompose.py) so Inductor fuses unpack + dequantize into one loop before its GEMM.
+
+ATen has no fast float32 weight-only kernel on CPU (`_weight_int8pack_mm` measured 3-60x
+slower than F.linear in float32), and the op's eager dequantize runs several kernels per call.
+bf16/fp16 graphs keep the op, whose small-M path uses ATen's int8 kernel. The packed weights
+stay constants: nothing here is folded back into float weights.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch._inductor.decomposition import select_decomp_table
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ..lowering.decompose import fxquant_decompositions
+
+
+def inline_cpu_float32(graph: fx.Graph, fake_mode) -> int:
+    """Inline decompositions of fxquant nodes whose input is a float32 CPU tensor. Returns how many."""
+    decomps = fxquant_decompositions()
+    count = 0
+    for node in list(graph.nodes):
+        fn = decomps.get(node.target) if node.op == "call_function" else None
+        x = node.args[0] if fn is not None else None
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if fn is None or val is None or val.device.type != "cpu" or val.dtype != torch.float32:
+            continue
+        if any(isinstance(a, fx.Node) and "val" not in a.meta for a in node.args):
+            continue
+        tensor_pos = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node)]
+        consts = list(node.args)
+
+        def call(*tensors, _pos=tensor_pos, _consts=consts, _fn=fn):
+            args = list(_consts)
+            for i, t in zip(_pos, tensors):
+                args[i] = t
+            return _fn(*args)
+
+        with fake_mode:
+            sub = make_fx(call, decomposition_table=select_decomp_table(),
+                          tracing_mode="symbolic" if fake_mode.shape_env else "real")(
+                *[node.args[i].meta["val"] for i in tensor_pos])
+        with graph.inserting_before(node):
+            val_map = {ph: node.args[i] for ph, i in zip(sub.graph.find_nodes(op="placeholder"), tensor_pos)}
+            out = graph.graph_copy(sub.graph, val_map)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        count += 1
+    return count
