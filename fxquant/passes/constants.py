@@ -79,8 +79,7 @@ def dynamo_source_to_fqn(source_name: str) -> str:
         return re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", source_name).lstrip(".")
     parts = re.findall(r"\[['\"]?([^'\"\]]+)['\"]?\]|\.(\w+)", source_name)
     names = [a or b for a, b in parts]
-    if names and source_name[:2] in ("L[", "G["):
-        names = names[1:]  # the frame's local or global the module was reached from
+    names = names[1:]  # drop the frame's local or global the module was reached from
     names = [n for n in names if n not in ("_modules", "_parameters", "_buffers")]
     return ".".join(names) or source_name
 
