@@ -94,8 +94,10 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K // 2] -> uint8 [N, K] values 0..15."""
-    lo, hi = packed & 0xF, packed >> 4
-    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    # One broadcast shift (not a stack of two halves) so Inductor fuses it into the dequantize.
+    shifts = torch.arange(0, 8, 4, dtype=torch.uint8, device=packed.device)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF
+    return nibbles.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 def dequantize_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
