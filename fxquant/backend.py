@@ -20,7 +20,7 @@ from .configs import Int8WeightOnly, QuantConfig
 from .passes import quantize as qpass
 from .passes.constants import PlaceholderConstants, dynamo_source_to_fqn
 from .passes.inline_cpu import inline_cpu_float32
-from .passes.rewrite import LayerFilter, RewriteContext
+from .passes.rewrite import LayerFilter, RewriteContext, graph_fake_mode
 from .report import LinearRecord, format_report
 
 OPTIONS = ("config", "skip", "filter", "release_weights", "verbose", "inductor", "prepacked")
@@ -146,7 +146,7 @@ class _QuantizeJointPass(CustomGraphPass):
         b.compiled_graphs.append(collections.Counter(
             str(n.target) for n in graph.nodes if n.op in ("call_function", "get_attr")
             and (n.op == "call_function" or n.target.startswith("_fxquant_"))))
-        fake = _graph_fake_mode(graph)
+        fake = graph_fake_mode(graph)
         if fake is not None and ctx.quantized_weights:
             inline_cpu_float32(graph, fake)  # lowering, after the rewrite is recorded
         if fake is not None and ctx.quantized_weights and not fake.allow_non_fake_inputs:
@@ -172,12 +172,6 @@ def _prepacked_config(config: QuantConfig | None, prepacked: Any) -> QuantConfig
         raise ValueError(f"fxquant: the prepacked weights were quantized with {prepacked.config.describe()} "
                          f"but the config given is {shown}; pass the same config, or none")
     return prepacked.config
-
-
-def _graph_fake_mode(graph: torch.fx.Graph):
-    from torch._guards import detect_fake_mode
-    vals = [n.meta["val"] for n in graph.find_nodes(op="placeholder") if isinstance(n.meta.get("val"), torch.Tensor)]
-    return detect_fake_mode(vals) if vals else None
 
 
 def _placeholder_name(node: torch.fx.Node) -> str | None:

@@ -141,7 +141,7 @@ class RewriteContext:
         _, packed, static = cached
         self.packed_bytes[key] = sum(_nbytes(t) for t in packed)
         nodes = [self.constants.add(graph, t, f"{name}_{i}") for i, t in enumerate(packed)]
-        fake = _fake_mode(graph)
+        fake = graph_fake_mode(graph)
         for node, t in zip(nodes, packed):
             if fake is not None:
                 node.meta["val"] = fake.from_tensor(t, static_shapes=True)
@@ -264,7 +264,7 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _fake_mode(graph: fx.Graph):
+def graph_fake_mode(graph: fx.Graph):
     """The fake mode of the graph's inputs, or None (e.g. make_fx graphs mix several modes)."""
     from torch._guards import detect_fake_mode
     vals = [n.meta["val"] for n in graph.find_nodes(op="placeholder") if isinstance(n.meta.get("val"), torch.Tensor)]
@@ -278,7 +278,7 @@ def _set_fake_val(node: fx.Node) -> None:
     """Propagate meta['val'] through a new node when its inputs carry fake values."""
     if any(isinstance(a, fx.Node) and "val" not in a.meta for a in node.args):
         return
-    fake = _fake_mode(node.graph)
+    fake = graph_fake_mode(node.graph)
     if fake is None:
         return
     args = [a.meta["val"] if isinstance(a, fx.Node) else a for a in node.args]
