@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop timing a scheme after this many seconds (default: %(default)s)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda for the Triton kernels (default: %(default)s)")
+    p.add_argument("--mode", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode for the baseline and every scheme (reduce-overhead = CUDA graphs)")
     p.add_argument("--skip", action="append", default=[], metavar="GLOB",
                    help="fnmatch glob of linear names to leave unquantized (repeatable)")
     p.add_argument("--threads", type=int, metavar="T", help="torch intra-op threads (default: torch's choice)")
@@ -53,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = run_bench(args.model, schemes, n_sentences=args.sentences, batch_size=args.batch_size,
                     repeats=args.repeats, dtype=args.dtype, device=args.device, skip=args.skip,
                     progress=not args.no_progress, plot=args.plot,
-                    max_seconds=args.max_seconds)
+                    max_seconds=args.max_seconds, mode=args.mode)
     print(res.table())
     if args.plot:
         print(f"\nplot written to {args.plot}")

@@ -23,7 +23,7 @@ from .passes.inline_cpu import inline_cpu_float32
 from .passes.rewrite import LayerFilter, RewriteContext, graph_fake_mode
 from .report import LinearRecord, format_report
 
-OPTIONS = ("config", "skip", "filter", "release_weights", "verbose", "inductor", "prepacked")
+OPTIONS = ("config", "skip", "filter", "release_weights", "verbose", "inductor", "prepacked", "mode")
 
 
 class Backend:
@@ -36,7 +36,8 @@ class Backend:
 
     def __init__(self, config: QuantConfig | None = None, *, skip: Sequence[str] = (),
                  filter: LayerFilter | None = None, release_weights: bool = False,  # noqa: A002
-                 verbose: bool = False, inductor: dict[str, Any] | None = None, prepacked: Any = None):
+                 verbose: bool = False, inductor: dict[str, Any] | None = None, prepacked: Any = None,
+                 mode: str | None = None):
         config = _prepacked_config(config, prepacked)
         config = Int8WeightOnly() if config is None else config
         if not isinstance(config, QuantConfig):
@@ -53,6 +54,15 @@ class Backend:
         self.verbose = bool(verbose)
         self.prepacked = prepacked
         self.inductor = dict(inductor or {})  # extra Inductor config patches
+        if mode is not None:
+            from torch._inductor import list_mode_options
+            try:
+                list_mode_options(mode)  # fail here rather than at the first call
+            except RuntimeError as e:
+                raise ValueError(f"fxquant: options['mode']: {e}") from None
+        # torch.compile refuses mode= together with options=, so options={"mode": ...} is the way
+        # to ask for "reduce-overhead" (CUDA graphs) with the string backend "fxquant".
+        self.mode = mode
         self._records: dict[str, LinearRecord] = {}
         self._report: list[LinearRecord] = []  # live list, updated in place after each compile
         self._pack_cache: dict = {}
@@ -83,6 +93,7 @@ class Backend:
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
+        mode = mode or self.mode
         grad = torch.is_grad_enabled()
         if grad:
             self._warn_once("grad", "fxquant is inference-only: the graph is compiled under no_grad, its "

@@ -213,6 +213,7 @@ class BenchResult:
     device: str  # "2 CPU threads", or the GPU's name
     rows: list[Row]
     model_name: str = ""
+    mode: str | None = None  # torch.compile mode used for every row
 
     def table(self) -> str:
         return format_table(self)
@@ -221,7 +222,7 @@ class BenchResult:
 def format_table(res: BenchResult) -> str:
     head = (f"model {res.model_name or res.model} ({res.model})\n"
             f"{res.sentences} sentences, batch {res.batch_size} x seq {res.seq_len}, {res.dtype}, "
-            f"{res.device}, torch {torch.__version__}\n")
+            f"{res.device}, torch {torch.__version__}, compile mode {res.mode or 'default'}\n")
     cols = ["scheme", "compile s", "ms/batch", "speedup", "linear MB", "cos mean", "cos min",
             "SQNR dB", "quant/skip"]
     lines = []
@@ -319,8 +320,9 @@ def _time_batches(fn: Callable, batches: list[dict], repeats: int, progress: boo
 def run_bench(model_path: str | Path | None = None, schemes: Sequence[str] = DEFAULT_SCHEMES,
               n_sentences: int = 256, batch_size: int = 16, repeats: int = 3,
               dtype: str = "float32", device: str = "cpu", skip: Sequence[str] = (), progress: bool = True,
-              plot: str | Path | None = None, max_seconds: float = 15.0) -> BenchResult:
-    """Compile the model with Inductor and with each fxquant scheme; measure and compare."""
+              plot: str | Path | None = None, max_seconds: float = 15.0, mode: str | None = None) -> BenchResult:
+    """Compile the model with Inductor and with each fxquant scheme; measure and compare.
+    `mode` is torch.compile's mode for the baseline and every scheme alike."""
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown:
         raise ValueError(f"unknown scheme(s) {unknown}; choose from {', '.join(SCHEMES)}")
@@ -345,10 +347,10 @@ def run_bench(model_path: str | Path | None = None, schemes: Sequence[str] = DEF
                 steps.set_description(f"compiling {name}")
             torch._dynamo.reset()
             if name == BASELINE:
-                compiled, config = torch.compile(model), "torch.compile (Inductor), no quantization"
+                compiled, config = torch.compile(model, mode=mode), "torch.compile (Inductor), no quantization"
             else:
                 cfg = SCHEMES[name]
-                compiled, config = api.compile(model, cfg, skip=tuple(skip)), cfg.describe()
+                compiled, config = api.compile(model, cfg, skip=tuple(skip), mode=mode), cfg.describe()
             t0 = time.perf_counter()
             compiled(**batches[0])
             _sync(dev)
@@ -374,7 +376,7 @@ def run_bench(model_path: str | Path | None = None, schemes: Sequence[str] = DEF
     where = (f"{torch.get_num_threads()} CPU threads" if dev.type == "cpu"
              else torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev))
     res = BenchResult(str(path), n, batch_size, batches[0]["input_ids"].shape[1], dtype,
-                      where, rows, model_name(path))
+                      where, rows, model_name(path), mode)
     if plot:
         plot_accuracy(res, plot)
     return res

@@ -241,6 +241,25 @@ def test_mode_and_inductor_options_pass_through():
     assert len(be.compiled_graphs) == 1
 
 
+def test_mode_option_with_string_backend_reaches_inductor(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+    seen = []
+    real = cfx.compile_fx
+
+    def spy(*a, **k):
+        seen.append((torch._inductor.config.max_autotune, torch._inductor.config.triton.cudagraphs))
+        return real(*a, **k)
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    torch._dynamo.reset()
+    model, x = _mlp(), torch.randn(2, 256)
+    opts = {"config": fxquant.Int4WeightOnly(), "mode": "max-autotune-no-cudagraphs"}
+    with torch.no_grad():
+        torch.compile(model, backend="fxquant", options=opts)(x)
+    assert seen == [(True, False)]
+    with pytest.raises(ValueError, match=r"fxquant: options\['mode'\]: Unrecognized mode=fast"):
+        fxquant.Backend.from_options({"mode": "fast"})
+
+
 def test_recompile_after_in_place_weight_change_repacks():
     model, x = _mlp(), torch.randn(2, 256)
     torch._dynamo.reset()

@@ -293,10 +293,14 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
     mma = scheme in DYNAMIC
     out: list[KernelConfig] = []
     G = KernelConfig
-    if m <= 4:  # GEMV: few, long rows per program so each SM has many bytes in flight
-        tiles = (((4, 4096, 4), (8, 4096, 4), (8, 2048, 4), (16, 2048, 8), (16, 1024, 4))
+    if m <= 8:  # GEMV: bytes in flight per SM come from programs x row bytes; small N wants few rows
+        tiles = (((1, 4096, 4), (2, 4096, 4), (2, 2048, 4), (4, 2048, 4), (4, 1024, 4), (8, 1024, 4),
+                  (2, 1024, 2), (4, 4096, 8), (8, 2048, 8))
                  if scheme == "int4_wo" else
-                 ((2, 4096, 4), (4, 4096, 8), (4, 2048, 4), (8, 2048, 8), (8, 1024, 4)))
+                 ((1, 4096, 4), (2, 4096, 4), (2, 2048, 4), (4, 2048, 4), (4, 1024, 4), (8, 1024, 4),
+                  (4, 4096, 8), (8, 2048, 8), (16, 512, 4)))
+        if m > 2:  # the FMA work grows with M: keep the register tile small
+            tiles = tuple(t for t in tiles if t[0] * t[1] <= 8192)
         out += [G("gemv", bn=bn, bk=max(bk, group), warps=w) for bn, bk, w in tiles]
     if 2 <= m <= 256:  # swapped: W tile on the MMA's wide side, x (small M) on the narrow side
         bm = max(16, min(128, triton.next_power_of_2(m)))

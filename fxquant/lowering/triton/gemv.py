@@ -14,6 +14,19 @@ from .common import (AQ_FP8_ROW, AQ_FP8_TENSOR, AQ_INT8_ROW, AQ_NONE, MAGIC_BITS
                      WK_INT4)
 
 
+@triton.jit
+def _int4_tile(w32, s_ptr, rn, offs_g, offs_w, g0, N, K, n_groups, GROUP: tl.constexpr, WPG: tl.constexpr):
+    """Words [BLOCK_N, groups, words per group] and fp32 scales / zeros [BLOCK_N, groups] of one K-tile."""
+    g = g0 + offs_g
+    gm = g < n_groups
+    words = tl.load(w32 + rn[:, None, None] * (K // 8) + g[None, :, None] * WPG + offs_w[None, None, :],
+                    mask=gm[None, :, None], other=0)
+    szp = s_ptr + (g[None, :] * N + rn[:, None]) * 2
+    sc = tl.load(szp, mask=gm[None, :], other=0.0).to(tl.float32)
+    zp = tl.load(szp + 1, mask=gm[None, :], other=0.0).to(tl.float32)
+    return words, sc, zp
+
+
 @triton.jit(do_not_specialize=["M"])
 def gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_xk, stride_om,
                 WKIND: tl.constexpr, AQ: tl.constexpr, WS_MODE: tl.constexpr, GROUP: tl.constexpr,
@@ -41,41 +54,43 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_
         xscale = act_scale(amax, AQ != AQ_INT8_ROW)
 
     if WKIND == WK_INT4:
-        # View each row as int32 words of 8 nibbles; tile [BLOCK_N, groups, words per group].
+        # Each row as int32 words of 8 nibbles (nibble i of word w is k = 8w + i), unpacked to a
+        # [BLOCK_N, groups, words, 8] tile so the activations load as one contiguous vector:
+        # a per-nibble loop would gather x with stride 8 (8x the L1 traffic of the weight).
         NG: tl.constexpr = BLOCK_K // GROUP
         WPG: tl.constexpr = GROUP // 8
         w32 = w_ptr.to(tl.pointer_type(tl.int32))
         offs_g = tl.arange(0, NG)
         offs_w = tl.arange(0, WPG)
+        shifts = tl.arange(0, 8) * 4
         n_groups = K // GROUP
+        # Software prefetch: the next K-tile's words and scales are loaded before this tile's
+        # FMAs, so each program keeps two tiles of weight bytes in flight.
+        words, sc, zp = _int4_tile(w32, s_ptr, rn, offs_g, offs_w, 0, N, K, n_groups, GROUP, WPG)
         for k0 in range(0, K, BLOCK_K):
             g = k0 // GROUP + offs_g
-            gm = g < n_groups
-            words = tl.load(w32 + rn[:, None, None] * (K // 8) + g[None, :, None] * WPG
-                            + offs_w[None, None, :], mask=gm[None, :, None], other=0)
-            szp = s_ptr + (g[None, :] * N + rn[:, None]) * 2
-            sc = tl.load(szp, mask=gm[None, :], other=0.0).to(tl.float32)
-            zp = tl.load(szp + 1, mask=gm[None, :], other=0.0).to(tl.float32)
-            kb = g[:, None] * GROUP + offs_w[None, :] * 8
+            words_n, sc_n, zp_n = _int4_tile(w32, s_ptr, rn, offs_g, offs_w, (k0 + BLOCK_K) // GROUP, N, K,
+                                             n_groups, GROUP, WPG)
+            q = ((words[:, :, :, None] >> shifts[None, None, None, :]) & 0xF) | MAGIC_BITS
+            q = q.to(tl.float32, bitcast=True) - MAGIC_Q8  # q - 8, exact
+            kx = (g[:, None, None] * GROUP + offs_w[None, :, None] * 8 + tl.arange(0, 8)[None, None, :])
             for m in tl.static_range(BLOCK_M):
-                t = tl.zeros((BLOCK_N, NG, WPG), tl.float32)
-                xsum = tl.zeros((NG, WPG), tl.float32)
-                for i in tl.static_range(8):
-                    xi = tl.load(x_ptr + m * stride_xm + (kb + i) * stride_xk,
-                                 mask=g[:, None] < tl.where(m < M, n_groups, 0), other=0.0).to(tl.float32)
-                    qi = (((words >> (4 * i)) & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
-                    t += qi * xi[None, :, :]
-                    xsum += xi
+                xm = tl.load(x_ptr + m * stride_xm + (kx if XK1 else kx * stride_xk),
+                             mask=g[:, None, None] < tl.where(m < M, n_groups, 0), other=0.0).to(tl.float32)
+                t = tl.sum(tl.sum(q * xm[None, :, :, :], 3), 2)  # [BLOCK_N, NG]
+                xsum = tl.sum(tl.sum(xm, 2), 1)  # [NG]
                 # sum_k ((q-8)*s + z) * x = s * sum (q-8) x + z * sum x, per group
-                part = tl.sum(tl.sum(t, 2) * sc + zp * tl.sum(xsum, 1)[None, :], 1)
+                part = tl.sum(t * sc + zp * xsum[None, :], 1)
                 acc = tl.where(offs_m[:, None] == m, acc + part[None, :], acc)
+            words, sc, zp = words_n, sc_n, zp_n
     else:
+        w8 = w_ptr.to(tl.pointer_type(tl.int8))  # raw bytes: masked lanes are exactly 0
+        wb = tl.load(w8 + rn[:, None] * K + offs_k[None, :], mask=offs_k[None, :] < K, other=0)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
-            km = k < K
-            w = tl.load(w_ptr.to(tl.pointer_type(tl.int8)) + rn[:, None] * K + k[None, :],
-                        mask=km[None, :], other=0)  # raw bytes: masked lanes are exactly 0
-            w = w.to(w_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+            kn = k + BLOCK_K
+            wb_n = tl.load(w8 + rn[:, None] * K + kn[None, :], mask=kn[None, :] < K, other=0)  # prefetch
+            w = wb.to(w_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
             for m in tl.static_range(BLOCK_M):
                 xm = tl.load(x_ptr + m * stride_xm + (k if XK1 else k * stride_xk),
                              mask=k < tl.where(m < M, K, 0), other=0.0).to(tl.float32)
@@ -84,6 +99,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_
                     xm = quantize_values(xm, sm, AQ >= AQ_FP8_ROW).to(tl.float32)
                 part = tl.sum(w * xm[None, :], 1)
                 acc = tl.where(offs_m[:, None] == m, acc + part[None, :], acc)
+            wb = wb_n
 
     if AQ != AQ_NONE:
         acc = acc * xscale[:, None]
