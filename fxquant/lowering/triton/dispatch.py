@@ -21,7 +21,7 @@ import triton
 
 from . import common as C
 from .act_quant import quantize_activations
-from .gemm import dequant_kernel, gemm_kernel
+from .gemm import REDUCE_ATOMIC, REDUCE_FIXUP, REDUCE_NONE, dequant_kernel, gemm_kernel
 from .gemv import gemv_kernel
 
 # scheme -> (weight kind, GEMV activation quantization, dynamic activations?)
@@ -222,18 +222,47 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out):
     k_tiles = triton.cdiv(K, bk)
     split = cfg.split_k or _auto_split(tiles, k_tiles, _device_info(x2.device)[1])
     split = max(1, min(split, k_tiles))
-    dst = torch.zeros((M, N), device=out.device, dtype=torch.float32) if split > 1 else out
+    reduce, ws, cnt, dst = REDUCE_NONE, out, out, out
+    if split > 1:
+        cnt = _tile_counters(out.device, tiles)
+        if cnt is not None:
+            reduce = REDUCE_FIXUP
+            ws = torch.empty((split, M, N), device=out.device, dtype=torch.float32)  # no fill needed
+        else:
+            reduce, cnt = REDUCE_ATOMIC, out
+            dst = torch.zeros((M, N), device=out.device, dtype=torch.float32)
     gemm_kernel[(tiles, split)](
-        x2, qweight, scales, xs, bias if bias is not None else scales, dst, M, N, K,
+        x2, qweight, scales, xs, bias if bias is not None else scales, dst, ws, cnt, M, N, K,
         x2.stride(0), x2.stride(1), dst.stride(0), split,
         WKIND=_WKIND[scheme], XS_MODE=xs_mode, WS_MODE=ws_mode, GROUP=group,
-        HAS_BIAS=bias is not None, ATOMIC=split > 1, SWAP=cfg.swap,
+        HAS_BIAS=bias is not None, REDUCE=reduce, SWAP=cfg.swap,
         IEEE=out.dtype == torch.float32 and scheme in WEIGHT_ONLY, XK1=x2.stride(1) == 1,
         BM=cfg.bm, BN=cfg.bn, BK=bk, GROUP_M=cfg.group_m,
         num_warps=cfg.warps, num_stages=cfg.stages)
-    if split > 1:
+    if reduce == REDUCE_ATOMIC:
         out.copy_(dst)
     return out
+
+
+# Split-K "last split reduces" needs one int32 counter per output tile, all zero between calls
+# (the kernel resets what it uses). One buffer per (device, stream): kernels on one stream run
+# in order, so calls never share a counter while in flight.
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The zeroed counter buffer for this device/stream, grown as needed; None while a CUDA
+    graph is being captured and no big-enough buffer exists (allocating then would put it in
+    the graph's private pool), in which case the launcher uses atomic split-K."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
+        _COUNTERS[key] = buf
+    return buf
 
 
 def dequantize_weight(scheme: str, qweight: torch.Tensor, scales: torch.Tensor, group: int,
@@ -307,8 +336,8 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
         tiles = [(64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 5)]
         if bm >= 128:
             tiles = [(128, 64, 8, 4), (64, 128, 4, 3), (128, 128, 8, 3)]
-        out += [G("gemm", bm=bm, bn=bn, bk=bk, warps=w, stages=st, split_k=0, swap=True)
-                for bn, bk, w, st in tiles]
+        out += [G("gemm", bm=bm, bn=bn, bk=bk, warps=w, stages=st, split_k=sk, swap=True)
+                for bn, bk, w, st in tiles for sk in (0, 1)]  # auto split-K, or none
     if 2 <= m <= 64:  # mma.sync with narrow N tiles: many programs without split-K
         bm = max(16, triton.next_power_of_2(m))
         out += [G("gemm", bm=bm, bn=bn, bk=bk, warps=4, stages=st, split_k=0)

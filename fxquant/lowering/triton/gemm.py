@@ -4,7 +4,11 @@ Weight-only schemes dequantize the weight tile in registers inside the main loop
 a bf16/fp16 `tl.dot`; W8A8 and FP8 feed int8 / e4m3 tiles straight to an int8 / fp8 `tl.dot`.
 Scales and bias are applied in the epilogue. SWAP computes out^T = W x^T so that small M sits on
 the MMA's narrow N side (the weight fills the wide M side), and so that the dequantized weight
-is the register-sourced A operand. SPLIT_K > 1 (ATOMIC) adds fp32 partials into a workspace.
+is the register-sourced A operand. Split-K (split_k > 1) reduces its fp32 partials one of two ways:
+REDUCE_FIXUP (the default): every split stores its partial to a workspace and bumps a per-tile
+counter; the split that arrives last sums the others and writes the output, then resets the
+counter, so there is no zero-fill or copy kernel around the GEMM. REDUCE_ATOMIC: fp32 atomic adds
+into a zeroed buffer that the launcher copies out (used when no counter buffer is at hand).
 """
 from __future__ import annotations
 
@@ -50,11 +54,16 @@ def weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND: tl.constexpr, GROUP: tl.const
         return w.to(DT)
 
 
+REDUCE_NONE = tl.constexpr(0)
+REDUCE_ATOMIC = tl.constexpr(1)
+REDUCE_FIXUP = tl.constexpr(2)
+
+
 @triton.jit(do_not_specialize=["M", "split_k"])
-def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, M, N, K,
+def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
                 stride_xm, stride_xk, stride_om, split_k,
                 WKIND: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr,
-                GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
                 SWAP: tl.constexpr, IEEE: tl.constexpr, XK1: tl.constexpr, BM: tl.constexpr,
                 BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -133,17 +142,34 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, M, N, K,
         out = out * tl.load(s_ptr + ni).to(tl.float32)
     elif WS_MODE == SC_TENSOR:
         out = out * tl.load(s_ptr).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + ni).to(tl.float32)
-        if ATOMIC:
-            bias = tl.where(pid_k == 0, bias, 0.0)  # only one split adds it
-        out = out + bias
     mask = (om < M) & (on < N)
     ptrs = out_ptr + om.to(tl.int64) * stride_om + on
-    if ATOMIC:
-        tl.atomic_add(ptrs, out, mask=mask)
+    if REDUCE == REDUCE_FIXUP:
+        # ws [split_k, M, N] fp32. Barrier, then a gpu-scope acq_rel atomic: this program's
+        # partial is visible before its arrival is counted (and the others' before we read them).
+        wsp = ws_ptr + om.to(tl.int64) * N + on
+        MN = M.to(tl.int64) * N
+        tl.store(wsp + pid_k * MN, out, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == split_k - 1:
+            for s in range(0, split_k):
+                if s != pid_k:
+                    out += tl.load(wsp + s * MN, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                out = out + tl.load(b_ptr + ni).to(tl.float32)
+            tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next call (and the next graph replay)
     else:
-        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + ni).to(tl.float32)
+            if REDUCE == REDUCE_ATOMIC:
+                bias = tl.where(pid_k == 0, bias, 0.0)  # only one split adds it
+            out = out + bias
+        if REDUCE == REDUCE_ATOMIC:
+            tl.atomic_add(ptrs, out, mask=mask)
+        else:
+            tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
