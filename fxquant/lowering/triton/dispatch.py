@@ -21,7 +21,7 @@ import triton
 
 from . import common as C
 from .act_quant import quantize_activations
-from .gemm import REDUCE_ATOMIC, REDUCE_FIXUP, REDUCE_NONE, dequant_kernel, gemm_kernel
+from .gemm import REDUCE_FIXUP, REDUCE_NONE, dequant_kernel, gemm_kernel
 from .gemv import gemv_kernel
 
 # scheme -> (weight kind, GEMV activation quantization, dynamic activations?)
@@ -222,44 +222,36 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out):
     k_tiles = triton.cdiv(K, bk)
     split = cfg.split_k or _auto_split(tiles, k_tiles, _device_info(x2.device)[1])
     split = max(1, min(split, k_tiles))
-    reduce, ws, cnt, dst = REDUCE_NONE, out, out, out
+    reduce, ws, cnt = REDUCE_NONE, out, out
     if split > 1:
-        cnt = _tile_counters(out.device, tiles)
-        if cnt is not None:
-            reduce = REDUCE_FIXUP
-            ws = torch.empty((split, M, N), device=out.device, dtype=torch.float32)  # no fill needed
-        else:
-            reduce, cnt = REDUCE_ATOMIC, out
-            dst = torch.zeros((M, N), device=out.device, dtype=torch.float32)
+        reduce, cnt = REDUCE_FIXUP, _tile_counters(out.device, tiles)
+        ws = torch.empty((split, M, N), device=out.device, dtype=torch.float32)  # no fill needed
     gemm_kernel[(tiles, split)](
-        x2, qweight, scales, xs, bias if bias is not None else scales, dst, ws, cnt, M, N, K,
-        x2.stride(0), x2.stride(1), dst.stride(0), split,
+        x2, qweight, scales, xs, bias if bias is not None else scales, out, ws, cnt, M, N, K,
+        x2.stride(0), x2.stride(1), out.stride(0), split,
         WKIND=_WKIND[scheme], XS_MODE=xs_mode, WS_MODE=ws_mode, GROUP=group,
         HAS_BIAS=bias is not None, REDUCE=reduce, SWAP=cfg.swap,
         IEEE=out.dtype == torch.float32 and scheme in WEIGHT_ONLY, XK1=x2.stride(1) == 1,
         BM=cfg.bm, BN=cfg.bn, BK=bk, GROUP_M=cfg.group_m,
         num_warps=cfg.warps, num_stages=cfg.stages)
-    if reduce == REDUCE_ATOMIC:
-        out.copy_(dst)
     return out
 
 
-# Split-K "last split reduces" needs one int32 counter per output tile, all zero between calls
-# (the kernel resets what it uses). One buffer per (device, stream): kernels on one stream run
-# in order, so calls never share a counter while in flight.
+# Split-K's "last split reduces" needs one int32 counter per output tile, zero before the launch
+# (the kernel resets those it used). Eager calls share one buffer per (device, stream): kernels
+# on one stream run in order, so no two launches use a counter at once.
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """The zeroed counter buffer for this device/stream, grown as needed; None while a CUDA
-    graph is being captured and no big-enough buffer exists (allocating then would put it in
-    the graph's private pool), in which case the launcher uses atomic split-K."""
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A captured graph gets counters of its own (a memset node in the graph): a shared
+        # buffer could be in use by eager work on another stream when the graph replays.
+        return torch.zeros(tiles, device=device, dtype=torch.int32)
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     key = (str(device), stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
         buf = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
         _COUNTERS[key] = buf
     return buf

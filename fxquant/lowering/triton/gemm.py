@@ -4,11 +4,9 @@ Weight-only schemes dequantize the weight tile in registers inside the main loop
 a bf16/fp16 `tl.dot`; W8A8 and FP8 feed int8 / e4m3 tiles straight to an int8 / fp8 `tl.dot`.
 Scales and bias are applied in the epilogue. SWAP computes out^T = W x^T so that small M sits on
 the MMA's narrow N side (the weight fills the wide M side), and so that the dequantized weight
-is the register-sourced A operand. Split-K (split_k > 1) reduces its fp32 partials one of two ways:
-REDUCE_FIXUP (the default): every split stores its partial to a workspace and bumps a per-tile
-counter; the split that arrives last sums the others and writes the output, then resets the
-counter, so there is no zero-fill or copy kernel around the GEMM. REDUCE_ATOMIC: fp32 atomic adds
-into a zeroed buffer that the launcher copies out (used when no counter buffer is at hand).
+is the register-sourced A operand. Split-K (split_k > 1, REDUCE_FIXUP): every split stores its
+fp32 partial to a workspace and bumps a per-tile counter; the split that arrives last sums the
+others and writes the output, then resets the counter, so no zero-fill or copy kernel is needed.
 """
 from __future__ import annotations
 
@@ -55,8 +53,7 @@ def weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND: tl.constexpr, GROUP: tl.const
 
 
 REDUCE_NONE = tl.constexpr(0)
-REDUCE_ATOMIC = tl.constexpr(1)
-REDUCE_FIXUP = tl.constexpr(2)
+REDUCE_FIXUP = tl.constexpr(1)
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
@@ -162,14 +159,8 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
             tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next call (and the next graph replay)
     else:
         if HAS_BIAS:
-            bias = tl.load(b_ptr + ni).to(tl.float32)
-            if REDUCE == REDUCE_ATOMIC:
-                bias = tl.where(pid_k == 0, bias, 0.0)  # only one split adds it
-            out = out + bias
-        if REDUCE == REDUCE_ATOMIC:
-            tl.atomic_add(ptrs, out, mask=mask)
-        else:
-            tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+            out = out + tl.load(b_ptr + ni).to(tl.float32)
+        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
