@@ -18,12 +18,6 @@ SC_NONE = tl.constexpr(0)
 SC_ROW = tl.constexpr(1)
 SC_TENSOR = tl.constexpr(2)
 
-# In-kernel activation quantization of the GEMV (AQ).
-AQ_NONE = tl.constexpr(0)
-AQ_INT8_ROW = tl.constexpr(1)
-AQ_FP8_ROW = tl.constexpr(2)
-AQ_FP8_TENSOR = tl.constexpr(3)
-
 # 2**23 + 8: OR-ing a nibble q into the mantissa of 2**23 and subtracting this gives q - 8
 # exactly in two ALU ops (cheaper than an int->float convert).
 MAGIC_BITS = tl.constexpr(0x4B000000)

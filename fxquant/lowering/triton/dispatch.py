@@ -24,7 +24,6 @@ from .act_quant import quantize_activations
 from .gemm import REDUCE_FIXUP, REDUCE_NONE, dequant_kernel, gemm_kernel
 from .gemv import gemv_kernel
 
-# scheme -> (weight kind, GEMV activation quantization, dynamic activations?)
 WEIGHT_ONLY = ("int8_wo", "int4_wo", "fp8_wo")
 DYNAMIC = ("int8_dyn", "fp8_dyn_row", "fp8_dyn_tensor")
 SCHEMES = WEIGHT_ONLY + DYNAMIC
@@ -32,7 +31,6 @@ _FP8 = ("fp8_wo", "fp8_dyn_row", "fp8_dyn_tensor")
 _WKIND = {"int8_wo": C.WK_INT8, "int4_wo": C.WK_INT4, "fp8_wo": C.WK_FP8,
           "int8_dyn": C.WK_INT8_MMA, "fp8_dyn_row": C.WK_FP8_MMA, "fp8_dyn_tensor": C.WK_FP8_MMA}
 _GEMV_WKIND = {"int8_dyn": C.WK_INT8, "fp8_dyn_row": C.WK_FP8, "fp8_dyn_tensor": C.WK_FP8}
-_AQ = {"int8_dyn": C.AQ_INT8_ROW, "fp8_dyn_row": C.AQ_FP8_ROW, "fp8_dyn_tensor": C.AQ_FP8_TENSOR}
 GEMV_MAX_M = 16
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -195,17 +193,18 @@ def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out):
     M, K = x2.shape
     N = qweight.shape[0]
     wo = scheme in WEIGHT_ONLY
-    wkind = _WKIND[scheme] if wo else _GEMV_WKIND[scheme]
+    xs, xs_mode = scales, C.SC_NONE
+    if not wo:
+        x2, xs = quantize_activations(x2, fp8=scheme != "int8_dyn", per_row=scheme != "fp8_dyn_tensor")
+        xs_mode = C.SC_TENSOR if scheme == "fp8_dyn_tensor" else C.SC_ROW
     ws_mode = C.SC_NONE if scheme == "int4_wo" else (C.SC_ROW if scales.numel() == N else C.SC_TENSOR)
     bk = _fix_bk(cfg.bk, scheme, group, K, "gemv")
-    block_m = max(1, triton.next_power_of_2(M))
     gemv_kernel[(triton.cdiv(N, cfg.bn),)](
-        x2, qweight, scales, bias if bias is not None else scales, out, M, N, K,
+        x2, xs, qweight, scales, bias if bias is not None else scales, out, M, N, K,
         x2.stride(0), x2.stride(1), out.stride(0),
-        WKIND=wkind, AQ=C.AQ_NONE if wo else _AQ[scheme], WS_MODE=ws_mode, GROUP=group,
-        HAS_BIAS=bias is not None, XK1=x2.stride(1) == 1, BLOCK_M=block_m, BLOCK_N=cfg.bn,
-        BLOCK_K=bk, AMAX_BK=min(max(16, triton.next_power_of_2(K)), 8192 // block_m),
-        num_warps=cfg.warps)
+        WKIND=_WKIND[scheme] if wo else _GEMV_WKIND[scheme], XS_MODE=xs_mode, WS_MODE=ws_mode,
+        GROUP=group, HAS_BIAS=bias is not None, XK1=x2.stride(1) == 1,
+        BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=cfg.bn, BLOCK_K=bk, num_warps=cfg.warps)
     return out
 
 
@@ -241,6 +240,7 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out):
 # (the kernel resets those it used). Eager calls share one buffer per (device, stream): kernels
 # on one stream run in order, so no two launches use a counter at once.
 _COUNTERS: dict[tuple, torch.Tensor] = {}
+_SIDE: dict[str, torch.cuda.Stream] = {}
 
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
@@ -248,11 +248,24 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
         # A captured graph gets counters of its own (a memset node in the graph): a shared
         # buffer could be in use by eager work on another stream when the graph replays.
         return torch.zeros(tiles, device=device, dtype=torch.int32)
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (str(device), stream)
+    if device.type != "cuda":
+        key = (str(device), 0)
+        if key not in _COUNTERS or _COUNTERS[key].numel() < tiles:
+            _COUNTERS[key] = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
+        return _COUNTERS[key]
+    cur = torch.cuda.current_stream(device)
+    key = (str(device), cur.stream_id)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < tiles:
-        buf = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
+        # Allocated on a side stream: while CUDA-graph trees warm up, allocations on the current
+        # stream go to the graph's pool, where a buffer we keep would be an untracked tensor.
+        side = _SIDE.get(str(device))
+        if side is None:
+            side = _SIDE[str(device)] = torch.cuda.Stream(device)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            buf = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
+        cur.wait_stream(side)
         _COUNTERS[key] = buf
     return buf
 
