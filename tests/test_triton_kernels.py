@@ -98,12 +98,10 @@ def test_kernel_families(scheme, cfg):
 
 
 def test_split_k_last_split_reduces():
-    # Three splits over several tiles, with bias: the last-arriving split sums the others and
-    # resets its tile counter for the next call.
+    # Three splits over several tiles, with bias: the last-arriving split sums the others.
     cfg = KC("gemm", bm=16, bn=16, bk=32, warps=4, stages=2, split_k=3)
     for scheme in ("int8_wo", "int4_wo", "int8_dyn"):
         check(scheme, cfg, M=20, N=24, K=96)
-    assert D._COUNTERS and all(int(b.abs().sum()) == 0 for b in D._COUNTERS.values())
 
 
 @pytest.mark.parametrize("scheme", ["int8_wo", "int4_wo", "fp8_wo"])

@@ -223,7 +223,10 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out):
     split = max(1, min(split, k_tiles))
     reduce, ws, cnt = REDUCE_NONE, out, out
     if split > 1:
-        reduce, cnt = REDUCE_FIXUP, _tile_counters(out.device, tiles)
+        # One arrival counter per output tile, zeroed per call: a buffer kept across calls would
+        # be shared between streams, and CUDA-graph trees would count it as a leaked allocation.
+        reduce = REDUCE_FIXUP
+        cnt = torch.zeros(tiles, device=out.device, dtype=torch.int32)
         ws = torch.empty((split, M, N), device=out.device, dtype=torch.float32)  # no fill needed
     gemm_kernel[(tiles, split)](
         x2, qweight, scales, xs, bias if bias is not None else scales, out, ws, cnt, M, N, K,
@@ -234,40 +237,6 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out):
         BM=cfg.bm, BN=cfg.bn, BK=bk, GROUP_M=cfg.group_m,
         num_warps=cfg.warps, num_stages=cfg.stages)
     return out
-
-
-# Split-K's "last split reduces" needs one int32 counter per output tile, zero before the launch
-# (the kernel resets those it used). Eager calls share one buffer per (device, stream): kernels
-# on one stream run in order, so no two launches use a counter at once.
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-_SIDE: dict[str, torch.cuda.Stream] = {}
-
-
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # A captured graph gets counters of its own (a memset node in the graph): a shared
-        # buffer could be in use by eager work on another stream when the graph replays.
-        return torch.zeros(tiles, device=device, dtype=torch.int32)
-    if device.type != "cuda":
-        key = (str(device), 0)
-        if key not in _COUNTERS or _COUNTERS[key].numel() < tiles:
-            _COUNTERS[key] = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
-        return _COUNTERS[key]
-    cur = torch.cuda.current_stream(device)
-    key = (str(device), cur.stream_id)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < tiles:
-        # Allocated on a side stream: while CUDA-graph trees warm up, allocations on the current
-        # stream go to the graph's pool, where a buffer we keep would be an untracked tensor.
-        side = _SIDE.get(str(device))
-        if side is None:
-            side = _SIDE[str(device)] = torch.cuda.Stream(device)
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
-            buf = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
-        cur.wait_stream(side)
-        _COUNTERS[key] = buf
-    return buf
 
 
 def dequantize_weight(scheme: str, qweight: torch.Tensor, scales: torch.Tensor, group: int,

@@ -6,7 +6,7 @@ Scales and bias are applied in the epilogue. SWAP computes out^T = W x^T so that
 the MMA's narrow N side (the weight fills the wide M side), and so that the dequantized weight
 is the register-sourced A operand. Split-K (split_k > 1, REDUCE_FIXUP): every split stores its
 fp32 partial to a workspace and bumps a per-tile counter; the split that arrives last sums the
-others and writes the output, then resets the counter, so no zero-fill or copy kernel is needed.
+others and writes the output, so the output needs no zero-fill and no fp32 -> out copy kernel.
 """
 from __future__ import annotations
 
@@ -156,7 +156,6 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
             if HAS_BIAS:
                 out = out + tl.load(b_ptr + ni).to(tl.float32)
             tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next call (and the next graph replay)
     else:
         if HAS_BIAS:
             out = out + tl.load(b_ptr + ni).to(tl.float32)
