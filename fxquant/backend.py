@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import functools
 import warnings
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -90,14 +91,31 @@ class Backend:
                  options: dict[str, Any] | None = None) -> Callable:
         """Dynamo calls this per captured graph. `mode` ("reduce-overhead", "max-autotune", ...)
         and `options` (Inductor config) come from `torch.compile(..., backend=self, mode=, options=)`."""
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx
-
         mode = mode or self.mode
         grad = torch.is_grad_enabled()
         if grad:
             self._warn_once("grad", "fxquant is inference-only: the graph is compiled under no_grad, its "
                             "weights are treated as constants and its outputs do not require grad.")
+        pristine = _copy_graph(gm)  # Inductor may edit gm; another set of weights compiles this copy
+        compiled, read = self._compile(gm, example_inputs, mode, options)
+        if read:
+            compiled = _PerWeights(self, pristine, mode, options, read, example_inputs, compiled)
+        if not grad:
+            return compiled
+
+        @functools.wraps(compiled)
+        def run_no_grad(*args):
+            with torch.no_grad():
+                return compiled(*args)
+        return run_no_grad
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list, mode: str | None,
+                 options: dict[str, Any] | None) -> tuple[Callable, list[int]]:
+        """Inductor's compile_fx with fxquant's pass; also returns the indices of the inputs whose
+        values were baked into the graph as constants."""
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
         names = [_placeholder_name(n) for n in gm.graph.find_nodes(op="placeholder")]
         state: dict[str, Any] = {}
         joint_pass = _QuantizeJointPass(self, example_inputs, names, state)
@@ -127,14 +145,8 @@ class Backend:
             for t in state.get("release", []):
                 # Same shape/strides (Dynamo's guards still pass), no memory behind it.
                 t.untyped_storage().resize_(0)
-        if not grad:
-            return compiled
-
-        @functools.wraps(compiled)
-        def run_no_grad(*args):
-            with torch.no_grad():
-                return compiled(*args)
-        return run_no_grad
+        read = sorted(state.get("read", ())) if any(r.status == "quantized" for r in records) else []
+        return compiled, read
 
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
@@ -154,6 +166,7 @@ class _QuantizeJointPass(CustomGraphPass):
         self.state["records"] = qpass.run(graph, ctx)
         self.state["packed_here"] = ctx.packed_here
         self.state["release"] = qpass.unused_weights(graph, ctx)
+        self.state["read"] = constants.read
         b.compiled_graphs.append(collections.Counter(
             str(n.target) for n in graph.nodes if n.op in ("call_function", "get_attr")
             and (n.op == "call_function" or n.target.startswith("_fxquant_"))))
@@ -207,3 +220,65 @@ def registered_backend(gm: torch.fx.GraphModule, example_inputs: list, mode: str
         hit = (options, Backend.from_options(options))
         _BY_OPTIONS[key] = hit
     return hit[1](gm, example_inputs, mode=mode)
+
+
+def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    import copy
+    return torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+class _PerWeights:
+    """The compiled graph embeds packed copies of the parameters it was compiled with, but Dynamo
+    does not guard on which parameter tensors a call passes: regional compilation (`block.compile()`
+    on each of N identical layers) and two models of one class reuse one Dynamo cache entry with
+    other parameters. This dispatches on the identity of the baked inputs and compiles (and
+    quantizes) once more for each new set of weights, instead of silently computing with the
+    first set. A variant is dropped when one of its tensors is freed."""
+
+    def __init__(self, backend: Backend, gm: torch.fx.GraphModule, mode, options, read: list[int],
+                 example_inputs: list, compiled: Callable):
+        self.backend, self.gm, self.mode, self.options, self.read = backend, gm, mode, options, read
+        self.variants: list[tuple[list, Callable]] = []
+        self._add(example_inputs, compiled)
+
+    def _add(self, args, compiled: Callable) -> None:
+        entry: list = [None, compiled]
+
+        def dead(_ref, variants=self.variants):  # drop the variant (and its packed weights)
+            if entry in variants:
+                variants.remove(entry)
+        entry[0] = [weakref.ref(args[i], dead) for i in self.read]
+        self.variants.append(entry)
+
+    def __call__(self, *args):
+        for refs, fn in self.variants:
+            if all(args[i] is r() for i, r in zip(self.read, refs)):
+                return fn(*args)
+        n = len(self.variants) + 1
+        if _has_symbolic_inputs(self.gm):
+            # Compiling again outside Dynamo's trace would lose the symbolic shapes.
+            raise RuntimeError(
+                "fxquant: this compiled graph is being called with other weight tensors than it was "
+                "compiled with (regional compilation such as `layer.compile()` on several identical "
+                "layers, or a second model of the same class), and it has dynamic shapes. Its packed "
+                "weights belong to the first set. Compile the whole model once (torch.compile(model, "
+                "backend=...)) or compile with dynamic=False.")
+        self.backend._warn_once("variants", "fxquant: a compiled graph was called with other weight tensors "
+                                "than it was compiled with (regional compilation, or another model of the "
+                                "same class): it is compiled and quantized again for each set of weights.")
+        if n > 64:
+            raise RuntimeError(f"fxquant: one graph has been called with {n} different sets of weights; "
+                               f"refusing to compile it again (each variant holds packed weights)")
+        with torch.no_grad():
+            compiled, _ = self.backend._compile(_copy_graph(self.gm), list(args), self.mode, self.options)
+        self._add(args, compiled)
+        return compiled(*args)
+
+
+def _has_symbolic_inputs(gm: torch.fx.GraphModule) -> bool:
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(val, torch.SymInt) or (
+                isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape)):
+            return True
+    return False

@@ -271,3 +271,44 @@ def test_recompile_after_in_place_weight_change_repacks():
         after = torch.compile(model, backend=be)(x)
         assert fxquant.sqnr(model(x), after) > 40
     assert not torch.allclose(before, after)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x))
+
+
+def test_regional_compilation_quantizes_each_instance():
+    # Dynamo reuses one cache entry for identical blocks with other parameters; each block must
+    # still compute with its own packed weights (a shared graph once silently used block 0's).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([_Block() for _ in range(3)])
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        ref = [b(x) for b in blocks]
+    be = fxquant.backend(fxquant.Int8WeightOnly())
+    for b in blocks:
+        b.compile(backend=be, dynamic=False)
+    with torch.no_grad(), pytest.warns(UserWarning, match="compiled and quantized again for each set of weights"):
+        out = [b(x) for b in blocks]
+        again = [b(x) for b in blocks]
+    for r, o, a in zip(ref, out, again):
+        assert fxquant.sqnr(r, o) >= 38 and torch.equal(o, a)
+    assert len(be.compiled_graphs) == 3
+
+
+def test_regional_compilation_with_dynamic_shapes_raises():
+    torch._dynamo.reset()
+    blocks = nn.ModuleList([_Block() for _ in range(2)])
+    be = fxquant.backend(fxquant.Int8WeightOnly())
+    for b in blocks:
+        b.compile(backend=be, dynamic=True)
+    with torch.no_grad():
+        blocks[0](torch.randn(3, 64))
+        with pytest.raises(RuntimeError, match="called with other weight tensors than it was compiled with"):
+            blocks[1](torch.randn(3, 64))

@@ -54,13 +54,17 @@ class PlaceholderConstants(GetAttrConstants):
                                f"{len(example_inputs)}; cannot tell which inputs are weights")
         self.example_inputs = example_inputs
         self.names = names
+        self.read: set[int] = set()  # inputs read as constants: the compiled graph is only valid for them
 
     def tensor(self, node):
         i = self._index.get(node)
         if i is None:
             return super().tensor(node)
         t = self.example_inputs[i]
-        return t if isinstance(t, torch.nn.Parameter) else None
+        if not isinstance(t, torch.nn.Parameter):
+            return None
+        self.read.add(i)
+        return t
 
     def weight_name(self, node):
         i = self._index.get(node)

@@ -72,8 +72,10 @@ def test_reduce_overhead_one_compile_all_batch_sizes(cfg):
     no-CUDA-graph compile's, and Inductor does not skip CUDA graphs."""
     from torch._dynamo.utils import counters
     model = _mlp().cuda()
+    # M = 4 .. 4096: GEMV, split-K and tiled kernels. No dim of size 1: Dynamo specializes sizes
+    # 0 and 1 (a batch-1 decode gets its own graph), which is not a recompile per batch size.
     xs = [torch.randn(b, s, 512, dtype=torch.bfloat16, device="cuda")
-          for b, s in ((1, 1), (4, 1), (2, 8), (1, 100), (8, 300), (2, 2048))]  # M 1..4096: all kernel kinds
+          for b, s in ((2, 2), (4, 4), (2, 50), (8, 300), (2, 2048))]
     with torch.no_grad():
         torch._dynamo.reset()
         plain = torch.compile(model, backend=fxquant.backend(cfg), dynamic=True)
@@ -85,7 +87,7 @@ def test_reduce_overhead_one_compile_all_batch_sizes(cfg):
         got = [[f(x).clone() for x in xs] for _ in range(3)]  # warm-up, record, replay
         frames = counters["stats"]["unique_graphs"]
         skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
-    assert frames == 1, f"{frames} graphs compiled for 6 batch sizes"
+    assert frames == 1, f"{frames} graphs compiled for {len(xs)} batch sizes"
     assert skips == 0
     for rnd in got:  # split-K's fp32 atomics may add in another order: not bit-exact
         for a, b in zip(rnd, want):
