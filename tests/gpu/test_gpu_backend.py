@@ -72,10 +72,11 @@ def test_reduce_overhead_one_compile_all_batch_sizes(cfg):
     no-CUDA-graph compile's, and Inductor does not skip CUDA graphs."""
     from torch._dynamo.utils import counters
     model = _mlp().cuda()
-    # M = 4 .. 4096: GEMV, split-K and tiled kernels. No dim of size 1: Dynamo specializes sizes
-    # 0 and 1 (a batch-1 decode gets its own graph), which is not a recompile per batch size.
+    # M = 6 .. 4096: GEMV, split-K and tiled kernels. No dim of size 1 (Dynamo specializes sizes
+    # 0 and 1: a batch-1 decode gets a graph of its own) and batch != seq in the first call
+    # (equal sizes would share one symbol and recompile when they differ).
     xs = [torch.randn(b, s, 512, dtype=torch.bfloat16, device="cuda")
-          for b, s in ((2, 2), (4, 4), (2, 50), (8, 300), (2, 2048))]
+          for b, s in ((2, 3), (4, 5), (2, 50), (8, 300), (2, 2048))]
     with torch.no_grad():
         torch._dynamo.reset()
         plain = torch.compile(model, backend=fxquant.backend(cfg), dynamic=True)
