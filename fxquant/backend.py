@@ -20,11 +20,13 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from .configs import Int8WeightOnly, QuantConfig
 from .passes import quantize as qpass
 from .passes.constants import PlaceholderConstants, dynamo_source_to_fqn
+from .passes.horizontal import fuse_siblings
 from .passes.inline_cpu import inline_cpu_float32
 from .passes.rewrite import LayerFilter, RewriteContext, graph_fake_mode
 from .report import LinearRecord, format_report
 
-OPTIONS = ("config", "skip", "filter", "release_weights", "verbose", "inductor", "prepacked", "mode")
+OPTIONS = ("config", "skip", "filter", "release_weights", "verbose", "inductor", "prepacked", "mode",
+           "fuse_siblings")
 
 
 class Backend:
@@ -38,7 +40,7 @@ class Backend:
     def __init__(self, config: QuantConfig | None = None, *, skip: Sequence[str] = (),
                  filter: LayerFilter | None = None, release_weights: bool = False,  # noqa: A002
                  verbose: bool = False, inductor: dict[str, Any] | None = None, prepacked: Any = None,
-                 mode: str | None = None):
+                 mode: str | None = None, fuse_siblings: bool = True):
         config = _prepacked_config(config, prepacked)
         config = Int8WeightOnly() if config is None else config
         if not isinstance(config, QuantConfig):
@@ -64,6 +66,7 @@ class Backend:
         # torch.compile refuses mode= together with options=, so options={"mode": ...} is the way
         # to ask for "reduce-overhead" (CUDA graphs) with the string backend "fxquant".
         self.mode = mode
+        self.fuse_siblings = bool(fuse_siblings)  # Q/K/V, gate/up: one op over concatenated weights
         self._records: dict[str, LinearRecord] = {}
         self._report: list[LinearRecord] = []  # live list, updated in place after each compile
         self._pack_cache: dict = {}
@@ -167,6 +170,8 @@ class _QuantizeJointPass(CustomGraphPass):
         self.state["packed_here"] = ctx.packed_here
         self.state["release"] = qpass.unused_weights(graph, ctx)
         self.state["read"] = constants.read
+        if b.fuse_siblings:
+            fuse_siblings(graph, ctx)
         b.compiled_graphs.append(collections.Counter(
             str(n.target) for n in graph.nodes if n.op in ("call_function", "get_attr")
             and (n.op == "call_function" or n.target.startswith("_fxquant_"))))

@@ -1,0 +1,74 @@
+"""Horizontal fusion of sibling linears (Q/K/V, gate/up): one fxquant op over weights
+concatenated along N, then a split; same numbers as the unfused graph."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxquant
+
+
+class Block(nn.Module):
+    """q/k/v without bias on one input, gate/up with bias on the same input, down on another."""
+
+    def __init__(self, gate_bias=True):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(128, 128, bias=False), nn.Linear(128, 64, bias=False), \
+            nn.Linear(128, 64, bias=False)
+        self.gate, self.up = nn.Linear(128, 256, bias=gate_bias), nn.Linear(128, 256)
+        self.down = nn.Linear(256, 128)
+
+    def forward(self, x):
+        a = self.q(x)[..., :64] * self.k(x) + self.v(x)
+        return self.down(F.silu(self.gate(x)) * self.up(x)) + a.sum(-1, keepdim=True)
+
+
+CONFIGS = [fxquant.Int8WeightOnly(), fxquant.Int4WeightOnly(group_size=32),
+           fxquant.Int8DynamicActivationInt8Weight(), fxquant.Float8DynamicActivationFloat8Weight("row"),
+           fxquant.Float8WeightOnly()]
+
+
+def _run(model, cfg, xs, **opts):
+    torch._dynamo.reset()
+    be = fxquant.backend(cfg, **opts)
+    f = torch.compile(model, backend=be)
+    with torch.no_grad():
+        outs = [f(x) for x in xs]
+    ops = sum(v for k, v in be.compiled_graphs[0].items() if k.startswith("fxquant."))
+    return be, outs, ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.describe())
+def test_siblings_fuse_into_one_op_with_identical_outputs(cfg, dtype):
+    torch.manual_seed(0)
+    model = Block().to(dtype)
+    xs = [torch.randn(2, 5, 128, dtype=dtype)]
+    be, fused, n_fused = _run(model, cfg, xs)
+    _, plain, n_plain = _run(model, cfg, xs, fuse_siblings=False)
+    assert (n_fused, n_plain) == (3, 6)  # {q,k,v}, {gate,up}, down
+    assert torch.equal(fused[0], plain[0])
+    assert sum(r.status == "quantized" for r in be.report) == 6  # the report still lists every layer
+
+
+def test_per_tensor_scales_do_not_fuse_and_bias_decides_the_groups():
+    torch.manual_seed(0)
+    x = [torch.randn(3, 128)]
+    _, _, n = _run(Block(), fxquant.Float8DynamicActivationFloat8Weight("tensor"), x)
+    assert n == 6  # one scale per weight tensor: siblings cannot share one
+    be, _, n = _run(Block(gate_bias=False), fxquant.Int8WeightOnly(), x)
+    assert n == 3  # gate lost its bias, so it joins q/k/v; up (with bias) stays apart
+    assert be.compiled_graphs[0]["aten.split_with_sizes.default"] == 1
+
+
+def test_recompile_reuses_the_fused_weights():
+    torch.manual_seed(0)
+    model = Block()
+    be, outs, _ = _run(model, fxquant.Int8WeightOnly(), [torch.randn(3, 128), torch.randn(2, 4, 128)])
+    assert len(be.compiled_graphs) == 2  # a 2-D and a 3-D input: two graphs
+    fused = [v for k, v in be._pack_cache.items() if k[0] == "fused"]
+    assert len(fused) == 2  # {q,k,v} and {gate,up}: packed and concatenated once, shared by both
+    for w, _, _ in fused:
+        members = [v[1][0] for k, v in be._pack_cache.items() if k[0] != "fused"
+                   and v[1][0].untyped_storage().data_ptr() == w.untyped_storage().data_ptr()]
+        assert len(members) in (2, 3)  # each member's packed weight is a view of the fused one
