@@ -249,7 +249,7 @@ class _PerWeights:
     def _add(self, args, compiled: Callable) -> None:
         entry: list = [None, compiled]
 
-        def dead(_ref, variants=self.variants):  # drop the variant (and its packed weights)
+        def dead(_ref, variants=self.variants):  # drop the variant and its compiled graph
             if entry in variants:
                 variants.remove(entry)
         entry[0] = [weakref.ref(args[i], dead) for i in self.read]

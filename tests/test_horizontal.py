@@ -66,9 +66,25 @@ def test_recompile_reuses_the_fused_weights():
     model = Block()
     be, outs, _ = _run(model, fxquant.Int8WeightOnly(), [torch.randn(3, 128), torch.randn(2, 4, 128)])
     assert len(be.compiled_graphs) == 2  # a 2-D and a 3-D input: two graphs
-    fused = [v for k, v in be._pack_cache.items() if k[0] == "fused"]
+    fused = [v[1] for k, v in be._pack_cache.items() if k[0] == "fused"]
     assert len(fused) == 2  # {q,k,v} and {gate,up}: packed and concatenated once, shared by both
     for w, _, _ in fused:
         members = [v[1][0] for k, v in be._pack_cache.items() if k[0] != "fused"
                    and v[1][0].untyped_storage().data_ptr() == w.untyped_storage().data_ptr()]
         assert len(members) in (2, 3)  # each member's packed weight is a view of the fused one
+
+
+def test_recompile_after_in_place_bias_change_uses_the_new_bias():
+    torch.manual_seed(0)
+    model = Block()
+    x = torch.randn(3, 128)
+    be = fxquant.backend(fxquant.Int8WeightOnly())
+    with torch.no_grad():
+        torch._dynamo.reset()
+        before = torch.compile(model, backend=be)(x)
+        model.up.bias.add_(5)
+        torch._dynamo.reset()
+        after = torch.compile(model, backend=be)(x)
+        ref = model(x)
+    assert not torch.equal(before, after)
+    assert fxquant.sqnr(ref, after) >= 38

@@ -9,6 +9,7 @@ column is computed from the same bytes as before. Runs after the quantization re
 from __future__ import annotations
 
 import operator
+import weakref
 from collections import defaultdict
 
 import torch
@@ -71,17 +72,22 @@ def _const(ctx: RewriteContext, node: object) -> torch.Tensor | None:
 def _fuse(graph: fx.Graph, ctx: RewriteContext, members: list[fx.Node], keys: list[tuple]) -> None:
     first = members[0]
     sizes = [int(ctx.constants.tensor(n.args[1]).shape[0]) for n in members]
-    has_bias = first.args[3] is not None
-    fkey = ("fused", *keys, has_bias)
-    fused = ctx.pack_cache.get(fkey)
-    if fused is None:
+    biases = [_const(ctx, n.args[3]) for n in members] if first.args[3] is not None else []
+    # Keyed by the members' packed weights and by each bias's identity and version: a bias
+    # changed in place must not be served from a stale concatenation.
+    fkey = ("fused", *keys, *((id(b), b._version) for b in biases))
+    alive = [ctx.pack_cache[k][0] for k in keys] + [weakref.ref(b) for b in biases]
+    cached = ctx.pack_cache.get(fkey)
+    if cached is not None and all(r() is not None for r in cached[0]):
+        fused = cached[1]
+    else:
         with unset_fake_temporarily(), torch.no_grad():
             w = torch.cat([ctx.constants.tensor(n.args[1]) for n in members], 0)
             scales = [ctx.constants.tensor(n.args[2]) for n in members]
             s = torch.cat(scales, 1 if scales[0].dim() == 3 else 0)  # int4 [K/gs, N, 2]: N is dim 1
-            b = torch.cat([_const(ctx, n.args[3]).to(w.device) for n in members]) if has_bias else None
+            b = torch.cat([t.to(w.device) for t in biases]) if biases else None
             fused = (w, s, b)
-            ctx.pack_cache[fkey] = fused
+            ctx.pack_cache[fkey] = (alive, fused)
             _share_storage(ctx, keys, w, s, sizes)
     fake = graph_fake_mode(graph)
     consts = []
