@@ -32,8 +32,11 @@ def test_attention_matmuls_and_embedding_untouched():
     ids = torch.randint(0, 96, (2, 7))
     be, _ = _compile(model, fxquant.Int8WeightOnly(), ids)
     (ops,) = be.compiled_graphs
-    # 2 blocks x 5 linears + lm_head; q@k^T and att@v stay bmm; the embedding stays.
-    assert fxquant_ops(ops) == 11
+    # 2 blocks x 5 linears + lm_head = 11 layers; q and v (both with bias) share one op per block
+    # (horizontal fusion), k has no bias: 9 ops. q@k^T and att@v stay bmm; the embedding stays.
+    assert fxquant_ops(ops) == 9
+    assert ops["aten.split_with_sizes.default"] == 2
+    assert sum(r.status == "quantized" for r in be.report) == 11
     assert ops["aten.bmm.default"] == 4
     assert ops["aten.embedding.default"] == 1
     names = {r.name for r in be.report}
