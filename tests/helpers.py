@@ -3,6 +3,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Start of a script run in a fresh interpreter where importing fxquant is an ImportError (an
+# exported package must load without it); it imports sys and torch.
+NO_FXQUANT_PREAMBLE = """import sys
+
+class NoFxquant:
+    def find_spec(self, name, path=None, target=None):
+        if name == "fxquant" or name.startswith("fxquant."):
+            raise ImportError("fxquant must not be needed to load an exported package")
+
+sys.meta_path.insert(0, NoFxquant())
+import torch
+"""
+
 
 class Block(nn.Module):
     """Attention-like block: q/k/v linears, an activation x activation matmul, an MLP."""

@@ -17,7 +17,7 @@ from torch.export import Dim
 import fxquant
 from fxquant.export import decompose_fxquant_ops
 from fxquant.lowering import decompose
-from helpers import Tiny
+from helpers import NO_FXQUANT_PREAMBLE, Tiny
 
 D, H = 1024, 2048  # two linears, 16.8 MB of float32 weights: they dominate the package
 FLOAT_BYTES = 2 * D * H * 4
@@ -31,16 +31,7 @@ SCHEMES = [  # (config, SQNR floor of the package's output vs the float model, i
 
 # Runs in a fresh interpreter; any attempt to import fxquant there is an ImportError. Loads
 # every package given and runs it on its inputs (one process for all: starting torch is slow).
-LOADER = textwrap.dedent("""
-    import sys
-
-    class NoFxquant:
-        def find_spec(self, name, path=None, target=None):
-            if name == "fxquant" or name.startswith("fxquant."):
-                raise ImportError("fxquant must not be needed to load an exported package")
-
-    sys.meta_path.insert(0, NoFxquant())
-    import torch
+LOADER = NO_FXQUANT_PREAMBLE + textwrap.dedent("""
 
     jobs, out = torch.load(sys.argv[1], weights_only=True), sys.argv[2]
     results = {}

@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 import fxquant
+from helpers import NO_FXQUANT_PREAMBLE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,16 +26,7 @@ SCHEMES = [  # (config, SQNR floor vs the bf16 float model)
     (fxquant.Float8WeightOnly(), 25.0),
 ]
 
-LOADER = textwrap.dedent("""
-    import sys
-
-    class NoFxquant:
-        def find_spec(self, name, path=None, target=None):
-            if name == "fxquant" or name.startswith("fxquant."):
-                raise ImportError("fxquant must not be needed to load an exported package")
-
-    sys.meta_path.insert(0, NoFxquant())
-    import torch
+LOADER = NO_FXQUANT_PREAMBLE + textwrap.dedent("""
 
     pkg, inp, out = sys.argv[1:4]
     model = torch._inductor.aoti_load_package(pkg)

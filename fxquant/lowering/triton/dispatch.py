@@ -189,15 +189,24 @@ def _auto_split(tiles: int, k_tiles: int, sms: int) -> int:
     return split
 
 
+def _activations(scheme, x2, scales):
+    """(x, x scales, XS_MODE) for the kernels: dynamic schemes quantize x here, once per call."""
+    if scheme not in DYNAMIC:
+        return x2, scales, C.SC_NONE  # scales: any valid pointer, never read
+    q, xs = quantize_activations(x2, fp8=scheme != "int8_dyn", per_row=scheme != "fp8_dyn_tensor")
+    return q, xs, C.SC_TENSOR if scheme == "fp8_dyn_tensor" else C.SC_ROW
+
+
+def _weight_scale_mode(scheme, scales, n):
+    return C.SC_NONE if scheme == "int4_wo" else (C.SC_ROW if scales.numel() == n else C.SC_TENSOR)
+
+
 def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out):
     M, K = x2.shape
     N = qweight.shape[0]
     wo = scheme in WEIGHT_ONLY
-    xs, xs_mode = scales, C.SC_NONE
-    if not wo:
-        x2, xs = quantize_activations(x2, fp8=scheme != "int8_dyn", per_row=scheme != "fp8_dyn_tensor")
-        xs_mode = C.SC_TENSOR if scheme == "fp8_dyn_tensor" else C.SC_ROW
-    ws_mode = C.SC_NONE if scheme == "int4_wo" else (C.SC_ROW if scales.numel() == N else C.SC_TENSOR)
+    x2, xs, xs_mode = _activations(scheme, x2, scales)
+    ws_mode = _weight_scale_mode(scheme, scales, N)
     bk = _fix_bk(cfg.bk, scheme, group, K, "gemv")
     gemv_kernel[(triton.cdiv(N, cfg.bn),)](
         x2, xs, qweight, scales, bias if bias is not None else scales, out, M, N, K,
@@ -211,11 +220,8 @@ def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out):
 def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out):
     M, K = x2.shape
     N = qweight.shape[0]
-    xs, xs_mode = scales, C.SC_NONE
-    if scheme in DYNAMIC:
-        x2, xs = quantize_activations(x2, fp8=scheme != "int8_dyn", per_row=scheme != "fp8_dyn_tensor")
-        xs_mode = C.SC_TENSOR if scheme == "fp8_dyn_tensor" else C.SC_ROW
-    ws_mode = C.SC_NONE if scheme == "int4_wo" else (C.SC_ROW if scales.numel() == N else C.SC_TENSOR)
+    x2, xs, xs_mode = _activations(scheme, x2, scales)
+    ws_mode = _weight_scale_mode(scheme, scales, N)
     bk = _fix_bk(cfg.bk, scheme, group, K, "gemm")
     tiles = triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn)
     k_tiles = triton.cdiv(K, bk)
@@ -245,7 +251,7 @@ def dequantize_weight(scheme: str, qweight: torch.Tensor, scales: torch.Tensor, 
     N = qweight.shape[0]
     K = qweight.shape[1] * (2 if scheme == "int4_wo" else 1)
     w = torch.empty((N, K), device=qweight.device, dtype=dtype)
-    ws_mode = C.SC_NONE if scheme == "int4_wo" else (C.SC_ROW if scales.numel() == N else C.SC_TENSOR)
+    ws_mode = _weight_scale_mode(scheme, scales, N)
     bk = _fix_bk(bk, scheme, group, K, "deq")
     dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
         qweight, scales, w, N, K, WKIND=_WKIND[scheme], WS_MODE=ws_mode, GROUP=group, BN=bn, BK=bk,
