@@ -21,6 +21,10 @@ on its first call per shape and M).
   python benchmarks/linear.py --warm-only --shard 3/12  # compile only (run shards in parallel)
   python benchmarks/linear.py --peers none              # fxquant schemes only
   python benchmarks/linear.py --peers torchao,gemlite_w4a16_g128  # libraries and/or peer schemes
+
+Kernel variants (M <= 16 only): "<scheme>@cuda" forces the CUDA C++ GEMV (lowering/cuda/) and
+"<scheme>@triton" the best Triton choice, for the schemes in dispatch.CXX_SCHEMES; the plain
+scheme row is what the dispatcher picks (either).
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ SCHEMES = {
     "fp8_tensor": ("fp8_dyn_tensor", fc.Float8DynamicActivationFloat8Weight("tensor")),
     "fp8_wo": ("fp8_wo", fc.Float8WeightOnly()),
 }
+VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "triton": None}  # name@variant, M <= 16
+DEFAULT_VARIANTS = ["w4a16_g128@cuda", "w4a16_g128@triton", "w8a16@cuda", "w8a16@triton"]
 ROTATE_BYTES = 512e6  # weight bytes cycled through per graph replay (~10x L2)
 TOL = 1e-2
 # Peer name -> (library, fxquant equivalent, weight bits). torchao 0.17 configs / gemlite 0.6
@@ -191,6 +197,7 @@ class Layer:
 
     def __init__(self, name: str, n: int, k: int, seed: int = 0, copies: int | None = None):
         self.name, self.n, self.k = name, n, k
+        name, _, self.variant = name.partition("@")
         w = bench_weight(n, k, seed)
         if name == "bf16":
             packed, self.static, self.scheme, self.group = (w,), (), None, 0
@@ -208,6 +215,9 @@ class Layer:
         p = self.copies[i]
         if self.scheme is None:
             return lambda: F.linear(x, p[0])
+        if cfg is None and self.variant:
+            cfg = VARIANTS[self.variant] or D.get_config(self.scheme, x.shape[0], self.n, self.k, self.group,
+                                                          x.dtype, x.device, allow_cxx=False)
         if cfg is not None:
             return lambda: D.linear(self.scheme, x, p[0], p[1], None, self.group, cfg)
         return lambda: self.op(x, *p, None, *self.static)
@@ -466,7 +476,8 @@ def gemlite_load_autotune():
 # --------------------------------------------------------------------------- phases
 def units(args):
     """(scheme name, M) pairs; each pair loops over the shapes (sharding unit for --warm-only)."""
-    us = [(s, m) for s in list(args.schemes) + list(args.peer_schemes) for m in args.ms]
+    us = [(s, m) for s in list(args.schemes) + list(args.peer_schemes) for m in args.ms
+          if "@" not in s or m <= D.GEMV_MAX_M]
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
         us = [u for j, u in enumerate(us) if j % n == i]
@@ -511,7 +522,7 @@ def tune(args, out_dir: Path) -> dict:
     log_rows = []
     t_end = time.time() + args.tune_budget
     for name in args.schemes:
-        if name == "fp8_tensor":  # same kernels as fp8_row: dispatch falls back to its configs
+        if name == "fp8_tensor" or "@" in name:  # fp8_tensor: same kernels as fp8_row; variants: fixed  # same kernels as fp8_row: dispatch falls back to its configs
             continue
         for n, k in args.shapes:
             L = Layer(name, n, k)
@@ -574,6 +585,8 @@ def measure(args, save=lambda rows: None) -> list[dict]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             graphs, recs = {}, {}
             for name, L in layers.items():
+                if getattr(L, "variant", "") and m > D.GEMV_MAX_M:
+                    continue
                 nc = n_copies(len(L.copies), m)
                 row = {"N": n, "K": k, "M": m, "scheme": name, "copies": nc, "weight_bytes": L.bytes}
                 if L.peer:
@@ -591,7 +604,9 @@ def measure(args, save=lambda rows: None) -> list[dict]:
                             continue
                     graphs[name] = (capture([L.fn(x, i) for i in range(nc)]), nc)
                     if L.scheme is not None:
-                        row["config"] = repr(D.get_config(L.scheme, m, n, k, L.group, x.dtype, x.device))
+                        row["config"] = repr(VARIANTS["cuda"] if L.variant == "cuda" else
+                                             D.get_config(L.scheme, m, n, k, L.group, x.dtype, x.device,
+                                                          allow_cxx=L.variant != "triton"))
                 except Exception as e:
                     row["error"] = peer_error(e) if L.peer else f"{type(e).__name__}: {str(e)[:300]}"
                     row["ok"] = False
@@ -629,6 +644,8 @@ def table(rows, schemes, shapes, ms, peers=()) -> str:
         if name == (list(peers) or [None])[0]:
             lines.append("-" * len(head))
         for m in ms:
+            if "@" in name and m > D.GEMV_MAX_M:
+                continue
             cells = []
             for n, k in shapes:
                 r = idx.get((name, n, k, m), {})
@@ -658,10 +675,13 @@ def plot(rows, schemes, shapes, path: Path, peers=()) -> bool:
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), sharey=True)
     axes = axes if len(shapes) > 1 else [axes]
     colour = {s: f"C{i % 10}" for i, s in enumerate(list(SCHEMES) + [s for s in schemes if s not in SCHEMES])}
-    style = {None: ("-", "o"), "torchao": ("--", "s"), "gemlite": (":", "^")}
+    style = {None: ("-", "o"), "torchao": ("--", "s"), "gemlite": (":", "^"), "cuda": ((0, (5, 1)), "D"),
+             "triton": ((0, (1, 1)), "x")}
     for ax, (n, k) in zip(axes, shapes):
         for name in list(schemes) + list(peers):
             lib, equiv = (PEERS[name][0], PEERS[name][1]) if name in PEERS else (None, name)
+            if "@" in name:
+                equiv, _, lib = name.partition("@")
             pts = sorted((r["M"], r["speedup"]) for r in rows
                          if r["scheme"] == name and r["N"] == n and r["K"] == k and "speedup" in r)
             if pts:
@@ -682,7 +702,8 @@ def plot(rows, schemes, shapes, path: Path, peers=()) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="out/bench")
-    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--schemes", default=",".join(list(SCHEMES) + DEFAULT_VARIANTS),
+                    help="fxquant schemes, and <scheme>@cuda / <scheme>@triton kernel variants (M <= 16)")
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--budget", type=float, default=0.05, help="seconds of replays per measurement")

@@ -1,8 +1,9 @@
 """Launchers for the fxquant ops on CUDA: per-M kernel choice at run time, configs, autotune cache.
 
 Every call picks its kernel from M (a Python int at run time), so one compiled graph serves
-decode and prefill with no recompiles: M <= 16 may take the GEMV, anything may take the
-tensor-core GEMM (optionally split-K), weight-only schemes may take dequantize + cuBLAS.
+decode and prefill with no recompiles: M <= 16 may take the GEMV (Triton, or for int8/int4
+weight-only the CUDA C++ one in lowering/cuda/), anything may take the tensor-core GEMM
+(optionally split-K), weight-only schemes may take dequantize + cuBLAS.
 Config lookup order: on-disk autotune cache, shipped table (exact shape, then per M-bucket),
 heuristic default.
 """
@@ -32,13 +33,16 @@ _WKIND = {"int8_wo": C.WK_INT8, "int4_wo": C.WK_INT4, "fp8_wo": C.WK_FP8,
           "int8_dyn": C.WK_INT8_MMA, "fp8_dyn_row": C.WK_FP8_MMA, "fp8_dyn_tensor": C.WK_FP8_MMA}
 _GEMV_WKIND = {"int8_dyn": C.WK_INT8, "fp8_dyn_row": C.WK_FP8, "fp8_dyn_tensor": C.WK_FP8}
 GEMV_MAX_M = 16
+CXX_SCHEMES = ("int8_wo", "int4_wo")  # schemes with a CUDA C++ GEMV (kind "cxx")
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """kind: "gemv" | "gemm" | "deq" (dequantize to x's dtype, then cuBLAS; weight-only only).
-    gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size); deq bn/bk/warps."""
+    """kind: "gemv" | "gemm" | "deq" (dequantize to x's dtype, then cuBLAS; weight-only only) |
+    "cxx" (the CUDA C++ GEMV of lowering/cuda/, CXX_SCHEMES at M <= 16 only).
+    gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size); deq bn/bk/warps;
+    cxx none."""
     kind: str
     bn: int
     bk: int
@@ -153,21 +157,23 @@ def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelCon
 
 
 def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dtype,
-               device: torch.device) -> KernelConfig:
+               device: torch.device, allow_cxx: bool = True) -> KernelConfig:
+    """allow_cxx=False skips table entries of kind "cxx" (the best Triton choice, for benchmarks)."""
     dev = _device_info(device)[0]
     exact = config_key(scheme, dtype, n, k, group, m)
+    ok = (lambda d: True) if allow_cxx else (lambda d: d.get("kind") != "cxx")
     for which in ("cache", "shipped"):
         tab = _table(which)
         for d in (dev, "h100" if dev == "h200" else None):
-            if d and exact in tab.get(d, {}):
+            if d and exact in tab.get(d, {}) and ok(tab[d][exact]):
                 return KernelConfig.from_json(tab[d][exact])
     tab = _table("shipped")
     for d in (dev, "h100" if dev == "h200" else None):
         bk = bucket_key(scheme, group, m)
-        if d and bk in tab.get(d, {}):
+        if d and bk in tab.get(d, {}) and ok(tab[d][bk]):
             return KernelConfig.from_json(tab[d][bk])
     if scheme == "fp8_dyn_tensor":  # same kernels as per-row but for the activation scale
-        return get_config("fp8_dyn_row", m, n, k, group, dtype, device)
+        return get_config("fp8_dyn_row", m, n, k, group, dtype, device, allow_cxx)
     return default_config(scheme, m, n, k, group)
 
 
@@ -278,6 +284,12 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device)
         if _autotune_enabled() and x.is_cuda and not torch.cuda.is_current_stream_capturing():
             cfg = _maybe_autotune(scheme, x2, qweight, scales, bias, group, cfg)
+    if cfg.kind == "cxx":
+        if x.is_cuda and M <= GEMV_MAX_M and scheme in CXX_SCHEMES and _cxx_ready():
+            if scheme == "int4_wo":
+                return torch.ops.fxquant.cxx_int4_weight_only_linear(x, qweight, scales, bias, group)
+            return torch.ops.fxquant.cxx_int8_weight_only_linear(x, qweight, scales, bias)
+        cfg = default_config(scheme, M, N, K, group)  # the library can't be had here: Triton
     if cfg.kind == "gemv" and M <= GEMV_MAX_M:
         _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out)
     elif cfg.kind == "deq" and scheme in WEIGHT_ONLY:
@@ -290,6 +302,23 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
             cfg = default_config(scheme, max(M, 17), N, K, group)
         _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out)
     return out.reshape(*x.shape[:-1], N)
+
+
+_cxx_warned = False
+
+
+def _cxx_ready() -> bool:
+    """Loads (first use: builds) the C++/CUDA library; warns once and returns False if it can't."""
+    global _cxx_warned
+    from .. import cuda as cxx
+    if cxx.available():
+        return True
+    if not _cxx_warned:
+        _cxx_warned = True
+        import warnings
+        warnings.warn(f"fxquant: the CUDA C++ kernels are unavailable ({cxx.unavailable_reason()}); "
+                      f"using the Triton kernels instead", RuntimeWarning, stacklevel=3)
+    return False
 
 
 # --------------------------------------------------------------------------- autotuning
@@ -334,6 +363,8 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
         out += [G("gemm", bm=bm, bn=bn, bk=bk, warps=w, stages=st) for bm, bn, bk, w, st in tiles]
     if not mma and m >= 128:
         out.append(G("deq", bn=64, bk=128, warps=4))
+    if scheme in CXX_SCHEMES and m <= GEMV_MAX_M and torch.cuda.is_available() and _cxx_ready():
+        out.append(G("cxx", bn=0, bk=0))
     return out
 
 

@@ -1,0 +1,147 @@
+"""Just-in-time build of csrc/ with torch.utils.cpp_extension, cached across processes.
+
+The library is built once per (sources, torch version, CUDA arch) into
+$FXQUANT_CACHE_DIR/cxx/<hash> (default ~/.cache/fxquant/cxx/<hash>); later processes load the
+cached .so in well under a second. cpp_extension serializes concurrent builders with a lock file
+in that folder. FXQUANT_CXX=0 disables the library (the Triton kernels are used).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from .. import ops
+
+ABI_VERSION = 1  # must equal fxquant::abi_version() in csrc/ops.cpp
+SRC = Path(__file__).with_name("csrc")
+_lock = threading.Lock()
+_state: dict = {"path": None, "error": None}
+
+
+class CxxUnavailable(RuntimeError):
+    """The C++/CUDA op library cannot be built or loaded here; the message says why."""
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("FXQUANT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fxquant")
+    return Path(root) / "cxx"
+
+
+def _cuda_arch() -> str | None:
+    """"9.0"-style arch of the current GPU, or None where CUDA kernels are not built."""
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}"
+
+
+def _check_tools(arch: str | None) -> None:
+    from torch.utils import cpp_extension as ext
+    try:
+        ext.verify_ninja_availability()
+    except RuntimeError:
+        raise CxxUnavailable("ninja is not installed (pip install ninja)") from None
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise CxxUnavailable(f"no C++ compiler: {cxx!r} is not on PATH (set CXX)")
+    if arch is not None:
+        home = ext.CUDA_HOME
+        if home is None or not (Path(home) / "bin" / "nvcc").exists():
+            raise CxxUnavailable(f"no CUDA compiler: nvcc not found (CUDA_HOME={home})")
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("fxquant::cxx_int4_weight_only_linear")
+    def _(x, qweight, scales_zeros, bias, group_size):
+        ops._check_k(x, qweight.shape[1] * 2, "cxx_int4_weight_only_linear")
+        return ops._out_like(x, qweight)
+
+    @torch.library.register_fake("fxquant::cxx_int8_weight_only_linear")
+    def _(x, qweight, scales, bias):
+        ops._check_k(x, qweight.shape[1], "cxx_int8_weight_only_linear")
+        return ops._out_like(x, qweight)
+
+
+def load(verbose: bool = False) -> Path:
+    """Builds (first use) and loads the library into this process; returns the .so's path.
+    With a CUDA GPU present the CUDA kernels are built too (for that GPU's arch only).
+    Raises CxxUnavailable with the reason when it cannot; the failure is remembered."""
+    with _lock:
+        if _state["path"] is not None:
+            return _state["path"]
+        if _state["error"] is not None:
+            raise CxxUnavailable(_state["error"])
+        try:
+            _state["path"] = _load(verbose)
+        except CxxUnavailable as e:
+            _state["error"] = str(e)
+            raise
+        except Exception as e:  # a compiler error: keep its last lines, they name the problem
+            tail = "\n".join(str(e).strip().splitlines()[-15:])
+            _state["error"] = f"building the C++/CUDA op library failed: {type(e).__name__}: {tail}"
+            raise CxxUnavailable(_state["error"]) from e
+        return _state["path"]
+
+
+def _load(verbose: bool) -> Path:
+    if os.environ.get("FXQUANT_CXX", "1") == "0":
+        raise CxxUnavailable("disabled by FXQUANT_CXX=0")
+    arch = _cuda_arch()
+    sources = ["ops.cpp"] + (["gemv.cu"] if arch else [])
+    h = hashlib.sha256()
+    for f in sorted(SRC.iterdir()):
+        h.update(f.name.encode() + f.read_bytes())
+    h.update(f"{torch.__version__}|{arch}|{sys.version_info[:2]}".encode())
+    tag = h.hexdigest()[:16]
+    name = f"fxquant_cxx_{tag}"
+    build_dir = _cache_root() / tag
+    so = build_dir / f"{name}.so"
+    if not so.exists():
+        _check_tools(arch)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        print(f"fxquant: building the C++{'/CUDA' if arch else ''} op library (first use, about a "
+              f"minute; cached in {build_dir})", file=sys.stderr, flush=True)
+    from torch.utils import cpp_extension as ext
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch  # this GPU only: one arch compiles fastest
+    try:
+        ext.load(name=name, sources=[str(SRC / s) for s in sources], build_directory=str(build_dir),
+                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], with_cuda=bool(arch),
+                 is_python_module=False, verbose=verbose)
+    finally:
+        if arch:
+            if old is None:
+                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = old
+    got = torch.ops.fxquant.cxx_abi_version()
+    if got != ABI_VERSION:
+        raise CxxUnavailable(f"{so} has ABI version {got}, this fxquant expects {ABI_VERSION}")
+    _register_fakes()
+    return so
+
+
+def available() -> bool:
+    """True when the library is loaded or loads now (building it on first use)."""
+    try:
+        load()
+        return True
+    except CxxUnavailable:
+        return False
+
+
+def unavailable_reason() -> str | None:
+    return _state["error"]
+
+
+def library_path() -> Path | None:
+    """The loaded .so (what a C++ program passes to dlopen / torch::load_library), or None."""
+    return _state["path"]

@@ -1,0 +1,131 @@
+"""The C++ op library (lowering/cuda/csrc) on CPU: it builds, its schemas equal the Python ops',
+its CPU kernels compute what the Python ops compute, and bad input gets a clear error.
+CI has no GPU: the CUDA kernels are tested in tests/gpu/test_gpu_cxx.py on the GPU machine."""
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fxquant  # noqa: F401  (registers the Python ops)
+from fxquant import numerics as nq
+from fxquant.configs import Int4WeightOnly, Int8WeightOnly
+from fxquant.lowering import cuda as cxx
+
+PAIRS = {"cxx_int4_weight_only_linear": "int4_weight_only_linear",
+         "cxx_int8_weight_only_linear": "int8_weight_only_linear"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    t0 = time.perf_counter()
+    path = cxx.load()  # a failure to build is a test failure: CI machines have a C++ compiler
+    print(f"C++ op library {path} ready in {time.perf_counter() - t0:.1f} s")
+    return path
+
+
+def _packed(cfg, n, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    packed, static = cfg.pack(w)
+    return packed, static, g
+
+
+@pytest.mark.parametrize("cxx_name,py_name", PAIRS.items())
+def test_schema_equals_python_op(cxx_name, py_name):
+    ours = str(getattr(torch.ops.fxquant, cxx_name).default._schema)
+    theirs = str(getattr(torch.ops.fxquant, py_name).default._schema)
+    assert ours.replace(f"fxquant::{cxx_name}", f"fxquant::{py_name}") == theirs
+
+
+CASES = [("int4_g32", Int4WeightOnly(group_size=32)), ("int4_g128_sym", Int4WeightOnly(group_size=128, symmetric=True)),
+         ("int8", Int8WeightOnly())]
+
+
+@pytest.mark.parametrize("name,cfg", CASES)
+@pytest.mark.parametrize("x_shape", [(5, 256), (2, 9, 256), (0, 256), (1, 256)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_kernel_equals_python_op_float32(name, cfg, x_shape, bias):
+    """float32: the same ATen arithmetic in the same order as lowering/cpu.py: bit-identical."""
+    packed, static, g = _packed(cfg, 40, 256, torch.float32)
+    x = torch.randn(*x_shape, generator=g)
+    b = torch.randn(40, generator=g) if bias else None
+    want = cfg.op(x, *packed, b, *static)
+    got = getattr(torch.ops.fxquant, "cxx_" + cfg.op._name.split("::")[-1])(x, *packed, b, *static)
+    assert got.shape == want.shape == (*x_shape[:-1], 40) and got.dtype == x.dtype
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name,cfg", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_kernel_half_matches_reference(name, cfg, dtype):
+    packed, static, g = _packed(cfg, 24, 128, dtype)
+    x = torch.randn(3, 128, generator=g).to(dtype)
+    got = getattr(torch.ops.fxquant, "cxx_" + cfg.op._name.split("::")[-1])(x, *packed, None, *static)
+    if isinstance(cfg, Int4WeightOnly):
+        w = nq.dequantize_int4(packed[0], packed[1], static[0], torch.float32)
+    else:
+        w = nq.dequantize_int8_per_channel(*packed, torch.float32)
+    ref = x.float() @ w.t()
+    assert got.dtype == dtype
+    assert nq.sqnr(ref, got.float()) > (38 if dtype == torch.bfloat16 else 50)
+
+
+def test_opcheck():
+    for cfg in (Int4WeightOnly(group_size=64), Int8WeightOnly()):
+        packed, static, g = _packed(cfg, 16, 128, torch.bfloat16)
+        op = getattr(torch.ops.fxquant, "cxx_" + cfg.op._name.split("::")[-1])
+        for b in (None, torch.randn(16, generator=g).bfloat16()):
+            torch.library.opcheck(op, (torch.randn(3, 128, generator=g).bfloat16(), *packed, b, *static))
+
+
+def test_fake_kernel_symbolic_m():
+    packed, static, _ = _packed(Int4WeightOnly(group_size=64), 16, 128, torch.float32)
+
+    def f(x, q, sz):
+        return torch.ops.fxquant.cxx_int4_weight_only_linear(x, q, sz, None, *static)
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+    gm = make_fx(f, tracing_mode="symbolic")(torch.randn(7, 128), *packed)
+    out = next(n for n in gm.graph.nodes if n.target == torch.ops.fxquant.cxx_int4_weight_only_linear.default)
+    assert str(out.meta["val"].shape[0]).startswith("s")  # M stays symbolic
+    assert out.meta["val"].shape[1] == 16
+
+
+def test_bad_inputs_are_clear_errors():
+    packed, static, g = _packed(Int4WeightOnly(group_size=64), 16, 128, torch.float32)
+    op4 = torch.ops.fxquant.cxx_int4_weight_only_linear
+    with pytest.raises(RuntimeError, match="x has K=96 but the weight has K=128"):
+        op4(torch.randn(2, 96), *packed, None, *static)
+    with pytest.raises(RuntimeError, match=r"scales_zeros must have shape \[2, 16, 2\]"):
+        op4(torch.randn(2, 128), packed[0], packed[1][:, :8], None, *static)
+    with pytest.raises(RuntimeError, match="not a multiple of group_size=48"):
+        op4(torch.randn(2, 128), *packed, None, 48)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[16\]"):
+        op4(torch.randn(2, 128), *packed, torch.zeros(15), *static)
+    with pytest.raises(RuntimeError, match="x must be float32/float16/bfloat16"):
+        op4(torch.randn(2, 128).double(), *packed, None, *static)
+    q8, s8 = Int8WeightOnly().pack(torch.randn(16, 128))[0]
+    with pytest.raises(RuntimeError, match="qweight must be int8"):
+        torch.ops.fxquant.cxx_int8_weight_only_linear(torch.randn(2, 128), q8.view(torch.uint8), s8, None)
+
+
+def test_cached_build_loads_fast_in_a_fresh_process(library):
+    """The second process reuses the built library (no compiler run)."""
+    code = ("import time, torch; t0 = time.perf_counter(); from fxquant.lowering import cuda as c; "
+            "p = c.load(); print(p, time.perf_counter() - t0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    path, secs = r.stdout.split()
+    assert path == str(library)
+    assert float(secs) < 10, f"loading the cached library took {secs} s"
+    assert "building" not in r.stderr
+
+
+def test_disabled_by_env():
+    code = "from fxquant.lowering import cuda as c; print(c.available(), c.unavailable_reason())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "FXQUANT_CXX": "0"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False disabled by FXQUANT_CXX=0"
