@@ -518,6 +518,7 @@ def tune(args, out_dir: Path) -> dict:
     """Time every candidate per (scheme, shape, M); best per shape + best per M-bucket overall."""
     dev = D._device_info(torch.device("cuda"))[0]
     exact: dict = {}
+    fallback: dict = {}  # key -> best Triton config where the best is the CUDA C++ kernel
     per_bucket: dict = {}  # (scheme, group, m) -> {cfg: [time / best time per shape]}
     log_rows = []
     t_end = time.time() + args.tune_budget
@@ -543,7 +544,11 @@ def tune(args, out_dir: Path) -> dict:
                 if not res:
                     continue
                 best = min(res, key=res.get)
-                exact[D.config_key(L.scheme, torch.bfloat16, n, k, L.group, m)] = best
+                key = D.config_key(L.scheme, torch.bfloat16, n, k, L.group, m)
+                exact[key] = best
+                triton = {c: t for c, t in res.items() if c.kind != "cxx"}
+                if best.kind == "cxx" and triton:  # what to run where the C++ library is missing
+                    fallback[key] = min(triton, key=triton.get)
                 b = per_bucket.setdefault((L.scheme, L.group, m), {})
                 for cfg, t in res.items():
                     b.setdefault(cfg, []).append(t / res[best])
@@ -555,10 +560,17 @@ def tune(args, out_dir: Path) -> dict:
     generic = {}
     for (scheme, group, m), d in per_bucket.items():
         full = {c: v for c, v in d.items() if len(v) == max(len(v) for v in d.values())}
-        best = min(full, key=lambda c: sum(math.log(t) for t in full[c]))
+
+        def score(c):
+            return sum(math.log(t) for t in full[c])
+        best = min(full, key=score)
         generic[D.bucket_key(scheme, group, m)] = best
+        triton = [c for c in full if c.kind != "cxx"]
+        if best.kind == "cxx" and triton:
+            fallback[D.bucket_key(scheme, group, m)] = min(triton, key=score)
     D.save_tuned(dev, {**exact, **generic})
-    shipped = {dev: {key: c.to_json() for key, c in sorted({**exact, **generic}.items())}}
+    shipped = {dev: {key: {**c.to_json(), **({"fallback": fallback[key].to_json()} if key in fallback else {})}
+                     for key, c in sorted({**exact, **generic}.items())}}
     (out_dir / "tuned_configs.json").write_text(json.dumps(shipped, indent=1, sort_keys=True))
     (out_dir / "tune_log.json").write_text(json.dumps(log_rows))
     return shipped

@@ -40,7 +40,8 @@ M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 @dataclass(frozen=True)
 class KernelConfig:
     """kind: "gemv" | "gemm" | "deq" (dequantize to x's dtype, then cuBLAS; weight-only only) |
-    "cxx" (the CUDA C++ GEMV of lowering/cuda/, CXX_SCHEMES at M <= 16 only).
+    "cxx" (the CUDA C++ GEMV of lowering/cuda/, CXX_SCHEMES at M <= 16 only; a table entry of
+    this kind carries the best Triton config as "fallback", for where the library is missing).
     gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size); deq bn/bk/warps;
     cxx none."""
     kind: str
@@ -58,7 +59,7 @@ class KernelConfig:
 
     @staticmethod
     def from_json(d: dict) -> "KernelConfig":
-        return KernelConfig(**d)
+        return KernelConfig(**{k: v for k, v in d.items() if k != "fallback"})
 
 
 def m_bucket(m: int) -> int:
@@ -158,20 +159,23 @@ def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelCon
 
 def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dtype,
                device: torch.device, allow_cxx: bool = True) -> KernelConfig:
-    """allow_cxx=False skips table entries of kind "cxx" (the best Triton choice, for benchmarks)."""
+    """allow_cxx=False: the best Triton choice (an entry of kind "cxx" gives its "fallback")."""
     dev = _device_info(device)[0]
     exact = config_key(scheme, dtype, n, k, group, m)
-    ok = (lambda d: True) if allow_cxx else (lambda d: d.get("kind") != "cxx")
+
+    def pick(entry: dict) -> dict | None:
+        return entry if allow_cxx or entry.get("kind") != "cxx" else entry.get("fallback")
+
     for which in ("cache", "shipped"):
         tab = _table(which)
         for d in (dev, "h100" if dev == "h200" else None):
-            if d and exact in tab.get(d, {}) and ok(tab[d][exact]):
-                return KernelConfig.from_json(tab[d][exact])
+            if d and exact in tab.get(d, {}) and pick(tab[d][exact]):
+                return KernelConfig.from_json(pick(tab[d][exact]))
     tab = _table("shipped")
     for d in (dev, "h100" if dev == "h200" else None):
         bk = bucket_key(scheme, group, m)
-        if d and bk in tab.get(d, {}) and ok(tab[d][bk]):
-            return KernelConfig.from_json(tab[d][bk])
+        if d and bk in tab.get(d, {}) and pick(tab[d][bk]):
+            return KernelConfig.from_json(pick(tab[d][bk]))
     if scheme == "fp8_dyn_tensor":  # same kernels as per-row but for the activation scale
         return get_config("fp8_dyn_row", m, n, k, group, dtype, device, allow_cxx)
     return default_config(scheme, m, n, k, group)
@@ -285,11 +289,11 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         if _autotune_enabled() and x.is_cuda and not torch.cuda.is_current_stream_capturing():
             cfg = _maybe_autotune(scheme, x2, qweight, scales, bias, group, cfg)
     if cfg.kind == "cxx":
-        if x.is_cuda and M <= GEMV_MAX_M and scheme in CXX_SCHEMES and _cxx_ready():
+        if cxx_fits(scheme, x, scales, group) and M <= GEMV_MAX_M and _cxx_ready():
             if scheme == "int4_wo":
                 return torch.ops.fxquant.cxx_int4_weight_only_linear(x, qweight, scales, bias, group)
             return torch.ops.fxquant.cxx_int8_weight_only_linear(x, qweight, scales, bias)
-        cfg = default_config(scheme, M, N, K, group)  # the library can't be had here: Triton
+        cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_cxx=False)  # Triton's best
     if cfg.kind == "gemv" and M <= GEMV_MAX_M:
         _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out)
     elif cfg.kind == "deq" and scheme in WEIGHT_ONLY:
@@ -305,6 +309,14 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 
 
 _cxx_warned = False
+
+
+def cxx_fits(scheme: str, x: torch.Tensor, scales: torch.Tensor, group: int) -> bool:
+    """Whether the CUDA C++ GEMV covers these inputs (else its op would take its slow
+    dequantize + cuBLAS path: float32 x, scales in another dtype, K or group not multiples of 32)."""
+    K = x.shape[-1]
+    return (scheme in CXX_SCHEMES and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and scales.dtype == x.dtype and K % 32 == 0 and (scheme != "int4_wo" or group % 32 == 0))
 
 
 def _cxx_ready() -> bool:
