@@ -7,6 +7,11 @@
 
 Pipeline: torch.export -> fxquant.quantize_exported (packs weights, one fxquant op per linear)
 -> each fxquant op decomposed into plain ATen ops (lowering/decompose.py) -> AOTInductor.
+
+With `ops="cxx"`, int8 / int4 weight-only linears stay single ops of fxquant's C++ library
+(`fxquant::cxx_*`, lowering/cuda/: on a GPU the CUDA GEMV at decode sizes) instead of ATen code;
+the package then needs that library loaded before it is loaded (Python:
+`torch.ops.load_library(fxquant.lowering.cuda.library_path())`; C++: dlopen the same file).
 The packed tensors are the package's constants; their dequantization is code in the package that
 runs per call (Inductor does not fold it into float constants: AOTI's runtime constant folding is
 off by default, and the package-size test guards it).
@@ -29,13 +34,39 @@ from .lowering.decompose import fxquant_decompositions
 from .passes.rewrite import LayerFilter
 
 
-def decompose_fxquant_ops(ep: ExportedProgram) -> ExportedProgram:
-    """`ep` with every `torch.ops.fxquant.*` node replaced by its ATen decomposition."""
+EXPORT_OPS = ("aten", "cxx")
+
+
+def _cxx_targets() -> dict:
+    """Python op -> the C++ library's op with the same schema (weight-only schemes only)."""
+    from .lowering import cuda as cxx
+    from .lowering import ops
+    try:
+        cxx.load()
+    except cxx.CxxUnavailable as e:
+        raise RuntimeError(f"fxquant.export(ops='cxx'): the C++ op library is unavailable: {e}") from None
+    lib = torch.ops.fxquant
+    return {ops.int4_weight_only_linear._opoverload: lib.cxx_int4_weight_only_linear.default,
+            ops.int8_weight_only_linear._opoverload: lib.cxx_int8_weight_only_linear.default}
+
+
+def decompose_fxquant_ops(ep: ExportedProgram, ops: str = "aten") -> ExportedProgram:
+    """`ep` with every Python `torch.ops.fxquant.*` node replaced by its ATen decomposition, or
+    (ops="cxx") by the C++ library's op of the same schema where one exists."""
+    if ops not in EXPORT_OPS:
+        raise ValueError(f"fxquant.export: ops must be one of {EXPORT_OPS}, got {ops!r}")
+    if ops == "cxx":
+        swap = _cxx_targets()
+        for n in ep.graph.nodes:
+            if n.op == "call_function" and n.target in swap:
+                n.target = swap[n.target]
+        ep.graph_module.recompile()
     table = torch.export.default_decompositions()
     table.update(fxquant_decompositions())
     out = ep.run_decompositions(table)
     left = sorted({str(n.target) for n in out.graph.nodes
-                   if n.op == "call_function" and getattr(n.target, "namespace", None) == "fxquant"})
+                   if n.op == "call_function" and getattr(n.target, "namespace", None) == "fxquant"
+                   and not n.target.name().startswith("fxquant::cxx_")})
     if left:  # a new op without a decomposition: the package would need fxquant to load
         raise RuntimeError(f"fxquant.export: no ATen decomposition for {left}; add one in "
                            f"fxquant/lowering/decompose.py")
@@ -45,14 +76,16 @@ def decompose_fxquant_ops(ep: ExportedProgram) -> ExportedProgram:
 def export_program(model: torch.nn.Module, example_inputs: Sequence[Any], config: QuantConfig | None = None,
                    dynamic_shapes: Any = None, *, example_kwargs: dict[str, Any] | None = None,
                    skip: Sequence[str] = (), filter: LayerFilter | None = None,  # noqa: A002
-                   verbose: bool = False, prepacked: Any = None, strict: bool = False) -> ExportedProgram:
-    """The quantized, fxquant-free ExportedProgram that `export` hands to AOTInductor.
+                   verbose: bool = False, prepacked: Any = None, strict: bool = False,
+                   ops: str = "aten") -> ExportedProgram:
+    """The quantized ExportedProgram that `export` hands to AOTInductor: free of fxquant's
+    Python ops (ops="aten"), or calling only its C++ library's ops (ops="cxx", see the module doc).
 
     Its `.fxquant_report` lists every linear. `prepacked` (fxquant.load) skips quantization."""
     ep = torch.export.export(model, tuple(example_inputs), kwargs=example_kwargs,
                              dynamic_shapes=dynamic_shapes, strict=strict)
     qep = quantize_exported(ep, config, skip=skip, filter=filter, verbose=verbose, prepacked=prepacked)
-    out = decompose_fxquant_ops(qep)
+    out = decompose_fxquant_ops(qep, ops)
     out.fxquant_report = qep.fxquant_report
     return out
 
@@ -64,9 +97,10 @@ def export(model: torch.nn.Module, example_inputs: Sequence[Any], config: QuantC
     """Quantize `model` and compile it into an AOTInductor package at `path` (a `.pt2` file).
 
     `dynamic_shapes` is torch.export's (e.g. `({0: Dim("batch"), 1: Dim("seq")},)`). `options`:
-    `skip`, `filter`, `verbose`, `prepacked`, `example_kwargs`, `strict` (see `export_program`).
-    `link_symbolic` links the package's library with `-Wl,-Bsymbolic` (see `symbolic_link_cxx`).
-    Load the package with `torch._inductor.aoti_load_package(path)`; that needs torch only."""
+    `skip`, `filter`, `verbose`, `prepacked`, `example_kwargs`, `strict`, `ops` (see
+    `export_program`). `link_symbolic` links the package's library with `-Wl,-Bsymbolic` (see
+    `symbolic_link_cxx`). Load the package with `torch._inductor.aoti_load_package(path)`; with
+    the default ops="aten" that needs torch only, with ops="cxx" fxquant's C++ library loaded first."""
     path = os.fspath(path)
     if not path.endswith(".pt2"):
         raise ValueError(f"fxquant.export: the package path must end in '.pt2', got {path!r}")

@@ -184,3 +184,64 @@ def test_every_op_has_a_decomposition():
 def test_export_rejects_a_path_that_is_not_pt2(tmp_path):
     with pytest.raises(ValueError, match=r"must end in '\.pt2'"):
         fxquant.export(nn.Linear(8, 8), (torch.randn(2, 8),), None, tmp_path / "model.zip")
+
+
+# Loads fxquant's C++ op library (and nothing of fxquant's Python) before each package: what a
+# deployment of an ops="cxx" package does. argv: jobs file, output file, library path.
+LOADER_WITH_LIBRARY = NO_FXQUANT_PREAMBLE + textwrap.dedent("""
+
+    jobs, out, lib = torch.load(sys.argv[1], weights_only=True), sys.argv[2], sys.argv[3]
+    if lib:
+        torch.ops.load_library(lib)
+    results = {}
+    for key, (pkg, inputs) in jobs.items():
+        try:
+            model = torch._inductor.aoti_load_package(pkg)
+            with torch.no_grad():
+                results[key] = [model(x) for x in inputs]
+        except Exception as e:
+            results[key] = f"{type(e).__name__}: {e}"
+    assert not any(m == "fxquant" or m.startswith("fxquant.") for m in sys.modules), "fxquant got imported"
+    torch.save(results, out)
+    print("LOADED_OK")
+""")
+
+
+def test_cxx_ops_package_loads_with_the_library_only(mlp, tmp_path):
+    """ops="cxx": weight-only linears stay fxquant::cxx_* ops; the package runs in a process that
+    loads fxquant's C++ library but never imports fxquant, with dynamic batch and sequence."""
+    from fxquant.lowering import cuda as cxx
+    lib = str(cxx.load())
+    dims = ({0: Dim("batch", min=1, max=64), 1: Dim("seq", min=1, max=512)},)
+    jobs, refs = {}, {}
+    for cfg in (fxquant.Int8WeightOnly(), fxquant.Int4WeightOnly(group_size=64)):
+        prog = fxquant.export_program(mlp, (torch.randn(3, 8, D),), cfg, dims, ops="cxx")
+        targets = [str(n.target) for n in prog.graph.nodes if n.op == "call_function"]
+        assert sum(t.startswith("fxquant.cxx_") for t in targets) == 2, targets
+        assert not any(t.startswith("fxquant.") and not t.startswith("fxquant.cxx_") for t in targets)
+        path = fxquant.export(mlp, (torch.randn(3, 8, D),), cfg, tmp_path / f"{cfg.scheme}_cxx.pt2",
+                              dynamic_shapes=dims, ops="cxx")
+        assert package_mentions_fxquant_ops(path), "the package should call the fxquant::cxx_* ops"
+        jobs[cfg.scheme] = (path, INPUTS)
+        with torch.no_grad():
+            refs[cfg.scheme] = [prog.module()(x) for x in INPUTS]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for with_lib in (True, False):
+        inp, out = tmp_path / "jobs.pt", tmp_path / f"out_{with_lib}.pt"
+        torch.save(jobs, inp)
+        proc = subprocess.run([sys.executable, "-c", LOADER_WITH_LIBRARY, str(inp), str(out), lib if with_lib else ""],
+                              cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "LOADED_OK" in proc.stdout, proc.stderr[-3000:]
+        got = torch.load(out, weights_only=True)
+        for scheme, outs in got.items():
+            if with_lib:
+                assert not isinstance(outs, str), outs
+                for y, ref in zip(outs, refs[scheme]):
+                    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+            else:  # without the library the package cannot run; it must say which op is missing
+                assert isinstance(outs, str) and "cxx_" in outs, outs
+
+
+def test_export_ops_must_be_known(mlp, tmp_path):
+    with pytest.raises(ValueError, match=r"ops must be one of \('aten', 'cxx'\), got 'cuda'"):
+        fxquant.export_program(mlp, (torch.randn(3, 8, D),), fxquant.Int8WeightOnly(), ops="cuda")
