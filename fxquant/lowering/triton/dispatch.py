@@ -312,11 +312,16 @@ _cxx_warned = False
 
 
 def cxx_fits(scheme: str, x: torch.Tensor, scales: torch.Tensor, group: int) -> bool:
-    """Whether the CUDA C++ GEMV covers these inputs (else its op would take its slow
-    dequantize + cuBLAS path: float32 x, scales in another dtype, K or group not multiples of 32)."""
+    """Whether the CUDA C++ kernels cover these inputs well (else its op would take its slow
+    dequantize + cuBLAS path: float32 x, scales in another dtype, K or group not multiples of 32).
+    int4 at M > 2 also needs the tensor-core kernel (K % 128 == 0, sm_80+): the CUDA-core GEMV
+    loses to Triton there."""
     K = x.shape[-1]
-    return (scheme in CXX_SCHEMES and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and scales.dtype == x.dtype and K % 32 == 0 and (scheme != "int4_wo" or group % 32 == 0))
+    if not (scheme in CXX_SCHEMES and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and scales.dtype == x.dtype and K % 32 == 0 and (scheme != "int4_wo" or group % 32 == 0)):
+        return False
+    m = x.numel() // max(K, 1)
+    return scheme != "int4_wo" or m <= 2 or (K % 128 == 0 and _device_info(x.device)[2] >= (8, 0))
 
 
 def _cxx_ready() -> bool:

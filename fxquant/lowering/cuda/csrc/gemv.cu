@@ -1,8 +1,10 @@
-// CUDA kernels of fxquant's C++ weight-only ops: a GEMV for M <= 16 that streams the packed
-// weight once with 16-byte loads; dequantize + cuBLAS (ops.cpp's path) for everything else.
+// CUDA kernels of fxquant's C++ weight-only ops for M <= 16; dequantize + cuBLAS (ops.cpp's
+// path) for everything else.
 //
-// Work split: a row batch is R consecutive output rows and all of K. Thread t takes 16-byte
-// slices t, t + blockDim.x, ... of each of the batch's rows (32 int4 or 16 int8 weights per
+// int4 with K % 128 == 0 on sm_80+: int4_mma_kernel (below) dequantizes into the A operand of
+// bf16/fp16 tensor-core MMAs. Otherwise, and for int8: gemv_kernel, CUDA-core fp32 FMAs.
+// gemv_kernel's work split: a row batch is R consecutive output rows and all of K. Thread t takes
+// 16-byte slices t, t + blockDim.x, ... of each of the batch's rows (32 int4 or 16 int8 weights per
 // slice), so a warp reads 512 contiguous bytes per row. Partial dots are reduced with warp
 // shuffles, then across warps in shared memory. At M = 1 each block does one batch (few
 // registers, many warps); at M >= 2 a grid sized to the GPU loops over batches and loads the
@@ -16,6 +18,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstdlib>
+#include <type_traits>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -239,6 +244,169 @@ void launch(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& s
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ---------------------------------------------------------------------------------------------
+// int4 on tensor cores (M <= 16, K % 128 == 0): the dequantized weights are the A operand of
+// mma.m16n8k16 (16 output features x 16 k, bf16/fp16), x^T the B operand (16 k x 8 tokens), fp32
+// accumulators. Dequantizing costs ~1.5 instructions per weight (a mask, a bf16x2 subtract and a
+// bf16x2 FMA per pair) instead of 3 fp32 ones per weight and token; the MMA does the products.
+// The k order inside a 16-k MMA step is free (it must only match in A and B), so each lane reads
+// 32 consecutive packed k (16 bytes) per row and K-tile, and takes them in the pairs that one
+// mask of a 32-bit word yields: nibbles (i, i + 4).
+constexpr int kMmaWarps = 16;  // per block of 16 rows; they split K (more loads in flight)
+
+template <typename T>
+struct Pair;
+template <>
+struct Pair<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x43004300u;  // bf16 128.0 twice: 128 + q is exact
+  static __device__ __forceinline__ T2 offset() { return __float2bfloat162_rn(136.f); }  // 128 + 8
+  static __device__ __forceinline__ T2 lo2(T2 v) { return __low2bfloat162(v); }  // (lo, lo)
+  static __device__ __forceinline__ T2 hi2(T2 v) { return __high2bfloat162(v); }
+};
+template <>
+struct Pair<__half> {
+  using T2 = __half2;
+  static constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 twice
+  static __device__ __forceinline__ T2 offset() { return __float2half2_rn(1032.f); }
+  static __device__ __forceinline__ T2 lo2(T2 v) { return __low2half2(v); }
+  static __device__ __forceinline__ T2 hi2(T2 v) { return __high2half2(v); }
+};
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// Pair p (0..15) of a lane's 32 nibbles of one row, dequantized: word p / 4, nibbles (i, i + 4).
+template <typename T>
+__device__ __forceinline__ uint32_t dequant_pair(const uint32_t (&w)[4], int p, typename Pair<T>::T2 s2,
+                                                 typename Pair<T>::T2 z2) {
+  using T2 = typename Pair<T>::T2;
+  const uint32_t v = ((w[p / 4] >> (4 * (p % 4))) & 0x000F000Fu) | Pair<T>::kMagic;
+  const T2 q = __hsub2(*reinterpret_cast<const T2*>(&v), Pair<T>::offset());  // q - 8, exact
+  const T2 r = __hfma2(q, s2, z2);  // (q - 8) * scale + zero, rounded once
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+template <typename T, int NT>  // NT: 8-token tiles (M <= 8 * NT)
+__global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __restrict__ x, int64_t x_stride,
+                                                       const uint8_t* __restrict__ w, const T* __restrict__ sz,
+                                                       const T* __restrict__ bias, T* __restrict__ out,
+                                                       int64_t out_stride, int M, int N, int K, int group) {
+  using T2 = typename Pair<T>::T2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * 16;
+  const int ra = min(row0 + g, N - 1), rb = min(row0 + g + 8, N - 1);  // rows past N: never stored
+  const int64_t row_bytes = K / 2;
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+
+  for (int kt = warp; kt < K / 128; kt += nwarps) {
+    const int k0 = kt * 128 + 32 * t;  // this lane's 32 k
+    const uint4 wa4 = load_stream(w + ra * row_bytes + k0 / 2), wb4 = load_stream(w + rb * row_bytes + k0 / 2);
+    const unsigned int* szw = reinterpret_cast<const unsigned int*>(sz) + (int64_t)(k0 / group) * N;
+    const uint32_t sza = __ldg(szw + ra), szb = __ldg(szw + rb);
+    uint32_t xw[NT][16];  // 32 x values of token n * 8 + g as 16 packed pairs
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int m = n * 8 + g;
+      if (m < M) {
+        const uint4* xp = reinterpret_cast<const uint4*>(x + m * x_stride + k0);
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const uint4 u = __ldg(xp + v);
+          xw[n][4 * v] = u.x, xw[n][4 * v + 1] = u.y, xw[n][4 * v + 2] = u.z, xw[n][4 * v + 3] = u.w;
+        }
+      } else {
+#pragma unroll
+        for (int v = 0; v < 16; ++v) xw[n][v] = 0u;
+      }
+    }
+    const uint32_t wa[4] = {wa4.x, wa4.y, wa4.z, wa4.w}, wb[4] = {wb4.x, wb4.y, wb4.z, wb4.w};
+    // (scale, zero) words -> (scale, scale) and (zero, zero)
+    const T2 pa = *reinterpret_cast<const T2*>(&sza), pb = *reinterpret_cast<const T2*>(&szb);
+    const T2 sa2 = Pair<T>::lo2(pa), za2 = Pair<T>::hi2(pa), sb2 = Pair<T>::lo2(pb), zb2 = Pair<T>::hi2(pb);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {  // one MMA step per 16 k: pairs 2j and 2j + 1
+      // A fragment: a0/a2 row g, a1/a3 row g + 8; a0/a1 the MMA's k 2t, 2t + 1, a2/a3 k 2t + 8, + 9
+      const uint32_t a0 = dequant_pair<T>(wa, 2 * j, sa2, za2);
+      const uint32_t a1 = dequant_pair<T>(wb, 2 * j, sb2, zb2);
+      const uint32_t a2 = dequant_pair<T>(wa, 2 * j + 1, sa2, za2);
+      const uint32_t a3 = dequant_pair<T>(wb, 2 * j + 1, sb2, zb2);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        // x of the same k as the pairs: k = c and c + 4 with c = 8 * (p / 4) + p % 4
+        uint32_t b[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int p = 2 * j + h, c = 8 * (p / 4) + p % 4;
+          b[h] = __byte_perm(xw[n][c / 2], xw[n][c / 2 + 2], (c % 2) ? 0x7632u : 0x5410u);
+        }
+        mma16816<T>(acc[n], a0, a1, a2, a3, b[0], b[1]);
+      }
+    }
+  }
+
+  // acc[n] = D[row g / g + 8][tokens n * 8 + 2t, + 1] of this warp's K-tiles: sum over the warps.
+  __shared__ float red[kMmaWarps][NT][16][8];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    red[warp][n][g][2 * t] = acc[n][0];
+    red[warp][n][g][2 * t + 1] = acc[n][1];
+    red[warp][n][g + 8][2 * t] = acc[n][2];
+    red[warp][n][g + 8][2 * t + 1] = acc[n][3];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < NT * 128; i += blockDim.x) {
+    const int n = i / 128, r = (i / 8) % 16, c = i % 8;
+    const int row = row0 + r, m = n * 8 + c;
+    if (row < N && m < M) {
+      float v = 0.f;
+      for (int wi = 0; wi < nwarps; ++wi) v += red[wi][n][r][c];
+      if (bias != nullptr) v += to_f(bias[row]);
+      from_f(v, out + m * out_stride + row);
+    }
+  }
+}
+
+template <typename T>
+void launch_int4_mma(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& bias, at::Tensor& out, int group) {
+  const int M = x2.size(0), N = qweight.size(0), K = x2.size(1);
+  const int warps = std::min(kMmaWarps, K / 128);  // the block's warps split K
+  const dim3 grid((N + 15) / 16);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const T* b = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
+  if (M <= 8) {
+    int4_mma_kernel<T, 1><<<grid, warps * 32, 0, stream>>>(
+        reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
+        reinterpret_cast<const T*>(scales.data_ptr()), b, reinterpret_cast<T*>(out.data_ptr()), out.stride(0), M, N, K,
+        group);
+  } else {
+    int4_mma_kernel<T, 2><<<grid, warps * 32, 0, stream>>>(
+        reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
+        reinterpret_cast<const T*>(scales.data_ptr()), b, reinterpret_cast<T*>(out.data_ptr()), out.stride(0), M, N, K,
+        group);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <bool INT4, typename T>
 void dispatch_tile(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
                    const std::optional<at::Tensor>& bias, at::Tensor& out, int group) {
@@ -256,6 +424,18 @@ void dispatch_tile(const at::Tensor& x2, const at::Tensor& qweight, const at::Te
   } else {
     launch<INT4, T, 4, 4, true>(x2, qweight, scales, bias, out, group);
   }
+}
+
+// bf16 mma.m16n8k16 needs sm_80; the env var FXQUANT_CXX_INT4_MMA=0 keeps the CUDA-core GEMV.
+bool tensor_cores() {
+  static const bool env_off = [] {
+    const char* v = std::getenv("FXQUANT_CXX_INT4_MMA");
+    return v != nullptr && v[0] == '0';
+  }();
+  int dev = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  return !env_off && major >= 8;
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -286,10 +466,13 @@ at::Tensor weight_only_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   std::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(dt).contiguous();  // the reference adds bias in x's dtype too
   at::Tensor out = at::empty({m, n}, x.options());
+  const bool mma = INT4 && k % 128 == 0 && tensor_cores();
   if (dt == at::kBFloat16) {
-    dispatch_tile<INT4, __nv_bfloat16>(x2, qweight, scales, b, out, static_cast<int>(group));
+    if (mma) launch_int4_mma<__nv_bfloat16>(x2, qweight, scales, b, out, static_cast<int>(group));
+    else dispatch_tile<INT4, __nv_bfloat16>(x2, qweight, scales, b, out, static_cast<int>(group));
   } else {
-    dispatch_tile<INT4, __half>(x2, qweight, scales, b, out, static_cast<int>(group));
+    if (mma) launch_int4_mma<__half>(x2, qweight, scales, b, out, static_cast<int>(group));
+    else dispatch_tile<INT4, __half>(x2, qweight, scales, b, out, static_cast<int>(group));
   }
   auto shape = x.sizes().vec();
   shape.back() = n;
