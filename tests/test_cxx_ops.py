@@ -129,3 +129,49 @@ def test_disabled_by_env():
                        env={**__import__("os").environ, "FXQUANT_CXX": "0"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False disabled by FXQUANT_CXX=0"
+
+
+def test_cached_library_loads_without_build_tools(library):
+    """Once built, loading needs neither ninja nor a compiler."""
+    code = ("import torch.utils.cpp_extension as e\n"
+            "def no(*a, **k): raise RuntimeError('ninja is gone')\n"
+            "e.verify_ninja_availability = no\n"
+            "e._write_ninja_file_and_build_library = no\n"
+            "from fxquant.lowering import cuda as c\n"
+            "print(c.load())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "CXX": "/nonexistent/c++"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == str(library)
+
+
+def test_gpus_below_sm80_get_a_clear_reason():
+    code = ("from fxquant.lowering.cuda import build as b\n"
+            "b._cuda_arch = lambda: '7.5'\n"
+            "print(b.available(), b.unavailable_reason())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == ("False its CUDA kernels need compute capability >= 8.0 "
+                                "(bf16 tensor-core MMA, L2 load hints); this GPU is sm_75")
+
+
+def test_shipped_cxx_entries_carry_a_triton_fallback(monkeypatch):
+    """Every table entry that names the C++ kernel keeps the best Triton config, and
+    get_config(allow_cxx=False) returns it (what runs where the library can't be built)."""
+    from fxquant.lowering.triton import dispatch as D
+    table = D._table("shipped")
+    entries = [(dev, key, e) for dev, t in table.items() for key, e in t.items() if e.get("kind") == "cxx"]
+    assert entries, "the shipped table names no C++ kernel"
+    for dev, key, e in entries:
+        assert e["fallback"]["kind"] in ("gemv", "gemm", "deq"), key
+        D.KernelConfig.from_json(e["fallback"])  # a valid config
+    monkeypatch.setattr(D, "_device_info", lambda device: ("h100", 132, (9, 0)))
+    monkeypatch.setattr(D, "_table", lambda which: table if which == "shipped" else {})
+    cuda = torch.device("cuda")
+    assert D.get_config("int4_wo", 1, 28672, 4096, 128, torch.bfloat16, cuda).kind == "cxx"
+    fb = D.get_config("int4_wo", 1, 28672, 4096, 128, torch.bfloat16, cuda, allow_cxx=False)
+    assert fb == D.KernelConfig.from_json(table["h100"]["int4_wo|bfloat16|28672x4096|g128|m1"]["fallback"])
+    # a shape without an exact entry: the bucket's entry, and its fallback
+    assert D.get_config("int4_wo", 2, 1000, 2048, 128, torch.float16, cuda).kind == "cxx"
+    assert D.get_config("int4_wo", 2, 1000, 2048, 128, torch.float16, cuda, allow_cxx=False).kind != "cxx"
+    assert D.get_config("int8_wo", 1, 1000, 2048, 0, torch.bfloat16, cuda, allow_cxx=False).kind != "cxx"

@@ -223,8 +223,9 @@ def test_cxx_ops_package_loads_with_the_library_only(mlp, tmp_path):
                               dynamic_shapes=dims, ops="cxx")
         assert package_mentions_fxquant_ops(path), "the package should call the fxquant::cxx_* ops"
         jobs[cfg.scheme] = (path, INPUTS)
+        aten = fxquant.export_program(mlp, (torch.randn(3, 8, D),), cfg, dims)  # independent reference
         with torch.no_grad():
-            refs[cfg.scheme] = [prog.module()(x) for x in INPUTS]
+            refs[cfg.scheme] = [aten.module()(x) for x in INPUTS]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for with_lib in (True, False):
         inp, out = tmp_path / "jobs.pt", tmp_path / f"out_{with_lib}.pt"

@@ -111,10 +111,11 @@ def test_dispatch_takes_the_cxx_kernel_and_falls_back_above_m16():
         x = torch.randn(m, 512, generator=g).bfloat16().cuda()
         out = D.linear("int4_wo", x, p, sz, None, 128, cfg)
         _check(out, _reference("int4_wo", x, (p, sz), None, static), torch.bfloat16, f"dispatch M={m}")
-    assert D.cxx_fits("int4_wo", x, sz, 128)
-    assert not D.cxx_fits("int4_wo", x.float(), sz, 128)  # float32 x: Triton, not the slow fallback
-    assert not D.cxx_fits("int4_wo", x, sz.float(), 128)
-    assert not D.cxx_fits("int8_dyn", x, sz, 0)
+    assert D.cxx_fits("int4_wo", x, p, sz, None, 128)
+    assert not D.cxx_fits("int4_wo", x.float(), p, sz, None, 128)  # float32 x: Triton, not the slow fallback
+    assert not D.cxx_fits("int4_wo", x, p, sz.float(), None, 128)
+    assert not D.cxx_fits("int8_dyn", x, p, sz, None, 0)
+    assert not D.cxx_fits("int4_wo", x, p, sz, torch.zeros(256, dtype=torch.bfloat16), 128)  # bias on the CPU
     x32 = torch.randn(1, 512, generator=g).cuda()
     out = D.linear("int4_wo", x32, p, sz, None, 128, cfg)  # cfg "cxx" but x float32: Triton GEMV
     _check(out, _reference("int4_wo", x32, (p, sz), None, static), torch.float32, "cxx cfg, float32 x")

@@ -94,6 +94,9 @@ def _load(verbose: bool) -> Path:
     if os.environ.get("FXQUANT_CXX", "1") == "0":
         raise CxxUnavailable("disabled by FXQUANT_CXX=0")
     arch = _cuda_arch()
+    if arch is not None and tuple(int(v) for v in arch.split(".")) < (8, 0):
+        raise CxxUnavailable(f"its CUDA kernels need compute capability >= 8.0 (bf16 tensor-core MMA, "
+                             f"L2 load hints); this GPU is sm_{arch.replace('.', '')}")
     sources = ["ops.cpp"] + (["gemv.cu"] if arch else [])
     h = hashlib.sha256()
     for f in sorted(SRC.iterdir()):
@@ -103,11 +106,16 @@ def _load(verbose: bool) -> Path:
     name = f"fxquant_cxx_{tag}"
     build_dir = _cache_root() / tag
     so = build_dir / f"{name}.so"
-    if not so.exists():
-        _check_tools(arch)
-        build_dir.mkdir(parents=True, exist_ok=True)
-        print(f"fxquant: building the C++{'/CUDA' if arch else ''} op library (first use, about a "
-              f"minute; cached in {build_dir})", file=sys.stderr, flush=True)
+    if so.exists() and not (build_dir / "lock").exists():  # built: load it (no compiler or ninja needed)
+        try:
+            torch.ops.load_library(str(so))
+        except OSError as e:
+            raise CxxUnavailable(f"cannot load the cached library {so}: {e}; delete {build_dir} to rebuild") from e
+        return _finish_load(so)
+    _check_tools(arch)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    print(f"fxquant: building the C++{'/CUDA' if arch else ''} op library (first use, about a "
+          f"minute; cached in {build_dir})", file=sys.stderr, flush=True)
     from torch.utils import cpp_extension as ext
     old = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if arch:
@@ -122,6 +130,10 @@ def _load(verbose: bool) -> Path:
                 os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = old
+    return _finish_load(so)
+
+
+def _finish_load(so: Path) -> Path:
     got = torch.ops.fxquant.cxx_abi_version()
     if got != ABI_VERSION:
         raise CxxUnavailable(f"{so} has ABI version {got}, this fxquant expects {ABI_VERSION}")

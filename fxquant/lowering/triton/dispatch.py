@@ -289,7 +289,7 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         if _autotune_enabled() and x.is_cuda and not torch.cuda.is_current_stream_capturing():
             cfg = _maybe_autotune(scheme, x2, qweight, scales, bias, group, cfg)
     if cfg.kind == "cxx":
-        if cxx_fits(scheme, x, scales, group) and M <= GEMV_MAX_M and _cxx_ready():
+        if cxx_fits(scheme, x, qweight, scales, bias, group) and M <= GEMV_MAX_M and _cxx_ready():
             if scheme == "int4_wo":
                 return torch.ops.fxquant.cxx_int4_weight_only_linear(x, qweight, scales, bias, group)
             return torch.ops.fxquant.cxx_int8_weight_only_linear(x, qweight, scales, bias)
@@ -311,17 +311,22 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 _cxx_warned = False
 
 
-def cxx_fits(scheme: str, x: torch.Tensor, scales: torch.Tensor, group: int) -> bool:
+def cxx_fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+             bias: torch.Tensor | None, group: int) -> bool:
     """Whether the CUDA C++ kernels cover these inputs well (else its op would take its slow
-    dequantize + cuBLAS path: float32 x, scales in another dtype, K or group not multiples of 32).
-    int4 at M > 2 also needs the tensor-core kernel (K % 128 == 0, sm_80+): the CUDA-core GEMV
-    loses to Triton there."""
-    K = x.shape[-1]
+    dequantize + cuBLAS path: float32 x, scales in another dtype, K or group not multiples of 32,
+    empty or >= 2^31-element weights; tensors on other devices go to Triton, which names them).
+    int4 at M > 2 also needs the tensor-core kernel (K % 128 == 0, sm_80+, FXQUANT_CXX_INT4_MMA
+    not 0): the CUDA-core GEMV loses to Triton there."""
+    K, N = x.shape[-1], qweight.shape[0]
     if not (scheme in CXX_SCHEMES and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and scales.dtype == x.dtype and K % 32 == 0 and (scheme != "int4_wo" or group % 32 == 0)):
+            and scales.dtype == x.dtype and K % 32 == 0 and (scheme != "int4_wo" or group % 32 == 0)
+            and 0 < N * K < 2 ** 31 and all(t.device == x.device for t in (qweight, scales, bias)
+                                            if t is not None)):
         return False
     m = x.numel() // max(K, 1)
-    return scheme != "int4_wo" or m <= 2 or (K % 128 == 0 and _device_info(x.device)[2] >= (8, 0))
+    mma = K % 128 == 0 and _device_info(x.device)[2] >= (8, 0) and os.environ.get("FXQUANT_CXX_INT4_MMA") != "0"
+    return scheme != "int4_wo" or m <= 2 or mma
 
 
 def _cxx_ready() -> bool:
@@ -415,6 +420,8 @@ def autotune(scheme: str, x2: torch.Tensor, qweight: torch.Tensor, scales: torch
     results: dict = {}
     best, best_t = None, float("inf")
     for cfg in candidates or candidate_configs(scheme, M, group):
+        if cfg.kind == "cxx" and not cxx_fits(scheme, x2, qweight, scales, bias, group):
+            continue  # linear() would run a Triton config under this label
         try:
             t = time_config(lambda: linear(scheme, x2, qweight, scales, bias, group, cfg), reps)
         except Exception as e:  # a config that does not compile or fit is skipped

@@ -456,7 +456,7 @@ at::Tensor weight_only_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   const bool gemv = m >= 1 && m <= kMaxM && (dt == at::kBFloat16 || dt == at::kHalf) &&
                     scales.scalar_type() == dt && k % (INT4 ? 32 : 16) == 0 && (!INT4 || group % 32 == 0) &&
                     qweight.is_contiguous() && aligned16(qweight) && scales.is_contiguous() &&
-                    n * std::max<int64_t>(k, 1) < (int64_t(1) << 31) &&
+                    n > 0 && n * std::max<int64_t>(k, 1) < (int64_t(1) << 31) &&
                     reinterpret_cast<uintptr_t>(scales.data_ptr()) % 4 == 0;  // int4: (scale, zero) pairs as one word
   if (!gemv) {
     return INT4 ? int4_dequant_linear(x, qweight, scales, bias, group) : int8_dequant_linear(x, qweight, scales, bias);

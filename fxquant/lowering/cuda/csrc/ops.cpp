@@ -21,6 +21,11 @@ void check_x(const at::Tensor& x, int64_t k, const char* op) {
               x.scalar_type());
 }
 
+void check_device(const at::Tensor& x, const at::Tensor& t, const char* what, const char* op) {
+  TORCH_CHECK(t.device() == x.device(), "fxquant.", op, ": ", what, " is on ", t.device(), " but x is on ",
+              x.device());
+}
+
 void check_bias(const std::optional<at::Tensor>& bias, int64_t n, const char* op) {
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "fxquant.", op, ": bias must have shape [", n,
@@ -50,6 +55,9 @@ void check_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
               "fxquant.", op, ": scales_zeros must have shape [", k / group_size, ", ", n, ", 2], got ",
               scales_zeros.sizes());
   check_bias(bias, n, op);
+  check_device(x, qweight, "qweight", op);
+  check_device(x, scales_zeros, "scales_zeros", op);
+  if (bias.has_value()) check_device(x, *bias, "bias", op);
 }
 
 void check_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -61,6 +69,9 @@ void check_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == qweight.size(0), "fxquant.", op,
               ": scales must have shape [", qweight.size(0), "], got ", scales.sizes());
   check_bias(bias, qweight.size(0), op);
+  check_device(x, qweight, "qweight", op);
+  check_device(x, scales, "scales", op);
+  if (bias.has_value()) check_device(x, *bias, "bias", op);
 }
 
 at::Tensor int4_dequant_linear(const at::Tensor& x, const at::Tensor& qweight,
