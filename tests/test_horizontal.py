@@ -88,3 +88,19 @@ def test_recompile_after_in_place_bias_change_uses_the_new_bias():
         ref = model(x)
     assert not torch.equal(before, after)
     assert fxquant.sqnr(ref, after) >= 38
+
+
+def test_pack_cache_lets_go_of_a_dead_models_weights():
+    """The backend outlives the model: once the model is gone (and Dynamo's cache with it), its
+    packed and fused weights leave the backend's pack cache. (Inductor's own caches of compiled
+    modules may still hold the graph's constants; that is torch's, not fxquant's.)"""
+    import gc
+    torch.manual_seed(0)
+    model = Block()
+    be, _, _ = _run(model, fxquant.Int8WeightOnly(), [torch.randn(3, 128)])
+    keys = list(be._pack_cache)
+    assert sum(k[0] == "fused" for k in keys) == 2 and len(keys) == 8  # 6 linears + 2 fused
+    del model
+    torch._dynamo.reset()
+    gc.collect()
+    assert be._pack_cache == {}

@@ -17,7 +17,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..lowering import ops
-from .rewrite import RewriteContext, _set_fake_val, graph_fake_mode
+from .rewrite import RewriteContext, _set_fake_val, drop_when_dead, graph_fake_mode
 
 aten = torch.ops.aten
 _OPS = {op._opoverload for op in ops.ALL_OPS}
@@ -76,7 +76,8 @@ def _fuse(graph: fx.Graph, ctx: RewriteContext, members: list[fx.Node], keys: li
     # Keyed by the members' packed weights and by each bias's identity and version: a bias
     # changed in place must not be served from a stale concatenation.
     fkey = ("fused", *keys, *((id(b), b._version) for b in biases))
-    alive = [ctx.pack_cache[k][0] for k in keys] + [weakref.ref(b) for b in biases]
+    drop = drop_when_dead(ctx.pack_cache, fkey)  # the fused copy goes when any member's tensor dies
+    alive = [weakref.ref(ctx.pack_cache[k][0](), drop) for k in keys] + [weakref.ref(b, drop) for b in biases]
     cached = ctx.pack_cache.get(fkey)
     if cached is not None and all(r() is not None for r in cached[0]):
         fused = cached[1]

@@ -18,6 +18,14 @@ from ..numerics import FLOAT_DTYPES
 from ..report import LinearRecord
 from .constants import module_path_from_stack
 
+
+def drop_when_dead(cache: dict, key) -> Callable[[weakref.ref], None]:
+    """A weakref callback that removes cache[key] when its tensor dies, so a backend that
+    outlives a model does not keep the model's packed weights."""
+    def drop(_ref: weakref.ref) -> None:
+        cache.pop(key, None)
+    return drop
+
 aten = torch.ops.aten
 LayerFilter = Callable[[str, tuple], bool]
 
@@ -135,7 +143,7 @@ class RewriteContext:
                 if found is None:
                     self.packed_here.append(name)
             packed, static = found if found is not None else self._pack(ref, name)
-            cached = (weakref.ref(ref.base), packed, static)
+            cached = (weakref.ref(ref.base, drop_when_dead(self.pack_cache, key)), packed, static)
             self.packed_bytes[key] = sum(_nbytes(t) for t in packed)
             self.pack_cache[key] = cached
         _, packed, static = cached
