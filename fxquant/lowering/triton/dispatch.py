@@ -1,8 +1,8 @@
 """Launchers for the fxquant ops on CUDA: per-M kernel choice at run time, configs, autotune cache.
 
 Every call picks its kernel from M (a Python int at run time), so one compiled graph serves
-decode and prefill with no recompiles: M <= 16 may take the GEMV (Triton, or for int8/int4
-weight-only the CUDA C++ one in lowering/cuda/), anything may take the tensor-core GEMM
+decode and prefill with no recompiles: M <= 16 may take the GEMV (Triton), or for int8/int4
+weight-only the CUDA C++ kernels of lowering/cuda/ (kind "cxx"); anything may take the tensor-core GEMM
 (optionally split-K), weight-only schemes may take dequantize + cuBLAS.
 Config lookup order: on-disk autotune cache, shipped table (exact shape, then per M-bucket),
 heuristic default.
