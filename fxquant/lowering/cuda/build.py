@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import ops
+from ..cache import cache_root
 
 ABI_VERSION = 1  # must equal fxquant::abi_version() in csrc/ops.cpp
 SRC = Path(__file__).with_name("csrc")
@@ -26,12 +27,6 @@ _state: dict = {"path": None, "error": None}
 
 class CxxUnavailable(RuntimeError):
     """The C++/CUDA op library cannot be built or loaded here; the message says why."""
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("FXQUANT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fxquant")
-    return Path(root) / "cxx"
 
 
 def _cuda_arch() -> str | None:
@@ -104,7 +99,7 @@ def _load(verbose: bool) -> Path:
     h.update(f"{torch.__version__}|{arch}|{sys.version_info[:2]}".encode())
     tag = h.hexdigest()[:16]
     name = f"fxquant_cxx_{tag}"
-    build_dir = _cache_root() / tag
+    build_dir = cache_root() / "cxx" / tag
     so = build_dir / f"{name}.so"
     if so.exists() and not (build_dir / "lock").exists():  # built: load it (no compiler or ninja needed)
         try:

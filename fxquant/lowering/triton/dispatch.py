@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import triton
 
+from ..cache import cache_root
 from . import common as C
 from .act_quant import quantize_activations
 from .gemm import REDUCE_FIXUP, REDUCE_NONE, dequant_kernel, gemm_kernel
@@ -101,9 +102,7 @@ _tables: dict[str, dict] = {}
 
 
 def cache_path() -> Path:
-    root = os.environ.get("FXQUANT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fxquant")
-    return Path(root) / "triton_configs.json"
+    return cache_root() / "triton_configs.json"
 
 
 def _load(path: Path) -> dict:
@@ -163,19 +162,21 @@ def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dty
     dev = _device_info(device)[0]
     exact = config_key(scheme, dtype, n, k, group, m)
 
-    def pick(entry: dict) -> dict | None:
-        return entry if allow_cxx or entry.get("kind") != "cxx" else entry.get("fallback")
+    def pick(entry: dict | None) -> dict | None:
+        if entry is None or allow_cxx or entry.get("kind") != "cxx":
+            return entry
+        return entry.get("fallback")
 
+    devs = [d for d in (dev, "h100" if dev == "h200" else None) if d]
     for which in ("cache", "shipped"):
         tab = _table(which)
-        for d in (dev, "h100" if dev == "h200" else None):
-            if d and exact in tab.get(d, {}) and pick(tab[d][exact]):
-                return KernelConfig.from_json(pick(tab[d][exact]))
+        for d in devs:
+            if (entry := pick(tab.get(d, {}).get(exact))) is not None:
+                return KernelConfig.from_json(entry)
     tab = _table("shipped")
-    for d in (dev, "h100" if dev == "h200" else None):
-        bk = bucket_key(scheme, group, m)
-        if d and bk in tab.get(d, {}) and pick(tab[d][bk]):
-            return KernelConfig.from_json(pick(tab[d][bk]))
+    for d in devs:
+        if (entry := pick(tab.get(d, {}).get(bucket_key(scheme, group, m)))) is not None:
+            return KernelConfig.from_json(entry)
     if scheme == "fp8_dyn_tensor":  # same kernels as per-row but for the activation scale
         return get_config("fp8_dyn_row", m, n, k, group, dtype, device, allow_cxx)
     return default_config(scheme, m, n, k, group)
@@ -276,9 +277,8 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     N = qweight.shape[0]
     x2 = x.reshape(-1, K)  # a view where possible: the kernels take strides
     M = x2.shape[0]
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
-        return out.reshape(*x.shape[:-1], N)
+        return x.new_empty((*x.shape[:-1], N))
     if scheme in _FP8:
         check_fp8_supported(x.device)
     if not qweight.is_contiguous() or qweight.data_ptr() % 16:
@@ -294,6 +294,7 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                 return torch.ops.fxquant.cxx_int4_weight_only_linear(x, qweight, scales, bias, group)
             return torch.ops.fxquant.cxx_int8_weight_only_linear(x, qweight, scales, bias)
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_cxx=False)  # Triton's best
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)  # after the cxx branch: it allocates its own
     if cfg.kind == "gemv" and M <= GEMV_MAX_M:
         _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out)
     elif cfg.kind == "deq" and scheme in WEIGHT_ONLY:
