@@ -22,7 +22,7 @@ on its first call per shape and M).
   python benchmarks/linear.py --peers none              # fxquant schemes only
   python benchmarks/linear.py --peers torchao,gemlite_w4a16_g128  # libraries and/or peer schemes
 
-Kernel variants (M <= 16 only): "<scheme>@cuda" forces the CUDA C++ GEMV (lowering/cuda/) and
+Kernel variants (M <= dispatch.CXX_MAX_M: 32 for int4, 16 for int8): "<scheme>@cuda" forces the CUDA C++ GEMV (lowering/cuda/) and
 "<scheme>@triton" the best Triton choice, for the schemes in dispatch.CXX_SCHEMES; the plain
 scheme row is what the dispatcher picks (either).
 """
@@ -58,7 +58,7 @@ SCHEMES = {
     "fp8_tensor": ("fp8_dyn_tensor", fc.Float8DynamicActivationFloat8Weight("tensor")),
     "fp8_wo": ("fp8_wo", fc.Float8WeightOnly()),
 }
-VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "triton": None}  # name@variant, M <= 16
+VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "triton": None}  # name@variant, M <= CXX_MAX_M
 DEFAULT_VARIANTS = ["w4a16_g128@cuda", "w4a16_g128@triton", "w8a16@cuda", "w8a16@triton"]
 ROTATE_BYTES = 512e6  # weight bytes cycled through per graph replay (~10x L2)
 TOL = 1e-2
@@ -477,7 +477,7 @@ def gemlite_load_autotune():
 def units(args):
     """(scheme name, M) pairs; each pair loops over the shapes (sharding unit for --warm-only)."""
     us = [(s, m) for s in list(args.schemes) + list(args.peer_schemes) for m in args.ms
-          if "@" not in s or m <= D.GEMV_MAX_M]
+          if "@" not in s or m <= D.CXX_MAX_M.get(SCHEMES[s.partition("@")[0]][0], 0)]
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
         us = [u for j, u in enumerate(us) if j % n == i]
@@ -597,7 +597,7 @@ def measure(args, save=lambda rows: None) -> list[dict]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             graphs, recs = {}, {}
             for name, L in layers.items():
-                if getattr(L, "variant", "") and m > D.GEMV_MAX_M:
+                if getattr(L, "variant", "") and m > D.CXX_MAX_M.get(L.scheme, 0):
                     continue
                 nc = n_copies(len(L.copies), m)
                 row = {"N": n, "K": k, "M": m, "scheme": name, "copies": nc, "weight_bytes": L.bytes}
@@ -715,7 +715,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="out/bench")
     ap.add_argument("--schemes", default=",".join(list(SCHEMES) + DEFAULT_VARIANTS),
-                    help="fxquant schemes, and <scheme>@cuda / <scheme>@triton kernel variants (M <= 16)")
+                    help="fxquant schemes, and <scheme>@cuda / <scheme>@triton kernel variants (M <= dispatch.CXX_MAX_M)")
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--budget", type=float, default=0.05, help="seconds of replays per measurement")

@@ -1,8 +1,9 @@
 """The CUDA C++ kernels (lowering/cuda/csrc/gemv.cu) against the CPU reference op on the GPU.
 
 Builds the library for this GPU (first run: about a minute; cached). Awkward shapes: N not a
-multiple of the block's rows, K == group size, K not a multiple of 512, M from 0 to 17 (17 and
-float32 x take the dequantize + cuBLAS path), 3-D and non-contiguous x, bias dtypes.
+multiple of the block's rows, K == group size, K not a multiple of 512, M from 0 to 33 (int8 above 16,
+int4 above 32 or with K % 128 != 0 above 16, and float32 x take the dequantize + cuBLAS path), 3-D and
+non-contiguous x, bias dtypes; every (row tiles, warps) shape of the int4 tensor-core kernel (FXQUANT_CXX_INT4_VARIANT).
 Tolerance as tests/gpu/test_gpu_kernels.py: relative Frobenius error <= 1e-2 (bf16), 2e-3 (fp16).
 """
 from __future__ import annotations
@@ -70,7 +71,7 @@ def test_gemv_matches_reference(scheme, n, k, group, dtype):
     w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
     packed, static = _pack(scheme, w, group)
     packed = tuple(t.cuda() for t in packed)
-    for m in (0, 1, 2, 3, 4, 5, 8, 13, 16, 17):
+    for m in (0, 1, 2, 3, 4, 5, 8, 13, 16, 17, 24, 32, 33):
         x = torch.randn(m, k, generator=g).to(dtype).cuda()
         for bias in (None, torch.randn(n, generator=g).to(dtype).cuda()):
             out = _op(scheme, x, packed, bias, static)
@@ -101,16 +102,17 @@ def test_gemv_3d_noncontiguous_and_float32(scheme):
            f"{scheme} float32 x (dequantize path)")
 
 
-def test_dispatch_takes_the_cxx_kernel_and_falls_back_above_m16():
+def test_dispatch_takes_the_cxx_kernel_and_falls_back_above_its_m():
     g = torch.Generator().manual_seed(2)
     w = (torch.randn(256, 512, generator=g) / 512 ** 0.5).bfloat16()
     (p, sz), static = _pack("int4_wo", w, 128)
     p, sz = p.cuda(), sz.cuda()
     cfg = D.KernelConfig("cxx", bn=0, bk=0)
-    for m in (1, 16, 17, 64):
+    for m in (1, 16, 17, 32, 33, 64):
         x = torch.randn(m, 512, generator=g).bfloat16().cuda()
         out = D.linear("int4_wo", x, p, sz, None, 128, cfg)
         _check(out, _reference("int4_wo", x, (p, sz), None, static), torch.bfloat16, f"dispatch M={m}")
+    x = torch.randn(16, 512, generator=g).bfloat16().cuda()
     assert D.cxx_fits("int4_wo", x, p, sz, None, 128)
     assert not D.cxx_fits("int4_wo", x.float(), p, sz, None, 128)  # float32 x: Triton, not the slow fallback
     assert not D.cxx_fits("int4_wo", x, p, sz.float(), None, 128)
@@ -120,8 +122,30 @@ def test_dispatch_takes_the_cxx_kernel_and_falls_back_above_m16():
     out = D.linear("int4_wo", x32, p, sz, None, 128, cfg)  # cfg "cxx" but x float32: Triton GEMV
     _check(out, _reference("int4_wo", x32, (p, sz), None, static), torch.float32, "cxx cfg, float32 x")
     assert D.KernelConfig("cxx", bn=0, bk=0) in D.candidate_configs("int4_wo", 1, 128)
-    assert all(c.kind != "cxx" for c in D.candidate_configs("int4_wo", 17, 128))
+    assert D.KernelConfig("cxx", bn=0, bk=0) in D.candidate_configs("int4_wo", 32, 128)
+    assert all(c.kind != "cxx" for c in D.candidate_configs("int4_wo", 33, 128))
+    assert all(c.kind != "cxx" for c in D.candidate_configs("int8_wo", 17, 0))
+    x32 = torch.randn(32, 512, generator=g).bfloat16().cuda()
+    assert D.cxx_fits("int4_wo", x32, p, sz, None, 128)
+    assert not D.cxx_fits("int4_wo", torch.randn(33, 512, generator=g).bfloat16().cuda(), p, sz, None, 128)
     assert all(c.kind != "cxx" for c in D.candidate_configs("int8_dyn", 1, 0))
+
+
+@pytest.mark.parametrize("variant", ["1,16", "2,16", "1,8", "2,8", "2,4", "2,1", "bogus", ""])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (100, 256), (40, 2304)])
+def test_int4_mma_variants(variant, n, k, monkeypatch):
+    """Every (row tiles, warps) shape of the tensor-core kernel gives the reference's result; an
+    unparsable setting keeps the default choice."""
+    monkeypatch.setenv("FXQUANT_CXX_INT4_VARIANT", variant)
+    g = torch.Generator().manual_seed(n + k)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
+    packed, static = _pack("int4_wo", w, 128)
+    packed = tuple(t.cuda() for t in packed)
+    for m in (1, 3, 8, 9, 16, 17, 32):
+        x = torch.randn(m, k, generator=g).bfloat16().cuda()
+        bias = torch.randn(n, generator=g).bfloat16().cuda()
+        _check(_op("int4_wo", x, packed, bias, static), _reference("int4_wo", x, packed, bias, static),
+               torch.bfloat16, f"variant {variant} {n}x{k} M={m}")
 
 
 def test_cuda_graph_capture():

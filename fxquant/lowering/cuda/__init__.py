@@ -1,8 +1,8 @@
 """fxquant's C++/CUDA op library: hand-written CUDA kernels registered with TORCH_LIBRARY.
 
 csrc/ops.cpp defines `torch.ops.fxquant.cxx_*` (each with the schema of the Python op of the same
-scheme) and their CPU kernels; csrc/gemv.cu adds CUDA kernels (M <= 16: int4 on tensor cores, or
-a CUDA-core GEMV; dequantize + cuBLAS beyond). build.py compiles them just in time on first use, into a persistent cache.
+scheme) and their CPU kernels; csrc/gemv.cu adds CUDA kernels (int4 on tensor cores at M <= 32,
+a CUDA-core GEMV at M <= 16 otherwise; dequantize + cuBLAS beyond). build.py compiles them just in time on first use, into a persistent cache.
 The Triton launchers (lowering/triton/dispatch.py) treat these kernels as one more candidate
 (config kind "cxx"); where the library cannot be built, the Triton kernels are used.
 """

@@ -35,13 +35,14 @@ _WKIND = {"int8_wo": C.WK_INT8, "int4_wo": C.WK_INT4, "fp8_wo": C.WK_FP8,
 _GEMV_WKIND = {"int8_dyn": C.WK_INT8, "fp8_dyn_row": C.WK_FP8, "fp8_dyn_tensor": C.WK_FP8}
 GEMV_MAX_M = 16
 CXX_SCHEMES = ("int8_wo", "int4_wo")  # schemes with a CUDA C++ GEMV (kind "cxx")
+CXX_MAX_M = {"int8_wo": 16, "int4_wo": 32}  # the C++ kernels' M range (int4: its tensor-core kernel)
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 @dataclass(frozen=True)
 class KernelConfig:
     """kind: "gemv" | "gemm" | "deq" (dequantize to x's dtype, then cuBLAS; weight-only only) |
-    "cxx" (the CUDA C++ GEMV of lowering/cuda/, CXX_SCHEMES at M <= 16 only; a table entry of
+    "cxx" (the CUDA C++ kernels of lowering/cuda/, CXX_SCHEMES at M <= CXX_MAX_M only; a table entry of
     this kind carries the best Triton config as "fallback", for where the library is missing).
     gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size); deq bn/bk/warps;
     cxx none."""
@@ -289,7 +290,7 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         if _autotune_enabled() and x.is_cuda and not torch.cuda.is_current_stream_capturing():
             cfg = _maybe_autotune(scheme, x2, qweight, scales, bias, group, cfg)
     if cfg.kind == "cxx":
-        if cxx_fits(scheme, x, qweight, scales, bias, group) and M <= GEMV_MAX_M and _cxx_ready():
+        if cxx_fits(scheme, x, qweight, scales, bias, group) and _cxx_ready():
             if scheme == "int4_wo":
                 return torch.ops.fxquant.cxx_int4_weight_only_linear(x, qweight, scales, bias, group)
             return torch.ops.fxquant.cxx_int8_weight_only_linear(x, qweight, scales, bias)
@@ -317,8 +318,8 @@ def cxx_fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.
     """Whether the CUDA C++ kernels cover these inputs well (else its op would take its slow
     dequantize + cuBLAS path: float32 x, scales in another dtype, K or group not multiples of 32,
     empty or >= 2^31-element weights; tensors on other devices go to Triton, which names them).
-    int4 at M > 2 also needs the tensor-core kernel (K % 128 == 0, sm_80+, FXQUANT_CXX_INT4_MMA
-    not 0): the CUDA-core GEMV loses to Triton there."""
+    M must be within CXX_MAX_M. int4 at M > 2 also needs the tensor-core kernel (K % 128 == 0,
+    sm_80+, FXQUANT_CXX_INT4_MMA not 0): the CUDA-core GEMV loses to Triton there."""
     K, N = x.shape[-1], qweight.shape[0]
     if not (scheme in CXX_SCHEMES and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and scales.dtype == x.dtype and K % 32 == 0 and (scheme != "int4_wo" or group % 32 == 0)
@@ -326,6 +327,8 @@ def cxx_fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.
                                             if t is not None)):
         return False
     m = x.numel() // max(K, 1)
+    if m > CXX_MAX_M[scheme]:
+        return False
     mma = K % 128 == 0 and _device_info(x.device)[2] >= (8, 0) and os.environ.get("FXQUANT_CXX_INT4_MMA") != "0"
     return scheme != "int4_wo" or m <= 2 or mma
 
@@ -384,11 +387,18 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
                  (256, 128, 128, 8, 3)) if mma else \
             ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 128, 8, 3))
         out += [G("gemm", bm=bm, bn=bn, bk=bk, warps=w, stages=st) for bm, bn, bk, w, st in tiles]
+    if not mma and 128 <= m <= 1024:
+        # Weight-only, swapped (the dequantized weight is wgmma's register operand) with wide
+        # x tiles: large M is compute-bound, so fewer dequantizations per weight byte.
+        bm = 256 if m >= 512 else 128
+        out += [G("gemm", bm=bm, bn=bn, bk=bk, warps=w, stages=st, split_k=sk, swap=True)
+                for bn, bk, w, st, sk in ((128, 64, 8, 4, 1), (128, 128, 8, 3, 1), (64, 128, 4, 4, 1),
+                                          (128, 64, 8, 4, 0), (256, 64, 8, 3, 1))]
     if not mma and m >= 128:
         out.append(G("deq", bn=64, bk=128, warps=4))
-    if scheme in CXX_SCHEMES and m <= GEMV_MAX_M and torch.cuda.is_available() and _cxx_ready():
+    if scheme in CXX_SCHEMES and m <= CXX_MAX_M[scheme] and torch.cuda.is_available() and _cxx_ready():
         out.append(G("cxx", bn=0, bk=0))
-    return out
+    return list(dict.fromkeys(out))  # each config once
 
 
 def time_config(fn, reps: int = 20) -> float:

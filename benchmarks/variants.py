@@ -1,0 +1,80 @@
+"""Kernel-variant experiment: one fxquant scheme under several environment settings, timed
+against bf16 cuBLAS in the same round-robin (same method as linear.py: CUDA-graph replay over
+rotated weight copies, outputs checked against the fp32 reference).
+
+Each setting is an environment assignment the kernels read at call (so at graph capture) time,
+e.g. FXQUANT_CXX_INT4_VARIANT="RT,PF,WARPS" for the C++ int4 tensor-core kernel:
+
+  python benchmarks/variants.py --scheme w4a16_g128@cuda --ms 1,4,16,32 \
+      --env FXQUANT_CXX_INT4_VARIANT=1,0,16 --env FXQUANT_CXX_INT4_VARIANT=2,1,8
+
+Prints one table (speedup over bf16; '!' marks an output out of tolerance) and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import linear as LB  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scheme", default="w4a16_g128@cuda", help="a linear.py scheme name (variants allowed)")
+    ap.add_argument("--env", action="append", required=True, help="NAME=VALUE, one setting per flag")
+    ap.add_argument("--ms", default="1,2,4,8,16,32")
+    ap.add_argument("--shapes", default="6144x4096,4096x4096,28672x4096,4096x14336")
+    ap.add_argument("--out", type=Path, default=None, help="JSON file for the rows")
+    args = ap.parse_args(argv)
+    ms = [int(v) for v in args.ms.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    settings = [tuple(e.split("=", 1)) for e in args.env]
+    rows = []
+    for n, k in shapes:
+        bf16, layer = LB.Layer("bf16", n, k), LB.Layer(args.scheme, n, k)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            nc = LB.n_copies(len(layer.copies), m)
+            graphs = {"bf16": (LB.capture([bf16.fn(x, i) for i in range(LB.n_copies(len(bf16.copies), m))]),
+                               LB.n_copies(len(bf16.copies), m))}
+            errs = {}
+            for name, value in settings:
+                saved = os.environ.get(name)
+                os.environ[name] = value
+                try:
+                    errs[value] = LB.rel_err(layer.fn(x, 0)(), layer.reference(x))
+                    graphs[value] = (LB.capture([layer.fn(x, i) for i in range(nc)]), nc)
+                finally:
+                    if saved is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = saved
+            us = LB.time_graphs(graphs)
+            for key, t in us.items():
+                rows.append({"N": n, "K": k, "M": m, "setting": key, "us": t, "speedup": us["bf16"] / t,
+                             "rel_err": errs.get(key), "ok": key == "bf16" or errs[key] <= layer.tol})
+            print(f"{n}x{k} M={m}: " + "  ".join(
+                f"{key} {us['bf16'] / t:.2f}x{'' if key == 'bf16' or errs[key] <= layer.tol else '!'}"
+                for key, t in us.items() if key != "bf16"), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"scheme": args.scheme, "device": torch.cuda.get_device_name(),
+                                        "torch": torch.__version__, "rows": rows}, indent=1))
+    # Summary: per setting, speedup per (shape) for each M.
+    print(f"\n{args.scheme}: speedup over bf16 per shape ({', '.join(f'{n}x{k}' for n, k in shapes)})")
+    for _, value in settings:
+        for m in ms:
+            sp = [r["speedup"] for r in rows if r["setting"] == value and r["M"] == m]
+            bad = any(not r["ok"] for r in rows if r["setting"] == value and r["M"] == m)
+            print(f"{value:>12s} M={m:<5d} " + " / ".join(f"{v:.2f}" for v in sp) + (" !" if bad else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
