@@ -73,6 +73,16 @@ class Backend:
         self._warned: set[str] = set()
         self.compiled_graphs: list[collections.Counter] = []  # op counts of each rewritten graph
 
+    def reset(self) -> None:
+        """torch._dynamo.reset() (torch.compiler.reset()) calls this: it drops this backend's
+        packed weights and, on CUDA, the CUDA-graph trees of "reduce-overhead" graphs, which hold
+        the compiled graphs and so their packed constants (Inductor's own backend does the same;
+        torch versions that do not reset the trees themselves would otherwise keep them alive)."""
+        self._pack_cache.clear()
+        if _cuda_available():
+            from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+            reset_cudagraph_trees()
+
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> "Backend":
         options = dict(options or {})
@@ -225,6 +235,20 @@ def registered_backend(gm: torch.fx.GraphModule, example_inputs: list, mode: str
         hit = (options, Backend.from_options(options))
         _BY_OPTIONS[key] = hit
     return hit[1](gm, example_inputs, mode=mode)
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _reset_registered() -> None:
+    """torch._dynamo.reset() for the string backend "fxquant": every options dict's backend."""
+    for _, backend in _BY_OPTIONS.values():
+        backend.reset()
+    _BY_OPTIONS.clear()
+
+
+registered_backend.reset = _reset_registered  # type: ignore[attr-defined]
 
 
 def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

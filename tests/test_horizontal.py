@@ -104,3 +104,26 @@ def test_pack_cache_lets_go_of_a_dead_models_weights():
     torch._dynamo.reset()
     gc.collect()
     assert be._pack_cache == {}
+
+
+def test_dynamo_reset_clears_the_backends_packed_weights(monkeypatch):
+    """torch._dynamo.reset() calls Backend.reset (callable and string backends): the pack cache
+    empties even while the model lives, and the CUDA-graph trees are reset where CUDA exists."""
+    import sys
+    B = sys.modules["fxquant.backend"]  # the module (fxquant.backend the attribute is a function)
+    calls = []
+    torch.manual_seed(0)
+    model = Block()
+    be, _, _ = _run(model, fxquant.Int8WeightOnly(), [torch.randn(3, 128)])
+    assert be._pack_cache
+    opts = {"config": fxquant.Int8WeightOnly()}
+    with torch.no_grad():
+        torch.compile(Block(), backend="fxquant", options=opts)(torch.randn(3, 128))
+    string_be = B._BY_OPTIONS[id(opts)][1]
+    assert string_be._pack_cache
+    monkeypatch.setattr(B, "_cuda_available", lambda: True)
+    monkeypatch.setattr("torch._inductor.cudagraph_trees.reset_cudagraph_trees", lambda: calls.append(1))
+    torch._dynamo.reset()
+    assert be._pack_cache == {} and string_be._pack_cache == {}
+    assert id(opts) not in B._BY_OPTIONS
+    assert len(calls) == 2  # once per backend

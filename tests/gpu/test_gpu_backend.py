@@ -93,3 +93,34 @@ def test_reduce_overhead_one_compile_all_batch_sizes(cfg):
     for rnd in got:  # split-K's fp32 atomics may add in another order: not bit-exact
         for a, b in zip(rnd, want):
             assert a.shape == b.shape and fxquant.sqnr(b.float(), a.float()) >= 40
+
+
+@pytest.mark.parametrize("string_backend", [False, True])
+def test_dynamo_reset_frees_reduce_overhead_graphs(string_backend):
+    """After torch._dynamo.reset() the GPU memory of a "reduce-overhead" compile (its CUDA-graph
+    trees and the packed weights they hold) is freed once the model is gone; seen in
+    benchmarks/llm.py, where a second fxquant scheme's steady memory included the first's
+    packed weights (7 GiB)."""
+    import gc
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(8)]).to(torch.bfloat16).cuda()  # 64 MiB
+    cfg = fxquant.Int8WeightOnly()
+    with torch.no_grad():
+        if string_backend:
+            f = torch.compile(model, backend="fxquant", options={"config": cfg, "mode": "reduce-overhead"})
+        else:
+            f = torch.compile(model, backend=fxquant.backend(cfg, release_weights=True), mode="reduce-overhead")
+        for _ in range(3):
+            f(torch.randn(4, 2048, dtype=torch.bfloat16, device="cuda"))
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - base > 24 * 2**20  # the packed weights live
+    del model, f
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    left = torch.cuda.memory_allocated() - base
+    assert left < 4 * 2**20, f"{left / 2**20:.1f} MiB still allocated after reset"
