@@ -77,8 +77,10 @@ class Backend:
         """torch._dynamo.reset() (torch.compiler.reset()) calls this: it drops this backend's
         packed weights and, on CUDA, the CUDA-graph trees of "reduce-overhead" graphs, which hold
         the compiled graphs and so their packed constants (Inductor's own backend does the same;
-        torch versions that do not reset the trees themselves would otherwise keep them alive)."""
+        torch versions that do not reset the trees themselves would otherwise keep them alive),
+        and Inductor's module list's hold on compiled graphs' constants."""
         self._pack_cache.clear()
+        _forget_inductor_constants()
         if _cuda_available():
             from torch._inductor.cudagraph_trees import reset_cudagraph_trees
             reset_cudagraph_trees()
@@ -235,6 +237,30 @@ def registered_backend(gm: torch.fx.GraphModule, example_inputs: list, mode: str
         hit = (options, Backend.from_options(options))
         _BY_OPTIONS[key] = hit
     return hit[1](gm, example_inputs, mode=mode)
+
+
+def _forget_inductor_constants() -> None:
+    """Inductor keeps every compiled graph module it loads, with the graph's constant tensors set
+    as module attributes, for the life of the process: in PyCodeCache's list (which only serves
+    to purge source files) and in sys.modules. fxquant's packed weights are such constants, so
+    after a reset those two alone would keep every packed weight ever compiled. Modules holding
+    tensors are dropped from both; a compiled graph still in use keeps its own module alive."""
+    import sys
+    try:
+        from torch._inductor.codecache import PyCodeCache
+    except ImportError:
+        return
+
+    def holds_tensors(mod) -> bool:
+        return any(isinstance(v, torch.Tensor) for v in vars(mod).values())
+
+    mods = getattr(PyCodeCache, "modules", None)
+    if isinstance(mods, list):
+        mods[:] = [m for m in mods if not holds_tensors(m)]
+    prefix = "torch._inductor.runtime.compile_tasks."
+    for name in [n for n, m in list(sys.modules.items()) if n.startswith(prefix) and m is not None
+                 and holds_tensors(m)]:
+        del sys.modules[name]
 
 
 def _cuda_available() -> bool:

@@ -127,3 +127,20 @@ def test_dynamo_reset_clears_the_backends_packed_weights(monkeypatch):
     assert be._pack_cache == {} and string_be._pack_cache == {}
     assert id(opts) not in B._BY_OPTIONS
     assert len(calls) == 2  # once per backend
+
+
+def test_dynamo_reset_lets_inductor_drop_packed_constants():
+    """Inductor keeps every loaded graph module (with its constants as attributes) in a list;
+    after torch._dynamo.reset() the model's packed weights are freed once the model is gone."""
+    import gc
+    import weakref
+    torch.manual_seed(0)
+    model = Block()
+    be, _, _ = _run(model, fxquant.Int8WeightOnly(), [torch.randn(3, 128)])
+    packed = [weakref.ref(t) for v in be._pack_cache.values() for t in torch.utils._pytree.tree_leaves(v)
+              if isinstance(t, torch.Tensor)]
+    assert packed and all(r() is not None for r in packed)
+    del model
+    torch._dynamo.reset()
+    gc.collect()
+    assert all(r() is None for r in packed)
