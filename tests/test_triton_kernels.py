@@ -183,3 +183,28 @@ def test_config_cache_roundtrip(tmp_path, monkeypatch):
     assert D.get_config("int8_wo", 20, 40, 96, 0, torch.bfloat16, torch.device("cpu")) == cfg
     assert D.get_config("int8_wo", 70, 40, 96, 0, torch.bfloat16, torch.device("cpu")) != cfg
     D._tables.pop("cache", None)
+
+
+def test_missing_m_bucket_takes_its_nearest_measured_neighbour():
+    """The shipped H100 table has no M = 2048 bucket (the benchmark does not measure it): a
+    2048-token prefill must not fall to the untuned default (for weight-only schemes, a fused
+    GEMM measured ~0.6x of bf16 there) but take the nearest measured bucket."""
+    h100 = D._table("shipped")["h100"]
+    for scheme, group in (("int8_wo", 0), ("int4_wo", 128), ("int8_dyn", 0)):
+        assert D.bucket_key(scheme, group, 2048) not in h100
+        near = D._nearest_bucket(h100, scheme, group, 2048)
+        assert near == h100[D.bucket_key(scheme, group, 4096)]  # 1024 and 4096 tie: the larger
+    assert D._nearest_bucket(h100, "int8_wo", 0, 2048)["kind"] == "deq"
+    # A "cxx" entry never serves an M outside the C++ kernels' range, nor the reverse.
+    table = {D.bucket_key("int4_wo", 128, 32): {"kind": "cxx"}, D.bucket_key("int4_wo", 128, 256): {"kind": "gemm"}}
+    assert D._nearest_bucket(table, "int4_wo", 128, 64)["kind"] == "gemm"
+    assert D._nearest_bucket(table, "int4_wo", 128, 16)["kind"] == "cxx"
+    assert D._nearest_bucket({D.bucket_key("int4_wo", 128, 32): {"kind": "cxx"}}, "int4_wo", 128, 64) is None
+    assert D._nearest_bucket(h100, "int4_wo", 64, 2048) is None  # no entries for that group at all
+
+
+def test_untuned_default_is_dequantize_then_cublas_for_weight_only_at_large_m():
+    assert D.default_config("int8_wo", 512, 4096, 4096, 0).kind == "deq"
+    assert D.default_config("int4_wo", 2048, 4096, 4096, 128).kind == "deq"
+    assert D.default_config("int8_dyn", 2048, 4096, 4096, 0).kind == "gemm"
+    assert D.default_config("int8_wo", 128, 4096, 4096, 0).kind == "gemm"

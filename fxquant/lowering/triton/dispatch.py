@@ -145,7 +145,8 @@ def save_tuned(device_key: str, entries: dict[str, KernelConfig]) -> Path:
 
 
 def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelConfig:
-    """Untuned fallback: GEMV at M == 1, swapped split-K GEMM for skinny M, square tiles beyond."""
+    """Untuned fallback: GEMV at M == 1, swapped split-K GEMM for skinny M, square tiles beyond
+    (weight-only beyond M = 256: dequantize + cuBLAS)."""
     mma = scheme in DYNAMIC
     if m == 1:
         return KernelConfig("gemv", bn=4, bk=4096 if scheme == "int4_wo" else 2048, warps=4)
@@ -154,7 +155,9 @@ def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelCon
                             warps=4, stages=4, split_k=0, swap=True)
     if m <= 256:
         return KernelConfig("gemm", bm=64, bn=128, bk=128 if mma else 64, warps=4, stages=4, split_k=0)
-    return KernelConfig("gemm", bm=128, bn=128, bk=128 if mma else 64, warps=8, stages=3)
+    if not mma:  # weight-only, large M: dequantize + cuBLAS measured fastest on every H100 shape
+        return KernelConfig("deq", bn=64, bk=128, warps=4)
+    return KernelConfig("gemm", bm=128, bn=128, bk=128, warps=8, stages=3)
 
 
 def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dtype,
@@ -180,7 +183,25 @@ def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dty
             return KernelConfig.from_json(entry)
     if scheme == "fp8_dyn_tensor":  # same kernels as per-row but for the activation scale
         return get_config("fp8_dyn_row", m, n, k, group, dtype, device, allow_cxx)
+    for d in devs:  # an M-bucket the table lacks (e.g. 2048): its nearest measured neighbour
+        if (entry := pick(_nearest_bucket(tab.get(d, {}), scheme, group, m))) is not None:
+            return KernelConfig.from_json(entry)
     return default_config(scheme, m, n, k, group)
+
+
+def _nearest_bucket(table: dict, scheme: str, group: int, m: int) -> dict | None:
+    """The table's bucket entry for (scheme, group) whose M-bucket is nearest to m's (in powers of
+    two; the larger one on a tie), for buckets the tuner did not measure. Never crosses the
+    C++ kernels' M range (a "cxx" entry only serves M within it)."""
+    mb = m_bucket(m)
+    have = [b for b in M_BUCKETS if bucket_key(scheme, group, b) in table]
+    if scheme in CXX_MAX_M:
+        have = [b for b in have if (b <= CXX_MAX_M[scheme]) == (mb <= CXX_MAX_M[scheme])
+                or table[bucket_key(scheme, group, b)].get("kind") != "cxx"]
+    if not have:
+        return None
+    best = min(have, key=lambda b: (abs(b.bit_length() - mb.bit_length()), -b))
+    return table[bucket_key(scheme, group, best)]
 
 
 # --------------------------------------------------------------------------- launchers
