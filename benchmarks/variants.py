@@ -3,10 +3,11 @@ against bf16 cuBLAS in the same round-robin (same method as linear.py: CUDA-grap
 rotated weight copies, outputs checked against the fp32 reference).
 
 Each setting is an environment assignment the kernels read at call (so at graph capture) time,
-e.g. FXQUANT_CXX_INT4_VARIANT="RT,PF,WARPS" for the C++ int4 tensor-core kernel:
+e.g. FXQUANT_CXX_INT4_VARIANT="RT,WARPS" (16-row tiles per block, warps per block) for the C++
+int4 tensor-core kernel; a value the kernel does not accept exactly is ignored (its default runs):
 
   python benchmarks/variants.py --scheme w4a16_g128@cuda --ms 1,4,16,32 \
-      --env FXQUANT_CXX_INT4_VARIANT=1,0,16 --env FXQUANT_CXX_INT4_VARIANT=2,1,8
+      --env FXQUANT_CXX_INT4_VARIANT=1,16 --env FXQUANT_CXX_INT4_VARIANT=2,8
 
 Prints one table (speedup over bf16; '!' marks an output out of tolerance) and writes JSON.
 """

@@ -74,12 +74,13 @@ class Backend:
         self.compiled_graphs: list[collections.Counter] = []  # op counts of each rewritten graph
 
     def reset(self) -> None:
-        """torch._dynamo.reset() (torch.compiler.reset()) calls this: it drops this backend's
-        packed weights and, on CUDA, the CUDA-graph trees of "reduce-overhead" graphs, which hold
-        the compiled graphs and so their packed constants (Inductor's own backend does the same;
-        torch versions that do not reset the trees themselves would otherwise keep them alive),
-        and Inductor's module list's hold on compiled graphs' constants."""
-        self._pack_cache.clear()
+        """torch._dynamo.reset() (torch.compiler.reset()) calls this. It drops Inductor's own
+        references to compiled graph modules (which hold their packed constants) and, on CUDA,
+        the CUDA-graph trees of "reduce-overhead" graphs (Inductor's own backend does the same;
+        torch versions that do not reset the trees themselves would otherwise keep them alive).
+        The pack cache stays: a live model recompiled after the reset reuses its packed weights
+        (with release_weights its originals are gone); a dead model's entries leave it by
+        themselves (weakref callbacks)."""
         _forget_inductor_constants()
         if _cuda_available():
             from torch._inductor.cudagraph_trees import reset_cudagraph_trees
@@ -268,10 +269,10 @@ def _cuda_available() -> bool:
 
 
 def _reset_registered() -> None:
-    """torch._dynamo.reset() for the string backend "fxquant": every options dict's backend."""
+    """torch._dynamo.reset() for the string backend "fxquant": every options dict's backend (kept,
+    with its pack cache, for models that live on)."""
     for _, backend in _BY_OPTIONS.values():
         backend.reset()
-    _BY_OPTIONS.clear()
 
 
 registered_backend.reset = _reset_registered  # type: ignore[attr-defined]

@@ -146,7 +146,8 @@ def save_tuned(device_key: str, entries: dict[str, KernelConfig]) -> Path:
 
 def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelConfig:
     """Untuned fallback: GEMV at M == 1, swapped split-K GEMM for skinny M, square tiles beyond
-    (weight-only beyond M = 256: dequantize + cuBLAS)."""
+    (weight-only beyond M = 256: dequantize + cuBLAS, which allocates an N x K weight in x's
+    dtype for the call)."""
     mma = scheme in DYNAMIC
     if m == 1:
         return KernelConfig("gemv", bn=4, bk=4096 if scheme == "int4_wo" else 2048, warps=4)
@@ -317,6 +318,9 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
             return torch.ops.fxquant.cxx_int8_weight_only_linear(x, qweight, scales, bias)
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_cxx=False)  # Triton's best
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)  # after the cxx branch: it allocates its own
+    if not (cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M)
+            or (cfg.kind == "deq" and scheme in WEIGHT_ONLY)):
+        cfg = default_config(scheme, max(M, 17), N, K, group)  # a gemm, or deq for weight-only
     if cfg.kind == "gemv" and M <= GEMV_MAX_M:
         _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out)
     elif cfg.kind == "deq" and scheme in WEIGHT_ONLY:
@@ -325,8 +329,6 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         if bias is not None:
             out.add_(bias.to(out.dtype))
     else:
-        if cfg.kind != "gemm":
-            cfg = default_config(scheme, max(M, 17), N, K, group)
         _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out)
     return out.reshape(*x.shape[:-1], N)
 

@@ -19,6 +19,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <type_traits>
@@ -435,12 +436,16 @@ struct MmaShape {
 };
 
 template <typename T, int NT, int RT>
-int mma_blocks_per_sm(int threads) {  // resident blocks per SM, per block size (cached)
-  static int cache[kMmaWarps + 1] = {0};
-  int& b = cache[threads / 32];
-  if (b == 0) {
+int mma_blocks_per_sm(int threads) {  // resident blocks per SM, per device and block size (cached)
+  static std::atomic<int> cache[64][kMmaWarps + 1];  // zero-initialised (static storage)
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::atomic<int>& slot = cache[std::min(dev, 63)][threads / 32];
+  int b = slot.load(std::memory_order_relaxed);
+  if (b == 0) {  // racing first calls compute the same value
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, int4_mma_kernel<T, NT, RT>, threads, 0));
     b = std::max(b, 1);
+    slot.store(b, std::memory_order_relaxed);
   }
   return b;
 }
@@ -460,9 +465,11 @@ MmaShape mma_shape(int n, int k) {
       break;
     }
   }
-  if (const char* e = std::getenv("FXQUANT_CXX_INT4_VARIANT")) {
+  if (const char* e = std::getenv("FXQUANT_CXX_INT4_VARIANT")) {  // exactly "RT,WARPS", else ignored
     MmaShape o{0, 0};
-    if (std::sscanf(e, "%d,%d", &o.rt, &o.warps) == 2 && o.rt >= 1 && o.rt <= 2 && o.warps >= 1 && o.warps <= kMmaWarps)
+    int used = 0;
+    if (std::sscanf(e, "%d,%d%n", &o.rt, &o.warps, &used) == 2 && e[used] == '\0' && o.rt >= 1 && o.rt <= 2 &&
+        o.warps >= 1 && o.warps <= kMmaWarps)
       s = o;
   }
   return s;
@@ -547,6 +554,7 @@ at::Tensor weight_only_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   const int64_t n = qweight.size(0), k = INT4 ? qweight.size(1) * 2 : qweight.size(1);
   const int64_t m = k > 0 && x.numel() > 0 ? x.numel() / k : 0;
   const auto dt = x.scalar_type();
+  const c10::cuda::OptionalCUDAGuard guard(x.device());  // device queries below are x's device's
   const bool mma = INT4 && k % 128 == 0 && tensor_cores();
   const bool gemv = m >= 1 && m <= (mma ? kMaxMmaM : kMaxM) && (dt == at::kBFloat16 || dt == at::kHalf) &&
                     scales.scalar_type() == dt && k % (INT4 ? 32 : 16) == 0 && (!INT4 || group % 32 == 0) &&
@@ -556,7 +564,6 @@ at::Tensor weight_only_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   if (!gemv) {
     return INT4 ? int4_dequant_linear(x, qweight, scales, bias, group) : int8_dequant_linear(x, qweight, scales, bias);
   }
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
   at::Tensor x2 = gemv_rows(x, k);
   std::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(dt).contiguous();  // the reference adds bias in x's dtype too
