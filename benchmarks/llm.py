@@ -455,18 +455,44 @@ def plot(results: list[dict], batches: list[int], path: Path, title: str) -> Non
     ok = [r for r in results if r["status"] == "ok"]
     if not ok:
         return
+    # Speedup over bf16-inductor on linear axes from 0 (bars on a log axis exaggerate small
+    # differences); tokens/s are written on the bars. Without that baseline: tokens/s.
+    base = next((r for r in ok if r["scheme"] == "bf16-inductor"), None)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
     width = 0.8 / len(ok)
+
+    def rel(value, ref):
+        return value / ref if base is not None and value and ref else (value if base is None else 0)
+
     for i, r in enumerate(ok):
-        vals = [r["decode_tok_s"].get(str(b)) or 0 for b in batches]
-        axes[0].bar([j + i * width for j in range(len(batches))], vals, width, label=r["scheme"])
+        tok = [r["decode_tok_s"].get(str(b)) or 0 for b in batches]
+        vals = [rel(t, base["decode_tok_s"].get(str(b)) if base else None) for t, b in zip(tok, batches)]
+        bars = axes[0].bar([j + i * width for j in range(len(batches))], vals, width, label=r["scheme"])
+        for bar, t in zip(bars, tok):
+            if t:
+                axes[0].annotate(f"{t:,.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                 ha="center", va="bottom", fontsize=7)
     axes[0].set_xticks([j + width * (len(ok) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
-    axes[0].set_ylabel("decode tokens/s")
-    axes[0].set_yscale("log")
+    axes[0].set_ylabel("decode speedup over bf16-inductor (tokens/s on bars)" if base else "decode tokens/s")
+    if base:
+        axes[0].axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
     axes[0].legend(fontsize=8)
-    axes[1].bar(range(len(ok)), [r.get("prefill_tok_s", 0) for r in ok], color=[f"C{i}" for i in range(len(ok))])
-    axes[1].set_xticks(range(len(ok)), [r["scheme"] for r in ok], rotation=45, ha="right", fontsize=8)
-    axes[1].set_ylabel("prefill tokens/s (batch 1)")
+    pre = [r.get("prefill_tok_s", 0) or 0 for r in ok]
+    base_pre = base.get("prefill_tok_s") if base else None
+    if not any(pre):
+        axes[1].axis("off")
+        axes[1].text(0.5, 0.5, "prefill not measured", ha="center", va="center", transform=axes[1].transAxes)
+        pre = []
+    if pre:
+        bars = axes[1].bar(range(len(ok)), [rel(v, base_pre) for v in pre], color=[f"C{i}" for i in range(len(ok))])
+        for bar, v in zip(bars, pre):
+            if v:
+                axes[1].annotate(f"{v:,.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                 ha="center", va="bottom", fontsize=7)
+        axes[1].set_xticks(range(len(ok)), [r["scheme"] for r in ok], rotation=45, ha="right", fontsize=8)
+        axes[1].set_ylabel("prefill speedup (tokens/s on bars)" if base_pre else "prefill tokens/s (batch 1)")
+        if base_pre:
+            axes[1].axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
