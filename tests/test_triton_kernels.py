@@ -208,3 +208,15 @@ def test_untuned_default_is_dequantize_then_cublas_for_weight_only_at_large_m():
     assert D.default_config("int4_wo", 2048, 4096, 4096, 128).kind == "deq"
     assert D.default_config("int8_dyn", 2048, 4096, 4096, 0).kind == "gemm"
     assert D.default_config("int8_wo", 128, 4096, 4096, 0).kind == "gemm"
+
+
+@pytest.mark.parametrize("scheme", ["int8_wo", "int4_wo", "fp8_wo"])
+def test_dequant_then_gemm_in_row_chunks(scheme, monkeypatch):
+    """A weight above DEQ_CHUNK_ELEMS is dequantized and multiplied in row chunks (bounded
+    temporary memory); the result is the same as in one piece, including the last short chunk."""
+    monkeypatch.setattr(D, "DEQ_CHUNK_ELEMS", 64 * 96)
+    calls = []
+    real = D.dequantize_weight
+    monkeypatch.setattr(D, "dequantize_weight", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    check(scheme, DEQ, M=5, N=200, K=96)
+    assert calls == [64, 64, 64, 8]

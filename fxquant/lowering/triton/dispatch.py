@@ -279,6 +279,28 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out):
     return out
 
 
+DEQ_CHUNK_ELEMS = 1 << 27  # larger weights are dequantized in row chunks (256 MiB of bf16 each)
+
+
+def _run_deq(scheme, x2, qweight, scales, bias, group, cfg, out):
+    """Dequantize to x's dtype, then cuBLAS. A weight of more than DEQ_CHUNK_ELEMS elements (an
+    LLM's lm_head: 525M) goes in row chunks, so the call's temporary stays bounded rather than
+    a full-size copy of the weight (1 GiB for that lm_head in bf16)."""
+    N, K = qweight.shape[0], x2.shape[1]
+    rows = N if N * K <= DEQ_CHUNK_ELEMS else max(64, DEQ_CHUNK_ELEMS // K // 64 * 64)
+    per_row = scheme != "int4_wo" and scales.numel() == N and N > 1  # per-tensor scales: never sliced
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        if scheme == "int4_wo":  # scales_zeros [K // group, N, 2]
+            s = scales if rows == N else scales[:, n0:n1].contiguous()
+        else:
+            s = scales[n0:n1] if per_row else scales
+        w = dequantize_weight(scheme, qweight[n0:n1], s, group, x2.dtype, cfg.bn, cfg.bk, cfg.warps)
+        torch.mm(x2, w.t(), out=out[:, n0:n1] if rows < N else out)
+    if bias is not None:
+        out.add_(bias.to(out.dtype))
+
+
 def dequantize_weight(scheme: str, qweight: torch.Tensor, scales: torch.Tensor, group: int,
                       dtype: torch.dtype, bn: int = 64, bk: int = 128, warps: int = 4) -> torch.Tensor:
     """Packed weight -> [N, K] in `dtype` (the same values as numerics.dequantize_*)."""
@@ -324,10 +346,7 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if cfg.kind == "gemv" and M <= GEMV_MAX_M:
         _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out)
     elif cfg.kind == "deq" and scheme in WEIGHT_ONLY:
-        w = dequantize_weight(scheme, qweight, scales, group, x.dtype, cfg.bn, cfg.bk, cfg.warps)
-        torch.mm(x2, w.t(), out=out)
-        if bias is not None:
-            out.add_(bias.to(out.dtype))
+        _run_deq(scheme, x2, qweight, scales, bias, group, cfg, out)
     else:
         _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out)
     return out.reshape(*x.shape[:-1], N)
