@@ -122,12 +122,16 @@ def test_dynamo_reset_resets_cuda_graphs_and_keeps_live_models_working(monkeypat
     with torch.no_grad():
         before = torch.compile(model, backend=be)(x)
         before_s = torch.compile(other, backend="fxquant", options=opts)(x)
+    reset_by = []  # every Backend Dynamo resets (earlier tests' backends may be among them)
+    real_reset = B.Backend.reset
+    monkeypatch.setattr(B.Backend, "reset", lambda self: (reset_by.append(self), real_reset(self))[1])
     monkeypatch.setattr(B, "_cuda_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # torch's own reset: no call
     monkeypatch.setattr("torch._inductor.cudagraph_trees.reset_cudagraph_trees", lambda: calls.append(1))
     torch._dynamo.reset()
     monkeypatch.undo()
-    assert len(calls) == 2  # once per backend
+    assert any(b is be for b in reset_by) and any(b is B._BY_OPTIONS[id(opts)][1] for b in reset_by)
+    assert len(calls) == len(reset_by)  # each reset the CUDA-graph trees
     with torch.no_grad():
         after = torch.compile(model, backend=be)(x)
         after_s = torch.compile(other, backend="fxquant", options=opts)(x)
