@@ -289,14 +289,14 @@ def _run_deq(scheme, x2, qweight, scales, bias, group, cfg, out):
     N, K = qweight.shape[0], x2.shape[1]
     rows = N if N * K <= DEQ_CHUNK_ELEMS else max(64, DEQ_CHUNK_ELEMS // K // 64 * 64)
     per_row = scheme != "int4_wo" and scales.numel() == N and N > 1  # per-tensor scales: never sliced
-    for n0 in range(0, N, rows):
+    for n0 in range(0, N, rows):  # one pass unless the weight is huge; whole-range slices are views
         n1 = min(N, n0 + rows)
         if scheme == "int4_wo":  # scales_zeros [K // group, N, 2]
-            s = scales if rows == N else scales[:, n0:n1].contiguous()
+            s = scales[:, n0:n1].contiguous()
         else:
             s = scales[n0:n1] if per_row else scales
         w = dequantize_weight(scheme, qweight[n0:n1], s, group, x2.dtype, cfg.bn, cfg.bk, cfg.warps)
-        torch.mm(x2, w.t(), out=out[:, n0:n1] if rows < N else out)
+        torch.mm(x2, w.t(), out=out[:, n0:n1])
     if bias is not None:
         out.add_(bias.to(out.dtype))
 
@@ -343,9 +343,9 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if not (cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M)
             or (cfg.kind == "deq" and scheme in WEIGHT_ONLY)):
         cfg = default_config(scheme, max(M, 17), N, K, group)  # a gemm, or deq for weight-only
-    if cfg.kind == "gemv" and M <= GEMV_MAX_M:
+    if cfg.kind == "gemv":
         _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out)
-    elif cfg.kind == "deq" and scheme in WEIGHT_ONLY:
+    elif cfg.kind == "deq":
         _run_deq(scheme, x2, qweight, scales, bias, group, cfg, out)
     else:
         _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out)

@@ -212,13 +212,37 @@ __global__ void __launch_bounds__(kMaxThreads, PIPE ? 1 : 4) gemv_kernel(
   }
 }
 
-int sm_count() {
-  static int count[64] = {0};
+// Facts of the current device that never change, queried once per device (racing first calls
+// store the same value): an attribute, and a kernel's resident blocks per SM at a block size.
+template <cudaDeviceAttr kAttr>
+int device_attr() {
+  static std::atomic<int> cache[64];  // zero-initialised (static storage)
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 64) dev = 63;
-  if (count[dev] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&count[dev], cudaDevAttrMultiProcessorCount, dev));
-  return count[dev];
+  std::atomic<int>& slot = cache[std::min(dev, 63)];
+  int v = slot.load(std::memory_order_relaxed);
+  if (v == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, kAttr, dev));
+    slot.store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+int sm_count() { return device_attr<cudaDevAttrMultiProcessorCount>(); }
+
+template <auto kKernel>
+int blocks_per_sm(int threads) {  // threads: a multiple of 32, at most 512
+  static std::atomic<int> cache[64][17];
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::atomic<int>& slot = cache[std::min(dev, 63)][threads / 32];
+  int b = slot.load(std::memory_order_relaxed);
+  if (b == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kKernel, threads, 0));
+    b = std::max(b, 1);
+    slot.store(b, std::memory_order_relaxed);
+  }
+  return b;
 }
 
 template <bool INT4, typename T, int MC, int R, bool PIPE>
@@ -229,13 +253,7 @@ void launch(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& s
   // As few passes over the slices as the thread limit allows, spread evenly over the threads.
   const int passes = (slices + kMaxThreads - 1) / kMaxThreads;
   const int threads = std::max(32, ((slices + passes - 1) / passes + 31) / 32 * 32);
-  // Resident blocks per SM for this block size (the same on every GPU of one kind: cached).
-  static int per_sm[kMaxThreads / 32 + 1] = {0};
-  int& bps = per_sm[threads / 32];
-  if (bps == 0) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, gemv_kernel<INT4, T, MC, R, PIPE>, threads, 0));
-    bps = std::max(bps, 1);
-  }
+  const int bps = blocks_per_sm<gemv_kernel<INT4, T, MC, R, PIPE>>(threads);
   const int nb = (N + R - 1) / R;
   const dim3 grid(PIPE ? std::min(nb, bps * sm_count()) : nb);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -256,6 +274,7 @@ void launch(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& s
 // 32 consecutive packed k (16 bytes) per row and K-tile, and takes them in the pairs that one
 // mask of a 32-bit word yields: nibbles (i, i + 4).
 constexpr int kMmaWarps = 16;  // at most, per block of 16 or 32 rows; they split K (more loads in flight)
+static_assert(kMmaWarps * 32 <= 512 && kMaxThreads <= 512, "blocks_per_sm caches blocks of <= 512 threads");
 
 template <typename T>
 struct Pair;
@@ -435,21 +454,6 @@ struct MmaShape {
   int rt, warps;
 };
 
-template <typename T, int NT, int RT>
-int mma_blocks_per_sm(int threads) {  // resident blocks per SM, per device and block size (cached)
-  static std::atomic<int> cache[64][kMmaWarps + 1];  // zero-initialised (static storage)
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  std::atomic<int>& slot = cache[std::min(dev, 63)][threads / 32];
-  int b = slot.load(std::memory_order_relaxed);
-  if (b == 0) {  // racing first calls compute the same value
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, int4_mma_kernel<T, NT, RT>, threads, 0));
-    b = std::max(b, 1);
-    slot.store(b, std::memory_order_relaxed);
-  }
-  return b;
-}
-
 template <typename T, int NT>
 MmaShape mma_shape(int n, int k) {
   static constexpr MmaShape kOne[] = {{1, 16}, {1, 8}, {2, 8}, {2, 4}};  // NT = 1
@@ -459,7 +463,8 @@ MmaShape mma_shape(int n, int k) {
   MmaShape s = list[count - 1];
   for (int i = 0; i < count; ++i) {
     const int warps = std::min(list[i].warps, k / 128), blocks = (n + 16 * list[i].rt - 1) / (16 * list[i].rt);
-    const int per_sm = list[i].rt == 1 ? mma_blocks_per_sm<T, NT, 1>(warps * 32) : mma_blocks_per_sm<T, NT, 2>(warps * 32);
+    const int per_sm = list[i].rt == 1 ? blocks_per_sm<int4_mma_kernel<T, NT, 1>>(warps * 32)
+                                       : blocks_per_sm<int4_mma_kernel<T, NT, 2>>(warps * 32);
     if (blocks <= per_sm * sm_count()) {
       s = list[i];
       break;
@@ -531,12 +536,7 @@ bool tensor_cores() {
     const char* v = std::getenv("FXQUANT_CXX_INT4_MMA");
     return v != nullptr && v[0] == '0';
   }();
-  static int major[64] = {0};  // per device, queried once
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 64) dev = 63;
-  if (major[dev] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev));
-  return !env_off && major[dev] >= 8;
+  return !env_off && device_attr<cudaDevAttrComputeCapabilityMajor>() >= 8;
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
