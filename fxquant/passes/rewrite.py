@@ -160,7 +160,7 @@ class RewriteContext:
     @staticmethod
     def _key(ref: WeightRef) -> tuple:
         # _version moves on in-place writes, so a recompile after changing a weight repacks it.
-        return (id(ref.base), ref.base._version, ref.transposed, ref.dtype)
+        return (id(ref.base), _weight_version(ref.base), ref.transposed, ref.dtype)
 
     def _pack(self, ref: WeightRef, name: str):
         with unset_fake_temporarily(), torch.no_grad():
@@ -259,6 +259,21 @@ def _is_transpose(node: fx.Node) -> bool:
     if node.target is aten.transpose.int:
         return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
     return False
+
+
+def _weight_version(t: torch.Tensor) -> object:
+    """What changes when `t` is written in place. Inference tensors (made under
+    torch.inference_mode) keep no version counter: use their contents' sums instead."""
+    if not t.is_inference():
+        return t._version
+    with unset_fake_temporarily(), torch.no_grad():
+        flat = t.detach().reshape(-1)
+        s1 = s2 = 0.0
+        for chunk in flat.split(1 << 24):  # bounded float64 temporaries for huge weights
+            c = chunk.to(torch.float64)
+            s1 += float(c.sum())
+            s2 += float(c.square().sum())
+    return ("contents", s1, s2)
 
 
 def _is_vector_bias(bias: object, n: int) -> bool:
