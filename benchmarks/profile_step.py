@@ -9,6 +9,7 @@ it per scheme, and for one step at batch --batch (--tokens tokens per row; 1 = d
 "step ms - kernel ms" is time the GPU spent between kernels (launch gaps, tails).
 
   python benchmarks/profile_step.py --schemes bf16-inductor,int4 --layers 8 --batch 1
+  python benchmarks/profile_step.py --schemes int8dyn,int8dyn:nofuse --tokens 2048   # fuse_act_quant off
 """
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ def build(name: str, cfg, dtype, mode: str):
     model = llm.build_model(cfg, device, dtype, seed=0)
     if name == "bf16-inductor":
         return torch.compile(model, mode=mode)
-    be = fxquant.backend(llm.FXQUANT_SCHEMES[name](), release_weights=True)
+    scheme, _, flags = name.partition(":")  # e.g. "int8dyn:nofuse" (fuse_act_quant=False)
+    options = {"fuse_act_quant": False} if flags == "nofuse" else {}
+    be = fxquant.backend(llm.FXQUANT_SCHEMES[scheme](), release_weights=True, **options)
     return torch.compile(model, backend=be, mode=mode)
 
 

@@ -20,13 +20,14 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from .configs import Int8WeightOnly, QuantConfig
 from .passes import quantize as qpass
 from .passes.constants import PlaceholderConstants, dynamo_source_to_fqn
+from .passes.act_quant import split_activation_quant
 from .passes.horizontal import fuse_siblings
 from .passes.inline_cpu import inline_cpu_float32
 from .passes.rewrite import LayerFilter, RewriteContext, graph_fake_mode
 from .report import LinearRecord, format_report
 
 OPTIONS = ("config", "skip", "filter", "release_weights", "verbose", "inductor", "prepacked", "mode",
-           "fuse_siblings")
+           "fuse_siblings", "fuse_act_quant")
 
 
 class Backend:
@@ -40,7 +41,7 @@ class Backend:
     def __init__(self, config: QuantConfig | None = None, *, skip: Sequence[str] = (),
                  filter: LayerFilter | None = None, release_weights: bool = False,  # noqa: A002
                  verbose: bool = False, inductor: dict[str, Any] | None = None, prepacked: Any = None,
-                 mode: str | None = None, fuse_siblings: bool = True):
+                 mode: str | None = None, fuse_siblings: bool = True, fuse_act_quant: bool = True):
         config = _prepacked_config(config, prepacked)
         config = Int8WeightOnly() if config is None else config
         if not isinstance(config, QuantConfig):
@@ -67,6 +68,7 @@ class Backend:
         # to ask for "reduce-overhead" (CUDA graphs) with the string backend "fxquant".
         self.mode = mode
         self.fuse_siblings = bool(fuse_siblings)  # Q/K/V, gate/up: one op over concatenated weights
+        self.fuse_act_quant = bool(fuse_act_quant)  # per-token activation quant fused into x's producer
         self._records: dict[str, LinearRecord] = {}
         self._report: list[LinearRecord] = []  # live list, updated in place after each compile
         self._pack_cache: dict = {}
@@ -191,6 +193,8 @@ class _QuantizeJointPass(CustomGraphPass):
         fake = graph_fake_mode(graph)
         if fake is not None and ctx.quantized_weights:
             inline_cpu_float32(graph, fake)  # lowering, after the rewrite is recorded
+        if b.fuse_act_quant and ctx.quantized_weights:
+            split_activation_quant(graph)
         if fake is not None and ctx.quantized_weights and not fake.allow_non_fake_inputs:
             # Inductor re-propagates fake values through the graph; our packed weights are real
             # get_attr constants, which this compile's fake mode must accept.

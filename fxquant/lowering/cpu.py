@@ -40,22 +40,41 @@ def int4_weight_only_linear(x, qweight, scales_zeros, bias, group_size):
     return _finish(F.linear(_rows(x), w), x, bias)
 
 
+def _int8_scaled_mm(xq2, xs, qweight, w_scales):
+    if xq2.shape[0] == 0:
+        return xq2.new_zeros(0, qweight.shape[0], dtype=torch.float32)
+    return torch._int_mm(xq2, qweight.t()).float() * xs * w_scales.float()[None, :]
+
+
+def _fp8_scaled_mm(xq2, xs, qweight, w_scales):
+    # Reference arithmetic: fp8 values are exact in float32, accumulate in float32.
+    return (xq2.float() @ qweight.float().t()) * xs * w_scales.float().reshape(1, -1)
+
+
+def _finish_prequant(out2d, xq, bias, out_dtype):
+    if bias is not None:
+        out2d = out2d + bias.to(out2d.dtype)
+    return out2d.to(out_dtype).reshape(*xq.shape[:-1], out2d.shape[-1])
+
+
 def int8_dynamic_linear(x, qweight, w_scales, bias):
-    x2 = _rows(x)
-    if x2.shape[0] == 0:
-        return _finish(x2.new_zeros(0, qweight.shape[0]), x, bias)
-    xq, xs = nq.quantize_int8_per_token(x2)
-    acc = torch._int_mm(xq, qweight.t())
-    out = acc.float() * xs * w_scales.float()[None, :]
-    return _finish(out, x, bias)
+    xq, xs = nq.quantize_int8_per_token(_rows(x))
+    return _finish(_int8_scaled_mm(xq, xs, qweight, w_scales), x, bias)
+
+
+def int8_dynamic_linear_prequant(xq, x_scales, qweight, w_scales, bias, out_dtype):
+    out = _int8_scaled_mm(_rows(xq), x_scales.reshape(-1, 1), qweight, w_scales)
+    return _finish_prequant(out, xq, bias, out_dtype)
 
 
 def float8_dynamic_linear(x, qweight, w_scales, bias, per_row):
-    x2 = _rows(x)
-    xq, xs = nq.quantize_fp8(x2, per_row)
-    # Reference arithmetic: fp8 values are exact in float32, accumulate in float32.
-    out = (xq.float() @ qweight.float().t()) * xs * w_scales.float().reshape(1, -1)
-    return _finish(out, x, bias)
+    xq, xs = nq.quantize_fp8(_rows(x), per_row)
+    return _finish(_fp8_scaled_mm(xq, xs, qweight, w_scales), x, bias)
+
+
+def float8_dynamic_linear_prequant(xq, x_scales, qweight, w_scales, bias, out_dtype):
+    out = _fp8_scaled_mm(_rows(xq), x_scales.reshape(-1, 1), qweight, w_scales)
+    return _finish_prequant(out, xq, bias, out_dtype)
 
 
 def float8_weight_only_linear(x, qweight, w_scales, bias):

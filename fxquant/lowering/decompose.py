@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import numerics as nq
-from .cpu import _finish, _rows
+from .cpu import _finish, _finish_prequant, _rows
 
 _CUDA_INT_MM_MIN_M = 17
 
@@ -39,15 +39,24 @@ def int4_weight_only_linear(x: Tensor, qweight: Tensor, scales_zeros: Tensor, bi
     return _finish(F.linear(_rows(x), w), x, bias)
 
 
-def int8_dynamic_linear(x: Tensor, qweight: Tensor, w_scales: Tensor, bias: Tensor | None) -> Tensor:
-    xq, xs = nq.quantize_int8_per_token(_rows(x))
+def _int8_scaled_mm(xq: Tensor, xs: Tensor, qweight: Tensor, w_scales: Tensor) -> Tensor:
     if xq.device.type == "cuda":
         m = xq.shape[0]
         acc = torch._int_mm(F.pad(xq, (0, 0, 0, _CUDA_INT_MM_MIN_M)), qweight.t())[:m]
     else:
         acc = torch._int_mm(xq, qweight.t())
-    out = acc.float() * xs * w_scales.float()[None, :]
-    return _finish(out, x, bias)
+    return acc.float() * xs * w_scales.float()[None, :]
+
+
+def int8_dynamic_linear(x: Tensor, qweight: Tensor, w_scales: Tensor, bias: Tensor | None) -> Tensor:
+    xq, xs = nq.quantize_int8_per_token(_rows(x))
+    return _finish(_int8_scaled_mm(xq, xs, qweight, w_scales), x, bias)
+
+
+def int8_dynamic_linear_prequant(xq: Tensor, x_scales: Tensor, qweight: Tensor, w_scales: Tensor,
+                                 bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    out = _int8_scaled_mm(_rows(xq), x_scales.reshape(-1, 1), qweight, w_scales)
+    return _finish_prequant(out, xq, bias, out_dtype)
 
 
 def float8_dynamic_linear(x: Tensor, qweight: Tensor, w_scales: Tensor, bias: Tensor | None,
@@ -56,6 +65,12 @@ def float8_dynamic_linear(x: Tensor, qweight: Tensor, w_scales: Tensor, bias: Te
     # fp8 values are exact in float32; float32 accumulate, as the CPU kernel.
     out = (xq.float() @ qweight.float().t()) * xs * w_scales.float().reshape(1, -1)
     return _finish(out, x, bias)
+
+
+def float8_dynamic_linear_prequant(xq: Tensor, x_scales: Tensor, qweight: Tensor, w_scales: Tensor,
+                                   bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    out = (_rows(xq).float() @ qweight.float().t()) * x_scales.reshape(-1, 1) * w_scales.float().reshape(1, -1)
+    return _finish_prequant(out, xq, bias, out_dtype)
 
 
 def float8_weight_only_linear(x: Tensor, qweight: Tensor, w_scales: Tensor, bias: Tensor | None) -> Tensor:
@@ -72,4 +87,6 @@ def fxquant_decompositions() -> dict[torch._ops.OpOverload, Callable]:
         ops.int8_dynamic_linear.default: int8_dynamic_linear,
         ops.float8_dynamic_linear.default: float8_dynamic_linear,
         ops.float8_weight_only_linear.default: float8_weight_only_linear,
+        ops.int8_dynamic_linear_prequant.default: int8_dynamic_linear_prequant,
+        ops.float8_dynamic_linear_prequant.default: float8_dynamic_linear_prequant,
     }

@@ -223,11 +223,13 @@ def _auto_split(tiles: int, k_tiles: int, sms: int) -> int:
     return split
 
 
-def _activations(scheme, x2, scales):
-    """(x, x scales, XS_MODE) for the kernels: dynamic schemes quantize x here, once per call."""
+def _activations(scheme, x2, scales, pre):
+    """(x, x scales, XS_MODE) for the kernels: dynamic schemes quantize x here, once per call,
+    unless `pre` = (q, scales) quantized beforehand (linear_prequant)."""
     if scheme not in DYNAMIC:
         return x2, scales, C.SC_NONE  # scales: any valid pointer, never read
-    q, xs = quantize_activations(x2, fp8=scheme != "int8_dyn", per_row=scheme != "fp8_dyn_tensor")
+    q, xs = pre if pre is not None else quantize_activations(x2, fp8=scheme != "int8_dyn",
+                                                             per_row=scheme != "fp8_dyn_tensor")
     return q, xs, C.SC_TENSOR if scheme == "fp8_dyn_tensor" else C.SC_ROW
 
 
@@ -235,11 +237,11 @@ def _weight_scale_mode(scheme, scales, n):
     return C.SC_NONE if scheme == "int4_wo" else (C.SC_ROW if scales.numel() == n else C.SC_TENSOR)
 
 
-def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out):
+def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
     M, K = x2.shape
     N = qweight.shape[0]
     wo = scheme in WEIGHT_ONLY
-    x2, xs, xs_mode = _activations(scheme, x2, scales)
+    x2, xs, xs_mode = _activations(scheme, x2, scales, pre)
     ws_mode = _weight_scale_mode(scheme, scales, N)
     bk = _fix_bk(cfg.bk, scheme, group, K, "gemv")
     gemv_kernel[(triton.cdiv(N, cfg.bn),)](
@@ -251,10 +253,10 @@ def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out):
     return out
 
 
-def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out):
+def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
     M, K = x2.shape
     N = qweight.shape[0]
-    x2, xs, xs_mode = _activations(scheme, x2, scales)
+    x2, xs, xs_mode = _activations(scheme, x2, scales, pre)
     ws_mode = _weight_scale_mode(scheme, scales, N)
     bk = _fix_bk(cfg.bk, scheme, group, K, "gemm")
     tiles = triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn)
@@ -350,6 +352,35 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     else:
         _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out)
     return out.reshape(*x.shape[:-1], N)
+
+
+def linear_prequant(scheme: str, xq: torch.Tensor, x_scales: torch.Tensor, qweight: torch.Tensor,
+                    scales: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """A per-row dynamic scheme ("int8_dyn", "fp8_dyn_row") on activations quantized beforehand:
+    xq [..., K] int8/e4m3, x_scales [..., 1] float32. Same kernels and configs as `linear`."""
+    assert scheme in ("int8_dyn", "fp8_dyn_row"), scheme
+    K = xq.shape[-1]
+    N = qweight.shape[0]
+    xq2 = xq.reshape(-1, K)
+    M = xq2.shape[0]
+    if M == 0:
+        return torch.empty((*xq.shape[:-1], N), device=xq.device, dtype=out_dtype)
+    if scheme in _FP8:
+        check_fp8_supported(xq.device)
+    if xq2.stride(1) != 1 or xq2.data_ptr() % 16:
+        xq2 = xq2.contiguous() if xq2.stride(1) != 1 else xq2.clone()
+    xs = x_scales.reshape(-1)
+    xs = xs if xs.is_contiguous() else xs.contiguous()
+    if not qweight.is_contiguous() or qweight.data_ptr() % 16:
+        qweight = qweight.contiguous() if not qweight.is_contiguous() else qweight.clone()
+    scales = scales if scales.is_contiguous() else scales.contiguous()
+    cfg = get_config(scheme, M, N, K, 0, out_dtype, xq.device, allow_cxx=False)
+    if not (cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M)):
+        cfg = default_config(scheme, max(M, 17), N, K, 0)
+    out = torch.empty((M, N), device=xq.device, dtype=out_dtype)
+    run = _run_gemv if cfg.kind == "gemv" else _run_gemm
+    run(scheme, xq2, qweight, scales, bias, 0, cfg, out, pre=(xq2, xs))
+    return out.reshape(*xq.shape[:-1], N)
 
 
 _cxx_warned = False

@@ -41,6 +41,14 @@ def _fp8_wo(x, qweight, w_scales, bias):
     return _dispatch().linear("fp8_wo", x, qweight, w_scales, bias)
 
 
+def _int8_dyn_pre(xq, x_scales, qweight, w_scales, bias, out_dtype):
+    return _dispatch().linear_prequant("int8_dyn", xq, x_scales, qweight, w_scales, bias, out_dtype)
+
+
+def _fp8_dyn_pre(xq, x_scales, qweight, w_scales, bias, out_dtype):
+    return _dispatch().linear_prequant("fp8_dyn_row", xq, x_scales, qweight, w_scales, bias, out_dtype)
+
+
 def register() -> bool:
     """Idempotent. Returns False (and registers nothing) when torch has no CUDA support."""
     global _registered
@@ -50,7 +58,9 @@ def register() -> bool:
         return False
     for op, fn in ((ops.int8_weight_only_linear, _int8_wo), (ops.int4_weight_only_linear, _int4_wo),
                    (ops.int8_dynamic_linear, _int8_dyn), (ops.float8_dynamic_linear, _fp8_dyn),
-                   (ops.float8_weight_only_linear, _fp8_wo)):
+                   (ops.float8_weight_only_linear, _fp8_wo),
+                   (ops.int8_dynamic_linear_prequant, _int8_dyn_pre),
+                   (ops.float8_dynamic_linear_prequant, _fp8_dyn_pre)):
         op.register_kernel("cuda")(fn)
     _registered = True
     return True

@@ -1,0 +1,48 @@
+"""Activation-quantization prologue: split each per-token dynamic op into its quantization,
+written as ATen ops, and a GEMM op on the quantized activations.
+
+`int8_dynamic_linear(x, ...)` becomes `numerics.quantize_int8_per_token(x)` (abs, amax, divide,
+round, clamp, cast) feeding `int8_dynamic_linear_prequant(xq, x_scales, ...)`; likewise fp8 with
+per-row scales. Inductor then fuses the quantization into the kernel that produces x (the
+RMSNorm / LayerNorm before Q/K/V and gate/up, the SiLU-and-multiply before down): x goes through
+memory once, as int8/e4m3, instead of being written in bf16, read, quantized and written again.
+Per-tensor fp8 is left whole (its scale needs every row first). Runs after horizontal fusion,
+so fused siblings share one quantization.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
+
+from .. import numerics as nq
+
+fxq = torch.ops.fxquant
+_PASS = PatternMatcherPass(pass_name="fxquant_act_quant_prologue")
+
+
+def _int8(x, qweight, w_scales, bias):
+    xq, xs = nq.quantize_int8_per_token(x)
+    return fxq.int8_dynamic_linear_prequant(xq, xs, qweight, w_scales, bias, x.dtype)
+
+
+def _fp8_row(x, qweight, w_scales, bias):
+    xq, xs = nq.quantize_fp8(x, per_row=True)
+    return fxq.float8_dynamic_linear_prequant(xq, xs, qweight, w_scales, bias, x.dtype)
+
+
+@register_graph_pattern(CallFunction(fxq.int8_dynamic_linear.default, Arg(), Arg(), Arg(), Arg()),
+                        pass_dict=_PASS)
+def _split_int8(match: Match, x, qweight, w_scales, bias):
+    match.replace_by_example(_int8, [x, qweight, w_scales, bias])
+
+
+@register_graph_pattern(CallFunction(fxq.float8_dynamic_linear.default, Arg(), Arg(), Arg(), Arg(), True),
+                        pass_dict=_PASS)
+def _split_fp8_row(match: Match, x, qweight, w_scales, bias):
+    match.replace_by_example(_fp8_row, [x, qweight, w_scales, bias])
+
+
+def split_activation_quant(graph: fx.Graph) -> int:
+    """Rewrite in place; returns the number of ops split."""
+    return _PASS.apply(graph)
