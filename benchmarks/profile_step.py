@@ -10,11 +10,15 @@ it per scheme, and for one step at batch --batch (--tokens tokens per row; 1 = d
 
   python benchmarks/profile_step.py --schemes bf16-inductor,int4 --layers 8 --batch 1
   python benchmarks/profile_step.py --schemes int8dyn,int8dyn:nofuse --tokens 2048   # fuse_act_quant off
+
+With --out DIR it writes profile.json (every kernel's ms per step) and profile.png (a stacked bar per
+scheme: ms per step by kernel group, and the gaps).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import statistics
 import sys
 import time
@@ -152,6 +156,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profiled", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--out", default=None, help="folder for profile.json and profile.png")
     args = p.parse_args()
     dtype = torch.bfloat16
     cfg = llm.llama_config(False, args.layers)
@@ -171,6 +176,37 @@ def main() -> None:
         gemm = r["groups"]["fxquant"] + r["groups"]["cublas"]
         print(f"{name:16s} {r['step_ms_graphs']:12.3f} {r['kernel_ms']:12.3f} "
               f"{r['step_ms_graphs'] - r['kernel_ms']:8.3f} {gemm:12.3f} {sum(r['group_counts'].values()):10.0f}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
+                "batch": args.batch, "tokens": args.tokens, "prompt": args.prompt}
+        (out / "profile.json").write_text(json.dumps({"meta": meta, "results": {n: r for n, r in rows}}, indent=1))
+        plot(rows, meta, out / "profile.png")
+
+
+def plot(rows, meta, path: Path) -> None:
+    """One stacked bar per scheme: GPU ms per step by kernel group, plus the gaps between kernels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    parts = ("fxquant", "cublas", "attention", "inductor", "other")
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 4.2))
+    names = [n for n, _ in rows]
+    bottom = [0.0] * len(rows)
+    for g in parts + ("gaps",):
+        vals = [max(0.0, r["step_ms_graphs"] - r["kernel_ms"]) if g == "gaps" else r["groups"][g] for _, r in rows]
+        ax.bar(names, vals, bottom=bottom, label=g)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, (_, r) in enumerate(rows):
+        ax.text(i, bottom[i], f"{r['step_ms_graphs']:.2f} ms", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("ms per step (CUDA graphs)")
+    what = "decode" if meta["tokens"] == 1 else f"prefill of {meta['tokens']} tokens"
+    ax.set_title(f"{meta['layers']} layers, batch {meta['batch']}, {what}\n{meta['device']}, torch {meta['torch']}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -352,29 +352,17 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
     uint4 wa4[RT], wb4[RT];
     uint32_t sza[RT], szb[RT];
   };
-  Frag nxt;  // U = 2: K-tile kt + nwarps, in flight during tile kt's MMAs
-  // U = 2 starts a pass early: that pass only loads the warp's first K-tile. One load site for
-  // both U, inline: with the loads in a helper, U = 1's SASS was no longer the same.
-  for (int kt = warp - (U - 1) * nwarps; kt < K / 128; kt += nwarps) {
-    const int k0 = kt * 128 + 32 * t;  // this lane's 32 k
-    Frag cur;
-    if constexpr (U == 2) cur = nxt;
-    const int kl = kt + (U - 1) * nwarps;  // the K-tile loaded now
-    if (kl < K / 128) {  // U = 2: none past the last K-tile
-      Frag& f = U == 2 ? nxt : cur;
-      const int k0l = kl * 128 + 32 * t;
-      const unsigned int* szw = reinterpret_cast<const unsigned int*>(sz) + (int64_t)(k0l / group) * N;
+  auto load_w = [&](int k0, Frag& f) {
+    const unsigned int* szw = reinterpret_cast<const unsigned int*>(sz) + (int64_t)(k0 / group) * N;
 #pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        f.wa4[r] = load_stream(w + ra[r] * row_bytes + k0l / 2);
-        f.wb4[r] = load_stream(w + rb[r] * row_bytes + k0l / 2);
-        f.sza[r] = __ldg(szw + ra[r]);
-        f.szb[r] = __ldg(szw + rb[r]);
-      }
+    for (int r = 0; r < RT; ++r) {
+      f.wa4[r] = load_stream(w + ra[r] * row_bytes + k0 / 2);
+      f.wb4[r] = load_stream(w + rb[r] * row_bytes + k0 / 2);
+      f.sza[r] = __ldg(szw + ra[r]);
+      f.szb[r] = __ldg(szw + rb[r]);
     }
-    if (U == 2 && kt < warp) continue;
-    const auto &wa4 = cur.wa4, &wb4 = cur.wb4;
-    const auto &sza = cur.sza, &szb = cur.szb;
+  };
+  auto mma_tile = [&](int k0, const Frag& f) {
     auto load_x = [&](int n, int v) -> uint4 {  // rows past M read as zeros
       const int m = n * 8 + g;
       return m < M ? __ldg(reinterpret_cast<const uint4*>(x + m * x_stride + k0) + v) : make_uint4(0, 0, 0, 0);
@@ -382,7 +370,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
     T2 s2[RT][2], z2[RT][2];  // (scale, scale) and (zero, zero) of rows g, g + 8
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
-      const T2 pa = *reinterpret_cast<const T2*>(&sza[r]), pb = *reinterpret_cast<const T2*>(&szb[r]);
+      const T2 pa = *reinterpret_cast<const T2*>(&f.sza[r]), pb = *reinterpret_cast<const T2*>(&f.szb[r]);
       s2[r][0] = Pair<T>::lo2(pa), z2[r][0] = Pair<T>::hi2(pa), s2[r][1] = Pair<T>::lo2(pb), z2[r][1] = Pair<T>::hi2(pb);
     }
     // x piece v (8 k of each token, 4 words) feeds MMA steps 2v and 2v + 1: only NT x 4 words
@@ -409,8 +397,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
           }
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
-          const uint32_t wa[4] = {wa4[r].x, wa4[r].y, wa4[r].z, wa4[r].w};
-          const uint32_t wb[4] = {wb4[r].x, wb4[r].y, wb4[r].z, wb4[r].w};
+          const uint32_t wa[4] = {f.wa4[r].x, f.wa4[r].y, f.wa4[r].z, f.wa4[r].w};
+          const uint32_t wb[4] = {f.wb4[r].x, f.wb4[r].y, f.wb4[r].z, f.wb4[r].w};
           // A fragment: a0/a2 row g, a1/a3 row g + 8; a0/a1 the MMA's k 2t, 2t + 1, a2/a3 k 2t + 8, + 9
           const uint32_t a0 = dequant_pair<T>(wa, 2 * j, s2[r][0], z2[r][0]);
           const uint32_t a1 = dequant_pair<T>(wb, 2 * j, s2[r][1], z2[r][1]);
@@ -420,6 +408,23 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
           for (int n = 0; n < NT; ++n) mma16816<T>(acc[r][n], a0, a1, a2, a3, b[n][0], b[n][1]);
         }
       }
+    }
+  };
+  if constexpr (U == 1) {
+    for (int kt = warp; kt < K / 128; kt += nwarps) {
+      const int k0 = kt * 128 + 32 * t;  // this lane's 32 k
+      Frag f;
+      load_w(k0, f);
+      mma_tile(k0, f);
+    }
+  } else {  // the same K-tiles, with tile kt + nwarps in flight during tile kt's MMAs
+    Frag cur, nxt;
+    if (warp < K / 128) load_w(warp * 128 + 32 * t, nxt);
+    for (int kt = warp; kt < K / 128; kt += nwarps) {
+      const int k0 = kt * 128 + 32 * t;  // this lane's 32 k
+      cur = nxt;
+      if (kt + nwarps < K / 128) load_w(k0 + nwarps * 128, nxt);  // none past the last K-tile
+      mma_tile(k0, cur);
     }
   }
 
@@ -473,8 +478,8 @@ struct MmaShape {
   int rt, warps, u = 1;
 };
 
-// Where U = 2 is built: at NT = 4, RT = 2 it spills under the launch bound's 128 registers.
-constexpr bool has_load_ahead(int nt, int rt) { return !(nt == 4 && rt == 2); }
+// Where U = 2 is built: TODO.
+constexpr bool has_load_ahead(int nt, int rt) { return true; }
 
 // Occupancy of the kernel that launch_mma starts for (RT, u).
 template <typename T, int NT, int RT>
