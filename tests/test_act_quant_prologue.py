@@ -69,10 +69,16 @@ def test_prequant_op_rejects_bad_inputs():
         fxq.int8_dynamic_linear_prequant(xq[:, :95], xs, qw, ws, None, torch.float32)
     with pytest.raises(RuntimeError, match="x_scales must be float32"):
         fxq.int8_dynamic_linear_prequant(xq, xs.reshape(-1), qw, ws, None, torch.float32)
+    with pytest.raises(RuntimeError, match=r"x_scales \(1, 1\) must have one scale per token of xq \(4, 96\)"):
+        fxq.int8_dynamic_linear_prequant(xq, xs[:1], qw, ws, None, torch.float32)  # was broadcast silently
     with pytest.raises(RuntimeError, match="out_dtype must be"):
         fxq.int8_dynamic_linear_prequant(xq, xs, qw, ws, None, torch.int32)
-    with pytest.raises(RuntimeError, match="xq is torch.float32"):
+    with pytest.raises(RuntimeError, match="xq and the weight must be torch.int8, got torch.float32"):
         fxq.int8_dynamic_linear_prequant(x, xs, qw, ws, None, torch.float32)
+    with pytest.raises(RuntimeError, match="must be torch.float8_e4m3fn, got torch.int8"):
+        fxq.float8_dynamic_linear_prequant(xq, xs, qw, ws, None, torch.float32)
+    with pytest.raises(RuntimeError, match="at least one dim"):
+        fxq.int8_dynamic_linear_prequant(xq[0, 0], xs[0, 0], qw, ws, None, torch.float32)
 
 
 class _NormQKV(nn.Module):
@@ -139,9 +145,14 @@ def test_per_tensor_fp8_and_weight_only_are_not_split(monkeypatch):
     assert counts == [0, 0]
 
 
-def test_split_graph_compiles_once_for_every_m():
+def test_split_graph_compiles_once_for_every_m(monkeypatch):
     cfg = fxquant.Int8DynamicActivationInt8Weight()
     model = nn.Sequential(nn.RMSNorm(K), nn.Linear(K, N)).to(torch.bfloat16)
+    from fxquant.passes import act_quant
+    counts = []
+    real = act_quant.split_activation_quant
+    monkeypatch.setattr(sys.modules["fxquant.backend"], "split_activation_quant",
+                        lambda g: counts.append(real(g)) or counts[-1])
     torch._dynamo.reset()
     be = fxquant.backend(cfg)
     compiled = torch.compile(model, backend=be, dynamic=True)
@@ -150,3 +161,26 @@ def test_split_graph_compiles_once_for_every_m():
             xm = torch.randn(m, K, dtype=torch.bfloat16)
             assert fxquant.sqnr(model(xm).float(), compiled(xm).float()) > 30
     assert len(be.compiled_graphs) == 1  # one dynamic compile serves every M
+    assert counts == [1]  # ... and its graph (symbolic M) was split
+
+
+def test_exact_division_is_on_while_compiling_split_graphs(monkeypatch):
+    # Inductor's Triton code divides float32 approximately unless asked not to; the split's
+    # quantization must divide as numerics.py does.
+    import torch._inductor.config as inductor_config
+    if not hasattr(getattr(inductor_config, "eager_numerics", None), "division_rounding"):
+        pytest.skip("this torch's Inductor has no eager_numerics.division_rounding")
+    seen = []
+    from fxquant.passes import act_quant
+    real = act_quant.split_activation_quant
+
+    def spy(graph):
+        seen.append(inductor_config.eager_numerics.division_rounding)
+        return real(graph)
+    monkeypatch.setattr(sys.modules["fxquant.backend"], "split_activation_quant", spy)
+    model, x = nn.Sequential(nn.RMSNorm(K), nn.Linear(K, N)).to(torch.bfloat16), torch.randn(4, K).bfloat16()
+    _compile(model, fxquant.Int8DynamicActivationInt8Weight(), x)
+    _compile(model, fxquant.Int8WeightOnly(), x)  # not split: Inductor's default stays
+    _compile(model, fxquant.Int8DynamicActivationInt8Weight(), x, inductor={act_quant.EXACT_DIVISION: False})
+    assert seen == [True, False, False]  # the user's inductor= options win
+    assert inductor_config.eager_numerics.division_rounding is False  # restored after the compile

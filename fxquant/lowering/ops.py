@@ -91,12 +91,19 @@ def _(x, qweight, w_scales, bias):
 # Dynamic-activation ops on activations quantized beforehand (passes/act_quant.py writes the
 # per-token quantization as ATen ops so Inductor fuses it into the kernel producing x).
 # xq [..., K] int8 / e4m3, x_scales [..., 1] float32 (per token), out [..., N] in out_dtype.
-def _check_prequant(xq: Tensor, x_scales: Tensor, qweight: Tensor, out_dtype: torch.dtype, op: str) -> None:
-    torch._check(xq.dim() >= 1 and xq.shape[-1] == qweight.shape[1],
+def _check_prequant(xq: Tensor, x_scales: Tensor, qweight: Tensor, out_dtype: torch.dtype, op: str,
+                    q_dtype: torch.dtype) -> None:
+    torch._check(xq.dim() >= 1, lambda: f"fxquant.{op}: xq must have at least one dim")
+    torch._check(xq.dtype == q_dtype and qweight.dtype == q_dtype,
+                 lambda: f"fxquant.{op}: xq and the weight must be {q_dtype}, got {xq.dtype} and {qweight.dtype}")
+    torch._check(xq.shape[-1] == qweight.shape[1],
                  lambda: f"fxquant.{op}: xq has K={xq.shape[-1]} but the weight has K={qweight.shape[1]}")
-    torch._check(xq.dtype == qweight.dtype, lambda: f"fxquant.{op}: xq is {xq.dtype}, the weight {qweight.dtype}")
     torch._check(x_scales.dtype == torch.float32 and x_scales.dim() == xq.dim() and x_scales.shape[-1] == 1,
-                 lambda: f"fxquant.{op}: x_scales must be float32 [..., 1] (one scale per token)")
+                 lambda: f"fxquant.{op}: x_scales must be float32 [..., 1] (one scale per token), got "
+                         f"{x_scales.dtype} {tuple(x_scales.shape)}")
+    torch._check(x_scales.shape[:-1] == xq.shape[:-1],
+                 lambda: f"fxquant.{op}: x_scales {tuple(x_scales.shape)} must have one scale per token of xq "
+                         f"{tuple(xq.shape)}")
     torch._check(out_dtype in (torch.float32, torch.float16, torch.bfloat16),
                  lambda: f"fxquant.{op}: out_dtype must be float32/float16/bfloat16, got {out_dtype}")
 
@@ -104,26 +111,28 @@ def _check_prequant(xq: Tensor, x_scales: Tensor, qweight: Tensor, out_dtype: to
 @torch.library.custom_op(f"{LIB}::int8_dynamic_linear_prequant", mutates_args=(), device_types="cpu")
 def int8_dynamic_linear_prequant(xq: Tensor, x_scales: Tensor, qweight: Tensor, w_scales: Tensor,
                                  bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    _check_prequant(xq, x_scales, qweight, out_dtype, "int8_dynamic_linear_prequant")
+    _check_prequant(xq, x_scales, qweight, out_dtype, "int8_dynamic_linear_prequant", torch.int8)
     return cpu.int8_dynamic_linear_prequant(xq, x_scales, qweight, w_scales, bias, out_dtype)
 
 
 @int8_dynamic_linear_prequant.register_fake
 def _(xq, x_scales, qweight, w_scales, bias, out_dtype):
-    _check_prequant(xq, x_scales, qweight, out_dtype, "int8_dynamic_linear_prequant")
+    _check_prequant(xq, x_scales, qweight, out_dtype, "int8_dynamic_linear_prequant", torch.int8)
     return xq.new_empty((*xq.shape[:-1], qweight.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op(f"{LIB}::float8_dynamic_linear_prequant", mutates_args=(), device_types="cpu")
 def float8_dynamic_linear_prequant(xq: Tensor, x_scales: Tensor, qweight: Tensor, w_scales: Tensor,
                                    bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    _check_prequant(xq, x_scales, qweight, out_dtype, "float8_dynamic_linear_prequant")
+    _check_prequant(xq, x_scales, qweight, out_dtype, "float8_dynamic_linear_prequant",
+                    torch.float8_e4m3fn)
     return cpu.float8_dynamic_linear_prequant(xq, x_scales, qweight, w_scales, bias, out_dtype)
 
 
 @float8_dynamic_linear_prequant.register_fake
 def _(xq, x_scales, qweight, w_scales, bias, out_dtype):
-    _check_prequant(xq, x_scales, qweight, out_dtype, "float8_dynamic_linear_prequant")
+    _check_prequant(xq, x_scales, qweight, out_dtype, "float8_dynamic_linear_prequant",
+                    torch.float8_e4m3fn)
     return xq.new_empty((*xq.shape[:-1], qweight.shape[0]), dtype=out_dtype)
 
 
