@@ -41,9 +41,14 @@ def weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND: tl.constexpr, GROUP: tl.const
             zp = tl.load(szp + 1, mask=gm, other=0.0).to(tl.float32)
             w = tl.reshape(tl.reshape(q, (BN, NG, GROUP)) * sc[:, :, None] + zp[:, :, None], (BN, BK))
         return w.to(DT)
+    elif WKIND == WK_FP8_MMA and not INTERPRETED:
+        # Loaded as e4m3 itself: a bitcast after the load would stop the pipelined shared-memory
+        # tile from feeding wgmma directly (it took a register round trip and a second store).
+        k = kt * BK + tl.arange(0, BK)
+        return tl.load(w_ptr + rn[:, None] * K + k[None, :], mask=k[None, :] < K, other=0.0)
     else:
         k = kt * BK + tl.arange(0, BK)
-        # Loaded as raw bytes so masked lanes are 0 (an fp8 `other` does not exist everywhere).
+        # Loaded as raw bytes so masked lanes are 0 (the interpreter has no fp8 `other`).
         w = tl.load(w_ptr.to(tl.pointer_type(tl.int8)) + rn[:, None] * K + k[None, :],
                     mask=k[None, :] < K, other=0)
         w = w.to(w_ptr.dtype.element_ty, bitcast=True)
@@ -99,7 +104,9 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
         # XK1: x's K stride is 1, stated at compile time so the x tile can be copied
         # asynchronously (pipelined) rather than loaded synchronously every iteration.
         xoff = rm[:, None] * stride_xm + (k[None, :] if XK1 else k[None, :] * stride_xk)
-        if WKIND >= WK_INT8_MMA:  # 8-bit activations: load raw bytes so masked lanes are 0
+        if WKIND == WK_FP8_MMA and not INTERPRETED:  # as e4m3: see weight_tile
+            a = tl.load(x_ptr + xoff, mask=k[None, :] < K, other=0.0)
+        elif WKIND >= WK_INT8_MMA:  # 8-bit activations: load raw bytes so masked lanes are 0
             a = tl.load(x_ptr.to(tl.pointer_type(tl.int8)) + xoff, mask=k[None, :] < K, other=0)
             a = a.to(DT, bitcast=True)
         else:

@@ -1,0 +1,57 @@
+"""The Triton GEMM as the GPU would run it, compiled for sm_90 on this CPU machine (Triton's
+compiler needs no GPU): properties of the generated code that decide its speed.
+
+Runs in a subprocess: the test session sets TRITON_INTERPRET=1, and the kernels read it at import.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fxquant.lowering.triton import common as C, gemm as G
+
+out = {}
+for name, wkind, ty in (("int8", C.WK_INT8_MMA, "*i8"), ("fp8", C.WK_FP8_MMA, "*fp8e4nv")):
+    for swap, bm, bn, warps in ((False, 128, 128, 8), (True, 128, 64, 4)):
+        sig = {"x_ptr": ty, "w_ptr": ty, "s_ptr": "*fp32", "xs_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16",
+               "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+               "stride_xk": "i32", "stride_om": "i32", "split_k": "i32"}
+        consts = dict(WKIND=wkind, XS_MODE=C.SC_ROW, WS_MODE=C.SC_ROW, GROUP=0, HAS_BIAS=False, REDUCE=0, SWAP=swap,
+                      IEEE=False, XK1=True, BM=bm, BN=bn, BK=128, GROUP_M=8)
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 13)}
+        src = ASTSource(fn=G.gemm_kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts,
+                        attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=3))
+        ir = k.asm["ttgir"]
+        dots = [line for line in ir.splitlines() if "ttng.warp_group_dot " in line]
+        out[f"{name} swap={swap}"] = {"dots": len(dots), "operands_in_smem": all(
+            line.split(" : ", 1)[1].count("!ttg.memdesc") == 2 for line in dots),
+            "local_loads": ir.count("ttg.local_load")}
+print(json.dumps(out))
+"""
+
+
+def test_8bit_gemm_operands_feed_wgmma_straight_from_the_pipelined_tiles():
+    # An fp8 tile loaded as int8 and bitcast went through registers and a second shared-memory
+    # store every K step (seen in session 5); both int8 and fp8 must feed wgmma from the tiles
+    # the pipeline copied.
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"Triton's NVIDIA backend is not installed: {e}")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(res) == 4
+    for key, r in res.items():
+        assert r["dots"] >= 1 and r["operands_in_smem"] and r["local_loads"] == 0, (key, r)
