@@ -220,3 +220,23 @@ def test_dequant_then_gemm_in_row_chunks(scheme, monkeypatch):
     monkeypatch.setattr(D, "dequantize_weight", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
     check(scheme, DEQ, M=5, N=200, K=96)
     assert calls == [64, 64, 64, 8]
+
+
+@pytest.mark.parametrize("cfg", [GEMM, GEMM_SWAP, GEMM_SPLIT, KC("gemm", bm=16, bn=16, bk=32, warps=4, stages=2,
+                                                                 split_k=3)],
+                         ids=["gemm", "swap", "splitk2", "splitk3"])
+def test_int4_scales_loaded_ahead_change_no_bit(cfg, monkeypatch):
+    # FXQUANT_TRITON_SZ_AHEAD=1: the next K-tile's (scale, zero) are loaded before this tile's dot
+    # (split-K: the next tile of the same split, kt + split_k; the last tile loads itself again).
+    g = torch.Generator().manual_seed(5)
+    M, N, K, group = 5, 40, 256, 64  # 4 groups: every K-tile of 32 or 64 changes group or not
+    w = torch.randn(N, K, generator=g).bfloat16()
+    packed = pack("int4_wo", w, group)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g).bfloat16()
+    outs = []
+    for ahead in ("0", "1"):
+        monkeypatch.setenv("FXQUANT_TRITON_SZ_AHEAD", ahead)
+        outs.append(D.linear("int4_wo", x, *packed, b, group, cfg))
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[1], REF["int4_wo"](x, packed, b, group)) <= TOL[torch.bfloat16]

@@ -276,9 +276,15 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
         WKIND=_WKIND[scheme], XS_MODE=xs_mode, WS_MODE=ws_mode, GROUP=group,
         HAS_BIAS=bias is not None, REDUCE=reduce, SWAP=cfg.swap,
         IEEE=out.dtype == torch.float32 and scheme in WEIGHT_ONLY, XK1=x2.stride(1) == 1,
-        BM=cfg.bm, BN=cfg.bn, BK=bk, GROUP_M=cfg.group_m,
+        BM=cfg.bm, BN=cfg.bn, BK=bk, GROUP_M=cfg.group_m, SZ_AHEAD=_sz_ahead(),
         num_warps=cfg.warps, num_stages=cfg.stages)
     return out
+
+
+def _sz_ahead() -> bool:
+    # Experiment switch (off by default until measured on a GPU): the int4 GEMM loads the next
+    # K-tile's scales and zeros before the current tile's dot.
+    return os.environ.get("FXQUANT_TRITON_SZ_AHEAD") == "1"
 
 
 DEQ_CHUNK_ELEMS = 1 << 27  # larger weights are dequantized in row chunks (256 MiB of bf16 each)

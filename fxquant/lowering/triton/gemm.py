@@ -18,20 +18,33 @@ from .common import (INTERPRETED, MAGIC_BITS, MAGIC_Q8, SC_ROW, SC_TENSOR, WK_IN
 
 
 @triton.jit
+def int4_values(w_ptr, rn, kt, K, BN: tl.constexpr, BK: tl.constexpr):
+    """The int4 tile [BN, BK] (K-tile kt) as float32 values q - 8, before scale and zero."""
+    kh = kt * (BK // 2) + tl.arange(0, BK // 2)
+    p = tl.load(w_ptr + rn[:, None] * (K // 2) + kh[None, :], mask=kh[None, :] < K // 2,
+                other=0).to(tl.int32)
+    lo = ((p & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
+    hi = ((p >> 4) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
+    return tl.reshape(tl.join(lo, hi), (BN, BK))  # byte j -> k = 2j (low), 2j + 1 (high)
+
+
+@triton.jit
+def int4_group_scales(s_ptr, rn, kt, N, GROUP: tl.constexpr, BK: tl.constexpr):
+    """(scale, zero) [BN] float32 of K-tile kt's group (BK <= GROUP: one group per tile)."""
+    szp = s_ptr + ((kt * BK) // GROUP * N + rn) * 2
+    return tl.load(szp).to(tl.float32), tl.load(szp + 1).to(tl.float32)
+
+
+@triton.jit
 def weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND: tl.constexpr, GROUP: tl.constexpr,
                 BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr):
     """Weight tile [BN, BK] (K-tile kt) in dtype DT. int4 is fully dequantized (scale, zero);
     int8/fp8 come back unscaled (their per-row scale is applied in the epilogue)."""
     if WKIND == WK_INT4:
-        kh = kt * (BK // 2) + tl.arange(0, BK // 2)
-        p = tl.load(w_ptr + rn[:, None] * (K // 2) + kh[None, :], mask=kh[None, :] < K // 2,
-                    other=0).to(tl.int32)
-        lo = ((p & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
-        hi = ((p >> 4) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
-        q = tl.reshape(tl.join(lo, hi), (BN, BK))  # byte j -> k = 2j (low), 2j + 1 (high)
+        q = int4_values(w_ptr, rn, kt, K, BN, BK)
         if BK <= GROUP:
-            szp = s_ptr + ((kt * BK) // GROUP * N + rn) * 2
-            w = q * tl.load(szp).to(tl.float32)[:, None] + tl.load(szp + 1).to(tl.float32)[:, None]
+            sc, zp = int4_group_scales(s_ptr, rn, kt, N, GROUP, BK)
+            w = q * sc[:, None] + zp[:, None]
         else:
             NG: tl.constexpr = BK // GROUP
             g = kt * NG + tl.arange(0, NG)
@@ -67,7 +80,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
                 WKIND: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr,
                 GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
                 SWAP: tl.constexpr, IEEE: tl.constexpr, XK1: tl.constexpr, BM: tl.constexpr,
-                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SZ_AHEAD: tl.constexpr = False):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
@@ -99,6 +112,12 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     else:
         acc = tl.zeros((BM, BN), ACC)
 
+    # SZ_AHEAD (int4, one group per tile): the next tile's (scale, zero) are loaded before this
+    # tile's dot. The pipeliner copies only dot operands ahead, so otherwise these two small
+    # loads are waited for inside every iteration.
+    AHEAD: tl.constexpr = SZ_AHEAD and WKIND == WK_INT4 and BK <= GROUP
+    if AHEAD:
+        sc, zp = int4_group_scales(s_ptr, rn, pid_k, N, GROUP, BK)
     for kt in range(pid_k, tl.cdiv(K, BK), split_k):
         k = kt * BK + offs_k
         # XK1: x's K stride is 1, stated at compile time so the x tile can be copied
@@ -111,7 +130,11 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
             a = a.to(DT, bitcast=True)
         else:
             a = tl.load(x_ptr + xoff, mask=k[None, :] < K, other=0.0)
-        w = weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND, GROUP, BN, BK, DT)
+        if AHEAD:
+            w = (int4_values(w_ptr, rn, kt, K, BN, BK) * sc[:, None] + zp[:, None]).to(DT)
+            sc, zp = int4_group_scales(s_ptr, rn, tl.minimum(kt + split_k, tl.cdiv(K, BK) - 1), N, GROUP, BK)
+        else:
+            w = weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND, GROUP, BN, BK, DT)
         if INTERPRETED and DT == tl.bfloat16:
             # The interpreter's dot multiplies bf16 bit patterns as integers: go through fp32.
             a = a.to(tl.float32)
