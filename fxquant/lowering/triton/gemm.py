@@ -80,7 +80,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
                 WKIND: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr,
                 GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
                 SWAP: tl.constexpr, IEEE: tl.constexpr, XK1: tl.constexpr, BM: tl.constexpr,
-                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SZ_AHEAD: tl.constexpr = False):
+                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SZ_AHEAD: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
