@@ -152,31 +152,6 @@ def test_int4_mma_variants(variant, n, k, monkeypatch):
                torch.bfloat16, f"variant {variant} {n}x{k} M={m}")
 
 
-@pytest.mark.parametrize("variant", ["1,16", "2,16", "1,8", "2,8", "2,4", ""])
-@pytest.mark.parametrize("n,k", [(4096, 4096), (100, 256), (40, 2304), (4096, 14336)])
-def test_int4_mma_load_ahead_is_bitwise_equal(variant, n, k, monkeypatch):
-    """FXQUANT_CXX_INT4_UNROLL=2 (each warp loads its next K-tile before the current one's math)
-    sums the same products in the same order as 1: bitwise equal outputs, tails included
-    (100x256: one K-tile per warp; 40x2304: 18 tiles over 16 warps)."""
-    if torch.cuda.get_device_capability() < (8, 0) or os.environ.get("FXQUANT_CXX_INT4_MMA") == "0":
-        pytest.skip("the int4 tensor-core kernel does not run here (needs sm_80+, FXQUANT_CXX_INT4_MMA not 0)")
-    monkeypatch.setenv("FXQUANT_CXX_INT4_VARIANT", variant)
-    g = torch.Generator().manual_seed(n + k + 1)
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
-    packed, static = _pack("int4_wo", w, 128)
-    packed = tuple(t.cuda() for t in packed)
-    for m in (1, 3, 8, 9, 16, 17, 32):
-        x = torch.randn(m, k, generator=g).bfloat16().cuda()
-        bias = torch.randn(n, generator=g).bfloat16().cuda()
-        outs = {}
-        for u in ("1", "2"):
-            monkeypatch.setenv("FXQUANT_CXX_INT4_UNROLL", u)
-            outs[u] = _op("int4_wo", x, packed, bias, static)
-        assert torch.equal(outs["1"], outs["2"]), f"variant {variant} {n}x{k} M={m}"
-        _check(outs["2"], _reference("int4_wo", x, packed, bias, static), torch.bfloat16,
-               f"unroll 2, variant {variant} {n}x{k} M={m}")
-
-
 def test_cuda_graph_capture():
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(512, 1024, generator=g) / 32).bfloat16()
