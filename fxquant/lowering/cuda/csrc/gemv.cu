@@ -324,9 +324,7 @@ __device__ __forceinline__ uint32_t dequant_pair(const uint32_t (&w)[4], int p, 
   return *reinterpret_cast<const uint32_t*>(&r);
 }
 
-// U = 2 loads a warp's next K-tile (weights and scales; x comes from L2) before the MMAs of the
-// current one, so a DRAM round trip overlaps the math instead of following it; U = 1 does not.
-template <typename T, int NT, int RT, int U>  // NT 8-token tiles (M <= 8 * NT), RT 16-row tiles per block
+template <typename T, int NT, int RT>  // NT 8-token tiles (M <= 8 * NT), RT 16-row tiles per block
 __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __restrict__ x, int64_t x_stride,
                                                        const uint8_t* __restrict__ w, const T* __restrict__ sz,
                                                        const T* __restrict__ bias, T* __restrict__ out,
@@ -348,21 +346,18 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.f;
 
-  struct Frag {  // one K-tile's weights and (scale, zero) words of rows g, g + 8 of each 16-row tile
+  for (int kt = warp; kt < K / 128; kt += nwarps) {
+    const int k0 = kt * 128 + 32 * t;  // this lane's 32 k
     uint4 wa4[RT], wb4[RT];
     uint32_t sza[RT], szb[RT];
-  };
-  auto load_w = [&](int k0, Frag& f) {
     const unsigned int* szw = reinterpret_cast<const unsigned int*>(sz) + (int64_t)(k0 / group) * N;
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
-      f.wa4[r] = load_stream(w + ra[r] * row_bytes + k0 / 2);
-      f.wb4[r] = load_stream(w + rb[r] * row_bytes + k0 / 2);
-      f.sza[r] = __ldg(szw + ra[r]);
-      f.szb[r] = __ldg(szw + rb[r]);
+      wa4[r] = load_stream(w + ra[r] * row_bytes + k0 / 2);
+      wb4[r] = load_stream(w + rb[r] * row_bytes + k0 / 2);
+      sza[r] = __ldg(szw + ra[r]);
+      szb[r] = __ldg(szw + rb[r]);
     }
-  };
-  auto mma_tile = [&](int k0, const Frag& f) {
     auto load_x = [&](int n, int v) -> uint4 {  // rows past M read as zeros
       const int m = n * 8 + g;
       return m < M ? __ldg(reinterpret_cast<const uint4*>(x + m * x_stride + k0) + v) : make_uint4(0, 0, 0, 0);
@@ -370,7 +365,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
     T2 s2[RT][2], z2[RT][2];  // (scale, scale) and (zero, zero) of rows g, g + 8
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
-      const T2 pa = *reinterpret_cast<const T2*>(&f.sza[r]), pb = *reinterpret_cast<const T2*>(&f.szb[r]);
+      const T2 pa = *reinterpret_cast<const T2*>(&sza[r]), pb = *reinterpret_cast<const T2*>(&szb[r]);
       s2[r][0] = Pair<T>::lo2(pa), z2[r][0] = Pair<T>::hi2(pa), s2[r][1] = Pair<T>::lo2(pb), z2[r][1] = Pair<T>::hi2(pb);
     }
     // x piece v (8 k of each token, 4 words) feeds MMA steps 2v and 2v + 1: only NT x 4 words
@@ -397,8 +392,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
           }
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
-          const uint32_t wa[4] = {f.wa4[r].x, f.wa4[r].y, f.wa4[r].z, f.wa4[r].w};
-          const uint32_t wb[4] = {f.wb4[r].x, f.wb4[r].y, f.wb4[r].z, f.wb4[r].w};
+          const uint32_t wa[4] = {wa4[r].x, wa4[r].y, wa4[r].z, wa4[r].w};
+          const uint32_t wb[4] = {wb4[r].x, wb4[r].y, wb4[r].z, wb4[r].w};
           // A fragment: a0/a2 row g, a1/a3 row g + 8; a0/a1 the MMA's k 2t, 2t + 1, a2/a3 k 2t + 8, + 9
           const uint32_t a0 = dequant_pair<T>(wa, 2 * j, s2[r][0], z2[r][0]);
           const uint32_t a1 = dequant_pair<T>(wb, 2 * j, s2[r][1], z2[r][1]);
@@ -408,23 +403,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
           for (int n = 0; n < NT; ++n) mma16816<T>(acc[r][n], a0, a1, a2, a3, b[n][0], b[n][1]);
         }
       }
-    }
-  };
-  if constexpr (U == 1) {
-    for (int kt = warp; kt < K / 128; kt += nwarps) {
-      const int k0 = kt * 128 + 32 * t;  // this lane's 32 k
-      Frag f;
-      load_w(k0, f);
-      mma_tile(k0, f);
-    }
-  } else {  // the same K-tiles, with tile kt + nwarps in flight during tile kt's MMAs
-    Frag cur, nxt;
-    if (warp < K / 128) load_w(warp * 128 + 32 * t, nxt);
-    for (int kt = warp; kt < K / 128; kt += nwarps) {
-      const int k0 = kt * 128 + 32 * t;  // this lane's 32 k
-      cur = nxt;
-      if (kt + nwarps < K / 128) load_w(k0 + nwarps * 128, nxt);  // none past the last K-tile
-      mma_tile(k0, cur);
     }
   }
 
@@ -472,23 +450,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
 // (1.29 / 1.30 / 1.66 / 1.54) -- the rule below picks each of them.
 // FXQUANT_CXX_INT4_VARIANT="RT,WARPS" (e.g. "2,8") overrides the choice, for experiments; it is
 // read at every call (a getenv is cheap next to a launch; a CUDA graph keeps what capture saw).
-// FXQUANT_CXX_INT4_UNROLL="1" or "2" (read the same way) picks U, the kernel's load-ahead; 1 by
-// default until U = 2 is measured on a GPU.
 struct MmaShape {
-  int rt, warps, u = 1;
+  int rt, warps;
 };
-
-// Where U = 2 is built: TODO.
-constexpr bool has_load_ahead(int nt, int rt) { return true; }
-
-// Occupancy of the kernel that launch_mma starts for (RT, u).
-template <typename T, int NT, int RT>
-int mma_blocks_per_sm(int u, int threads) {
-  if constexpr (has_load_ahead(NT, RT)) {
-    if (u == 2) return blocks_per_sm<int4_mma_kernel<T, NT, RT, 2>>(threads);
-  }
-  return blocks_per_sm<int4_mma_kernel<T, NT, RT, 1>>(threads);
-}
 
 template <typename T, int NT>
 MmaShape mma_shape(int n, int k) {
@@ -496,15 +460,11 @@ MmaShape mma_shape(int n, int k) {
   static constexpr MmaShape kMore[] = {{2, 16}, {2, 8}, {2, 4}};
   const MmaShape* list = NT == 1 ? kOne : kMore;
   const int count = NT == 1 ? 4 : 3;
-  int u = 1;
-  if (const char* e = std::getenv("FXQUANT_CXX_INT4_UNROLL")) {  // exactly "1" or "2", else ignored
-    if ((e[0] == '1' || e[0] == '2') && e[1] == '\0') u = e[0] - '0';
-  }
   MmaShape s = list[count - 1];
   for (int i = 0; i < count; ++i) {
     const int warps = std::min(list[i].warps, k / 128), blocks = (n + 16 * list[i].rt - 1) / (16 * list[i].rt);
-    const int per_sm = list[i].rt == 1 ? mma_blocks_per_sm<T, NT, 1>(u, warps * 32)
-                                       : mma_blocks_per_sm<T, NT, 2>(u, warps * 32);
+    const int per_sm = list[i].rt == 1 ? blocks_per_sm<int4_mma_kernel<T, NT, 1>>(warps * 32)
+                                       : blocks_per_sm<int4_mma_kernel<T, NT, 2>>(warps * 32);
     if (blocks <= per_sm * sm_count()) {
       s = list[i];
       break;
@@ -517,21 +477,16 @@ MmaShape mma_shape(int n, int k) {
         o.warps >= 1 && o.warps <= kMmaWarps)
       s = o;
   }
-  s.u = u == 2 && has_load_ahead(NT, s.rt) ? 2 : 1;
   return s;
 }
 
 template <typename T, int NT, int RT>
 void launch_mma(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales, const T* b,
-                at::Tensor& out, int group, int max_warps, int u) {
+                at::Tensor& out, int group, int max_warps) {
   const int M = x2.size(0), N = qweight.size(0), K = x2.size(1);
   const int warps = std::min(max_warps, K / 128);  // the block's warps split K
   const dim3 grid((N + 16 * RT - 1) / (16 * RT));
-  auto kernel = int4_mma_kernel<T, NT, RT, 1>;
-  if constexpr (has_load_ahead(NT, RT)) {
-    if (u == 2) kernel = int4_mma_kernel<T, NT, RT, 2>;
-  }
-  kernel<<<grid, warps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  int4_mma_kernel<T, NT, RT><<<grid, warps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
       reinterpret_cast<const T*>(scales.data_ptr()), b, reinterpret_cast<T*>(out.data_ptr()), out.stride(0), M, N, K,
       group);
@@ -542,8 +497,8 @@ template <typename T, int NT>
 void launch_mma_nt(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales, const T* b,
                    at::Tensor& out, int group) {
   const MmaShape s = mma_shape<T, NT>(qweight.size(0), x2.size(1));
-  if (s.rt == 1) launch_mma<T, NT, 1>(x2, qweight, scales, b, out, group, s.warps, s.u);
-  else launch_mma<T, NT, 2>(x2, qweight, scales, b, out, group, s.warps, s.u);
+  if (s.rt == 1) launch_mma<T, NT, 1>(x2, qweight, scales, b, out, group, s.warps);
+  else launch_mma<T, NT, 2>(x2, qweight, scales, b, out, group, s.warps);
 }
 
 template <typename T>
