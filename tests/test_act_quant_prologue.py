@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxquant
 from fxquant import numerics as nq
@@ -184,3 +186,18 @@ def test_exact_division_is_on_while_compiling_split_graphs(monkeypatch):
     _compile(model, fxquant.Int8DynamicActivationInt8Weight(), x, inductor={act_quant.EXACT_DIVISION: False})
     assert seen == [True, False, False]  # the user's inductor= options win
     assert inductor_config.eager_numerics.division_rounding is False  # restored after the compile
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(0, 40), n=st.integers(1, 50), k=st.integers(1, 80), lead=st.sampled_from([(), (2,)]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), bias=st.booleans(),
+       name=st.sampled_from(sorted(SPLIT)), seed=st.integers(0, 2**16), scale=st.sampled_from([1e-3, 1.0, 300.0]))
+def test_prequant_equals_whole_op_on_random_shapes(m, n, k, lead, dtype, bias, name, seed, scale):
+    cfg, whole, pre, quantize = SPLIT[name]
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    x = (torch.randn(*lead, m, k, generator=g) * scale).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    packed, static = cfg.pack(w)
+    xq, xs = quantize(x)
+    assert torch.equal(pre(xq, xs, *packed, b, dtype), whole(x, *packed, b, *static))

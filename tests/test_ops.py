@@ -188,3 +188,17 @@ def test_bad_x_dtype_message(name, bad):
     op_name = cfg.op.name().split("::")[1]
     with pytest.raises(RuntimeError, match=rf"fxquant\.{op_name}: x must be float32/float16/bfloat16"):
         cfg.op(x.to(bad), *packed, b, *static)
+
+
+def test_int8_dynamic_with_k_1_is_exact():
+    # torch._int_mm on the CPU returned uninitialised memory for K == 1 (torch 2.13); found by the
+    # random-shape test of the prequant ops. One input feature is a legal linear.
+    from fxquant.lowering import decompose
+    cfg = Int8DynamicActivationInt8Weight()
+    w = torch.tensor([[0.5], [-2.0], [1.0]])
+    x = torch.tensor([[-0.25], [3.0]])
+    (qw, ws), _ = cfg.pack(w)
+    want = x.double() @ nq.dequantize_int8_per_channel(qw, ws, torch.float32).double().t()
+    for _ in range(5):  # garbage differed from call to call
+        for fn in (torch.ops.fxquant.int8_dynamic_linear, decompose.fxquant_decompositions()[cfg.op]):
+            torch.testing.assert_close(fn(x, qw, ws, None).double(), want, rtol=1e-6, atol=1e-6)

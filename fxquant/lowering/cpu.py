@@ -40,10 +40,18 @@ def int4_weight_only_linear(x, qweight, scales_zeros, bias, group_size):
     return _finish(F.linear(_rows(x), w), x, bias)
 
 
+def int8_mm(xq2: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """Exact int32 xq2 @ qweight.T. torch._int_mm on the CPU returns uninitialised memory when
+    K == 1 (seen with torch 2.13): that case is an outer product."""
+    if qweight.shape[1] == 1:
+        return xq2.to(torch.int32) * qweight.to(torch.int32).reshape(1, -1)
+    return torch._int_mm(xq2, qweight.t())
+
+
 def _int8_scaled_mm(xq2, xs, qweight, w_scales):
     if xq2.shape[0] == 0:
         return xq2.new_zeros(0, qweight.shape[0], dtype=torch.float32)
-    return torch._int_mm(xq2, qweight.t()).float() * xs * w_scales.float()[None, :]
+    return int8_mm(xq2, qweight).float() * xs * w_scales.float()[None, :]
 
 
 def _fp8_scaled_mm(xq2, xs, qweight, w_scales):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import numerics as nq
-from .cpu import _finish, _finish_prequant, _rows
+from .cpu import _finish, _finish_prequant, _rows, int8_mm
 
 _CUDA_INT_MM_MIN_M = 17
 
@@ -40,7 +40,9 @@ def int4_weight_only_linear(x: Tensor, qweight: Tensor, scales_zeros: Tensor, bi
 
 
 def _int8_scaled_mm(xq: Tensor, xs: Tensor, qweight: Tensor, w_scales: Tensor) -> Tensor:
-    if xq.device.type == "cuda":
+    if qweight.shape[1] == 1:  # K is static here; see cpu.int8_mm
+        acc = int8_mm(xq, qweight)
+    elif xq.device.type == "cuda":
         m = xq.shape[0]
         acc = torch._int_mm(F.pad(xq, (0, 0, 0, _CUDA_INT_MM_MIN_M)), qweight.t())[:m]
     else:
