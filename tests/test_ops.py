@@ -202,3 +202,19 @@ def test_int8_dynamic_with_k_1_is_exact():
     for _ in range(5):  # garbage differed from call to call
         for fn in (torch.ops.fxquant.int8_dynamic_linear, decompose.fxquant_decompositions()[cfg.op]):
             torch.testing.assert_close(fn(x, qw, ws, None).double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 8, 24, 100, 130], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_int8_weight_only_small_m_with_any_k(dtype, k):
+    # ATen's _weight_int8pack_mm in bf16 crashed (K = 100, 130, ...) or returned garbage (K = 8, 24)
+    # when K % 16 != 0 (torch 2.13 CPU); the op must not take that path there.
+    g = torch.Generator().manual_seed(k)
+    cfg = Int8WeightOnly()
+    w = torch.randn(7, k, generator=g).to(dtype)
+    (q, s), _ = cfg.pack(w)
+    for m in (1, 3, 5):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        out = torch.ops.fxquant.int8_weight_only_linear(x, q, s, None)
+        ref = x.double() @ nq.dequantize_int8_per_channel(q, s, torch.float32).double().t()
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2

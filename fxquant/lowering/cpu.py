@@ -28,7 +28,9 @@ def _finish(out2d: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> 
 
 def int8_weight_only_linear(x, qweight, scales, bias):
     x2 = _rows(x)
-    if x.dtype in _HALF and x2.shape[0] <= ATEN_WOQ_MAX_M and x2.shape[0] > 0:
+    # _weight_int8pack_mm in bf16 with K % 16 != 0 crashed or returned garbage (torch 2.13 CPU,
+    # x86); fp16 was fine, but K % 16 == 0 is required for both.
+    if x.dtype in _HALF and 0 < x2.shape[0] <= ATEN_WOQ_MAX_M and x2.shape[1] % 16 == 0:
         out = torch._weight_int8pack_mm(x2.contiguous(), qweight, scales.to(x.dtype))
     else:
         out = F.linear(x2, nq.dequantize_int8_per_channel(qweight, scales, x.dtype))
