@@ -7,7 +7,7 @@ the package computes what the compiled model computes. The packed tensors stay t
 constants; the dequantization runs inside the program, per call, exactly as in the CPU kernel.
 
 Differences from the CPU op, both deliberate:
-- int8 weight-only in bf16/fp16 at M <= 16: the CPU op calls ATen's `_weight_int8pack_mm`;
+- int8 weight-only in bf16/fp16 at M <= 16 (K % 16 == 0): the CPU op calls ATen's `_weight_int8pack_mm`;
   here it always dequantizes and multiplies (the op's large-M path), which rounds differently
   in the last bits (float32 activations: identical).
 - int8 dynamic on CUDA: `torch._int_mm` needs M > 16 there, so rows are padded with zeros
