@@ -20,7 +20,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from .configs import Int8WeightOnly, QuantConfig
 from .passes import quantize as qpass
 from .passes.constants import PlaceholderConstants, dynamo_source_to_fqn
-from .passes import act_quant
+from .passes.act_quant import inductor_patches as act_quant_patches
 from .passes.act_quant import split_activation_quant
 from .passes.horizontal import fuse_siblings
 from .passes.inline_cpu import inline_cpu_float32
@@ -138,7 +138,7 @@ class Backend:
         names = [_placeholder_name(n) for n in gm.graph.find_nodes(op="placeholder")]
         state: dict[str, Any] = {}
         joint_pass = _QuantizeJointPass(self, example_inputs, names, state)
-        exact = act_quant.inductor_patches(self.config) if self.fuse_act_quant else {}
+        exact = act_quant_patches(self.config) if self.fuse_act_quant else {}
         patches = {**(list_mode_options(mode) if mode else {}), **exact, **self.inductor, **(options or {}),
                    "joint_custom_pre_pass": joint_pass, "fx_graph_cache": False,
                    "cpp.enable_concat_linear": False}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import numerics as nq
-from .cpu import _finish, _finish_prequant, _rows, int8_mm
+from .cpu import _finish, _finish_prequant, _fp8_scaled_mm, _rows, int8_mm
 
 _CUDA_INT_MM_MIN_M = 17
 
@@ -64,14 +64,12 @@ def int8_dynamic_linear_prequant(xq: Tensor, x_scales: Tensor, qweight: Tensor, 
 def float8_dynamic_linear(x: Tensor, qweight: Tensor, w_scales: Tensor, bias: Tensor | None,
                           per_row: bool) -> Tensor:
     xq, xs = nq.quantize_fp8(_rows(x), per_row)
-    # fp8 values are exact in float32; float32 accumulate, as the CPU kernel.
-    out = (xq.float() @ qweight.float().t()) * xs * w_scales.float().reshape(1, -1)
-    return _finish(out, x, bias)
+    return _finish(_fp8_scaled_mm(xq, xs, qweight, w_scales), x, bias)
 
 
 def float8_dynamic_linear_prequant(xq: Tensor, x_scales: Tensor, qweight: Tensor, w_scales: Tensor,
                                    bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    out = (_rows(xq).float() @ qweight.float().t()) * x_scales.reshape(-1, 1) * w_scales.float().reshape(1, -1)
+    out = _fp8_scaled_mm(_rows(xq), x_scales.reshape(-1, 1), qweight, w_scales)
     return _finish_prequant(out, xq, bias, out_dtype)
 
 

@@ -323,6 +323,21 @@ def dequantize_weight(scheme: str, qweight: torch.Tensor, scales: torch.Tensor, 
     return w
 
 
+def _kernel_ready(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed weight contiguous and 16-byte aligned, its scales contiguous (the kernels' layout)."""
+    if not qweight.is_contiguous() or qweight.data_ptr() % 16:
+        qweight = qweight.contiguous() if not qweight.is_contiguous() else qweight.clone()
+    return qweight, scales if scales.is_contiguous() else scales.contiguous()
+
+
+def _runnable(cfg: KernelConfig, scheme: str, M: int, N: int, K: int, group: int) -> KernelConfig:
+    """cfg if it can run here (a gemv only up to GEMV_MAX_M, deq only for weight-only schemes;
+    "cxx" is resolved before this), else the default gemm (deq for weight-only)."""
+    if cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M) or (cfg.kind == "deq" and scheme in WEIGHT_ONLY):
+        return cfg
+    return default_config(scheme, max(M, 17), N, K, group)
+
+
 def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
            bias: torch.Tensor | None, group: int = 0, cfg: KernelConfig | None = None) -> torch.Tensor:
     """out[..., N] = the fxquant op `scheme` applied to x[..., K]; cfg overrides the lookup."""
@@ -334,9 +349,7 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         return x.new_empty((*x.shape[:-1], N))
     if scheme in _FP8:
         check_fp8_supported(x.device)
-    if not qweight.is_contiguous() or qweight.data_ptr() % 16:
-        qweight = qweight.contiguous() if not qweight.is_contiguous() else qweight.clone()
-    scales = scales if scales.is_contiguous() else scales.contiguous()
+    qweight, scales = _kernel_ready(qweight, scales)
     if cfg is None:
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device)
         if _autotune_enabled() and x.is_cuda and not torch.cuda.is_current_stream_capturing():
@@ -348,9 +361,7 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
             return torch.ops.fxquant.cxx_int8_weight_only_linear(x, qweight, scales, bias)
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_cxx=False)  # Triton's best
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)  # after the cxx branch: it allocates its own
-    if not (cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M)
-            or (cfg.kind == "deq" and scheme in WEIGHT_ONLY)):
-        cfg = default_config(scheme, max(M, 17), N, K, group)  # a gemm, or deq for weight-only
+    cfg = _runnable(cfg, scheme, M, N, K, group)
     if cfg.kind == "gemv":
         _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out)
     elif cfg.kind == "deq":
@@ -377,12 +388,8 @@ def linear_prequant(scheme: str, xq: torch.Tensor, x_scales: torch.Tensor, qweig
         xq2 = xq2.contiguous() if xq2.stride(1) != 1 else xq2.clone()
     xs = x_scales.reshape(-1)
     xs = xs if xs.is_contiguous() else xs.contiguous()
-    if not qweight.is_contiguous() or qweight.data_ptr() % 16:
-        qweight = qweight.contiguous() if not qweight.is_contiguous() else qweight.clone()
-    scales = scales if scales.is_contiguous() else scales.contiguous()
-    cfg = get_config(scheme, M, N, K, 0, out_dtype, xq.device, allow_cxx=False)
-    if not (cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M)):
-        cfg = default_config(scheme, max(M, 17), N, K, 0)
+    qweight, scales = _kernel_ready(qweight, scales)
+    cfg = _runnable(get_config(scheme, M, N, K, 0, out_dtype, xq.device, allow_cxx=False), scheme, M, N, K, 0)
     out = torch.empty((M, N), device=xq.device, dtype=out_dtype)
     run = _run_gemv if cfg.kind == "gemv" else _run_gemm
     run(scheme, xq2, qweight, scales, bias, 0, cfg, out, pre=(xq2, xs))
