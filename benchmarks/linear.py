@@ -23,8 +23,9 @@ on its first call per shape and M).
   python benchmarks/linear.py --peers torchao,gemlite_w4a16_g128  # libraries and/or peer schemes
 
 Kernel variants (M <= dispatch.CXX_MAX_M: 32 for int4, 16 for int8): "<scheme>@cuda" forces the CUDA C++ GEMV (lowering/cuda/) and
-"<scheme>@triton" the best Triton choice, for the schemes in dispatch.CXX_SCHEMES; the plain
-scheme row is what the dispatcher picks (either).
+"<scheme>@triton" the best Triton choice, for the schemes in dispatch.CXX_SCHEMES and the fp8
+dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm. The plain scheme row is what the
+dispatcher picks.
 """
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ SCHEMES = {
     "fp8_tensor": ("fp8_dyn_tensor", fc.Float8DynamicActivationFloat8Weight("tensor")),
     "fp8_wo": ("fp8_wo", fc.Float8WeightOnly()),
 }
-VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "triton": None}  # name@variant, M <= CXX_MAX_M
+# name@variant: "cuda" (M <= CXX_MAX_M) and "scaled_mm" (fp8 dynamic) force that kind, "triton" the best Triton config
+VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "scaled_mm": D.KernelConfig("scaled_mm", bn=0, bk=0),
+            "triton": None}
 DEFAULT_VARIANTS = ["w4a16_g128@cuda", "w4a16_g128@triton", "w8a16@cuda", "w8a16@triton"]
 ROTATE_BYTES = 512e6  # weight bytes cycled through per graph replay (~10x L2)
 TOL = 1e-2
@@ -217,7 +220,8 @@ class Layer:
             return lambda: F.linear(x, p[0])
         if cfg is None and self.variant:
             cfg = VARIANTS[self.variant] or D.get_config(self.scheme, x.shape[0], self.n, self.k, self.group,
-                                                          x.dtype, x.device, allow_cxx=False)
+                                                          x.dtype, x.device, allow_cxx=False,
+                                                          allow_scaled_mm=False)
         if cfg is not None:
             return lambda: D.linear(self.scheme, x, p[0], p[1], None, self.group, cfg)
         return lambda: self.op(x, *p, None, *self.static)
@@ -474,10 +478,18 @@ def gemlite_load_autotune():
 
 
 # --------------------------------------------------------------------------- phases
+def variant_runs(name: str, m: int) -> bool:
+    """Whether row `name` is measured at M = m: a C++ variant of a CXX_SCHEMES scheme only within
+    the C++ kernels' M range; other variants (fp8's scaled_mm / triton) and plain rows always."""
+    base, _, variant = name.partition("@")
+    scheme = SCHEMES[base][0] if base in SCHEMES else None
+    return not variant or scheme not in D.CXX_MAX_M or m <= D.CXX_MAX_M[scheme]
+
+
 def units(args):
     """(scheme name, M) pairs; each pair loops over the shapes (sharding unit for --warm-only)."""
     us = [(s, m) for s in list(args.schemes) + list(args.peer_schemes) for m in args.ms
-          if "@" not in s or m <= D.CXX_MAX_M.get(SCHEMES[s.partition("@")[0]][0], 0)]
+          if variant_runs(s, m)]
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
         us = [u for j, u in enumerate(us) if j % n == i]
@@ -546,8 +558,8 @@ def tune(args, out_dir: Path) -> dict:
                 best = min(res, key=res.get)
                 key = D.config_key(L.scheme, torch.bfloat16, n, k, L.group, m)
                 exact[key] = best
-                triton = {c: t for c, t in res.items() if c.kind != "cxx"}
-                if best.kind == "cxx" and triton:  # what to run where the C++ library is missing
+                triton = {c: t for c, t in res.items() if c.kind not in D.CONDITIONAL_KINDS}
+                if best.kind in D.CONDITIONAL_KINDS and triton:  # where the library or its condition is missing
                     fallback[key] = min(triton, key=triton.get)
                 b = per_bucket.setdefault((L.scheme, L.group, m), {})
                 for cfg, t in res.items():
@@ -565,8 +577,8 @@ def tune(args, out_dir: Path) -> dict:
             return sum(math.log(t) for t in full[c])
         best = min(full, key=score)
         generic[D.bucket_key(scheme, group, m)] = best
-        triton = [c for c in full if c.kind != "cxx"]
-        if best.kind == "cxx" and triton:
+        triton = [c for c in full if c.kind not in D.CONDITIONAL_KINDS]
+        if best.kind in D.CONDITIONAL_KINDS and triton:
             fallback[D.bucket_key(scheme, group, m)] = min(triton, key=score)
     D.save_tuned(dev, {**exact, **generic})
     shipped = {dev: {key: {**c.to_json(), **({"fallback": fallback[key].to_json()} if key in fallback else {})}
@@ -597,7 +609,7 @@ def measure(args, save=lambda rows: None) -> list[dict]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             graphs, recs = {}, {}
             for name, L in layers.items():
-                if getattr(L, "variant", "") and m > D.CXX_MAX_M.get(L.scheme, 0):
+                if not variant_runs(name, m):
                     continue
                 nc = n_copies(len(L.copies), m)
                 row = {"N": n, "K": k, "M": m, "scheme": name, "copies": nc, "weight_bytes": L.bytes}
@@ -616,9 +628,10 @@ def measure(args, save=lambda rows: None) -> list[dict]:
                             continue
                     graphs[name] = (capture([L.fn(x, i) for i in range(nc)]), nc)
                     if L.scheme is not None:
-                        row["config"] = repr(VARIANTS["cuda"] if L.variant == "cuda" else
+                        row["config"] = repr(VARIANTS[L.variant] if VARIANTS.get(L.variant) else
                                              D.get_config(L.scheme, m, n, k, L.group, x.dtype, x.device,
-                                                          allow_cxx=L.variant != "triton"))
+                                                          allow_cxx=L.variant != "triton",
+                                                          allow_scaled_mm=L.variant != "triton"))
                 except Exception as e:
                     row["error"] = peer_error(e) if L.peer else f"{type(e).__name__}: {str(e)[:300]}"
                     row["ok"] = False
@@ -656,7 +669,7 @@ def table(rows, schemes, shapes, ms, peers=()) -> str:
         if name == (list(peers) or [None])[0]:
             lines.append("-" * len(head))
         for m in ms:
-            if "@" in name and m > D.GEMV_MAX_M:
+            if "@" in name and not variant_runs(name, m):
                 continue
             cells = []
             for n, k in shapes:

@@ -3,7 +3,7 @@
 Every call picks its kernel from M (a Python int at run time), so one compiled graph serves
 decode and prefill with no recompiles: M <= 16 may take the GEMV (Triton), or for int8/int4
 weight-only the CUDA C++ kernels of lowering/cuda/ (kind "cxx"); anything may take the tensor-core GEMM
-(optionally split-K), weight-only schemes may take dequantize + cuBLAS.
+(optionally split-K), weight-only schemes may take dequantize + cuBLAS, fp8 dynamic schemes torch._scaled_mm.
 Config lookup order: on-disk autotune cache, shipped table (exact shape, then per M-bucket),
 heuristic default.
 """
@@ -36,16 +36,20 @@ _GEMV_WKIND = {"int8_dyn": C.WK_INT8, "fp8_dyn_row": C.WK_FP8, "fp8_dyn_tensor":
 GEMV_MAX_M = 16
 CXX_SCHEMES = ("int8_wo", "int4_wo")  # schemes with a CUDA C++ GEMV (kind "cxx")
 CXX_MAX_M = {"int8_wo": 16, "int4_wo": 32}  # the C++ kernels' M range (int4: its tensor-core kernel)
+# Kinds that run only where a condition holds (cxx_fits / scaled_mm_fits); a table entry of one
+# carries the best Triton config beside it as "fallback".
+CONDITIONAL_KINDS = ("cxx", "scaled_mm")
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 @dataclass(frozen=True)
 class KernelConfig:
     """kind: "gemv" | "gemm" | "deq" (dequantize to x's dtype, then cuBLAS; weight-only only) |
+    "scaled_mm" (torch._scaled_mm: cuBLASLt / CUTLASS fp8 GEMM; fp8 dynamic schemes only) |
     "cxx" (the CUDA C++ kernels of lowering/cuda/, CXX_SCHEMES at M <= CXX_MAX_M only; a table entry of
     this kind carries the best Triton config as "fallback", for where the library is missing).
     gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size); deq bn/bk/warps;
-    cxx none."""
+    cxx and scaled_mm none."""
     kind: str
     bn: int
     bk: int
@@ -162,13 +166,15 @@ def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelCon
 
 
 def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dtype,
-               device: torch.device, allow_cxx: bool = True) -> KernelConfig:
-    """allow_cxx=False: the best Triton choice (an entry of kind "cxx" gives its "fallback")."""
+               device: torch.device, allow_cxx: bool = True, allow_scaled_mm: bool = True) -> KernelConfig:
+    """allow_cxx / allow_scaled_mm False: an entry of that kind gives its "fallback" (the best
+    Triton choice the tuner saw beside it)."""
     dev = _device_info(device)[0]
     exact = config_key(scheme, dtype, n, k, group, m)
+    barred = {k for k, ok in (("cxx", allow_cxx), ("scaled_mm", allow_scaled_mm)) if not ok}
 
     def pick(entry: dict | None) -> dict | None:
-        if entry is None or allow_cxx or entry.get("kind") != "cxx":
+        if entry is None or entry.get("kind") not in barred:
             return entry
         return entry.get("fallback")
 
@@ -183,7 +189,7 @@ def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dty
         if (entry := pick(tab.get(d, {}).get(bucket_key(scheme, group, m)))) is not None:
             return KernelConfig.from_json(entry)
     if scheme == "fp8_dyn_tensor":  # same kernels as per-row but for the activation scale
-        return get_config("fp8_dyn_row", m, n, k, group, dtype, device, allow_cxx)
+        return get_config("fp8_dyn_row", m, n, k, group, dtype, device, allow_cxx, allow_scaled_mm)
     for d in devs:  # an M-bucket the table lacks (e.g. 2048): its nearest measured neighbour
         if (entry := pick(_nearest_bucket(tab.get(d, {}), scheme, group, m))) is not None:
             return KernelConfig.from_json(entry)
@@ -276,15 +282,19 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
         WKIND=_WKIND[scheme], XS_MODE=xs_mode, WS_MODE=ws_mode, GROUP=group,
         HAS_BIAS=bias is not None, REDUCE=reduce, SWAP=cfg.swap,
         IEEE=out.dtype == torch.float32 and scheme in WEIGHT_ONLY, XK1=x2.stride(1) == 1,
-        BM=cfg.bm, BN=cfg.bn, BK=bk, GROUP_M=cfg.group_m, SZ_AHEAD=_sz_ahead(),
+        BM=cfg.bm, BN=cfg.bn, BK=bk, GROUP_M=cfg.group_m,
+        FP8_ACC=_fp8_acc(bk) if _WKIND[scheme] == C.WK_FP8_MMA else 0,
         num_warps=cfg.warps, num_stages=cfg.stages)
     return out
 
 
-def _sz_ahead() -> bool:
-    # Experiment switch (off by default until measured on a GPU): the int4 GEMM loads the next
-    # K-tile's scales and zeros before the current tile's dot.
-    return os.environ.get("FXQUANT_TRITON_SZ_AHEAD") == "1"
+def _fp8_acc(bk: int) -> int:
+    """Elements of K the fp8 MMA may accumulate before promotion to fp32 (0: Triton's default,
+    which on sm_90 never promotes). FXQUANT_FP8_ACC = "fast" (0), "tile" (BK, default) or a count."""
+    v = os.environ.get("FXQUANT_FP8_ACC", "tile")
+    if v == "fast":
+        return 0
+    return bk if v == "tile" else max(32, min(int(v), bk))
 
 
 DEQ_CHUNK_ELEMS = 1 << 27  # larger weights are dequantized in row chunks (256 MiB of bf16 each)
@@ -309,6 +319,31 @@ def _run_deq(scheme, x2, qweight, scales, bias, group, cfg, out):
         out.add_(bias.to(out.dtype))
 
 
+def scaled_mm_fits(scheme: str, N: int, K: int, out_dtype: torch.dtype) -> bool:
+    """Whether torch._scaled_mm takes these inputs: fp8 dynamic only; both GEMM dims of the weight
+    multiples of 16 (its leading-dimension rule); a bf16 output for per-row scales (the rowwise
+    kernel's one output type), bf16 or fp16 for per-tensor scales."""
+    if scheme not in ("fp8_dyn_row", "fp8_dyn_tensor") or N % 16 or K % 16:
+        return False
+    return out_dtype == torch.bfloat16 or (scheme == "fp8_dyn_tensor" and out_dtype == torch.float16)
+
+
+def _run_scaled_mm(scheme, x2, qweight, scales, bias, out, pre=None):
+    """fp8 dynamic through torch._scaled_mm; x's per-token (or per-tensor) quantization as for the
+    Triton GEMM. The scales' arithmetic and the bias land in its epilogue."""
+    q, xs, _ = _activations(scheme, x2, scales, pre)
+    if not q.is_contiguous():
+        q = q.contiguous()
+    M, N = q.shape[0], qweight.shape[0]
+    if scheme == "fp8_dyn_row":
+        sa, sb = xs.reshape(M, 1), scales.float().reshape(1, N)
+    else:
+        sa, sb = xs.reshape(()).float(), scales.float().reshape(())
+    b = None if bias is None else bias.to(out.dtype)
+    torch._scaled_mm(q, qweight.t(), sa, sb, bias=b, out_dtype=out.dtype, out=out)
+    return out
+
+
 def dequantize_weight(scheme: str, qweight: torch.Tensor, scales: torch.Tensor, group: int,
                       dtype: torch.dtype, bn: int = 64, bk: int = 128, warps: int = 4) -> torch.Tensor:
     """Packed weight -> [N, K] in `dtype` (the same values as numerics.dequantize_*)."""
@@ -330,10 +365,14 @@ def _kernel_ready(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Te
     return qweight, scales if scales.is_contiguous() else scales.contiguous()
 
 
-def _runnable(cfg: KernelConfig, scheme: str, M: int, N: int, K: int, group: int) -> KernelConfig:
-    """cfg if it can run here (a gemv only up to GEMV_MAX_M, deq only for weight-only schemes;
-    "cxx" is resolved before this), else the default gemm (deq for weight-only)."""
-    if cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M) or (cfg.kind == "deq" and scheme in WEIGHT_ONLY):
+def _runnable(cfg: KernelConfig, scheme: str, M: int, N: int, K: int, group: int,
+              out_dtype: torch.dtype) -> KernelConfig:
+    """cfg if it can run here (a gemv only up to GEMV_MAX_M, deq only for weight-only schemes,
+    scaled_mm where scaled_mm_fits; "cxx" is resolved before this), else the default gemm (deq
+    for weight-only)."""
+    if (cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M)
+            or (cfg.kind == "deq" and scheme in WEIGHT_ONLY)
+            or (cfg.kind == "scaled_mm" and scaled_mm_fits(scheme, N, K, out_dtype))):
         return cfg
     return default_config(scheme, max(M, 17), N, K, group)
 
@@ -351,7 +390,8 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         check_fp8_supported(x.device)
     qweight, scales = _kernel_ready(qweight, scales)
     if cfg is None:
-        cfg = get_config(scheme, M, N, K, group, x.dtype, x.device)
+        cfg = get_config(scheme, M, N, K, group, x.dtype, x.device,
+                         allow_scaled_mm=scaled_mm_fits(scheme, N, K, x.dtype))
         if _autotune_enabled() and x.is_cuda and not torch.cuda.is_current_stream_capturing():
             cfg = _maybe_autotune(scheme, x2, qweight, scales, bias, group, cfg)
     if cfg.kind == "cxx":
@@ -361,11 +401,13 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
             return torch.ops.fxquant.cxx_int8_weight_only_linear(x, qweight, scales, bias)
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_cxx=False)  # Triton's best
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)  # after the cxx branch: it allocates its own
-    cfg = _runnable(cfg, scheme, M, N, K, group)
+    cfg = _runnable(cfg, scheme, M, N, K, group, x.dtype)
     if cfg.kind == "gemv":
         _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out)
     elif cfg.kind == "deq":
         _run_deq(scheme, x2, qweight, scales, bias, group, cfg, out)
+    elif cfg.kind == "scaled_mm":
+        _run_scaled_mm(scheme, x2, qweight, scales, bias, out)
     else:
         _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out)
     return out.reshape(*x.shape[:-1], N)
@@ -389,10 +431,15 @@ def linear_prequant(scheme: str, xq: torch.Tensor, x_scales: torch.Tensor, qweig
     xs = x_scales.reshape(-1)
     xs = xs if xs.is_contiguous() else xs.contiguous()
     qweight, scales = _kernel_ready(qweight, scales)
-    cfg = _runnable(get_config(scheme, M, N, K, 0, out_dtype, xq.device, allow_cxx=False), scheme, M, N, K, 0)
+    cfg = get_config(scheme, M, N, K, 0, out_dtype, xq.device, allow_cxx=False,
+                     allow_scaled_mm=scaled_mm_fits(scheme, N, K, out_dtype))
+    cfg = _runnable(cfg, scheme, M, N, K, 0, out_dtype)
     out = torch.empty((M, N), device=xq.device, dtype=out_dtype)
-    run = _run_gemv if cfg.kind == "gemv" else _run_gemm
-    run(scheme, xq2, qweight, scales, bias, 0, cfg, out, pre=(xq2, xs))
+    if cfg.kind == "scaled_mm":
+        _run_scaled_mm(scheme, xq2, qweight, scales, bias, out, pre=(xq2, xs))
+    else:
+        run = _run_gemv if cfg.kind == "gemv" else _run_gemm
+        run(scheme, xq2, qweight, scales, bias, 0, cfg, out, pre=(xq2, xs))
     return out.reshape(*xq.shape[:-1], N)
 
 
@@ -482,6 +529,8 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
                                           (128, 64, 8, 4, 0), (256, 64, 8, 3, 1))]
     if not mma and m >= 128:
         out.append(G("deq", bn=64, bk=128, warps=4))
+    if scheme in ("fp8_dyn_row", "fp8_dyn_tensor") and m >= 16:
+        out.append(G("scaled_mm", bn=0, bk=0))
     if scheme in CXX_SCHEMES and m <= CXX_MAX_M[scheme] and torch.cuda.is_available() and _cxx_ready():
         out.append(G("cxx", bn=0, bk=0))
     return list(dict.fromkeys(out))  # each config once
@@ -517,8 +566,9 @@ def autotune(scheme: str, x2: torch.Tensor, qweight: torch.Tensor, scales: torch
     results: dict = {}
     best, best_t = None, float("inf")
     for cfg in candidates or candidate_configs(scheme, M, group):
-        if cfg.kind == "cxx" and not cxx_fits(scheme, x2, qweight, scales, bias, group):
-            continue  # linear() would run a Triton config under this label
+        if ((cfg.kind == "cxx" and not cxx_fits(scheme, x2, qweight, scales, bias, group))
+                or (cfg.kind == "scaled_mm" and not scaled_mm_fits(scheme, qweight.shape[0], x2.shape[1], x2.dtype))):
+            continue  # linear() would run another config under this label
         try:
             t = time_config(lambda: linear(scheme, x2, qweight, scales, bias, group, cfg), reps)
         except Exception as e:  # a config that does not compile or fit is skipped

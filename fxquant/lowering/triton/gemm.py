@@ -80,7 +80,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
                 WKIND: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr,
                 GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
                 SWAP: tl.constexpr, IEEE: tl.constexpr, XK1: tl.constexpr, BM: tl.constexpr,
-                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SZ_AHEAD: tl.constexpr):
+                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
@@ -112,12 +112,6 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     else:
         acc = tl.zeros((BM, BN), ACC)
 
-    # SZ_AHEAD (int4, one group per tile): the next tile's (scale, zero) are loaded before this
-    # tile's dot. The pipeliner copies only dot operands ahead, so otherwise these two small
-    # loads are waited for inside every iteration.
-    AHEAD: tl.constexpr = SZ_AHEAD and WKIND == WK_INT4 and BK <= GROUP
-    if AHEAD:
-        sc, zp = int4_group_scales(s_ptr, rn, pid_k, N, GROUP, BK)
     for kt in range(pid_k, tl.cdiv(K, BK), split_k):
         k = kt * BK + offs_k
         # XK1: x's K stride is 1, stated at compile time so the x tile can be copied
@@ -130,11 +124,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
             a = a.to(DT, bitcast=True)
         else:
             a = tl.load(x_ptr + xoff, mask=k[None, :] < K, other=0.0)
-        if AHEAD:
-            w = (int4_values(w_ptr, rn, kt, K, BN, BK) * sc[:, None] + zp[:, None]).to(DT)
-            sc, zp = int4_group_scales(s_ptr, rn, tl.minimum(kt + split_k, tl.cdiv(K, BK) - 1), N, GROUP, BK)
-        else:
-            w = weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND, GROUP, BN, BK, DT)
+        w = weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND, GROUP, BN, BK, DT)
         if INTERPRETED and DT == tl.bfloat16:
             # The interpreter's dot multiplies bf16 bit patterns as integers: go through fp32.
             a = a.to(tl.float32)
@@ -144,6 +134,14 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
                 acc = tl.dot(w, tl.trans(a), acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+        elif WKIND == WK_FP8_MMA and FP8_ACC > 0:
+            # Hopper's fp8 MMA adds into its accumulator with reduced precision; Triton's default
+            # on sm_90 never promotes. FP8_ACC: promote to the fp32 accumulator every FP8_ACC
+            # elements of K (<= BK).
+            if SWAP:
+                acc = tl.dot(w, tl.trans(a), acc, out_dtype=ACC, max_num_imprecise_acc=FP8_ACC)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc, out_dtype=ACC, max_num_imprecise_acc=FP8_ACC)
         elif SWAP:
             acc = tl.dot(w, tl.trans(a), acc, out_dtype=ACC)
         else:
