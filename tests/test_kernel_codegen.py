@@ -27,7 +27,7 @@ for name, wkind, ty in (("int8", C.WK_INT8_MMA, "*i8"), ("fp8", C.WK_FP8_MMA, "*
                "stride_xk": "i32", "stride_om": "i32", "split_k": "i32"}
         consts = dict(WKIND=wkind, XS_MODE=C.SC_ROW, WS_MODE=C.SC_ROW, GROUP=0, HAS_BIAS=False, REDUCE=0, SWAP=swap,
                       IEEE=False, XK1=True, BM=bm, BN=bn, BK=128, GROUP_M=8,
-                      FP8_ACC=128 if name == "fp8" else 0)
+                      FP8_ACC=128 if name == "fp8" else 0, PDL=False)
         attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 13)}
         src = ASTSource(fn=G.gemm_kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts,
                         attrs=attrs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from .common import INTERPRETED
 
@@ -72,10 +73,14 @@ def _row_amax(xrow, K, stride_xk, BLOCK_K: tl.constexpr):
 @triton.jit
 def act_quant_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, K, stride_xm, stride_xk,
                      FP8: tl.constexpr, MODE: tl.constexpr, ONE_PASS: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """One program per row. MODE 0: per-row scale, written to s_ptr[row].
     MODE 1: per-tensor pass 1, atomic max of |x| into amax_ptr[0] (zeroed by the caller).
-    MODE 2: per-tensor pass 2, quantize with the scale from amax_ptr[0] (program 0 writes s_ptr[0])."""
+    MODE 2: per-tensor pass 2, quantize with the scale from amax_ptr[0] (program 0 writes s_ptr[0]).
+    PDL (sm_90+): let a kernel launched with programmatic dependent launch start now; it waits
+    (griddepcontrol.wait) for this kernel's writes before it reads them."""
+    if PDL:
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     xrow = x_ptr + row * stride_xm
     qrow = q_ptr + row * K
@@ -105,16 +110,17 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, K, stride_xm, stride_xk,
                 tl.store(qrow + k, quantize_values(xk, scale, FP8), mask=k < K)
 
 
-def quantize_activations(x2: torch.Tensor, fp8: bool, per_row: bool = True
+def quantize_activations(x2: torch.Tensor, fp8: bool, per_row: bool = True, pdl: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x2 [M, K] float (any strides), M > 0 -> (q [M, K] int8/e4m3 contiguous, scale fp32 [M] or [1])."""
+    """x2 [M, K] float (any strides), M > 0 -> (q [M, K] int8/e4m3 contiguous, scale fp32 [M] or [1]).
+    pdl: the next kernel is launched with programmatic dependent launch (sm_90+ only)."""
     M, K = x2.shape
     q = torch.empty((M, K), device=x2.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     one_pass = K <= ONE_PASS_MAX_K
     block_k = triton.next_power_of_2(K) if one_pass else 4096
     warps = max(1, min(16, block_k // 1024))  # ~8 elements per thread in the one-pass case
     args = (K, x2.stride(0), x2.stride(1))
-    meta = dict(FP8=fp8, ONE_PASS=one_pass, BLOCK_K=block_k, num_warps=warps)
+    meta = dict(FP8=fp8, ONE_PASS=one_pass, BLOCK_K=block_k, PDL=pdl, num_warps=warps)
     if per_row:
         s = torch.empty((M,), device=x2.device, dtype=torch.float32)
         act_quant_kernel[(M,)](x2, q, s, s, *args, MODE=0, **meta)

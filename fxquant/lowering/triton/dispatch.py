@@ -229,13 +229,14 @@ def _auto_split(tiles: int, k_tiles: int, sms: int) -> int:
     return split
 
 
-def _activations(scheme, x2, scales, pre):
+def _activations(scheme, x2, scales, pre, pdl=False):
     """(x, x scales, XS_MODE) for the kernels: dynamic schemes quantize x here, once per call,
-    unless `pre` = (q, scales) quantized beforehand (linear_prequant)."""
+    unless `pre` = (q, scales) quantized beforehand (linear_prequant). pdl: the kernel after the
+    quantization is launched with programmatic dependent launch."""
     if scheme not in DYNAMIC:
         return x2, scales, C.SC_NONE  # scales: any valid pointer, never read
     q, xs = pre if pre is not None else quantize_activations(x2, fp8=scheme != "int8_dyn",
-                                                             per_row=scheme != "fp8_dyn_tensor")
+                                                             per_row=scheme != "fp8_dyn_tensor", pdl=pdl)
     return q, xs, C.SC_TENSOR if scheme == "fp8_dyn_tensor" else C.SC_ROW
 
 
@@ -243,11 +244,20 @@ def _weight_scale_mode(scheme, scales, n):
     return C.SC_NONE if scheme == "int4_wo" else (C.SC_ROW if scales.numel() == n else C.SC_TENSOR)
 
 
+def _pdl(scheme: str, x: torch.Tensor, pre) -> bool:
+    """Programmatic dependent launch between our activation quantization and the GEMV / GEMM
+    after it (it starts while the quantization runs): Hopper+, compiled (not interpreted)
+    kernels, FXQUANT_PDL not 0."""
+    return (scheme in DYNAMIC and pre is None and x.is_cuda and not C.INTERPRETED
+            and _device_info(x.device)[2] >= (9, 0) and os.environ.get("FXQUANT_PDL", "1") != "0")
+
+
 def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
     M, K = x2.shape
     N = qweight.shape[0]
     wo = scheme in WEIGHT_ONLY
-    x2, xs, xs_mode = _activations(scheme, x2, scales, pre)
+    pdl = _pdl(scheme, x2, pre)
+    x2, xs, xs_mode = _activations(scheme, x2, scales, pre, pdl)
     ws_mode = _weight_scale_mode(scheme, scales, N)
     bk = _fix_bk(cfg.bk, scheme, group, K, "gemv")
     gemv_kernel[(triton.cdiv(N, cfg.bn),)](
@@ -255,20 +265,22 @@ def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
         x2.stride(0), x2.stride(1), out.stride(0),
         WKIND=_WKIND[scheme] if wo else _GEMV_WKIND[scheme], XS_MODE=xs_mode, WS_MODE=ws_mode,
         GROUP=group, HAS_BIAS=bias is not None, XK1=x2.stride(1) == 1,
-        BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=cfg.bn, BLOCK_K=bk, num_warps=cfg.warps)
+        BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=cfg.bn, BLOCK_K=bk, PDL=pdl,
+        num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
     return out
 
 
 def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
     M, K = x2.shape
     N = qweight.shape[0]
-    x2, xs, xs_mode = _activations(scheme, x2, scales, pre)
-    ws_mode = _weight_scale_mode(scheme, scales, N)
     bk = _fix_bk(cfg.bk, scheme, group, K, "gemm")
     tiles = triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn)
     k_tiles = triton.cdiv(K, bk)
     split = cfg.split_k or _auto_split(tiles, k_tiles, _device_info(x2.device)[1])
     split = max(1, min(split, k_tiles))
+    pdl = split == 1 and _pdl(scheme, x2, pre)  # split-K zeroes its counters in between
+    x2, xs, xs_mode = _activations(scheme, x2, scales, pre, pdl)
+    ws_mode = _weight_scale_mode(scheme, scales, N)
     reduce, ws, cnt = REDUCE_NONE, out, out
     if split > 1:
         # One arrival counter per output tile, zeroed per call: a buffer kept across calls would
@@ -283,8 +295,8 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
         HAS_BIAS=bias is not None, REDUCE=reduce, SWAP=cfg.swap,
         IEEE=out.dtype == torch.float32 and scheme in WEIGHT_ONLY, XK1=x2.stride(1) == 1,
         BM=cfg.bm, BN=cfg.bn, BK=bk, GROUP_M=cfg.group_m,
-        FP8_ACC=_fp8_acc(bk) if _WKIND[scheme] == C.WK_FP8_MMA else 0,
-        num_warps=cfg.warps, num_stages=cfg.stages)
+        FP8_ACC=_fp8_acc(bk) if _WKIND[scheme] == C.WK_FP8_MMA else 0, PDL=pdl,
+        num_warps=cfg.warps, num_stages=cfg.stages, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from .common import (INTERPRETED, MAGIC_BITS, MAGIC_Q8, SC_ROW, SC_TENSOR, WK_INT4, WK_INT8_MMA,
                      WK_FP8_MMA)
@@ -80,7 +81,10 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
                 WKIND: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr,
                 GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
                 SWAP: tl.constexpr, IEEE: tl.constexpr, XK1: tl.constexpr, BM: tl.constexpr,
-                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr):
+                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr,
+                PDL: tl.constexpr):
+    if PDL:  # launched with programmatic dependent launch: x comes from the kernel before
+        gdc_wait()
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from .common import MAGIC_BITS, MAGIC_Q8, SC_NONE, SC_ROW, SC_TENSOR, WK_INT4
 
@@ -29,10 +30,12 @@ def _int4_tile(w32, s_ptr, rn, offs_g, offs_w, g0, N, K, n_groups, GROUP: tl.con
 def gemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_xk, stride_om,
                 WKIND: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, GROUP: tl.constexpr,
                 HAS_BIAS: tl.constexpr, XK1: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """XS_MODE != SC_NONE: x holds already-quantized int8 / e4m3 activations with scales xs.
     (Dynamic schemes used to quantize x inside every program: on the H100 that GEMV took
-    18.7 µs at M = 1 on 4096x4096 against 9.7 µs for the same int8 weight without it.)"""
+    18.7 µs at M = 1 on 4096x4096 against 9.7 µs for the same int8 weight without it.)
+    PDL: launched with programmatic dependent launch after that quantization kernel: the first
+    weight tile is requested before waiting for x (int8 / fp8 weights only)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = (offs_n % N).to(tl.int64)  # wrapped so weight loads need no mask; the store is masked
@@ -74,6 +77,8 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
     else:
         w8 = w_ptr.to(tl.pointer_type(tl.int8))  # raw bytes: masked lanes are exactly 0
         wb = tl.load(w8 + rn[:, None] * K + offs_k[None, :], mask=offs_k[None, :] < K, other=0)
+        if PDL:
+            gdc_wait()  # x and its scales come from the kernel before
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             kn = k + BLOCK_K
