@@ -11,7 +11,8 @@
 #
 # Env: FXQ_TUNE=1 (autotune every (scheme, shape, M) into the on-disk cache before measuring),
 #      FXQ_BENCH_ARGS (extra linear.py args), FXQ_SHARDS / FXQ_WARMERS (8 / 8),
-#      FXQ_PHASE1_TIMEOUT / FXQ_BENCH_TIMEOUT (seconds: 200 / 320), PYTHON (python3).
+#      FXQ_PHASE1_TIMEOUT / FXQ_BENCH_TIMEOUT (seconds: 200 / 320), PYTHON (python3),
+#      FXQ_SKIP_TESTS (tests/gpu file names to leave out, e.g. "test_gpu_export.py").
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_suite}
@@ -48,6 +49,7 @@ done
 NT=$SHARDS
 for f in tests/gpu/test_*.py; do
   [ "$f" = tests/gpu/test_gpu_kernels.py ] && continue
+  case " ${FXQ_SKIP_TESTS:-} " in *" $(basename "$f") "*) echo "skipped by FXQ_SKIP_TESTS: $f"; continue;; esac
   timeout -s INT -k 15 "${FXQ_PHASE1_TIMEOUT:-200}" $PY -m pytest "$f" -q -rfE -p no:cacheprovider \
     > "$LOGS/test_$NT.log" 2>&1 || echo "(pytest $f exit code $?)" >> "$LOGS/test_$NT.log" &
   NT=$((NT + 1))
