@@ -551,7 +551,8 @@ def tune(args, out_dir: Path) -> dict:
                         graphs[cfg] = (capture([L.fn(x, i, cfg) for i in range(nc)]), nc)
                     except Exception as e:
                         log(f"tune {name} {n}x{k} M={m} {cfg}: {type(e).__name__}: {str(e)[:200]}")
-                res = time_graphs(graphs, rounds=2, round_s=0.003, warm_s=0.02) if graphs else {}
+                res = time_graphs(graphs, rounds=args.tune_rounds, round_s=args.tune_round_s,
+                                  warm_s=0.02) if graphs else {}
                 del graphs
                 if not res:
                     continue
@@ -735,6 +736,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="round-robin rounds per (shape, M)")
     ap.add_argument("--tune", action="store_true", help="autotune (and cache) before measuring")
     ap.add_argument("--tune-budget", type=float, default=200.0, help="seconds of tuning at most")
+    ap.add_argument("--tune-rounds", type=int, default=2, help="round-robin rounds per tuned point")
+    ap.add_argument("--tune-round-s", type=float, default=0.003,
+                    help="seconds of replays per candidate and round (short rounds can rank large-M "
+                         "tiles unlike the measurement: see BENCHMARKS.md S6)")
     ap.add_argument("--warm-only", action="store_true", help="compile only (with --tune: candidates too)")
     ap.add_argument("--shard", default="", help="i/n: this process's share of --warm-only work")
     ap.add_argument("--peers", default="auto",
