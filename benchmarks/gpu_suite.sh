@@ -12,7 +12,7 @@
 # Env: FXQ_TUNE=1 (autotune every (scheme, shape, M) into the on-disk cache before measuring),
 #      FXQ_BENCH_ARGS (extra linear.py args), FXQ_SHARDS / FXQ_WARMERS (8 / 8),
 #      FXQ_PHASE1_TIMEOUT / FXQ_BENCH_TIMEOUT (seconds: 200 / 320), PYTHON (python3),
-#      FXQ_SKIP_TESTS (tests/gpu file names to leave out, e.g. "test_gpu_export.py").
+#      FXQ_SKIP_TESTS (space-separated tests/gpu file names to leave out, e.g. "test_gpu_export.py").
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_suite}

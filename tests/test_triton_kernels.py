@@ -120,6 +120,19 @@ def test_fp8_scaled_mm(scheme):
     check(scheme, SCALED_MM, M=17, N=32, K=64, bias=False, x3d=True)
 
 
+@pytest.mark.parametrize("scheme,w_per_row", [("fp8_dyn_row", False), ("fp8_dyn_tensor", True)])
+def test_scaled_mm_with_the_other_weight_scale_granularity(scheme, w_per_row):
+    # The ops accept either weight-scale granularity with either activation granularity; the
+    # per-tensor one is broadcast for the rowwise kernel.
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 96, generator=g).bfloat16()
+    q, s = nq.quantize_fp8_weight(w, per_row=w_per_row)
+    x = torch.randn(5, 96, generator=g).bfloat16()
+    b = torch.randn(48, generator=g).bfloat16()
+    out = D.linear(scheme, x, q, s, b, 0, SCALED_MM)
+    assert rel_err(out, REF[scheme](x, (q, s), b, 0)) <= TOL[torch.bfloat16]
+
+
 def test_scaled_mm_fits_and_falls_back():
     assert D.scaled_mm_fits("fp8_dyn_row", 4096, 4096, torch.bfloat16)
     assert not D.scaled_mm_fits("fp8_dyn_row", 4096, 4096, torch.float16)  # rowwise: bf16 out only
@@ -128,8 +141,10 @@ def test_scaled_mm_fits_and_falls_back():
     assert not D.scaled_mm_fits("fp8_dyn_row", 40, 4096, torch.bfloat16)  # N % 16
     assert not D.scaled_mm_fits("fp8_dyn_row", 4096, 72, torch.bfloat16)  # K % 16
     assert not D.scaled_mm_fits("int8_dyn", 4096, 4096, torch.bfloat16)
-    assert D._runnable(SCALED_MM, "fp8_dyn_row", 64, 4096, 4096, 0, torch.bfloat16) is SCALED_MM
-    assert D._runnable(SCALED_MM, "fp8_dyn_row", 64, 4096, 4096, 0, torch.float16).kind == "gemm"
+    assert not D.scaled_mm_fits("fp8_dyn_tensor", 4096, 4096, torch.float16, 4096)  # per-row w: rowwise
+    assert D.scaled_mm_fits("fp8_dyn_tensor", 4096, 4096, torch.bfloat16, 4096)
+    assert D._runnable(SCALED_MM, "fp8_dyn_row", 64, 4096, 4096, 0, True) is SCALED_MM
+    assert D._runnable(SCALED_MM, "fp8_dyn_row", 64, 4096, 4096, 0, False).kind == "gemm"
     # Where it does not fit, the op still runs (a Triton GEMM) and is right.
     check("fp8_dyn_row", SCALED_MM, M=5, N=40, K=72, dtype=torch.float16)
     assert any(c.kind == "scaled_mm" for c in D.candidate_configs("fp8_dyn_row", 256, 0))
@@ -272,9 +287,14 @@ def test_fp8_accumulation_is_promoted_every_tile_by_default(monkeypatch):
     # by default: measured 1.8-3.6 % relative error at K = 4096, 17 % at K = 14336 (session 6).
     monkeypatch.delenv("FXQUANT_FP8_ACC", raising=False)
     assert D._fp8_acc(128) == 128
-    for value, want in (("fast", 0), ("tile", 64), ("32", 32), ("512", 64), ("8", 32)):
+    for value, want in (("fast", 0), ("0", 0), (" Fast ", 0), ("tile", 64), ("TILE", 64), ("", 64),
+                        ("32", 32), ("512", 64), ("8", 32)):
         monkeypatch.setenv("FXQUANT_FP8_ACC", value)
         assert D._fp8_acc(64) == want, value
+    monkeypatch.setattr(D, "_fp8_acc_warned", False)
+    monkeypatch.setenv("FXQUANT_FP8_ACC", "precise")
+    with pytest.warns(RuntimeWarning, match="FXQUANT_FP8_ACC='precise'"):
+        assert D._fp8_acc(64) == 64
 
 
 def test_shipped_conditional_entries_carry_a_triton_fallback():

@@ -56,6 +56,8 @@ def test_fp8_gemm_accuracy_at_large_k(per_row, cfg, k, monkeypatch):
     assert _rel(out, ref) <= 4e-3, f"{scheme} {cfg} K={k}: {_rel(out, ref):.4f}"
 
 
+@pytest.mark.skipif(torch.cuda.get_device_capability() != (9, 0),
+                    reason="Triton leaves fp8 accumulation unpromoted by default only on sm_90")
 def test_unpromoted_accumulation_is_measurably_worse(monkeypatch):
     # Shows the bound above can fail: Triton's default (no promotion) on the same data.
     x, q, s, ref = _case(True, 256, 512, 4096)

@@ -1,6 +1,7 @@
 """Programmatic dependent launch (sm_90+) between the activation quantization and the GEMV /
-GEMM of the dynamic schemes: bitwise the same outputs as without it, eagerly and replayed in a
-CUDA graph, and it is really on (the launch carries the attribute) on this GPU."""
+GEMM of the dynamic schemes: bitwise the same outputs as without it, eagerly (a new x every
+call, so a read before the wait would see the previous call's values) and replayed in a CUDA
+graph, and the dispatcher turns it on for this GPU."""
 from __future__ import annotations
 
 import pytest
@@ -40,8 +41,14 @@ def test_pdl_changes_no_bit(scheme, cfg, monkeypatch):
     ref = D.linear(scheme, x, q, s, b, 0, c)
     monkeypatch.setenv("FXQUANT_PDL", "1")
     assert D._pdl(scheme, x, None)
-    for _ in range(20):  # a missing wait would read x before it is written, now and then
-        assert torch.equal(D.linear(scheme, x, q, s, b, 0, c), ref)
+    assert torch.equal(D.linear(scheme, x, q, s, b, 0, c), ref)
+    for i in range(20):  # a missing wait would read the previous call's x, now and then
+        xi = torch.randn_like(x) * (1 + i % 3)
+        got = D.linear(scheme, xi, q, s, b, 0, c)
+        monkeypatch.setenv("FXQUANT_PDL", "0")
+        want = D.linear(scheme, xi, q, s, b, 0, c)
+        monkeypatch.setenv("FXQUANT_PDL", "1")
+        assert torch.equal(got, want), f"call {i}"
     # The same inside a CUDA graph (each replay re-quantizes a new x in place).
     xs = x.clone()
     stream = torch.cuda.Stream()

@@ -67,3 +67,14 @@ def test_prequant_op_takes_scaled_mm(monkeypatch, m):
                                               torch.bfloat16)
     assert ran, "the prequant op did not take torch._scaled_mm"
     assert _rel(got.cpu(), ref) <= 1e-2
+
+
+@pytest.mark.parametrize("scheme,w_per_row", [("fp8_dyn_row", False), ("fp8_dyn_tensor", True)])
+def test_scaled_mm_mixed_scale_granularity(scheme, w_per_row):
+    # A per-tensor scale beside a per-row one is broadcast for the rowwise kernel.
+    w, x = torch.randn(256, 512) / 23, torch.randn(33, 512).to(torch.bfloat16)
+    b = torch.randn(256).to(torch.bfloat16)
+    qw, ws = nq.quantize_fp8_weight(w, per_row=w_per_row)
+    ref = fxq.float8_dynamic_linear(x, qw, ws, b, scheme == "fp8_dyn_row")
+    got = D.linear(scheme, x.cuda(), qw.cuda(), ws.cuda(), b.cuda(), 0, SCALED_MM)
+    assert _rel(got.cpu(), ref) <= 1e-2

@@ -79,7 +79,7 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, K, stride_xm, stride_xk,
     MODE 2: per-tensor pass 2, quantize with the scale from amax_ptr[0] (program 0 writes s_ptr[0]).
     PDL (sm_90+): let a kernel launched with programmatic dependent launch start now; it waits
     (griddepcontrol.wait) for this kernel's writes before it reads them."""
-    if PDL:
+    if PDL:  # (per-tensor: both passes trigger; only the GEMM after pass 2 uses it)
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     xrow = x_ptr + row * stride_xm

@@ -248,7 +248,7 @@ def _pdl(scheme: str, x: torch.Tensor, pre) -> bool:
     """Programmatic dependent launch between our activation quantization and the GEMV / GEMM
     after it (it starts while the quantization runs): Hopper+, compiled (not interpreted)
     kernels, FXQUANT_PDL not 0."""
-    return (scheme in DYNAMIC and pre is None and x.is_cuda and not C.INTERPRETED
+    return (scheme in DYNAMIC and pre is None and x.is_cuda and not C.INTERPRETED and torch.version.hip is None
             and _device_info(x.device)[2] >= (9, 0) and os.environ.get("FXQUANT_PDL", "1") != "0")
 
 
@@ -300,13 +300,25 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
     return out
 
 
+_fp8_acc_warned = False
+
+
 def _fp8_acc(bk: int) -> int:
     """Elements of K the fp8 MMA may accumulate before promotion to fp32 (0: Triton's default,
-    which on sm_90 never promotes). FXQUANT_FP8_ACC = "fast" (0), "tile" (BK, default) or a count."""
-    v = os.environ.get("FXQUANT_FP8_ACC", "tile")
-    if v == "fast":
+    which on sm_90 never promotes). FXQUANT_FP8_ACC = "tile" (BK, the default), "fast" or "0"
+    (Triton's default), or a count (clamped to 32..BK); anything else warns once and means tile."""
+    global _fp8_acc_warned
+    v = os.environ.get("FXQUANT_FP8_ACC", "tile").strip().lower()
+    if v in ("fast", "0"):
         return 0
-    return bk if v == "tile" else max(32, min(int(v), bk))
+    if v.isdigit():
+        return max(32, min(int(v), bk))
+    if v not in ("tile", "") and not _fp8_acc_warned:
+        _fp8_acc_warned = True
+        import warnings
+        warnings.warn(f"fxquant: FXQUANT_FP8_ACC={v!r} is not tile, fast or a number; using tile",
+                      RuntimeWarning, stacklevel=3)
+    return bk
 
 
 DEQ_CHUNK_ELEMS = 1 << 27  # larger weights are dequantized in row chunks (256 MiB of bf16 each)
@@ -331,26 +343,30 @@ def _run_deq(scheme, x2, qweight, scales, bias, group, cfg, out):
         out.add_(bias.to(out.dtype))
 
 
-def scaled_mm_fits(scheme: str, N: int, K: int, out_dtype: torch.dtype) -> bool:
+def scaled_mm_fits(scheme: str, N: int, K: int, out_dtype: torch.dtype, w_scale_numel: int | None = None) -> bool:
     """Whether torch._scaled_mm takes these inputs: fp8 dynamic only; both GEMM dims of the weight
-    multiples of 16 (its leading-dimension rule); a bf16 output for per-row scales (the rowwise
-    kernel's one output type), bf16 or fp16 for per-tensor scales."""
+    multiples of 16 (its leading-dimension rule); a bf16 output where any scale is per row (the
+    rowwise kernel's one output type), bf16 or fp16 where both are per tensor. w_scale_numel:
+    the weight's scale count (default: the scheme's own granularity)."""
     if scheme not in ("fp8_dyn_row", "fp8_dyn_tensor") or N % 16 or K % 16:
         return False
-    return out_dtype == torch.bfloat16 or (scheme == "fp8_dyn_tensor" and out_dtype == torch.float16)
+    rowwise = scheme == "fp8_dyn_row" or w_scale_numel not in (None, 1)
+    return out_dtype == torch.bfloat16 or (not rowwise and out_dtype == torch.float16)
 
 
 def _run_scaled_mm(scheme, x2, qweight, scales, bias, out, pre=None):
     """fp8 dynamic through torch._scaled_mm; x's per-token (or per-tensor) quantization as for the
-    Triton GEMM. The scales' arithmetic and the bias land in its epilogue."""
+    Triton GEMM. The scales' arithmetic and the bias land in its epilogue. A per-tensor scale
+    beside a per-row one is broadcast (the rowwise kernel wants both per row)."""
     q, xs, _ = _activations(scheme, x2, scales, pre)
     if not q.is_contiguous():
         q = q.contiguous()
     M, N = q.shape[0], qweight.shape[0]
-    if scheme == "fp8_dyn_row":
-        sa, sb = xs.reshape(M, 1), scales.float().reshape(1, N)
+    if scheme == "fp8_dyn_row" or scales.numel() != 1:
+        sa = xs.float().reshape(-1, 1).expand(M, 1).contiguous()
+        sb = scales.float().reshape(1, -1).expand(1, N).contiguous()
     else:
-        sa, sb = xs.reshape(()).float(), scales.float().reshape(())
+        sa, sb = xs.float().reshape(()), scales.float().reshape(())
     b = None if bias is None else bias.to(out.dtype)
     torch._scaled_mm(q, qweight.t(), sa, sb, bias=b, out_dtype=out.dtype, out=out)
     return out
@@ -378,13 +394,13 @@ def _kernel_ready(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Te
 
 
 def _runnable(cfg: KernelConfig, scheme: str, M: int, N: int, K: int, group: int,
-              out_dtype: torch.dtype) -> KernelConfig:
+              scaled_mm_ok: bool) -> KernelConfig:
     """cfg if it can run here (a gemv only up to GEMV_MAX_M, deq only for weight-only schemes,
-    scaled_mm where scaled_mm_fits; "cxx" is resolved before this), else the default gemm (deq
+    scaled_mm where scaled_mm_ok; "cxx" is resolved before this), else the default gemm (deq
     for weight-only)."""
     if (cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M)
             or (cfg.kind == "deq" and scheme in WEIGHT_ONLY)
-            or (cfg.kind == "scaled_mm" and scaled_mm_fits(scheme, N, K, out_dtype))):
+            or (cfg.kind == "scaled_mm" and scaled_mm_ok)):
         return cfg
     return default_config(scheme, max(M, 17), N, K, group)
 
@@ -401,9 +417,9 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if scheme in _FP8:
         check_fp8_supported(x.device)
     qweight, scales = _kernel_ready(qweight, scales)
+    smm = scaled_mm_fits(scheme, N, K, x.dtype, scales.numel())
     if cfg is None:
-        cfg = get_config(scheme, M, N, K, group, x.dtype, x.device,
-                         allow_scaled_mm=scaled_mm_fits(scheme, N, K, x.dtype))
+        cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_scaled_mm=smm)
         if _autotune_enabled() and x.is_cuda and not torch.cuda.is_current_stream_capturing():
             cfg = _maybe_autotune(scheme, x2, qweight, scales, bias, group, cfg)
     if cfg.kind == "cxx":
@@ -413,7 +429,7 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
             return torch.ops.fxquant.cxx_int8_weight_only_linear(x, qweight, scales, bias)
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_cxx=False)  # Triton's best
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)  # after the cxx branch: it allocates its own
-    cfg = _runnable(cfg, scheme, M, N, K, group, x.dtype)
+    cfg = _runnable(cfg, scheme, M, N, K, group, smm)
     if cfg.kind == "gemv":
         _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out)
     elif cfg.kind == "deq":
@@ -443,9 +459,9 @@ def linear_prequant(scheme: str, xq: torch.Tensor, x_scales: torch.Tensor, qweig
     xs = x_scales.reshape(-1)
     xs = xs if xs.is_contiguous() else xs.contiguous()
     qweight, scales = _kernel_ready(qweight, scales)
-    cfg = get_config(scheme, M, N, K, 0, out_dtype, xq.device, allow_cxx=False,
-                     allow_scaled_mm=scaled_mm_fits(scheme, N, K, out_dtype))
-    cfg = _runnable(cfg, scheme, M, N, K, 0, out_dtype)
+    smm = scaled_mm_fits(scheme, N, K, out_dtype, scales.numel())
+    cfg = get_config(scheme, M, N, K, 0, out_dtype, xq.device, allow_cxx=False, allow_scaled_mm=smm)
+    cfg = _runnable(cfg, scheme, M, N, K, 0, smm)
     out = torch.empty((M, N), device=xq.device, dtype=out_dtype)
     if cfg.kind == "scaled_mm":
         _run_scaled_mm(scheme, xq2, qweight, scales, bias, out, pre=(xq2, xs))
@@ -579,7 +595,8 @@ def autotune(scheme: str, x2: torch.Tensor, qweight: torch.Tensor, scales: torch
     best, best_t = None, float("inf")
     for cfg in candidates or candidate_configs(scheme, M, group):
         if ((cfg.kind == "cxx" and not cxx_fits(scheme, x2, qweight, scales, bias, group))
-                or (cfg.kind == "scaled_mm" and not scaled_mm_fits(scheme, qweight.shape[0], x2.shape[1], x2.dtype))):
+                or (cfg.kind == "scaled_mm"
+                    and not scaled_mm_fits(scheme, qweight.shape[0], x2.shape[1], x2.dtype, scales.numel()))):
             continue  # linear() would run another config under this label
         try:
             t = time_config(lambda: linear(scheme, x2, qweight, scales, bias, group, cfg), reps)
