@@ -304,3 +304,28 @@ def test_shipped_conditional_entries_carry_a_triton_fallback():
     assert any(e["kind"] == "scaled_mm" for _, e in entries)
     for key, e in entries:
         assert e["fallback"]["kind"] in ("gemv", "gemm", "deq"), key
+
+
+def test_prequant_op_autotunes_like_the_whole_op(monkeypatch, tmp_path):
+    # FXQUANT_AUTOTUNE=1 used to skip the prequant ops (the default path of compiled int8/fp8
+    # dynamic models); they now tune the whole op on their activations dequantized.
+    monkeypatch.setenv("FXQUANT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(D._tables, "cache", {})
+    monkeypatch.setattr(D, "_autotune_now", lambda t: True)
+    seen = []
+    monkeypatch.setattr(D, "_maybe_autotune", lambda scheme, x2, *a: seen.append((scheme, x2)) or a[-1])
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 64, generator=g)
+    qw, ws = nq.quantize_int8_weight_for_dynamic(w)
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    xq, xs = nq.quantize_int8_per_token(x)
+    out = D.linear_prequant("int8_dyn", xq, xs, qw, ws, None, torch.bfloat16)
+    assert len(seen) == 1 and seen[0][0] == "int8_dyn"
+    x_f = seen[0][1]
+    assert x_f.dtype == torch.bfloat16 and x_f.shape == (3, 64)
+    assert torch.allclose(x_f.float(), x.float(), rtol=0.02, atol=0.02)  # x, up to int8 rounding
+    assert rel_err(out, torch.ops.fxquant.int8_dynamic_linear_prequant(xq, xs, qw, ws, None, torch.bfloat16)) <= 1e-2
+    # Once the cache holds the key, no second tuning.
+    D._tables["cache"] = {"cpu": {D.config_key("int8_dyn", torch.bfloat16, 24, 64, 0, 3): GEMV.to_json()}}
+    D.linear_prequant("int8_dyn", xq, xs, qw, ws, None, torch.bfloat16)
+    assert len(seen) == 1

@@ -89,3 +89,24 @@ def test_compiled_model_quantizes_x_inside_inductor_kernels(cfg):
     with torch.no_grad():
         ref = model(x).float()
     assert fxquant.sqnr(ref, outs[True].float()) > fxquant.sqnr(ref, outs[False].float()) - 1.0
+
+
+def test_prequant_op_autotunes_into_the_cache(monkeypatch, tmp_path):
+    # FXQUANT_AUTOTUNE=1: the prequant op (what compiled int8 dynamic models call) tunes and
+    # caches its shape like the whole op, and the result stays right.
+    from fxquant.lowering.triton import dispatch as D
+    monkeypatch.setenv("FXQUANT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FXQUANT_AUTOTUNE", "1")
+    monkeypatch.setitem(D._tables, "cache", {})
+    quant_w, quant_x, op = SCHEMES["int8_dyn"]
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(200, 320, generator=g) / 18
+    x = torch.randn(5, 320, generator=g).to(torch.bfloat16)
+    qw, ws = quant_w(w)
+    xq, xs = quant_x(x)
+    ref = op(xq, xs, qw, ws, None, torch.bfloat16)
+    got = op(xq.cuda(), xs.cuda(), qw.cuda(), ws.cuda(), None, torch.bfloat16)
+    key = D.config_key("int8_dyn", torch.bfloat16, 200, 320, 0, 5)
+    dev = D._device_info(torch.device("cuda"))[0]
+    assert key in D._load(D.cache_path()).get(dev, {})
+    assert _rel(got.cpu(), ref) <= 1e-2

@@ -420,7 +420,7 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     smm = scaled_mm_fits(scheme, N, K, x.dtype, scales.numel())
     if cfg is None:
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_scaled_mm=smm)
-        if _autotune_enabled() and x.is_cuda and not torch.cuda.is_current_stream_capturing():
+        if _autotune_now(x):
             cfg = _maybe_autotune(scheme, x2, qweight, scales, bias, group, cfg)
     if cfg.kind == "cxx":
         if cxx_fits(scheme, x, qweight, scales, bias, group) and _cxx_ready():
@@ -461,6 +461,10 @@ def linear_prequant(scheme: str, xq: torch.Tensor, x_scales: torch.Tensor, qweig
     qweight, scales = _kernel_ready(qweight, scales)
     smm = scaled_mm_fits(scheme, N, K, out_dtype, scales.numel())
     cfg = get_config(scheme, M, N, K, 0, out_dtype, xq.device, allow_cxx=False, allow_scaled_mm=smm)
+    if _autotune_now(xq) and not _tuned(scheme, out_dtype, N, K, 0, M, xq.device):
+        # Tuned as the whole op on these activations dequantized: same kernels, same cache key.
+        x_f = (xq2.float() * xs.reshape(-1, 1)).to(out_dtype)
+        cfg = _maybe_autotune(scheme, x_f, qweight, scales, bias, 0, cfg)
     cfg = _runnable(cfg, scheme, M, N, K, 0, smm)
     out = torch.empty((M, N), device=xq.device, dtype=out_dtype)
     if cfg.kind == "scaled_mm":
@@ -511,6 +515,15 @@ def _cxx_ready() -> bool:
 # --------------------------------------------------------------------------- autotuning
 def _autotune_enabled() -> bool:
     return os.environ.get("FXQUANT_AUTOTUNE", "0") == "1"
+
+
+def _autotune_now(t: torch.Tensor) -> bool:
+    """FXQUANT_AUTOTUNE=1, a CUDA tensor, and not inside a CUDA-graph capture."""
+    return _autotune_enabled() and t.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _tuned(scheme: str, dtype: torch.dtype, n: int, k: int, group: int, m: int, device: torch.device) -> bool:
+    return config_key(scheme, dtype, n, k, group, m) in _table("cache").get(_device_info(device)[0], {})
 
 
 def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
@@ -611,10 +624,8 @@ def autotune(scheme: str, x2: torch.Tensor, qweight: torch.Tensor, scales: torch
 
 def _maybe_autotune(scheme, x2, qweight, scales, bias, group, cfg):
     N, K, M = qweight.shape[0], x2.shape[1], x2.shape[0]
-    key = config_key(scheme, x2.dtype, N, K, group, M)
-    dev = _device_info(x2.device)[0]
-    if key in _table("cache").get(dev, {}):
+    if _tuned(scheme, x2.dtype, N, K, group, M, x2.device):
         return cfg
     best, _ = autotune(scheme, x2, qweight, scales, bias, group)
-    save_tuned(dev, {key: best})
+    save_tuned(_device_info(x2.device)[0], {config_key(scheme, x2.dtype, N, K, group, M): best})
     return best
