@@ -19,33 +19,20 @@ from .common import (INTERPRETED, MAGIC_BITS, MAGIC_Q8, SC_ROW, SC_TENSOR, WK_IN
 
 
 @triton.jit
-def int4_values(w_ptr, rn, kt, K, BN: tl.constexpr, BK: tl.constexpr):
-    """The int4 tile [BN, BK] (K-tile kt) as float32 values q - 8, before scale and zero."""
-    kh = kt * (BK // 2) + tl.arange(0, BK // 2)
-    p = tl.load(w_ptr + rn[:, None] * (K // 2) + kh[None, :], mask=kh[None, :] < K // 2,
-                other=0).to(tl.int32)
-    lo = ((p & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
-    hi = ((p >> 4) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
-    return tl.reshape(tl.join(lo, hi), (BN, BK))  # byte j -> k = 2j (low), 2j + 1 (high)
-
-
-@triton.jit
-def int4_group_scales(s_ptr, rn, kt, N, GROUP: tl.constexpr, BK: tl.constexpr):
-    """(scale, zero) [BN] float32 of K-tile kt's group (BK <= GROUP: one group per tile)."""
-    szp = s_ptr + ((kt * BK) // GROUP * N + rn) * 2
-    return tl.load(szp).to(tl.float32), tl.load(szp + 1).to(tl.float32)
-
-
-@triton.jit
 def weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND: tl.constexpr, GROUP: tl.constexpr,
                 BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr):
     """Weight tile [BN, BK] (K-tile kt) in dtype DT. int4 is fully dequantized (scale, zero);
     int8/fp8 come back unscaled (their per-row scale is applied in the epilogue)."""
     if WKIND == WK_INT4:
-        q = int4_values(w_ptr, rn, kt, K, BN, BK)
+        kh = kt * (BK // 2) + tl.arange(0, BK // 2)
+        p = tl.load(w_ptr + rn[:, None] * (K // 2) + kh[None, :], mask=kh[None, :] < K // 2,
+                    other=0).to(tl.int32)
+        lo = ((p & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
+        hi = ((p >> 4) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
+        q = tl.reshape(tl.join(lo, hi), (BN, BK))  # byte j -> k = 2j (low), 2j + 1 (high)
         if BK <= GROUP:
-            sc, zp = int4_group_scales(s_ptr, rn, kt, N, GROUP, BK)
-            w = q * sc[:, None] + zp[:, None]
+            szp = s_ptr + ((kt * BK) // GROUP * N + rn) * 2
+            w = q * tl.load(szp).to(tl.float32)[:, None] + tl.load(szp + 1).to(tl.float32)[:, None]
         else:
             NG: tl.constexpr = BK // GROUP
             g = kt * NG + tl.arange(0, NG)
