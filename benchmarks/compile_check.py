@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from fxquant import numerics as nq  # noqa: E402
 from fxquant.lowering.triton import act_quant as AQ  # noqa: E402
@@ -50,8 +51,10 @@ def compile_launch(fn, args, kw, arch: int = 90):
     dns = {"M", "split_k"}  # the launchers' do_not_specialize args
     for i, name in enumerate(names):
         v = args[i] if i < len(args) else kw[name]
-        if name in kw or i in fn.constexprs:
+        if name in kw or i in fn.constexprs or v is None:
             sig[name], const[name] = "constexpr", v
+        elif isinstance(v, TensorDescriptor):  # a TMA config's host descriptor
+            sig[name] = f"tensordesc<{_TY[v.base.dtype]}[{','.join(str(b) for b in v.block_shape)}]>"
         elif isinstance(v, torch.Tensor):
             sig[name] = "*" + _TY[v.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]

@@ -546,8 +546,13 @@ def tune(args, out_dir: Path) -> dict:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 nc = n_copies(len(L.copies), m)
                 graphs = {}
+                ref = L.reference(x)
                 for cfg in D.candidate_configs(L.scheme, m, L.group):
                     try:
+                        err = rel_err(L.fn(x, 0, cfg)(), ref)
+                        if not err <= L.tol:  # a miscompiled tile shape must not win (NaN too)
+                            log(f"tune {name} {n}x{k} M={m} {cfg}: wrong output, rel err {err:.3g}: rejected")
+                            continue
                         graphs[cfg] = (capture([L.fn(x, i, cfg) for i in range(nc)]), nc)
                     except Exception as e:
                         log(f"tune {name} {n}x{k} M={m} {cfg}: {type(e).__name__}: {str(e)[:200]}")

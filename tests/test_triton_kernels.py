@@ -9,6 +9,7 @@ Activation quantization must match numerics.py bit for bit.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 
@@ -329,3 +330,72 @@ def test_prequant_op_autotunes_like_the_whole_op(monkeypatch, tmp_path):
     D._tables["cache"] = {"cpu": {D.config_key("int8_dyn", torch.bfloat16, 24, 64, 0, 3): GEMV.to_json()}}
     D.linear_prequant("int8_dyn", xq, xs, qw, ws, None, torch.bfloat16)
     assert len(seen) == 1
+
+
+# --------------------------------------------------------------------------- TMA loads
+GEMM_TMA = KC("gemm", bm=16, bn=32, bk=32, warps=4, stages=2, tma=True)
+GEMM_TMA_SWAP_SPLIT = KC("gemm", bm=16, bn=16, bk=32, warps=4, stages=2, split_k=2, swap=True, tma=True)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("cfg", [GEMM_TMA, GEMM_TMA_SWAP_SPLIT], ids=["plain", "swap_splitk"])
+def test_tma_gemm(scheme, cfg, monkeypatch):
+    # Tails in M and N: the copy engine's out-of-range rows must read as zero, and be masked on store.
+    taken = []
+    real = D._tma_descriptors
+    monkeypatch.setattr(D, "_tma_descriptors", lambda *a: taken.append(real(*a)) or taken[-1])
+    check(scheme, cfg, M=21, N=40, K=96)
+    assert taken and all(d is not None for d in taken), "the TMA path was not taken"
+
+
+@pytest.mark.parametrize("scheme", ["int8_wo", "int4_wo", "int8_dyn"])
+def test_tma_config_falls_back_to_pointer_loads(scheme, monkeypatch):
+    # Where the copy engine cannot take the tensors (x transposed; rows not 16-byte multiples),
+    # a tma config runs with pointer loads and gives the same answer. (A dynamic scheme's
+    # quantized x is contiguous whatever x was, so only the row length stops it there.)
+    taken = []
+    real = D._tma_descriptors
+    monkeypatch.setattr(D, "_tma_descriptors", lambda *a: taken.append(real(*a)) or taken[-1])
+    if scheme != "int8_dyn":
+        check(scheme, GEMM_TMA, M=5, N=40, K=96, noncontig=True)
+    check(scheme, GEMM_TMA, M=5, N=24, K=40, group=8)
+    assert taken and all(d is None for d in taken)
+
+
+@pytest.mark.parametrize("scheme", ["int8_wo", "int4_wo", "fp8_wo"])
+@pytest.mark.parametrize("m", [128, 256, 512, 1024])
+def test_weight_only_candidates_avoid_the_miscompiled_wide_swap(scheme, m):
+    # Triton 3.6 on H100 gave wrong results for swapped weight-only tiles with a 256-wide x tile
+    # (a register A operand at wgmma N = 256); the tuner must never offer them.
+    cands = D.candidate_configs(scheme, m, 128 if scheme == "int4_wo" else 0)
+    assert not [c for c in cands if c.kind == "gemm" and c.swap and c.bm > 128]
+
+
+def test_tma_candidates_from_m_64():
+    for m in (16, 32):
+        assert not [c for c in D.candidate_configs("int8_dyn", m, 0) if c.tma]
+    for m in (64, 512, 4096):
+        cands = D.candidate_configs("int8_dyn", m, 0)
+        tma = [c for c in cands if c.tma]
+        assert tma and all(c.kind == "gemm" for c in tma)
+        assert {dataclasses.replace(c, tma=False) for c in tma} <= set(cands)
+
+
+def test_autotune_rejects_a_config_with_wrong_output(monkeypatch):
+    # A miscompiled config can be the fastest; the tuner checks outputs before it times anything.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 96, generator=g)
+    qw, s = nq.quantize_int8_per_channel(w)
+    x = torch.randn(5, 96, generator=g).bfloat16()
+    bad = KC("gemm", bm=16, bn=32, bk=32, warps=4, stages=2, swap=True)
+    real = D.linear
+
+    def linear(scheme, x2, *a):
+        out = real(scheme, x2, *a)
+        return out * 1.5 if a[-1] == bad else out
+
+    monkeypatch.setattr(D, "linear", linear)
+    monkeypatch.setattr(D, "time_config", lambda fn, reps=20: (fn(), 1.0 if fn else 0)[1])
+    best, results = D.autotune("int8_wo", x, qw, s, None, 0, candidates=[bad, GEMM, GEMV])
+    assert results[repr(bad)].startswith("wrong: relative error")
+    assert best == GEMM and results[repr(GEMM)] == 1.0

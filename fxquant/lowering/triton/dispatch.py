@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import triton
 
+from ... import numerics as nq
 from ..cache import cache_root
 from . import common as C
 from .act_quant import quantize_activations
@@ -48,7 +49,8 @@ class KernelConfig:
     "scaled_mm" (torch._scaled_mm: cuBLASLt / CUTLASS fp8 GEMM; fp8 dynamic schemes only) |
     "cxx" (the CUDA C++ kernels of lowering/cuda/, CXX_SCHEMES at M <= CXX_MAX_M only; a table entry of
     this kind carries the best Triton config as "fallback", for where the library is missing).
-    gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size); deq bn/bk/warps;
+    gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size; tma: read x and
+    the weight through Hopper TMA descriptors where the tensors allow it); deq bn/bk/warps;
     cxx and scaled_mm none."""
     kind: str
     bn: int
@@ -59,6 +61,7 @@ class KernelConfig:
     split_k: int = 1
     swap: bool = False
     group_m: int = 8
+    tma: bool = False
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -281,6 +284,7 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
     pdl = split == 1 and _pdl(scheme, x2, pre)  # split-K zeroes its counters in between
     x2, xs, xs_mode = _activations(scheme, x2, scales, pre, pdl)
     ws_mode = _weight_scale_mode(scheme, scales, N)
+    descs = _tma_descriptors(scheme, x2, qweight, cfg, bk)
     reduce, ws, cnt = REDUCE_NONE, out, out
     if split > 1:
         # One arrival counter per output tile, zeroed per call: a buffer kept across calls would
@@ -289,15 +293,31 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
         cnt = torch.zeros(tiles, device=out.device, dtype=torch.int32)
         ws = torch.empty((split, M, N), device=out.device, dtype=torch.float32)  # no fill needed
     gemm_kernel[(tiles, split)](
-        x2, qweight, scales, xs, bias if bias is not None else scales, out, ws, cnt, M, N, K,
+        x2, qweight, scales, xs, bias if bias is not None else scales, out, ws, cnt,
+        *(descs or (None, None)), M, N, K,
         x2.stride(0), x2.stride(1), out.stride(0), split,
         WKIND=_WKIND[scheme], XS_MODE=xs_mode, WS_MODE=ws_mode, GROUP=group,
         HAS_BIAS=bias is not None, REDUCE=reduce, SWAP=cfg.swap,
         IEEE=out.dtype == torch.float32 and scheme in WEIGHT_ONLY, XK1=x2.stride(1) == 1,
         BM=cfg.bm, BN=cfg.bn, BK=bk, GROUP_M=cfg.group_m,
-        FP8_ACC=_fp8_acc(bk) if _WKIND[scheme] == C.WK_FP8_MMA else 0, PDL=pdl,
+        FP8_ACC=_fp8_acc(bk) if _WKIND[scheme] == C.WK_FP8_MMA else 0, PDL=pdl, TMA=descs is not None,
         num_warps=cfg.warps, num_stages=cfg.stages, **({"launch_pdl": True} if pdl else {}))
     return out
+
+
+def _tma_descriptors(scheme, x2, qweight, cfg, bk):
+    """(x, weight) TMA descriptors for a cfg.tma GEMM, or None where TMA cannot run: not Hopper
+    or later (the interpreter counts as Hopper), ROCm, or a stride or address the copy engine
+    cannot take (16-byte multiples). The activations are 2-D here and qweight is contiguous."""
+    if not cfg.tma or torch.version.hip is not None or _device_info(x2.device)[2] < (9, 0):
+        return None
+    if (x2.stride(1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16
+            or (qweight.shape[1] * qweight.element_size()) % 16 or qweight.data_ptr() % 16):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    wbk = bk // 2 if scheme == "int4_wo" else bk  # two int4 per byte
+    return (TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [cfg.bm, bk]),
+            TensorDescriptor(qweight, list(qweight.shape), list(qweight.stride()), [cfg.bn, wbk]))
 
 
 _fp8_acc_warned = False
@@ -563,18 +583,50 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
         out += [G("gemm", bm=bm, bn=bn, bk=bk, warps=w, stages=st) for bm, bn, bk, w, st in tiles]
     if not mma and 128 <= m <= 1024:
         # Weight-only, swapped (the dequantized weight is wgmma's register operand) with wide
-        # x tiles: large M is compute-bound, so fewer dequantizations per weight byte.
-        bm = 256 if m >= 512 else 128
-        out += [G("gemm", bm=bm, bn=bn, bk=bk, warps=w, stages=st, split_k=sk, swap=True)
+        # x tiles: large M is compute-bound, so fewer dequantizations per weight byte. The x tile
+        # stays 128 wide: 256 (wgmma N = 256 with a register A operand) gave wrong results with
+        # Triton 3.6 on H100 (probe_midm.py: int8 and int4, relative error 0.15 to NaN).
+        out += [G("gemm", bm=128, bn=bn, bk=bk, warps=w, stages=st, split_k=sk, swap=True)
                 for bn, bk, w, st, sk in ((128, 64, 8, 4, 1), (128, 128, 8, 3, 1), (64, 128, 4, 4, 1),
-                                          (128, 64, 8, 4, 0), (256, 64, 8, 3, 1))]
+                                          (128, 64, 8, 4, 0), (64, 128, 4, 3, 1))]
     if not mma and m >= 128:
         out.append(G("deq", bn=64, bk=128, warps=4))
     if scheme in ("fp8_dyn_row", "fp8_dyn_tensor") and m >= 16:
         out.append(G("scaled_mm", bn=0, bk=0))
+    if m >= 64:  # each GEMM again with TMA loads (Hopper; elsewhere they run as plain loads)
+        out += [dataclasses.replace(c, tma=True) for c in out if c.kind == "gemm" and c.bk <= 128]
     if scheme in CXX_SCHEMES and m <= CXX_MAX_M[scheme] and torch.cuda.is_available() and _cxx_ready():
         out.append(G("cxx", bn=0, bk=0))
     return list(dict.fromkeys(out))  # each config once
+
+
+TUNE_MAX_ERR = 0.05  # relative Frobenius error of a tuning candidate against reference_linear
+
+
+def reference_linear(scheme: str, x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     bias: torch.Tensor | None, group: int) -> torch.Tensor:
+    """float32 [M, N] from numerics.py's dequantization (and activation quantization): what
+    every kernel config must agree with."""
+    if scheme == "int8_wo":
+        w = nq.dequantize_int8_per_channel(qweight, scales, torch.float32)
+    elif scheme == "int4_wo":
+        w = nq.dequantize_int4(qweight, scales, group, torch.float32)
+    elif scheme == "fp8_wo":
+        w = nq.dequantize_fp8_weight(qweight, scales, torch.float32)
+    else:
+        w = qweight.float() * scales.float().reshape(-1, 1)
+    if scheme == "int8_dyn":
+        xq, xs = nq.quantize_int8_per_token(x2)
+        x2 = xq.float() * xs
+    elif scheme in DYNAMIC:
+        xq, xs = nq.quantize_fp8(x2, scheme == "fp8_dyn_row")
+        x2 = xq.float() * xs
+    out = x2.float() @ w.t()
+    return out if bias is None else out + bias.float()
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def time_config(fn, reps: int = 20) -> float:
@@ -602,16 +654,23 @@ def time_config(fn, reps: int = 20) -> float:
 def autotune(scheme: str, x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
              bias: torch.Tensor | None, group: int, reps: int = 20,
              candidates: list[KernelConfig] | None = None) -> tuple[KernelConfig, dict]:
-    """Time every candidate on these inputs; returns (best, {config repr: µs})."""
+    """Time every candidate on these inputs; returns (best, {config repr: µs}). A candidate whose
+    output is off the reference (TUNE_MAX_ERR) is rejected, not timed: a compiler bug in one tile
+    shape must not become the cached choice."""
     M = x2.shape[0]
     results: dict = {}
     best, best_t = None, float("inf")
+    ref = reference_linear(scheme, x2, qweight, scales, bias, group)
     for cfg in candidates or candidate_configs(scheme, M, group):
         if ((cfg.kind == "cxx" and not cxx_fits(scheme, x2, qweight, scales, bias, group))
                 or (cfg.kind == "scaled_mm"
                     and not scaled_mm_fits(scheme, qweight.shape[0], x2.shape[1], x2.dtype, scales.numel()))):
             continue  # linear() would run another config under this label
         try:
+            err = _rel_err(linear(scheme, x2, qweight, scales, bias, group, cfg), ref)
+            if not err <= TUNE_MAX_ERR:  # NaN too
+                results[repr(cfg)] = f"wrong: relative error {err:.3g}"
+                continue
             t = time_config(lambda: linear(scheme, x2, qweight, scales, bias, group, cfg), reps)
         except Exception as e:  # a config that does not compile or fit is skipped
             results[repr(cfg)] = f"failed: {type(e).__name__}: {str(e)[:200]}"

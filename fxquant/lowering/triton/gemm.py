@@ -7,6 +7,8 @@ the MMA's narrow N side (the weight fills the wide M side), and so that the dequ
 is the register-sourced A operand. Split-K (split_k > 1, REDUCE_FIXUP): every split stores its
 fp32 partial to a workspace and bumps a per-tile counter; the split that arrives last sums the
 others and writes the output, so the output needs no zero-fill and no fp32 -> out copy kernel.
+TMA (Hopper): x and the packed weight come in through tensor descriptors (the copy engine, no
+per-thread address arithmetic; out-of-range rows and columns read as zero).
 """
 from __future__ import annotations
 
@@ -19,14 +21,18 @@ from .common import (INTERPRETED, MAGIC_BITS, MAGIC_Q8, SC_ROW, SC_TENSOR, WK_IN
 
 
 @triton.jit
-def weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND: tl.constexpr, GROUP: tl.constexpr,
-                BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr):
-    """Weight tile [BN, BK] (K-tile kt) in dtype DT. int4 is fully dequantized (scale, zero);
-    int8/fp8 come back unscaled (their per-row scale is applied in the epilogue)."""
+def weight_tile(w_ptr, w_desc, s_ptr, rn, n0, kt, N, K, WKIND: tl.constexpr, GROUP: tl.constexpr,
+                BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, TMA: tl.constexpr):
+    """Weight tile [BN, BK] (K-tile kt; rows n0.., wrapped into rn) in dtype DT. int4 is fully
+    dequantized (scale, zero); int8/fp8 come back unscaled (their per-row scale is applied in the
+    epilogue). TMA: the packed bytes are read through w_desc instead of w_ptr."""
     if WKIND == WK_INT4:
-        kh = kt * (BK // 2) + tl.arange(0, BK // 2)
-        p = tl.load(w_ptr + rn[:, None] * (K // 2) + kh[None, :], mask=kh[None, :] < K // 2,
-                    other=0).to(tl.int32)
+        if TMA:
+            p = w_desc.load([n0, kt * (BK // 2)]).to(tl.int32)
+        else:
+            kh = kt * (BK // 2) + tl.arange(0, BK // 2)
+            p = tl.load(w_ptr + rn[:, None] * (K // 2) + kh[None, :], mask=kh[None, :] < K // 2,
+                        other=0).to(tl.int32)
         lo = ((p & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
         hi = ((p >> 4) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
         q = tl.reshape(tl.join(lo, hi), (BN, BK))  # byte j -> k = 2j (low), 2j + 1 (high)
@@ -41,6 +47,13 @@ def weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND: tl.constexpr, GROUP: tl.const
             sc = tl.load(szp, mask=gm, other=0.0).to(tl.float32)
             zp = tl.load(szp + 1, mask=gm, other=0.0).to(tl.float32)
             w = tl.reshape(tl.reshape(q, (BN, NG, GROUP)) * sc[:, :, None] + zp[:, :, None], (BN, BK))
+        return w.to(DT)
+    elif TMA:
+        w = w_desc.load([n0, kt * BK])
+        if WKIND == WK_FP8_MMA or WKIND == WK_INT8_MMA:
+            return w
+        if INTERPRETED:  # the interpreter's int8 -> bf16 cast is wrong; go through fp32
+            w = w.to(tl.float32)
         return w.to(DT)
     elif WKIND == WK_FP8_MMA and not INTERPRETED:
         # Loaded as e4m3 itself: a bitcast after the load would stop the pipelined shared-memory
@@ -63,13 +76,13 @@ REDUCE_FIXUP = tl.constexpr(1)
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
-def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
+def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, x_desc, w_desc, M, N, K,
                 stride_xm, stride_xk, stride_om, split_k,
                 WKIND: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr,
                 GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
                 SWAP: tl.constexpr, IEEE: tl.constexpr, XK1: tl.constexpr, BM: tl.constexpr,
                 BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr,
-                PDL: tl.constexpr):
+                PDL: tl.constexpr, TMA: tl.constexpr):
     if PDL:  # launched with programmatic dependent launch: x comes from the kernel before
         gdc_wait()
     pid = tl.program_id(0)
@@ -108,14 +121,16 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
         # XK1: x's K stride is 1, stated at compile time so the x tile can be copied
         # asynchronously (pipelined) rather than loaded synchronously every iteration.
         xoff = rm[:, None] * stride_xm + (k[None, :] if XK1 else k[None, :] * stride_xk)
-        if WKIND == WK_FP8_MMA and not INTERPRETED:  # as e4m3: see weight_tile
+        if TMA:
+            a = x_desc.load([pid_m * BM, kt * BK])
+        elif WKIND == WK_FP8_MMA and not INTERPRETED:  # as e4m3: see weight_tile
             a = tl.load(x_ptr + xoff, mask=k[None, :] < K, other=0.0)
         elif WKIND >= WK_INT8_MMA:  # 8-bit activations: load raw bytes so masked lanes are 0
             a = tl.load(x_ptr.to(tl.pointer_type(tl.int8)) + xoff, mask=k[None, :] < K, other=0)
             a = a.to(DT, bitcast=True)
         else:
             a = tl.load(x_ptr + xoff, mask=k[None, :] < K, other=0.0)
-        w = weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND, GROUP, BN, BK, DT)
+        w = weight_tile(w_ptr, w_desc, s_ptr, rn, pid_n * BN, kt, N, K, WKIND, GROUP, BN, BK, DT, TMA)
         if INTERPRETED and DT == tl.bfloat16:
             # The interpreter's dot multiplies bf16 bit patterns as integers: go through fp32.
             a = a.to(tl.float32)
@@ -189,7 +204,7 @@ def dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, WKIND: tl.constexpr, WS_MODE: tl
     kt = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     rn = (offs_n % N).to(tl.int64)
-    w = weight_tile(w_ptr, s_ptr, rn, kt, N, K, WKIND, GROUP, BN, BK, tl.float32)
+    w = weight_tile(w_ptr, w_ptr, s_ptr, rn, pid_n * BN, kt, N, K, WKIND, GROUP, BN, BK, tl.float32, False)
     if WS_MODE == SC_ROW:
         w = w * tl.load(s_ptr + rn).to(tl.float32)[:, None]
     elif WS_MODE == SC_TENSOR:
