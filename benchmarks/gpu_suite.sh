@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the GPU test suite (tests/gpu), then benchmarks/linear.py.
 #
-# Phase 1 runs the test suite (kernel tests as FXQ_SHARDS pytest processes, each other tests/gpu
+# Phase 1 runs the test suite (kernel and TMA tests as FXQ_SHARDS pytest processes, each other tests/gpu
 # file in its own process) and, beside them, FXQ_WARMERS
 # processes that only compile the benchmark's kernels (all share Triton's on-disk cache, so
 # compilation runs in parallel). Phase 2 runs the benchmark alone on the GPU (timed numbers).
@@ -42,13 +42,14 @@ fi
 # ---- phase 1: tests + benchmark compile warmers, all in parallel. The kernel tests are split
 # into shards; every other tests/gpu file runs in a process of its own, so a crash there (a
 # segfault in AOTInductor's loader has been seen) cannot take other tests down with it.
+SHARDED="tests/gpu/test_gpu_kernels.py tests/gpu/test_gpu_tma.py"  # the long kernel-correctness files
 for i in $(seq 0 $((SHARDS - 1))); do
   FXQUANT_TEST_SHARD="$i/$SHARDS" timeout -s INT -k 15 "${FXQ_PHASE1_TIMEOUT:-200}" \
-    $PY -m pytest tests/gpu/test_gpu_kernels.py -q -rfE -p no:cacheprovider > "$LOGS/test_$i.log" 2>&1 &
+    $PY -m pytest $SHARDED -q -rfE -p no:cacheprovider > "$LOGS/test_$i.log" 2>&1 &
 done
 NT=$SHARDS
 for f in tests/gpu/test_*.py; do
-  [ "$f" = tests/gpu/test_gpu_kernels.py ] && continue
+  case " $SHARDED " in *" $f "*) continue;; esac
   case " ${FXQ_SKIP_TESTS:-} " in *" $(basename "$f") "*) echo "skipped by FXQ_SKIP_TESTS: $f"; continue;; esac
   timeout -s INT -k 15 "${FXQ_PHASE1_TIMEOUT:-200}" $PY -m pytest "$f" -q -rfE -p no:cacheprovider \
     > "$LOGS/test_$NT.log" 2>&1 || echo "(pytest $f exit code $?)" >> "$LOGS/test_$NT.log" &

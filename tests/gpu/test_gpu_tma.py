@@ -90,3 +90,48 @@ def test_every_tuning_candidate_is_correct(scheme, M):
             continue  # not Triton kernels (their own tests cover them)
         out = D.linear(scheme, x, *qw, None, group, cfg)
         assert_close(out, ref, torch.bfloat16, f"{scheme} M={M} {cfg}")
+
+
+def _packed_on_gpu(scheme, n, k, group):
+    from fxquant import numerics as nq
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    if scheme == "int4_wo":
+        q, sz = nq.quantize_int4_groupwise(w, group)
+        return nq.pack_int4(q), sz
+    if scheme == "int8_wo":
+        return nq.quantize_int8_per_channel(w)
+    if scheme == "int8_dyn":
+        return nq.quantize_int8_weight_for_dynamic(w)
+    return nq.quantize_fp8_weight(w, per_row=scheme != "fp8_dyn_tensor")
+
+
+@pytest.mark.parametrize("scheme", ["int8_wo", "int4_wo", "int8_dyn", "fp8_dyn_row"])
+def test_shipped_gemm_entries_are_deterministic_and_right(scheme):
+    # Every exact-shape GEMM entry of this GPU's shipped table (M <= 1024), 20 identical calls:
+    # bitwise the same output each time (split-K sums in a fixed order; a compiler race would
+    # show here) and within tolerance of numerics.py.
+    _skip(scheme)
+    dev = D._device_info(torch.device("cuda"))[0]
+    entries = [(key, e) for key, e in D._load(D._SHIPPED_PATH).get(dev, {}).items()
+               if key.startswith(scheme + "|") and key.count("|") == 4 and e["kind"] == "gemm"
+               and int(key.rsplit("|m", 1)[1]) <= 1024]
+    if not entries:
+        pytest.skip(f"no shipped table for {dev}")
+    packed = {}
+    torch.manual_seed(0)
+    for key, e in sorted(entries):
+        _, _, nk, g, m = key.split("|")
+        n, k = (int(v) for v in nk.split("x"))
+        group = int(g[1:])
+        if (n, k) not in packed:
+            packed.clear()
+            packed[(n, k)] = _packed_on_gpu(scheme, n, k, group or 128)
+        qw = packed[(n, k)]
+        cfg = D.KernelConfig.from_json(e)
+        x = torch.randn(int(m[1:]), k, device="cuda", dtype=torch.bfloat16)
+        ref = D.reference_linear(scheme, x, *qw, None, group)
+        first = D.linear(scheme, x, *qw, None, group, cfg)
+        err = D._rel_err(first, ref)
+        assert err <= 1e-2, f"{key} {cfg}: rel err {err:.2e}"
+        for i in range(20):
+            assert torch.equal(D.linear(scheme, x, *qw, None, group, cfg), first), f"{key} {cfg}: call {i} differs"

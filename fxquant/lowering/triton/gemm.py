@@ -6,7 +6,8 @@ Scales and bias are applied in the epilogue. SWAP computes out^T = W x^T so that
 the MMA's narrow N side (the weight fills the wide M side), and so that the dequantized weight
 is the register-sourced A operand. Split-K (split_k > 1, REDUCE_FIXUP): every split stores its
 fp32 partial to a workspace and bumps a per-tile counter; the split that arrives last sums the
-others and writes the output, so the output needs no zero-fill and no fp32 -> out copy kernel.
+partials (in split order: deterministic) and writes the output, so the output needs no
+zero-fill and no fp32 -> out copy kernel.
 TMA (Hopper): x and the packed weight come in through tensor descriptors (the copy engine, no
 per-thread address arithmetic; out-of-range rows and columns read as zero).
 """
@@ -184,9 +185,15 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, x_
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == split_k - 1:
+            # Summed in split order whichever split arrived last: the output is bitwise the
+            # same on every call.
+            total = tl.zeros_like(out)
             for s in range(0, split_k):
-                if s != pid_k:
-                    out += tl.load(wsp + s * MN, mask=mask, other=0.0, cache_modifier=".cg")
+                if s == pid_k:
+                    total += out
+                else:
+                    total += tl.load(wsp + s * MN, mask=mask, other=0.0, cache_modifier=".cg")
+            out = total
             if HAS_BIAS:
                 out = out + tl.load(b_ptr + ni).to(tl.float32)
             tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
