@@ -307,9 +307,10 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
 
 def _tma_descriptors(scheme, x2, qweight, cfg, bk):
     """(x, weight) TMA descriptors for a cfg.tma GEMM, or None where TMA cannot run: not Hopper
-    or later (the interpreter counts as Hopper), ROCm, or a stride or address the copy engine
-    cannot take (16-byte multiples). The activations are 2-D here and qweight is contiguous."""
-    if not cfg.tma or torch.version.hip is not None or _device_info(x2.device)[2] < (9, 0):
+    or later (the interpreter counts as Hopper), ROCm, fp32 activations, or a stride or address
+    the copy engine cannot take (16-byte multiples). x is 2-D here and qweight contiguous."""
+    if (not cfg.tma or torch.version.hip is not None or _device_info(x2.device)[2] < (9, 0)
+            or x2.element_size() > 2):  # fp32 x: tiles tuned on bf16 overflow shared memory via TMA
         return None
     if (x2.stride(1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16
             or (qweight.shape[1] * qweight.element_size()) % 16 or qweight.data_ptr() % 16):
