@@ -185,11 +185,17 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, x_
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == split_k - 1:
-            # Summed in split order whichever split arrived last (its own partial read back
-            # too): the output is bitwise the same on every call.
-            out = tl.load(wsp, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in range(1, split_k):
-                out += tl.load(wsp + s * MN, mask=mask, other=0.0, cache_modifier=".cg")
+            # Summed in split order whichever split arrived last: the output is bitwise the
+            # same on every call. (Reading this program's own partial back from the workspace
+            # instead of keeping `out` live gave wrong sums on H100 for int8 swapped TMA tiles;
+            # cause not found, session 7.)
+            total = tl.zeros_like(out)
+            for s in range(0, split_k):
+                if s == pid_k:
+                    total += out
+                else:
+                    total += tl.load(wsp + s * MN, mask=mask, other=0.0, cache_modifier=".cg")
+            out = total
             if HAS_BIAS:
                 out = out + tl.load(b_ptr + ni).to(tl.float32)
             tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
