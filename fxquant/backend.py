@@ -142,8 +142,12 @@ class Backend:
         patches = {**(list_mode_options(mode) if mode else {}), **exact, **self.inductor, **(options or {}),
                    "joint_custom_pre_pass": joint_pass, "fx_graph_cache": False,
                    "cpp.enable_concat_linear": False}
+        from torch._inductor.virtualized import V
+
+        from .inductor_choices import FxquantChoices
         with torch.no_grad(), torch._inductor.config.patch(patches), \
-                torch._functorch.config.patch(enable_autograd_cache=False):
+                torch._functorch.config.patch(enable_autograd_cache=False), \
+                V.set_choices_handler(FxquantChoices()):
             compiled = compile_fx(gm, example_inputs)
 
         if "restore_fake" in state:

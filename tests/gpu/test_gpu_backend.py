@@ -138,3 +138,36 @@ def test_dynamo_reset_frees_packed_weights(string_backend, mode):
     torch.cuda.empty_cache()
     left = torch.cuda.memory_allocated() - base
     assert left < 4 * 2**20, f"{left / 2**20:.1f} MiB still allocated after reset"
+
+
+class _NormLinear(nn.Module):
+    def __init__(self, hidden=4096):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden, eps=1e-6)
+        self.proj = nn.Linear(hidden, 1024, bias=False)
+
+    def forward(self, x):
+        return self.proj(self.norm(x))
+
+
+@pytest.mark.parametrize("limit,persistent", [("", True), ("0", False)])
+def test_norm_and_activation_quant_read_the_row_once(limit, persistent, monkeypatch):
+    # RMSNorm -> per-token fp8 quantization over a 4096-wide row, fused by Inductor: with
+    # fxquant's choices handler the kernel keeps the row in registers (a persistent reduction,
+    # one read of x); Inductor's own rule (FXQUANT_PERSISTENT_RNUMEL=0) loops over it twice.
+    from torch._inductor.utils import run_and_get_code
+    monkeypatch.setenv("FXQUANT_PERSISTENT_RNUMEL", limit)
+    torch.manual_seed(0)
+    m = _NormLinear().to(torch.bfloat16).cuda()
+    x = torch.randn(64, 4096, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        torch._dynamo.reset()
+        f = torch.compile(m, backend=fxquant.backend(fxquant.Float8DynamicActivationFloat8Weight(granularity="row")))
+        out, codes = run_and_get_code(f, x)
+        ref = m(x)
+    assert fxquant.sqnr(ref.float(), out.float()) >= 25
+    src = "\n".join(codes)
+    kernels = [k for k in src.split("@triton_heuristics.")[1:] if "float8e4nv" in k]  # they store fp8
+    assert kernels, "no fused activation-quantization kernel found"
+    kinds = {k.split("(", 1)[0] for k in kernels}
+    assert kinds == ({"persistent_reduction"} if persistent else {"reduction"}), kinds
