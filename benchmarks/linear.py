@@ -760,8 +760,8 @@ def main(argv=None) -> int:
         base, _, variant = name.partition("@")
         if base not in SCHEMES:
             ap.error(f"unknown scheme {base!r}; known: {', '.join(SCHEMES)}")
-        allowed = {"cuda": D.CXX_SCHEMES, "triton": D.CXX_SCHEMES + ("fp8_dyn_row", "fp8_dyn_tensor"),
-                   "scaled_mm": ("fp8_dyn_row", "fp8_dyn_tensor")}
+        allowed = {"cuda": D.CXX_SCHEMES, "triton": D.CXX_SCHEMES + ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn"),
+                   "scaled_mm": ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn")}
         if variant and SCHEMES[base][0] not in allowed.get(variant, ()):
             ap.error(f"{name}: variant @{variant} does not apply to {base}")
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

@@ -141,7 +141,10 @@ def test_scaled_mm_fits_and_falls_back():
     assert not D.scaled_mm_fits("fp8_dyn_tensor", 4096, 4096, torch.float32)
     assert not D.scaled_mm_fits("fp8_dyn_row", 40, 4096, torch.bfloat16)  # N % 16
     assert not D.scaled_mm_fits("fp8_dyn_row", 4096, 72, torch.bfloat16)  # K % 16
-    assert not D.scaled_mm_fits("int8_dyn", 4096, 4096, torch.bfloat16)
+    assert D.scaled_mm_fits("int8_dyn", 4096, 4096, torch.bfloat16)  # torch._int_mm
+    assert not D.scaled_mm_fits("int8_dyn", 4096, 4096, torch.bfloat16, M=16)  # _int_mm wants M > 16
+    assert not D.scaled_mm_fits("int8_dyn", 4100, 4096, torch.bfloat16)  # N % 8
+    assert not D.scaled_mm_fits("int8_wo", 4096, 4096, torch.bfloat16)
     assert not D.scaled_mm_fits("fp8_dyn_tensor", 4096, 4096, torch.float16, 4096)  # per-row w: rowwise
     assert D.scaled_mm_fits("fp8_dyn_tensor", 4096, 4096, torch.bfloat16, 4096)
     assert D._runnable(SCALED_MM, "fp8_dyn_row", 64, 4096, 4096, 0, True) is SCALED_MM
@@ -149,7 +152,26 @@ def test_scaled_mm_fits_and_falls_back():
     # Where it does not fit, the op still runs (a Triton GEMM) and is right.
     check("fp8_dyn_row", SCALED_MM, M=5, N=40, K=72, dtype=torch.float16)
     assert any(c.kind == "scaled_mm" for c in D.candidate_configs("fp8_dyn_row", 256, 0))
-    assert not any(c.kind == "scaled_mm" for c in D.candidate_configs("int8_dyn", 256, 0))
+    assert any(c.kind == "scaled_mm" for c in D.candidate_configs("int8_dyn", 256, 0))
+    assert not any(c.kind == "scaled_mm" for c in D.candidate_configs("int8_dyn", 16, 0))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_through_int_mm(bias, monkeypatch):
+    # torch._int_mm (cuBLAS on the GPU; the CPU build has one) and the Triton scale epilogue;
+    # M, N off the epilogue's tiles, 3-D x. At M <= 16 (_int_mm's limit) a Triton GEMM runs.
+    check("int8_dyn", SCALED_MM, M=37, N=48, K=96, bias=bias)
+    check("int8_dyn", SCALED_MM, M=9, N=40, K=64, bias=bias, x3d=True)
+    check("int8_dyn", SCALED_MM, M=5, N=48, K=96, bias=bias)
+    xq, xs = nq.quantize_int8_per_token(torch.randn(40, 96).bfloat16())
+    qw, ws = nq.quantize_int8_weight_for_dynamic(torch.randn(48, 96))
+    monkeypatch.setattr(D, "get_config", lambda *a, **kw: SCALED_MM)  # the prequant op's table entry
+    ran = []
+    real = D._run_scaled_mm
+    monkeypatch.setattr(D, "_run_scaled_mm", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    out = D.linear_prequant("int8_dyn", xq, xs, qw, ws, None, torch.bfloat16)
+    assert ran
+    assert rel_err(out, torch.ops.fxquant.int8_dynamic_linear_prequant(xq, xs, qw, ws, None, torch.bfloat16)) <= 1e-2
 
 
 @pytest.mark.parametrize("group", [32, 64])

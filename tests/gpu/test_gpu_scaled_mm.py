@@ -1,4 +1,5 @@
-"""fp8 dynamic schemes through torch._scaled_mm (KernelConfig kind "scaled_mm") on the GPU, against
+"""fp8 dynamic schemes through torch._scaled_mm and int8 dynamic through torch._int_mm (KernelConfig
+kind "scaled_mm") on the GPU, against
 the CPU reference op: the whole op and the prequant op, per-row and per-tensor, M from 1 to 4097,
 with and without bias, and the shapes and dtypes where it must fall back to the Triton GEMM."""
 from __future__ import annotations
@@ -78,3 +79,21 @@ def test_scaled_mm_mixed_scale_granularity(scheme, w_per_row):
     ref = fxq.float8_dynamic_linear(x, qw, ws, b, scheme == "fp8_dyn_row")
     got = D.linear(scheme, x.cuda(), qw.cuda(), ws.cuda(), b.cuda(), 0, SCALED_MM)
     assert _rel(got.cpu(), ref) <= 1e-2
+
+
+@pytest.mark.parametrize("n,k", [(256, 4096), (200, 320), (4100, 96)])
+@pytest.mark.parametrize("m", [1, 16, 17, 300, 4097])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_int8_dynamic_through_int_mm(m, n, k, dtype):
+    # int8 dynamic's "scaled_mm" kind: torch._int_mm (cuBLAS) + the Triton scale epilogue, where
+    # M > 16 and N, K are multiples of 8; elsewhere the Triton GEMM. Against the CPU reference op.
+    g = torch.Generator().manual_seed(m + n)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if m % 2 else None
+    qw, ws = nq.quantize_int8_weight_for_dynamic(w)
+    assert D.scaled_mm_fits("int8_dyn", n, k, dtype, M=m) == (m > 16 and n % 8 == 0 and k % 8 == 0)
+    ref = fxq.int8_dynamic_linear(x, qw, ws, b)
+    got = D.linear("int8_dyn", x.cuda(), qw.cuda(), ws.cuda(), None if b is None else b.cuda(), 0, SCALED_MM)
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert _rel(got.cpu(), ref) <= TOL[dtype], f"int8 m={m} n={n} k={k} {dtype}"

@@ -24,7 +24,7 @@ from ... import numerics as nq
 from ..cache import cache_root
 from . import common as C
 from .act_quant import quantize_activations
-from .gemm import REDUCE_FIXUP, REDUCE_NONE, dequant_kernel, gemm_kernel
+from .gemm import REDUCE_FIXUP, REDUCE_NONE, dequant_kernel, gemm_kernel, scale_epilogue_kernel
 from .gemv import gemv_kernel
 
 WEIGHT_ONLY = ("int8_wo", "int4_wo", "fp8_wo")
@@ -46,7 +46,8 @@ M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 @dataclass(frozen=True)
 class KernelConfig:
     """kind: "gemv" | "gemm" | "deq" (dequantize to x's dtype, then cuBLAS; weight-only only) |
-    "scaled_mm" (torch._scaled_mm: cuBLASLt / CUTLASS fp8 GEMM; fp8 dynamic schemes only) |
+    "scaled_mm" (the vendor GEMM of a dynamic scheme: torch._scaled_mm, cuBLASLt / CUTLASS, for fp8;
+    torch._int_mm, cuBLAS, plus a Triton pass for the scales, for int8 at M > 16) |
     "cxx" (the CUDA C++ kernels of lowering/cuda/, CXX_SCHEMES at M <= CXX_MAX_M only; a table entry of
     this kind carries the best Triton config as "fallback", for where the library is missing).
     gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size; tma: read x and
@@ -364,11 +365,16 @@ def _run_deq(scheme, x2, qweight, scales, bias, group, cfg, out):
         out.add_(bias.to(out.dtype))
 
 
-def scaled_mm_fits(scheme: str, N: int, K: int, out_dtype: torch.dtype, w_scale_numel: int | None = None) -> bool:
-    """Whether torch._scaled_mm takes these inputs: fp8 dynamic only; both GEMM dims of the weight
-    multiples of 16 (its leading-dimension rule); a bf16 output where any scale is per row (the
-    rowwise kernel's one output type), bf16 or fp16 where both are per tensor. w_scale_numel:
-    the weight's scale count (default: the scheme's own granularity)."""
+def scaled_mm_fits(scheme: str, N: int, K: int, out_dtype: torch.dtype, w_scale_numel: int | None = None,
+                   M: int | None = None) -> bool:
+    """Whether the vendor GEMM of kind "scaled_mm" takes these inputs. int8 dynamic
+    (torch._int_mm): M > 16 (where given), N and K multiples of 8. fp8 dynamic
+    (torch._scaled_mm): both GEMM dims of the weight multiples of 16 (its leading-dimension
+    rule); a bf16 output where any scale is per row (the rowwise kernel's one output type), bf16
+    or fp16 where both are per tensor. w_scale_numel: the weight's scale count (default: the
+    scheme's own granularity)."""
+    if scheme == "int8_dyn":
+        return (M is None or M > 16) and N % 8 == 0 and K % 8 == 0
     if scheme not in ("fp8_dyn_row", "fp8_dyn_tensor") or N % 16 or K % 16:
         return False
     rowwise = scheme == "fp8_dyn_row" or w_scale_numel not in (None, 1)
@@ -376,13 +382,20 @@ def scaled_mm_fits(scheme: str, N: int, K: int, out_dtype: torch.dtype, w_scale_
 
 
 def _run_scaled_mm(scheme, x2, qweight, scales, bias, out, pre=None):
-    """fp8 dynamic through torch._scaled_mm; x's per-token (or per-tensor) quantization as for the
-    Triton GEMM. The scales' arithmetic and the bias land in its epilogue. A per-tensor scale
+    """int8 dynamic through torch._int_mm, fp8 dynamic through torch._scaled_mm; x's per-token (or
+    per-tensor) quantization as for the Triton GEMM. The scales' arithmetic and the bias land in its epilogue. A per-tensor scale
     beside a per-row one is broadcast (the rowwise kernel wants both per row)."""
     q, xs, _ = _activations(scheme, x2, scales, pre)
     if not q.is_contiguous():
         q = q.contiguous()
     M, N = q.shape[0], qweight.shape[0]
+    if scheme == "int8_dyn":  # cuBLAS int8 GEMM (int32 out), then one Triton pass for the scales
+        acc = torch._int_mm(q, qweight.t())
+        BM, BN = 32, 128
+        scale_epilogue_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+            acc, xs, scales, bias if bias is not None else scales, out, M, N, HAS_BIAS=bias is not None,
+            BM=BM, BN=BN, num_warps=4)
+        return out
     if scheme == "fp8_dyn_row" or scales.numel() != 1:
         sa = xs.float().reshape(-1, 1).expand(M, 1).contiguous()
         sb = scales.float().reshape(1, -1).expand(1, N).contiguous()
@@ -438,7 +451,7 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if scheme in _FP8:
         check_fp8_supported(x.device)
     qweight, scales = _kernel_ready(qweight, scales)
-    smm = scaled_mm_fits(scheme, N, K, x.dtype, scales.numel())
+    smm = scaled_mm_fits(scheme, N, K, x.dtype, scales.numel(), M)
     if cfg is None:
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_scaled_mm=smm)
         if _autotune_now(x):
@@ -480,7 +493,7 @@ def linear_prequant(scheme: str, xq: torch.Tensor, x_scales: torch.Tensor, qweig
     xs = x_scales.reshape(-1)
     xs = xs if xs.is_contiguous() else xs.contiguous()
     qweight, scales = _kernel_ready(qweight, scales)
-    smm = scaled_mm_fits(scheme, N, K, out_dtype, scales.numel())
+    smm = scaled_mm_fits(scheme, N, K, out_dtype, scales.numel(), M)
     cfg = get_config(scheme, M, N, K, 0, out_dtype, xq.device, allow_cxx=False, allow_scaled_mm=smm)
     if _autotune_now(xq) and not _tuned(scheme, out_dtype, N, K, 0, M, xq.device):
         # Tuned as the whole op on these activations dequantized: same kernels, same cache key.
@@ -592,7 +605,7 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
                                           (128, 64, 8, 4, 0), (64, 128, 4, 3, 1))]
     if not mma and m >= 128:
         out.append(G("deq", bn=64, bk=128, warps=4))
-    if scheme in ("fp8_dyn_row", "fp8_dyn_tensor") and m >= 16:
+    if (scheme in ("fp8_dyn_row", "fp8_dyn_tensor") and m >= 16) or (scheme == "int8_dyn" and m >= 32):
         out.append(G("scaled_mm", bn=0, bk=0))
     if m >= 64:  # each GEMM again with TMA loads (Hopper; elsewhere they run as plain loads)
         out += [dataclasses.replace(c, tma=True) for c in out if c.kind == "gemm" and c.bk <= 128]
@@ -671,7 +684,8 @@ def autotune(scheme: str, x2: torch.Tensor, qweight: torch.Tensor, scales: torch
     for cfg in candidates or candidate_configs(scheme, M, group):
         if ((cfg.kind == "cxx" and not cxx_fits(scheme, x2, qweight, scales, bias, group))
                 or (cfg.kind == "scaled_mm"
-                    and not scaled_mm_fits(scheme, qweight.shape[0], x2.shape[1], x2.dtype, scales.numel()))):
+                    and not scaled_mm_fits(scheme, qweight.shape[0], x2.shape[1], x2.dtype, scales.numel(),
+                                           x2.shape[0]))):
             continue  # linear() would run another config under this label
         try:
             err = _rel_err(linear(scheme, x2, qweight, scales, bias, group, cfg), ref)

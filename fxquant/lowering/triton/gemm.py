@@ -221,3 +221,20 @@ def dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, WKIND: tl.constexpr, WS_MODE: tl
     k = kt * BK + tl.arange(0, BK)
     tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(offs_n[:, None] < N) & (k[None, :] < K))
+
+
+@triton.jit
+def scale_epilogue_kernel(acc_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, HAS_BIAS: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr):
+    """out = acc (int32 [M, N], from torch._int_mm) * x scale per row * weight scale per column
+    (+ bias), in fp32, cast to out's dtype: the int8 GEMM epilogue for the cuBLAS kernel."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    off = rm[:, None].to(tl.int64) * N + rn[None, :]
+    out = tl.load(acc_ptr + off, mask=mask, other=0).to(tl.float32)
+    out = out * tl.load(xs_ptr + rm, mask=rm < M, other=0.0)[:, None]
+    out = out * tl.load(ws_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        out = out + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=mask)
