@@ -94,9 +94,10 @@ def main() -> int:
     n, k = (int(v) for v in args.nk.split("x"))
     D._DEV_CACHE[0] = ("h100", 132, (9, 0))  # no GPU here: pretend, for the config lookup
     sink: list = []
-    for mod, name in ((D, "gemm_kernel"), (D, "gemv_kernel"), (D, "dequant_kernel"), (AQ, "act_quant_kernel")):
+    for mod, name in ((D, "gemm_kernel"), (D, "gemv_kernel"), (D, "dequant_kernel"), (D, "scale_epilogue_kernel"),
+                      (AQ, "act_quant_kernel")):
         setattr(mod, name, Recorder(getattr(mod, name), sink))
-    D.quantize_activations = lambda x2, fp8, per_row=True: AQ.quantize_activations(x2, fp8, per_row)
+    D.quantize_activations = lambda x2, fp8, per_row=True, pdl=False: AQ.quantize_activations(x2, fp8, per_row)
     torch.mm = lambda *a, **kw: None  # the deq path's cuBLAS call
     seen, failures = set(), 0
     for scheme in args.schemes.split(","):

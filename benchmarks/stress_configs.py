@@ -2,8 +2,8 @@
 
 A compiler race (a missing barrier) shows up as an output that differs between identical calls.
 Takes the shipped table's exact-shape entries for the given schemes and M range (plus any
---extra configs), runs each REPS times on fresh random inputs' same values, and counts outputs
-that differ bitwise from the first call and outputs out of tolerance against numerics.py.
+--extra configs), runs each REPS times on one fixed random x, and counts outputs that differ
+bitwise from the first call and outputs out of tolerance against numerics.py.
 
   python benchmarks/stress_configs.py --schemes int4_wo,int8_wo --ms 64,128,256,512,1024 --reps 200
 """

@@ -68,20 +68,21 @@ def test_other_reductions_keep_inductors_rule(monkeypatch):
 
 
 def test_backend_compiles_with_the_handler_installed(monkeypatch):
-    # The handler is active while the backend compiles and gone afterwards.
+    # Inductor compiles fxquant's graphs with FxquantChoices installed, and only those.
+    import torch._inductor.compile_fx as cfx
     from torch._inductor.virtualized import V
-    import fxquant.inductor_choices as IC
-    seen = []
-    real = IC.FxquantChoices.should_use_persistent_reduction
-
-    def spy(features, coop):
-        seen.append(type(V.choices).__name__)
-        return real(features, coop)
-
-    monkeypatch.setattr(IC.FxquantChoices, "should_use_persistent_reduction", staticmethod(spy))
     import fxquant
+    seen = []
+    real = cfx.compile_fx
+
+    def spy(*a, **kw):
+        seen.append(type(V.choices))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
     m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
     torch._dynamo.reset()
     out = torch.compile(m, backend="fxquant", options={"config": fxquant.Int8WeightOnly()})(torch.randn(3, 64))
     assert out.shape == (3, 64)
-    assert type(V.choices).__name__ == "InductorChoices"
+    assert seen == [FxquantChoices]
+    assert type(V.choices) is not FxquantChoices

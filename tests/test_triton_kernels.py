@@ -438,3 +438,38 @@ def test_weight_only_candidates_have_no_swapped_two_warpgroup_tiles(scheme, m):
             if key.split("|")[0] in D.WEIGHT_ONLY:
                 for c in (e, e.get("fallback") or {}):
                     assert not (c.get("kind") == "gemm" and c.get("swap") and c.get("warps", 4) >= 8), (dev, key)
+
+
+def test_int_mm_needs_a_per_row_weight_scale():
+    # The scale epilogue reads one weight scale per output column: a per-tensor ([1]) int8 weight
+    # scale must not take it (it read past the scale and gave NaN); the Triton GEMM serves it.
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 96, generator=g)
+    qw, ws = nq.quantize_int8_weight_for_dynamic(w)
+    ws1 = ws.abs().max().reshape(1)
+    assert not D.scaled_mm_fits("int8_dyn", 48, 96, torch.bfloat16, 1, M=37)
+    x = torch.randn(37, 96, generator=g).bfloat16()
+    out = D.linear("int8_dyn", x, qw, ws1, None, 0, SCALED_MM)
+    assert rel_err(out, torch.ops.fxquant.int8_dynamic_linear(x, qw, ws1, None)) <= 1e-2
+
+
+@pytest.mark.parametrize("cfg", [KC("gemm", bm=256, bn=64, bk=64, warps=4, swap=True),
+                                 KC("gemm", bm=128, bn=128, bk=64, warps=8, stages=4, swap=True, tma=True)])
+def test_known_bad_weight_only_tiles_never_run(cfg):
+    # An autotune cache written before these families were dropped may still name them.
+    got = D._runnable(cfg, "int4_wo", 256, 4096, 4096, 128, False)
+    assert got != cfg and not (got.kind == "gemm" and got.swap and (got.bm > 128 or got.warps >= 8))
+    assert D._runnable(cfg, "int8_dyn", 256, 4096, 4096, 0, False) == cfg  # 8-bit MMA tiles are fine
+
+
+@pytest.mark.parametrize("scheme", ["int8_wo", "int4_wo", "int8_dyn", "fp8_dyn_tensor"])
+def test_reference_linear_in_row_chunks(scheme, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(40, 96, generator=g)
+    qw, s = pack(scheme, w, 32)
+    x = torch.randn(5, 96, generator=g).bfloat16()
+    b = torch.randn(40, generator=g)
+    whole = D.reference_linear(scheme, x, qw, s, b, 32)
+    monkeypatch.setattr(D, "DEQ_CHUNK_ELEMS", 7 * 96)  # 7 rows per chunk: a ragged last chunk
+    torch.testing.assert_close(D.reference_linear(scheme, x, qw, s, b, 32), whole, rtol=1e-5, atol=1e-5)
+    assert rel_err(whole, REF[scheme](x, (qw, s), b.bfloat16(), 32).float()) <= 1e-2

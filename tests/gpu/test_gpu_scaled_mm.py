@@ -84,9 +84,12 @@ def test_scaled_mm_mixed_scale_granularity(scheme, w_per_row):
 @pytest.mark.parametrize("n,k", [(256, 4096), (200, 320), (4100, 96)])
 @pytest.mark.parametrize("m", [1, 16, 17, 300, 4097])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_int8_dynamic_through_int_mm(m, n, k, dtype):
+def test_int8_dynamic_through_int_mm(m, n, k, dtype, monkeypatch):
     # int8 dynamic's "scaled_mm" kind: torch._int_mm (cuBLAS) + the Triton scale epilogue, where
     # M > 16 and N, K are multiples of 8; elsewhere the Triton GEMM. Against the CPU reference op.
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(m + n)
     w = torch.randn(n, k, generator=g) / k ** 0.5
     x = torch.randn(m, k, generator=g).to(dtype)
@@ -97,3 +100,4 @@ def test_int8_dynamic_through_int_mm(m, n, k, dtype):
     got = D.linear("int8_dyn", x.cuda(), qw.cuda(), ws.cuda(), None if b is None else b.cuda(), 0, SCALED_MM)
     assert got.dtype == dtype and got.shape == (m, n)
     assert _rel(got.cpu(), ref) <= TOL[dtype], f"int8 m={m} n={n} k={k} {dtype}"
+    assert bool(calls) == (m > 16 and n % 8 == 0 and k % 8 == 0)  # cuBLAS ran exactly where it fits

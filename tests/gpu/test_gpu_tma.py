@@ -107,19 +107,20 @@ def _packed_on_gpu(scheme, n, k, group):
 
 @pytest.mark.parametrize("scheme", ["int8_wo", "int4_wo", "int8_dyn", "fp8_dyn_row"])
 def test_shipped_gemm_entries_are_deterministic_and_right(scheme):
-    # Every exact-shape GEMM entry of this GPU's shipped table (M <= 1024), 20 identical calls:
+    # Every exact-shape GEMM entry (and GEMM fallback) of this GPU's shipped table (M <= 1024),
+    # 20 identical calls:
     # bitwise the same output each time (split-K sums in a fixed order; a compiler race would
     # show here) and within tolerance of numerics.py.
     _skip(scheme)
     dev = D._device_info(torch.device("cuda"))[0]
-    entries = [(key, e) for key, e in D._load(D._SHIPPED_PATH).get(dev, {}).items()
-               if key.startswith(scheme + "|") and key.count("|") == 4 and e["kind"] == "gemm"
-               and int(key.rsplit("|m", 1)[1]) <= 1024]
+    entries = [(key, c) for key, e in D._load(D._SHIPPED_PATH).get(dev, {}).items()
+               if key.startswith(scheme + "|") and key.count("|") == 4 and int(key.rsplit("|m", 1)[1]) <= 1024
+               for c in (e, e.get("fallback") or {}) if c.get("kind") == "gemm"]  # fallbacks too
     if not entries:
         pytest.skip(f"no shipped table for {dev}")
     packed = {}
     torch.manual_seed(0)
-    for key, e in sorted(entries):
+    for key, e in sorted(entries, key=lambda kv: kv[0]):
         _, _, nk, g, m = key.split("|")
         n, k = (int(v) for v in nk.split("x"))
         group = int(g[1:])
