@@ -429,14 +429,20 @@ def _kernel_ready(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Te
     return qweight, scales if scales.is_contiguous() else scales.contiguous()
 
 
+def _known_bad(scheme: str, cfg: KernelConfig) -> bool:
+    """Weight-only swapped tiles that Triton 3.6 got wrong on the H100 (session 7): a 256-wide x
+    tile (wrong results, relative error 0.15 to NaN: probe_midm.py), and two warpgroups (the int4
+    128x128 one raced: different outputs on identical calls, some inf: stress_configs.py; its TMA
+    twin passed but runs as that kernel wherever TMA is unavailable)."""
+    return cfg.kind == "gemm" and scheme in WEIGHT_ONLY and cfg.swap and (cfg.bm > 128 or cfg.warps >= 8)
+
+
 def _runnable(cfg: KernelConfig, scheme: str, M: int, N: int, K: int, group: int,
               scaled_mm_ok: bool) -> KernelConfig:
     """cfg if it can run here (a gemv only up to GEMV_MAX_M, deq only for weight-only schemes,
     scaled_mm where scaled_mm_ok; "cxx" is resolved before this) and is not a known-bad tile
     family, else the default gemm (deq for weight-only)."""
-    if cfg.kind == "gemm" and scheme in WEIGHT_ONLY and cfg.swap and (cfg.bm > 128 or cfg.warps >= 8):
-        # Tile families that gave wrong or racy results with Triton 3.6 on H100 (see
-        # candidate_configs); an autotune cache written before they were dropped may still name them.
+    if _known_bad(scheme, cfg):  # an autotune cache written before they were dropped may name them
         return default_config(scheme, max(M, 17), N, K, group)
     if (cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M)
             or (cfg.kind == "deq" and scheme in WEIGHT_ONLY)
@@ -603,9 +609,8 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
         out += [G("gemm", bm=bm, bn=bn, bk=bk, warps=w, stages=st) for bm, bn, bk, w, st in tiles]
     if not mma and 128 <= m <= 1024:
         # Weight-only, swapped (the dequantized weight is wgmma's register operand) with wide
-        # x tiles: large M is compute-bound, so fewer dequantizations per weight byte. The x tile
-        # stays 128 wide: 256 (wgmma N = 256 with a register A operand) gave wrong results with
-        # Triton 3.6 on H100 (probe_midm.py: int8 and int4, relative error 0.15 to NaN).
+        # x tiles: large M is compute-bound, so fewer dequantizations per weight byte (at most
+        # 128 wide: see _known_bad).
         out += [G("gemm", bm=128, bn=bn, bk=bk, warps=4, stages=st, split_k=sk, swap=True)
                 for bn, bk, st, sk in ((64, 128, 4, 1), (64, 128, 3, 1), (64, 64, 4, 0))]
     if not mma and m >= 128:
@@ -614,12 +619,7 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
         out.append(G("scaled_mm", bn=0, bk=0))
     if m >= 64:  # each GEMM again with TMA loads (Hopper; elsewhere they run as plain loads)
         out += [dataclasses.replace(c, tma=True) for c in out if c.kind == "gemm" and c.bk <= 128]
-    if not mma:
-        # No swapped weight-only tiles over two warpgroups: with Triton 3.6 on H100 the int4 one
-        # (128x128, BK 64, 4 stages) returned different outputs on identical calls, some of them
-        # inf (benchmarks/stress_configs.py, session 7). Its TMA twin passed, but runs as the racy
-        # pointer-load kernel wherever TMA is unavailable.
-        out = [c for c in out if not (c.kind == "gemm" and c.swap and c.warps >= 8)]
+    out = [c for c in out if not _known_bad(scheme, c)]
     if scheme in CXX_SCHEMES and m <= CXX_MAX_M[scheme] and torch.cuda.is_available() and _cxx_ready():
         out.append(G("cxx", bn=0, bk=0))
     return list(dict.fromkeys(out))  # each config once
