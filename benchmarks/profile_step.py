@@ -35,7 +35,7 @@ import fxquant  # noqa: E402
 
 GROUPS = (  # (group, substrings of a kernel name), first match wins
     ("fxquant", ("gemv", "gemm_kernel", "int4_mma", "int8_gemv", "dequant_kernel", "act_quant",
-                 "quantize_rows")),
+                 "quantize_rows", "swiglu_quant")),
     ("cublas", ("nvjet", "sm90_xmma", "gemm", "cutlass", "splitKreduce")),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("inductor", ("triton_",)),

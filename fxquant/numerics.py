@@ -121,6 +121,19 @@ def quantize_int8_per_token(x: torch.Tensor):
     return q, scale
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """A gated MLP's SiLU-and-multiply (Llama's `silu(gate_proj(x)) * up_proj(x)`) in the inputs'
+    dtype: silu rounds to that dtype, then the product does, as eager PyTorch computes it."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def quantize_swiglu_per_token(gate: torch.Tensor, up: torch.Tensor, fp8: bool):
+    """Per-token dynamic quantization of swiglu(gate, up). gate, up: [M, I] ->
+    (q int8 / e4m3 [M, I], scale float32 [M, 1]), exactly as quantizing swiglu's output."""
+    h = swiglu(gate, up)
+    return quantize_fp8(h, per_row=True) if fp8 else quantize_int8_per_token(h)
+
+
 def quantize_int8_weight_for_dynamic(w: torch.Tensor):
     """Per-channel int8 weight with a float32 scale (the int32 accumulator is rescaled in fp32)."""
     return quantize_int8_per_channel(w, scale_dtype=torch.float32)

@@ -176,8 +176,8 @@ def test_decomposition_computes_the_cpu_kernel(cfg, dtype, m):
 
 
 def test_every_op_has_a_decomposition():
-    from fxquant.lowering.ops import ALL_OPS, PREQUANT_OPS
-    assert {op._opoverload for op in ALL_OPS + PREQUANT_OPS} == set(decompose.fxquant_decompositions())
+    from fxquant.lowering.ops import ACT_OPS, ALL_OPS, PREQUANT_OPS
+    assert {op._opoverload for op in ALL_OPS + PREQUANT_OPS + ACT_OPS} == set(decompose.fxquant_decompositions())
     assert {cfg.op for cfg, _ in SCHEMES} <= set(decompose.fxquant_decompositions())
 
 

@@ -90,3 +90,8 @@ def float8_dynamic_linear_prequant(xq, x_scales, qweight, w_scales, bias, out_dt
 def float8_weight_only_linear(x, qweight, w_scales, bias):
     w = nq.dequantize_fp8_weight(qweight, w_scales, x.dtype)
     return _finish(F.linear(_rows(x), w), x, bias)
+
+
+def swiglu_quantize(gate, up, fp8):
+    q, s = nq.quantize_swiglu_per_token(_rows(gate), _rows(up), fp8)
+    return q.reshape(gate.shape), s.reshape(*gate.shape[:-1], 1)

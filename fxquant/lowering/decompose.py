@@ -78,6 +78,11 @@ def float8_weight_only_linear(x: Tensor, qweight: Tensor, w_scales: Tensor, bias
     return _finish(F.linear(_rows(x), w), x, bias)
 
 
+def swiglu_quantize(gate: Tensor, up: Tensor, fp8: bool) -> tuple[Tensor, Tensor]:
+    q, s = nq.quantize_swiglu_per_token(_rows(gate), _rows(up), fp8)
+    return q.reshape(gate.shape), s.reshape(*gate.shape[:-1], 1)
+
+
 def fxquant_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     """{fxquant op overload: its ATen decomposition}, one entry per op."""
     ops = torch.ops.fxquant
@@ -89,4 +94,5 @@ def fxquant_decompositions() -> dict[torch._ops.OpOverload, Callable]:
         ops.float8_weight_only_linear.default: float8_weight_only_linear,
         ops.int8_dynamic_linear_prequant.default: int8_dynamic_linear_prequant,
         ops.float8_dynamic_linear_prequant.default: float8_dynamic_linear_prequant,
+        ops.swiglu_quantize.default: swiglu_quantize,
     }

@@ -136,6 +136,33 @@ def _(xq, x_scales, qweight, w_scales, bias, out_dtype):
     return xq.new_empty((*xq.shape[:-1], qweight.shape[0]), dtype=out_dtype)
 
 
+# A gated MLP's activation, quantized per token for the down projection's prequant op
+# (passes/act_quant.py): one kernel reads gate and up once and writes int8 / e4m3.
+def _check_swiglu(gate: Tensor, up: Tensor) -> None:
+    torch._check(gate.dim() >= 1 and gate.shape == up.shape,
+                 lambda: f"fxquant.swiglu_quantize: gate {tuple(gate.shape)} and up {tuple(up.shape)} "
+                         f"must have the same shape")
+    torch._check(gate.dtype == up.dtype and gate.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                 lambda: f"fxquant.swiglu_quantize: gate and up must share one float dtype, got "
+                         f"{gate.dtype} and {up.dtype}")
+
+
+@torch.library.custom_op(f"{LIB}::swiglu_quantize", mutates_args=(), device_types="cpu")
+def swiglu_quantize(gate: Tensor, up: Tensor, fp8: bool) -> tuple[Tensor, Tensor]:
+    """(q, scales) = per-token quantization (int8, or e4m3 if fp8) of silu(gate) * up:
+    q [..., I], scales float32 [..., 1]."""
+    _check_swiglu(gate, up)
+    return cpu.swiglu_quantize(gate, up, fp8)
+
+
+@swiglu_quantize.register_fake
+def _(gate, up, fp8):
+    _check_swiglu(gate, up)
+    q = gate.new_empty(gate.shape, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    return q, gate.new_empty((*gate.shape[:-1], 1), dtype=torch.float32)
+
+
 ALL_OPS = (int8_weight_only_linear, int4_weight_only_linear, int8_dynamic_linear,
            float8_dynamic_linear, float8_weight_only_linear)
 PREQUANT_OPS = (int8_dynamic_linear_prequant, float8_dynamic_linear_prequant)
+ACT_OPS = (swiglu_quantize,)

@@ -110,3 +110,50 @@ def test_prequant_op_autotunes_into_the_cache(monkeypatch, tmp_path):
     dev = D._device_info(torch.device("cuda"))[0]
     assert key in D._load(D.cache_path()).get(dev, {})
     assert _rel(got.cpu(), ref) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("i", [96, 1000, 14336, 17000])  # 17000: the two-pass kernel
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
+def test_swiglu_quant_kernel_matches_cpu_reference(fp8, i, dtype):
+    if fp8 and not FP8_OK:
+        pytest.skip("fp8 needs sm_89+")
+    for m in (1, 7, 300, 2049):
+        g = torch.Generator().manual_seed(m + i)
+        gu = (torch.randn(m, 2 * i, generator=g) * 3).to(dtype)
+        gu[m // 2] = 0  # a zero row
+        ref_q, ref_s = fxq.swiglu_quantize(gu[:, :i], gu[:, i:], fp8)
+        gpu = gu.cuda()
+        q, s = fxq.swiglu_quantize(gpu[:, :i], gpu[:, i:], fp8)  # strided views, as after the split
+        assert q.dtype == ref_q.dtype and q.shape == (m, i) and s.shape == (m, 1)
+        q, s = q.cpu().float(), s.cpu()
+        # exp in the kernel and in ATen's CPU silu may differ in the last float32 bit: that can
+        # move h by one step of its dtype, and a quantized value by one step, rarely.
+        assert torch.allclose(s, ref_s, rtol=2 ** -7, atol=0)
+        diff = (q - ref_q.float()).abs()
+        step = ref_q.float().abs().clamp(min=1.0) * 0.125 if fp8 else torch.ones_like(diff)
+        assert (diff <= step + 1e-6).all()
+        assert (diff > 0).sum() <= diff.numel() // 1000, int((diff > 0).sum())
+
+
+@pytest.mark.parametrize("cfg", [fxquant.Int8DynamicActivationInt8Weight(),
+                                 fxquant.Float8DynamicActivationFloat8Weight("row")], ids=["int8", "fp8_row"])
+def test_compiled_mlp_quantizes_swiglu_in_one_kernel(cfg, monkeypatch):
+    if "float8" in cfg.describe() and not FP8_OK:
+        pytest.skip("fp8 needs sm_89+")
+    torch.manual_seed(0)
+    model = _NormMLP().cuda().to(torch.bfloat16)
+    x = torch.randn(2, 64, 512, device="cuda", dtype=torch.bfloat16)
+    outs, kernels = {}, {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("FXQUANT_SWIGLU_QUANT", on)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=fxquant.backend(cfg))
+        with torch.no_grad():
+            outs[on] = compiled(x)
+            kernels[on] = _kernels(lambda: compiled(x))
+    assert kernels["1"]["swiglu_quant_kernel"] == 1 and "swiglu_quant_kernel" not in kernels["0"]
+    assert sum(kernels["1"].values()) <= sum(kernels["0"].values())
+    with torch.no_grad():
+        ref = model(x).float()
+    assert fxquant.sqnr(ref, outs["1"].float()) > fxquant.sqnr(ref, outs["0"].float()) - 1.0

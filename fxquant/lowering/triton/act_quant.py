@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from .common import INTERPRETED
@@ -129,4 +130,81 @@ def quantize_activations(x2: torch.Tensor, fp8: bool, per_row: bool = True, pdl:
         amax = torch.zeros((1,), device=x2.device, dtype=torch.float32)
         act_quant_kernel[(M,)](x2, q, s, amax, *args, MODE=1, **meta)
         act_quant_kernel[(M,)](x2, q, s, amax, *args, MODE=2, **meta)
+    return q, s
+
+
+# --------------------------------------------------------------------------- SwiGLU, then quantize
+@triton.jit
+def round_to(v, DTYPE: tl.constexpr):
+    """float32 v rounded (to nearest even) to DTYPE's precision, kept in float32. Triton 3.9's
+    interpreter truncates float32 -> bfloat16, so there the rounding is done on the bits."""
+    if INTERPRETED and DTYPE == tl.bfloat16:
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    return v.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def swiglu_values(g, u, DTYPE: tl.constexpr):
+    """numerics.swiglu in float32: silu(g) rounded to DTYPE, times u, rounded to DTYPE (eager's
+    two roundings). exp and the division are the precise ones (libdevice, div_rn), as in ATen."""
+    g = g.to(tl.float32)
+    if INTERPRETED:
+        e = tl.exp(-g)
+    else:
+        e = libdevice.exp(-g)
+    s = round_to(tl.math.div_rn(g, 1.0 + e), DTYPE)
+    return round_to(s * u.to(tl.float32), DTYPE)
+
+
+@triton.jit
+def swiglu_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, I, stride_gm, stride_um,
+                        FP8: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row: h = swiglu(gate, up), per-row scale from max |h|, q = h / scale.
+    ONE_PASS keeps the row's h in registers (gate and up read once); otherwise h is
+    recomputed in a second pass. Rows are contiguous in their last dim."""
+    row = tl.program_id(0).to(tl.int64)
+    grow = g_ptr + row * stride_gm
+    urow = u_ptr + row * stride_um
+    qrow = q_ptr + row * I
+    offs = tl.arange(0, BLOCK)
+    dtype = g_ptr.dtype.element_ty
+    if ONE_PASS:
+        mask = offs < I
+        h = swiglu_values(tl.load(grow + offs, mask=mask, other=0.0),
+                          tl.load(urow + offs, mask=mask, other=0.0), dtype)
+        amax = tl.max(tl.abs(h), 0)
+    else:
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for k0 in range(0, I, BLOCK):
+            k = k0 + offs
+            hk = swiglu_values(tl.load(grow + k, mask=k < I, other=0.0),
+                               tl.load(urow + k, mask=k < I, other=0.0), dtype)
+            acc = tl.maximum(acc, tl.abs(hk))
+        amax = tl.max(acc, 0)
+    scale = act_scale(amax, FP8)
+    tl.store(s_ptr + row, scale)
+    if ONE_PASS:
+        tl.store(qrow + offs, quantize_values(h, scale, FP8), mask=mask)
+    else:
+        for k0 in range(0, I, BLOCK):
+            k = k0 + offs
+            hk = swiglu_values(tl.load(grow + k, mask=k < I, other=0.0),
+                               tl.load(urow + k, mask=k < I, other=0.0), dtype)
+            tl.store(qrow + k, quantize_values(hk, scale, FP8), mask=k < I)
+
+
+def quantize_swiglu(gate2: torch.Tensor, up2: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate2, up2 [M, I] (same dtype; any row stride), M > 0 -> (q [M, I] int8/e4m3 contiguous,
+    scale float32 [M]): numerics.quantize_swiglu_per_token in one kernel."""
+    gate2 = gate2 if gate2.stride(1) == 1 else gate2.contiguous()
+    up2 = up2 if up2.stride(1) == 1 else up2.contiguous()
+    M, I = gate2.shape
+    q = torch.empty((M, I), device=gate2.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    s = torch.empty((M,), device=gate2.device, dtype=torch.float32)
+    one_pass = I <= ONE_PASS_MAX_K
+    block = triton.next_power_of_2(I) if one_pass else 4096
+    swiglu_quant_kernel[(M,)](gate2, up2, q, s, I, gate2.stride(0), up2.stride(0), FP8=fp8,
+                              ONE_PASS=one_pass, BLOCK=block, num_warps=max(1, min(16, block // 1024)))
     return q, s

@@ -49,6 +49,16 @@ def _fp8_dyn_pre(xq, x_scales, qweight, w_scales, bias, out_dtype):
     return _dispatch().linear_prequant("fp8_dyn_row", xq, x_scales, qweight, w_scales, bias, out_dtype)
 
 
+def _swiglu_quantize(gate, up, fp8):
+    from .act_quant import quantize_swiglu
+    I = gate.shape[-1]
+    g2, u2 = gate.reshape(-1, I), up.reshape(-1, I)
+    if g2.shape[0] == 0:
+        return ops.cpu.swiglu_quantize(gate, up, fp8)  # empty: no launch
+    q, s = quantize_swiglu(g2, u2, fp8)
+    return q.reshape(gate.shape), s.reshape(*gate.shape[:-1], 1)
+
+
 def register() -> bool:
     """Idempotent. Returns False (and registers nothing) when torch has no CUDA support."""
     global _registered
@@ -60,7 +70,8 @@ def register() -> bool:
                    (ops.int8_dynamic_linear, _int8_dyn), (ops.float8_dynamic_linear, _fp8_dyn),
                    (ops.float8_weight_only_linear, _fp8_wo),
                    (ops.int8_dynamic_linear_prequant, _int8_dyn_pre),
-                   (ops.float8_dynamic_linear_prequant, _fp8_dyn_pre)):
+                   (ops.float8_dynamic_linear_prequant, _fp8_dyn_pre),
+                   (ops.swiglu_quantize, _swiglu_quantize)):
         op.register_kernel("cuda")(fn)
     _registered = True
     return True
