@@ -3,9 +3,11 @@
 Inductor's fusion of the same ATen ops (what the backend compiled before; FXQUANT_SWIGLU_QUANT=0).
 
 gate and up are the two halves of one [M, 2I] tensor (the fused gate/up GEMM's output). Medians of
-triton.testing.do_bench (L2 flushed between runs); GB/s counts gate + up read once, q + scales written.
+triton.testing.do_bench_cudagraph (no launch overhead; at M >= 2048 gate and up are 4x the L2); GB/s
+counts gate + up read once, q + scales written. --sweep also times launch shapes of the kernel
+(one pass / two passes, warps, block, fast or precise silu math) at the largest M.
 
-  python benchmarks/swiglu_quant.py --i 14336 --m 1,16,128,2048,8192 --out results.json
+  python benchmarks/swiglu_quant.py --i 14336 --m 1,16,128,2048,8192 --sweep --out results.json
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def main() -> None:
     ap.add_argument("--i", type=int, default=14336, help="intermediate size (row length)")
     ap.add_argument("--m", default="1,16,128,2048,8192", help="token counts")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--sweep", action="store_true", help="also time the kernel's launch variants")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -58,8 +61,8 @@ def main() -> None:
                 q1, _ = ours()
                 q2, _ = theirs()
                 differ = float((q1.float() != q2.float()).float().mean())
-                t1 = triton.testing.do_bench(ours, warmup=25, rep=200, return_mode="median")
-                t2 = triton.testing.do_bench(theirs, warmup=25, rep=200, return_mode="median")
+                t1 = triton.testing.do_bench_cudagraph(ours, rep=100, return_mode="median")
+                t2 = triton.testing.do_bench_cudagraph(theirs, rep=100, return_mode="median")
                 nbytes = m * args.i * (2 * gu.element_size() + 1) + 4 * m
                 row = dict(scheme="fp8" if fp8 else "int8", M=m, I=args.i, fxquant_us=t1 * 1e3,
                            inductor_us=t2 * 1e3, speedup=t2 / t1, fxquant_gbps=nbytes / (t1 * 1e-3) / 1e9,
@@ -67,10 +70,49 @@ def main() -> None:
                 rows.append(row)
                 print(f"{row['scheme']:6} {m:6d} | {row['fxquant_us']:7.1f}us {row['inductor_us']:7.1f}us "
                       f"{row['speedup']:6.2f}x | {row['fxquant_gbps']:8.0f} | {differ:.2e}")
+    if args.sweep:
+        rows += sweep(max(int(v) for v in args.m.split(",")), args.i, dtype)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                             rows=rows), indent=1))
+
+
+VARIANTS = (  # (name, quantize_swiglu keywords)
+    ("1p w16 precise", dict(one_pass=True, warps=16, fast=False)),
+    ("1p w16 fast", dict(one_pass=True, warps=16, fast=True)),
+    ("1p w32 fast", dict(one_pass=True, warps=32, fast=True)),
+    ("1p w8 fast", dict(one_pass=True, warps=8, fast=True)),
+    ("2p b1024 w4 fast", dict(one_pass=False, block=1024, warps=4, fast=True)),
+    ("2p b2048 w4 fast", dict(one_pass=False, block=2048, warps=4, fast=True)),
+    ("2p b2048 w8 fast", dict(one_pass=False, block=2048, warps=8, fast=True)),
+    ("2p b4096 w8 fast", dict(one_pass=False, block=4096, warps=8, fast=True)),
+    ("2p b2048 w4 precise", dict(one_pass=False, block=2048, warps=4, fast=False)),
+)
+
+
+def sweep(m: int, i: int, dtype: torch.dtype) -> list[dict]:
+    import triton.testing
+    from fxquant.lowering.triton.act_quant import quantize_swiglu
+    gu = torch.randn(m, 2 * i, device="cuda", dtype=dtype) * 3
+    g, u = gu[:, :i], gu[:, i:]
+    nbytes = m * i * (2 * gu.element_size() + 1) + 4 * m
+    rows = []
+    print(f"launch variants at M={m}, I={i}")
+    for fp8 in (True, False):
+        ref, _ = quantize_swiglu(g, u, fp8)
+        for name, kw in VARIANTS:
+            if kw.get("one_pass") and triton.next_power_of_2(i) > 16384:
+                continue
+            q, _ = quantize_swiglu(g, u, fp8, **kw)
+            differ = float((q.float() != ref.float()).float().mean())
+            t = triton.testing.do_bench_cudagraph(lambda: quantize_swiglu(g, u, fp8, **kw), rep=100,
+                                                  return_mode="median")
+            rows.append(dict(variant=name, scheme="fp8" if fp8 else "int8", M=m, I=i, us=t * 1e3,
+                             gbps=nbytes / (t * 1e-3) / 1e9, q_differ_vs_default=differ))
+            print(f"  {rows[-1]['scheme']:5} {name:22} {t * 1e3:7.1f}us {rows[-1]['gbps']:6.0f} GB/s  "
+                  f"q differ {differ:.1e}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -123,6 +123,20 @@ def test_pattern_finds_gate_and_up(form, dtype, flatten):
     assert got == (gate, up, flatten)
 
 
+def test_pattern_takes_gate_and_up_before_their_views():
+    # gate/up are [M, I] GEMM outputs viewed as [B, S, I]; x is the product flattened back to
+    # [M, I]: the op reads the 2-D tensors (Inductor would copy a strided N-D view first).
+    from fxquant.patterns import swiglu
+
+    def f(g2, u2):
+        g, u = g2.view(2, 3, I), u2.view(2, 3, I)
+        return (torch.ops.aten.silu.default(g) * u).view(-1, I)
+    graph = _traced(f, torch.randn(6, I), torch.randn(6, I))
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert swiglu.operands(out) == (*[n for n in graph.nodes if n.op == "placeholder"], True)
+
+
 @pytest.mark.parametrize("case", ["broadcast_up", "other_act", "two_users", "view_not_2d"])
 def test_pattern_rejects(case):
     from fxquant.patterns import swiglu

@@ -93,5 +93,19 @@ def operands(x: fx.Node) -> SwiGLU | None:
         v = _val(view)
         if flatten and (v is None or v.dim() != 2 or not statically_known_true(v.shape[-1] == g.shape[-1])):
             return None
+        if flatten:
+            gate, up = _unflattened(gate, up)
         return SwiGLU(gate, up, flatten)
     return None
+
+
+def _unflattened(gate: fx.Node, up: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """(gate, up) without the views that made them N-D, when both are views of 2-D tensors of one
+    shape (the gate/up GEMM's [M, I] outputs): x is flattened to 2-D anyway, and Inductor would
+    copy a strided N-D view (a slice of the fused gate/up output) before the op."""
+    if not (_call(gate, *_VIEWS) and _call(up, *_VIEWS)):
+        return gate, up
+    g2, u2 = _val(gate.args[0]), _val(up.args[0])
+    if g2 is None or u2 is None or g2.dim() != 2 or not _same_shape(g2, u2) or g2.dtype != u2.dtype:
+        return gate, up
+    return gate.args[0], up.args[0]

@@ -146,24 +146,30 @@ def round_to(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def swiglu_values(g, u, DTYPE: tl.constexpr):
-    """numerics.swiglu in float32: silu(g) rounded to DTYPE, times u, rounded to DTYPE (eager's
-    two roundings). exp and the division are the precise ones (libdevice, div_rn), as in ATen."""
+def swiglu_values(g, u, DTYPE: tl.constexpr, FAST: tl.constexpr):
+    """numerics.swiglu, returned in DTYPE: silu(g) rounded to DTYPE, times u, rounded to DTYPE
+    (eager's two roundings). FAST: the hardware's approximate exp and division inside silu (a
+    few float32 ulps, which the rounding to DTYPE almost always absorbs); else libdevice's exp
+    and an IEEE division, as ATen computes it."""
     g = g.to(tl.float32)
-    if INTERPRETED:
-        e = tl.exp(-g)
+    if FAST:
+        s = g / (1.0 + tl.exp(-g))
     else:
-        e = libdevice.exp(-g)
-    s = round_to(tl.math.div_rn(g, 1.0 + e), DTYPE)
-    return round_to(s * u.to(tl.float32), DTYPE)
+        if INTERPRETED:
+            e = tl.exp(-g)
+        else:
+            e = libdevice.exp(-g)
+        s = tl.math.div_rn(g, 1.0 + e)
+    return round_to(round_to(s, DTYPE) * u.to(tl.float32), DTYPE).to(DTYPE)
 
 
 @triton.jit
 def swiglu_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, I, stride_gm, stride_um,
-                        FP8: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr):
+                        FP8: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr,
+                        FAST: tl.constexpr):
     """One program per row: h = swiglu(gate, up), per-row scale from max |h|, q = h / scale.
-    ONE_PASS keeps the row's h in registers (gate and up read once); otherwise h is
-    recomputed in a second pass. Rows are contiguous in their last dim."""
+    ONE_PASS keeps the row's h in registers (in the inputs' dtype; gate and up read once);
+    otherwise h is recomputed in a second pass. Rows are contiguous in their last dim."""
     row = tl.program_id(0).to(tl.int64)
     grow = g_ptr + row * stride_gm
     urow = u_ptr + row * stride_um
@@ -173,38 +179,44 @@ def swiglu_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, I, stride_gm, stride_um,
     if ONE_PASS:
         mask = offs < I
         h = swiglu_values(tl.load(grow + offs, mask=mask, other=0.0),
-                          tl.load(urow + offs, mask=mask, other=0.0), dtype)
-        amax = tl.max(tl.abs(h), 0)
+                          tl.load(urow + offs, mask=mask, other=0.0), dtype, FAST)
+        amax = tl.max(tl.abs(h.to(tl.float32)), 0)
     else:
         acc = tl.zeros((BLOCK,), tl.float32)
         for k0 in range(0, I, BLOCK):
             k = k0 + offs
             hk = swiglu_values(tl.load(grow + k, mask=k < I, other=0.0),
-                               tl.load(urow + k, mask=k < I, other=0.0), dtype)
-            acc = tl.maximum(acc, tl.abs(hk))
+                               tl.load(urow + k, mask=k < I, other=0.0), dtype, FAST)
+            acc = tl.maximum(acc, tl.abs(hk.to(tl.float32)))
         amax = tl.max(acc, 0)
     scale = act_scale(amax, FP8)
     tl.store(s_ptr + row, scale)
     if ONE_PASS:
-        tl.store(qrow + offs, quantize_values(h, scale, FP8), mask=mask)
+        tl.store(qrow + offs, quantize_values(h.to(tl.float32), scale, FP8), mask=mask)
     else:
         for k0 in range(0, I, BLOCK):
             k = k0 + offs
             hk = swiglu_values(tl.load(grow + k, mask=k < I, other=0.0),
-                               tl.load(urow + k, mask=k < I, other=0.0), dtype)
-            tl.store(qrow + k, quantize_values(hk, scale, FP8), mask=k < I)
+                               tl.load(urow + k, mask=k < I, other=0.0), dtype, FAST)
+            tl.store(qrow + k, quantize_values(hk.to(tl.float32), scale, FP8), mask=k < I)
 
 
-def quantize_swiglu(gate2: torch.Tensor, up2: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_swiglu(gate2: torch.Tensor, up2: torch.Tensor, fp8: bool, *, one_pass: bool | None = None,
+                    block: int | None = None, warps: int | None = None, fast: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """gate2, up2 [M, I] (same dtype; any row stride), M > 0 -> (q [M, I] int8/e4m3 contiguous,
-    scale float32 [M]): numerics.quantize_swiglu_per_token in one kernel."""
+    scale float32 [M]): numerics.quantize_swiglu_per_token in one kernel. The keywords override
+    the launch shape (benchmarks/swiglu_quant.py sweeps them)."""
     gate2 = gate2 if gate2.stride(1) == 1 else gate2.contiguous()
     up2 = up2 if up2.stride(1) == 1 else up2.contiguous()
     M, I = gate2.shape
     q = torch.empty((M, I), device=gate2.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     s = torch.empty((M,), device=gate2.device, dtype=torch.float32)
-    one_pass = I <= ONE_PASS_MAX_K
-    block = triton.next_power_of_2(I) if one_pass else 4096
+    one_pass = I <= ONE_PASS_MAX_K if one_pass is None else one_pass
+    block = block or (triton.next_power_of_2(I) if one_pass else 4096)
+    if one_pass and block < I:
+        raise ValueError(f"quantize_swiglu: a one-pass block of {block} cannot hold a row of {I}")
+    warps = warps or max(1, min(16, block // 1024))
     swiglu_quant_kernel[(M,)](gate2, up2, q, s, I, gate2.stride(0), up2.stride(0), FP8=fp8,
-                              ONE_PASS=one_pass, BLOCK=block, num_warps=max(1, min(16, block // 1024)))
+                              ONE_PASS=one_pass, BLOCK=block, FAST=fast, num_warps=warps)
     return q, s
