@@ -137,7 +137,23 @@ def test_pattern_takes_gate_and_up_before_their_views():
     assert swiglu.operands(out) == (*[n for n in graph.nodes if n.op == "placeholder"], True)
 
 
-@pytest.mark.parametrize("case", ["broadcast_up", "other_act", "two_users", "view_not_2d"])
+def test_pattern_keeps_views_that_regroup_rows():
+    # gate/up are [3, 2I] tensors viewed as [6, I]: their rows are not x's rows, so the op must
+    # get the [6, I] views (a rewrite onto the [3, 2I] tensors gave K = 2I to the next linear).
+    from fxquant.patterns import swiglu
+
+    def f(g2, u2):
+        g, u = g2.view(6, I), u2.view(6, I)
+        return (torch.ops.aten.silu.default(g) * u).view(-1, I)
+    graph = _traced(f, torch.randn(3, 2 * I), torch.randn(3, 2 * I))
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    got = swiglu.operands(out)
+    assert got is not None and got.flatten and got.gate.args[0].op == "placeholder"
+    assert tuple(got.gate.meta["val"].shape) == (6, I)
+
+
+@pytest.mark.parametrize("case", ["broadcast_up", "other_act", "two_users", "view_not_2d", "view_two_users"])
 def test_pattern_rejects(case):
     from fxquant.patterns import swiglu
 
@@ -146,6 +162,9 @@ def test_pattern_rejects(case):
         h = s * (u[:, :1] if case == "broadcast_up" else u)
         if case == "two_users":
             return h, h + 1
+        if case == "view_two_users":
+            v = h.view(-1, I)
+            return v, v + 1
         return h.view(3, 2, I) if case == "view_not_2d" else h
     graph = _traced(f, torch.randn(6, I), torch.randn(6, I))
     out = next(n for n in graph.nodes if n.op == "output").args[0]

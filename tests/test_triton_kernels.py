@@ -485,11 +485,9 @@ def test_swiglu_quant_matches_numerics(fp8, dtype, I):
     gate[3] = 0  # a zero row: scale is tiny, q is 0
     q, s = AQ.quantize_swiglu(gate, up, fp8)
     rq, rs = nq.quantize_swiglu_per_token(gate, up, fp8)
-    # exp may differ from ATen's in the last float32 bit, which can move h by one step of its dtype
-    # and so, rarely, a quantized value by one step: allow that for 1 in 1000 values, no more.
-    assert torch.allclose(s, rs.reshape(-1), rtol=1e-2, atol=0)
-    diff = (q.float() - rq.float()).abs()
-    step = rq.float().abs().clamp(min=1.0) * 0.125 if fp8 else torch.ones_like(diff)
-    assert (diff <= step + 1e-6).all()
-    assert (diff > 0).sum() <= diff.numel() // 1000
+    # The interpreter computes exp and the division exactly as the CPU reference does (the GPU
+    # test allows the hardware's last-bit differences): bit for bit here, fast math or not.
+    assert torch.equal(q.float(), rq.float()) and torch.equal(s, rs.reshape(-1))
     assert torch.equal(q[3].float(), torch.zeros(I))
+    qf, sf = AQ.quantize_swiglu(gate, up, fp8, fast=True)
+    assert torch.equal(qf.float(), rq.float()) and torch.equal(sf, s)

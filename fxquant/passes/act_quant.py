@@ -12,8 +12,10 @@ so fused siblings share one quantization.
 Where x is a gated MLP's `silu(gate) * up` (patterns/swiglu.py) on a GPU, the quantization is
 instead `fxquant.swiglu_quantize(gate, up)`: one kernel that reads each row of gate and up once.
 Inductor's fusion of the same work reads the 14336-wide rows of an 8B model twice (a looped
-reduction), or spills registers when kept persistent (BENCHMARKS.md S7). FXQUANT_SWIGLU_QUANT=0
-leaves it to Inductor.
+reduction), or spills registers when kept persistent (BENCHMARKS.md S7, S8). The kernel rounds
+silu(gate) and the product to the model dtype as eager does; Inductor's fusion keeps float32, so
+a few quantized values differ by one step between the two. FXQUANT_SWIGLU_QUANT=0 leaves it to
+Inductor.
 """
 from __future__ import annotations
 

@@ -79,6 +79,8 @@ def operands(x: fx.Node) -> SwiGLU | None:
     flatten = view is not None
     if flatten:
         x = view.args[0]
+    if flatten and len(view.users) != 1:  # the product is needed in full elsewhere: keep it
+        return None
     if not _call(x, aten.mul.Tensor) or len(x.users) != 1:
         return None
     for s, up in (x.args, x.args[::-1]):
@@ -107,5 +109,7 @@ def _unflattened(gate: fx.Node, up: fx.Node) -> tuple[fx.Node, fx.Node]:
         return gate, up
     g2, u2 = _val(gate.args[0]), _val(up.args[0])
     if g2 is None or u2 is None or g2.dim() != 2 or not _same_shape(g2, u2) or g2.dtype != u2.dtype:
+        return gate, up
+    if not statically_known_true(g2.shape[-1] == _val(gate).shape[-1]):  # rows must stay rows of I
         return gate, up
     return gate.args[0], up.args[0]
