@@ -1,0 +1,110 @@
+// Large-M W4A16 GEMM for Hopper (sm_90a): CUTLASS's mixed-input warp-specialized kernel. TMA
+// brings int4 weight tiles and bf16 x tiles into shared memory; the weight is dequantized in
+// registers ((q - 8) * scale + zero, one bf16 FMA) and fed to wgmma as its register operand.
+//
+// fxquant's int4 layout maps onto it without a copy of the weight: [N, K/2] bytes, low nibble
+// first, is CUTLASS's K-major int4 [N, K]; storing q ^ 8 (done once, at pack time, by the
+// caller) makes the signed nibble equal q - 8. Scales and zeros are [K / group, N] arrays,
+// N contiguous. The GEMM is computed transposed: out^T [N, M] = W [N, K] x^T, so the weight is
+// the operand that goes through registers and out [M, N] row-major is out^T column-major.
+//
+// A plain C entry point (no torch types): benchmarks load it with ctypes; the op library wraps it.
+#include <cuda_runtime.h>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+namespace fxq_wgmma {
+using namespace cute;
+
+using Act = cutlass::bfloat16_t;
+using Quant = cutlass::int4b_t;
+using Acc = float;
+
+template <class TileShape, class Cluster, class KernelSchedule, class EpiSchedule>
+struct Config {
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, Acc, Acc,
+      void, cutlass::layout::ColumnMajor, 8,  // no source tensor C
+      Act, cutlass::layout::ColumnMajor, 8, EpiSchedule>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      cute::tuple<Quant, Act, Act>, cutlass::layout::RowMajor, 32,  // the weight, K-major
+      Act, cutlass::layout::ColumnMajor, 8,                          // x^T, K-major
+      Acc, TileShape, Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static typename Gemm::Arguments args(const void* w, const void* x, const void* scale, const void* zero, void* out,
+                                       int M, int N, int K, int group) {
+    using StrideA = typename Kernel::StrideA;
+    using StrideB = typename Kernel::StrideB;
+    using StrideD = typename Kernel::StrideD;
+    using StrideS = typename Mainloop::StrideScale;
+    const int scale_k = K / group;
+    auto sa = cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(N, K, 1));
+    auto sb = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(M, K, 1));
+    auto sd = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(N, M, 1));
+    auto ss = cutlass::make_cute_packed_stride(StrideS{}, cute::make_shape(N, scale_k, 1));
+    return typename Gemm::Arguments{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {N, M, K, 1},
+        {static_cast<const Quant*>(w), sa, static_cast<const Act*>(x), sb, static_cast<const Act*>(scale), ss, group,
+         static_cast<const Act*>(zero)},
+        {{1.f, 0.f}, nullptr, sd, static_cast<Act*>(out), sd}};
+  }
+
+  static int run(const void* w, const void* x, const void* scale, const void* zero, void* out, int M, int N, int K,
+                 int group, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    auto a = args(w, x, scale, zero, out, M, N, K, group);
+    Gemm gemm;
+    if (Gemm::get_workspace_size(a) > workspace_bytes) return 2;
+    if (gemm.can_implement(a) != cutlass::Status::kSuccess) return 3;
+    if (gemm.initialize(a, workspace, stream) != cutlass::Status::kSuccess) return 4;
+    return gemm.run(stream) == cutlass::Status::kSuccess ? 0 : 5;
+  }
+
+  static size_t workspace(int M, int N, int K, int group) {
+    return Gemm::get_workspace_size(args(nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, group));
+  }
+};
+
+using Coop128 = Config<Shape<_128, _128, _64>, Shape<_1, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                       cutlass::epilogue::TmaWarpSpecializedCooperative>;
+using Coop256 = Config<Shape<_128, _256, _64>, Shape<_1, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                       cutlass::epilogue::TmaWarpSpecializedCooperative>;
+using Ping64 = Config<Shape<_64, _128, _64>, Shape<_1, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                      cutlass::epilogue::TmaWarpSpecialized>;
+}  // namespace fxq_wgmma
+
+// variant: 0 = 128x128 cooperative, 1 = 128(N) x 256(M) cooperative, 2 = 64x128 ping-pong.
+// Returns 0 on success; 1 unknown variant, 2 workspace too small, 3 shape not supported
+// (K % group, alignment), 4 initialization failed, 5 launch failed.
+extern "C" int fxq_int4_wgmma(int variant, const void* w, const void* x, const void* scale, const void* zero,
+                              void* out, int M, int N, int K, int group, void* workspace, size_t workspace_bytes,
+                              void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (variant) {
+    case 0: return fxq_wgmma::Coop128::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
+    case 1: return fxq_wgmma::Coop256::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
+    case 2: return fxq_wgmma::Ping64::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
+    default: return 1;
+  }
+}
+
+extern "C" size_t fxq_int4_wgmma_workspace(int variant, int M, int N, int K, int group) {
+  switch (variant) {
+    case 0: return fxq_wgmma::Coop128::workspace(M, N, K, group);
+    case 1: return fxq_wgmma::Coop256::workspace(M, N, K, group);
+    case 2: return fxq_wgmma::Ping64::workspace(M, N, K, group);
+    default: return 0;
+  }
+}
