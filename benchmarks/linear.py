@@ -24,7 +24,8 @@ on its first call per shape and M).
 
 Kernel variants (M <= dispatch.CXX_MAX_M: 32 for int4, 16 for int8): "<scheme>@cuda" forces the CUDA C++ GEMV (lowering/cuda/) and
 "<scheme>@triton" the best Triton choice, for the schemes in dispatch.CXX_SCHEMES and the fp8
-dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm. The plain scheme row is what the
+dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm; "w4a16_g128@cutlass" (M >= 128) forces
+the CUTLASS wgmma GEMM with its 128 x 256 tile (Hopper). The plain scheme row is what the
 dispatcher picks.
 """
 from __future__ import annotations
@@ -61,7 +62,8 @@ SCHEMES = {
 }
 # name@variant: "cuda" (M <= CXX_MAX_M) and "scaled_mm" (fp8 dynamic) force that kind, "triton" the best Triton config
 VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "scaled_mm": D.KernelConfig("scaled_mm", bn=0, bk=0),
-            "triton": None}
+            "cutlass": D.KernelConfig("cutlass", bn=128, bk=64, bm=256, warps=0), "triton": None}
+CUTLASS_MIN_M = 128  # the @cutlass rows' M range (large-M kernel)
 DEFAULT_VARIANTS = ["w4a16_g128@cuda", "w4a16_g128@triton", "w8a16@cuda", "w8a16@triton"]
 ROTATE_BYTES = 512e6  # weight bytes cycled through per graph replay (~10x L2)
 TOL = 1e-2
@@ -221,7 +223,7 @@ class Layer:
         if cfg is None and self.variant:
             cfg = VARIANTS[self.variant] or D.get_config(self.scheme, x.shape[0], self.n, self.k, self.group,
                                                           x.dtype, x.device, allow_cxx=False,
-                                                          allow_scaled_mm=False)
+                                                          allow_scaled_mm=False, allow_cutlass=False)
         if cfg is not None:
             return lambda: D.linear(self.scheme, x, p[0], p[1], None, self.group, cfg)
         return lambda: self.op(x, *p, None, *self.static)
@@ -483,6 +485,8 @@ def variant_runs(name: str, m: int) -> bool:
     the C++ kernels' M range; other variants (fp8's scaled_mm / triton) and plain rows always."""
     base, _, variant = name.partition("@")
     scheme = SCHEMES[base][0] if base in SCHEMES else None
+    if variant == "cutlass":
+        return m >= CUTLASS_MIN_M
     return not variant or scheme not in D.CXX_MAX_M or m <= D.CXX_MAX_M[scheme]
 
 
@@ -637,7 +641,8 @@ def measure(args, save=lambda rows: None) -> list[dict]:
                         row["config"] = repr(VARIANTS[L.variant] if VARIANTS.get(L.variant) else
                                              D.get_config(L.scheme, m, n, k, L.group, x.dtype, x.device,
                                                           allow_cxx=L.variant != "triton",
-                                                          allow_scaled_mm=L.variant != "triton"))
+                                                          allow_scaled_mm=L.variant != "triton",
+                                                          allow_cutlass=L.variant != "triton"))
                 except Exception as e:
                     row["error"] = peer_error(e) if L.peer else f"{type(e).__name__}: {str(e)[:300]}"
                     row["ok"] = False
@@ -707,7 +712,7 @@ def plot(rows, schemes, shapes, path: Path, peers=()) -> bool:
     axes = axes if len(shapes) > 1 else [axes]
     colour = {s: f"C{i % 10}" for i, s in enumerate(list(SCHEMES) + [s for s in schemes if s not in SCHEMES])}
     style = {None: ("-", "o"), "torchao": ("--", "s"), "gemlite": (":", "^"), "cuda": ((0, (5, 1)), "D"),
-             "triton": ((0, (1, 1)), "x")}
+             "triton": ((0, (1, 1)), "x"), "cutlass": ((0, (3, 1, 1, 1)), "P")}
     for ax, (n, k) in zip(axes, shapes):
         for name in list(schemes) + list(peers):
             lib, equiv = (PEERS[name][0], PEERS[name][1]) if name in PEERS else (None, name)
@@ -761,7 +766,7 @@ def main(argv=None) -> int:
         if base not in SCHEMES:
             ap.error(f"unknown scheme {base!r}; known: {', '.join(SCHEMES)}")
         allowed = {"cuda": D.CXX_SCHEMES, "triton": D.CXX_SCHEMES + ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn"),
-                   "scaled_mm": ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn")}
+                   "scaled_mm": ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn"), "cutlass": ("int4_wo",)}
         if variant and SCHEMES[base][0] not in allowed.get(variant, ()):
             ap.error(f"{name}: variant @{variant} does not apply to {base}")
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

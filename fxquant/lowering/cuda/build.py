@@ -21,8 +21,10 @@ from ..cache import cache_root
 
 ABI_VERSION = 1  # must equal fxquant::abi_version() in csrc/ops.cpp
 SRC = Path(__file__).with_name("csrc")
+CUTLASS_SRC = Path(__file__).with_name("csrc_cutlass")
 _lock = threading.Lock()
 _state: dict = {"path": None, "error": None}
+_cutlass_state: dict = {"path": None, "error": None}
 
 
 class CxxUnavailable(RuntimeError):
@@ -152,3 +154,99 @@ def unavailable_reason() -> str | None:
 def library_path() -> Path | None:
     """The loaded .so (what a C++ program passes to dlopen / torch::load_library), or None."""
     return _state["path"]
+
+
+# --------------------------------------------------------------------------- the CUTLASS library
+def cutlass_include_dir() -> Path:
+    """CUTLASS's headers: $FXQUANT_CUTLASS_DIR (a CUTLASS checkout or its include/ parent), else
+    the `nvidia-cutlass` package (pip install fxquant[cuda]). Raises CxxUnavailable if neither."""
+    roots = []
+    if os.environ.get("FXQUANT_CUTLASS_DIR"):
+        roots.append(Path(os.environ["FXQUANT_CUTLASS_DIR"]))
+    import importlib.util
+    spec = importlib.util.find_spec("cutlass_library")  # located, not imported (its Python side needs more)
+    if spec is not None and spec.origin:
+        roots.append(Path(spec.origin).parent / "source")
+    for r in roots:
+        if (r / "include" / "cutlass" / "cutlass.h").exists():
+            return r / "include"
+    raise CxxUnavailable("the CUTLASS headers are not installed (pip install nvidia-cutlass, or set "
+                         "FXQUANT_CUTLASS_DIR to a CUTLASS checkout)")
+
+
+def load_cutlass(verbose: bool = False) -> Path:
+    """Builds (first use) and loads the CUTLASS int4 GEMM library (Hopper, sm_90, only); returns
+    its path. Raises CxxUnavailable with the reason when it cannot; the failure is remembered.
+    Its one source takes about two minutes to compile; cached like the main library."""
+    with _lock:
+        if _cutlass_state["path"] is not None:
+            return _cutlass_state["path"]
+        if _cutlass_state["error"] is not None:
+            raise CxxUnavailable(_cutlass_state["error"])
+        try:
+            _cutlass_state["path"] = _load_cutlass(verbose)
+        except CxxUnavailable as e:
+            _cutlass_state["error"] = str(e)
+            raise
+        except Exception as e:
+            tail = "\n".join(str(e).strip().splitlines()[-15:])
+            _cutlass_state["error"] = f"building the CUTLASS op library failed: {type(e).__name__}: {tail}"
+            raise CxxUnavailable(_cutlass_state["error"]) from e
+        return _cutlass_state["path"]
+
+
+def _load_cutlass(verbose: bool) -> Path:
+    if os.environ.get("FXQUANT_CXX", "1") == "0" or os.environ.get("FXQUANT_CUTLASS", "1") == "0":
+        raise CxxUnavailable("disabled by FXQUANT_CXX=0 or FXQUANT_CUTLASS=0")
+    arch = _cuda_arch()
+    if arch != "9.0":
+        raise CxxUnavailable(f"the CUTLASS int4 GEMM is built for Hopper (sm_90) only; this is "
+                             f"{'no CUDA GPU' if arch is None else 'sm_' + arch.replace('.', '')}")
+    include = cutlass_include_dir()
+    h = hashlib.sha256()
+    for f in sorted(CUTLASS_SRC.iterdir()):
+        h.update(f.name.encode() + f.read_bytes())
+    h.update(f"{torch.__version__}|{arch}|{sys.version_info[:2]}|{include}".encode())
+    tag = h.hexdigest()[:16]
+    name = f"fxquant_cutlass_{tag}"
+    build_dir = cache_root() / "cxx" / f"cutlass_{tag}"
+    so = build_dir / f"{name}.so"
+    if not (so.exists() and not (build_dir / "lock").exists()):
+        _check_tools(arch)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        print(f"fxquant: building the CUTLASS int4 GEMM library (first use, about two minutes; cached in "
+              f"{build_dir})", file=sys.stderr, flush=True)
+        from torch.utils import cpp_extension as ext
+        old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"  # wgmma and setmaxnreg need the arch-specific target
+        try:
+            ext.load(name=name, sources=[str(CUTLASS_SRC / "int4_wgmma.cu")], build_directory=str(build_dir),
+                     extra_include_paths=[str(include), str(include.parent / "tools" / "util" / "include")],
+                     extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                                                              "-DNDEBUG"],
+                     with_cuda=True, is_python_module=False, verbose=verbose)
+        finally:
+            if old is None:
+                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = old
+    try:
+        torch.ops.load_library(str(so))
+    except OSError as e:
+        raise CxxUnavailable(f"cannot load {so}: {e}; delete {build_dir} to rebuild") from e
+    if torch.ops.fxquant.cutlass_abi_version() != 1:
+        raise CxxUnavailable(f"{so} has another ABI version; delete {build_dir} to rebuild")
+
+    @torch.library.register_fake("fxquant::cutlass_int4_weight_only_linear")
+    def _(x, qweight, scales, zeros, bias, group_size, variant):
+        ops._check_k(x, qweight.shape[1] * 2, "cutlass_int4_weight_only_linear")
+        return ops._out_like(x, qweight)
+    return so
+
+
+def cutlass_available() -> bool:
+    try:
+        load_cutlass()
+        return True
+    except CxxUnavailable:
+        return False

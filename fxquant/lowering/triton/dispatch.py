@@ -40,7 +40,7 @@ CXX_SCHEMES = ("int8_wo", "int4_wo")  # schemes with a CUDA C++ GEMV (kind "cxx"
 CXX_MAX_M = {"int8_wo": 16, "int4_wo": 32}  # the C++ kernels' M range (int4: its tensor-core kernel)
 # Kinds that run only where a condition holds (cxx_fits / scaled_mm_fits); a table entry of one
 # carries the best Triton config beside it as "fallback".
-CONDITIONAL_KINDS = ("cxx", "scaled_mm")
+CONDITIONAL_KINDS = ("cxx", "scaled_mm", "cutlass")
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
@@ -50,7 +50,9 @@ class KernelConfig:
     "scaled_mm" (the vendor GEMM of a dynamic scheme: torch._scaled_mm, cuBLASLt / CUTLASS, for fp8;
     torch._int_mm, cuBLAS, plus a Triton pass for the scales, for int8 at M > 16) |
     "cxx" (the CUDA C++ kernels of lowering/cuda/, CXX_SCHEMES at M <= CXX_MAX_M only; a table entry of
-    this kind carries the best Triton config as "fallback", for where the library is missing).
+    this kind carries the best Triton config as "fallback", for where the library is missing) |
+    "cutlass" (int4 weight-only on Hopper: the CUTLASS wgmma GEMM of lowering/cuda/csrc_cutlass, tile
+    bn x bm; also carries a "fallback").
     gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size; tma: read x and
     the weight through Hopper TMA descriptors where the tensors allow it); deq bn/bk/warps;
     cxx and scaled_mm none."""
@@ -171,12 +173,14 @@ def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelCon
 
 
 def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dtype,
-               device: torch.device, allow_cxx: bool = True, allow_scaled_mm: bool = True) -> KernelConfig:
-    """allow_cxx / allow_scaled_mm False: an entry of that kind gives its "fallback" (the best
-    Triton choice the tuner saw beside it)."""
+               device: torch.device, allow_cxx: bool = True, allow_scaled_mm: bool = True,
+               allow_cutlass: bool = True) -> KernelConfig:
+    """allow_cxx / allow_scaled_mm / allow_cutlass False: an entry of that kind gives its
+    "fallback" (the best other choice the tuner saw beside it)."""
     dev = _device_info(device)[0]
     exact = config_key(scheme, dtype, n, k, group, m)
-    barred = {k for k, ok in (("cxx", allow_cxx), ("scaled_mm", allow_scaled_mm)) if not ok}
+    barred = {k for k, ok in (("cxx", allow_cxx), ("scaled_mm", allow_scaled_mm), ("cutlass", allow_cutlass))
+              if not ok}
 
     def pick(entry: dict | None) -> dict | None:
         if entry is None or entry.get("kind") not in barred:
@@ -194,7 +198,7 @@ def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dty
         if (entry := pick(tab.get(d, {}).get(bucket_key(scheme, group, m)))) is not None:
             return KernelConfig.from_json(entry)
     if scheme == "fp8_dyn_tensor":  # same kernels as per-row but for the activation scale
-        return get_config("fp8_dyn_row", m, n, k, group, dtype, device, allow_cxx, allow_scaled_mm)
+        return get_config("fp8_dyn_row", m, n, k, group, dtype, device, allow_cxx, allow_scaled_mm, allow_cutlass)
     for d in devs:  # an M-bucket the table lacks (e.g. 2048): its nearest measured neighbour
         if (entry := pick(_nearest_bucket(tab.get(d, {}), scheme, group, m))) is not None:
             return KernelConfig.from_json(entry)
@@ -468,6 +472,12 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_scaled_mm=smm)
         if _autotune_now(x):
             cfg = _maybe_autotune(scheme, x2, qweight, scales, bias, group, cfg)
+    if cfg.kind == "cutlass":
+        from ..cuda import cutlass
+        if (scheme == "int4_wo" and cutlass.fits(x, qweight, scales, bias, group, cfg.bn, cfg.bm)
+                and _cutlass_ready()):
+            return cutlass.linear(x, qweight, scales, bias, group, cfg.bn, cfg.bm)
+        cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_scaled_mm=smm, allow_cutlass=False)
     if cfg.kind == "cxx":
         if cxx_fits(scheme, x, qweight, scales, bias, group) and _cxx_ready():
             if scheme == "int4_wo":
@@ -558,6 +568,23 @@ def _cxx_ready() -> bool:
     return False
 
 
+_cutlass_warned = False
+
+
+def _cutlass_ready() -> bool:
+    """Loads (first use: builds) the CUTLASS library; warns once and returns False if it can't."""
+    global _cutlass_warned
+    from ..cuda import build
+    if build.cutlass_available():
+        return True
+    if not _cutlass_warned:
+        _cutlass_warned = True
+        import warnings
+        warnings.warn(f"fxquant: the CUTLASS int4 GEMM is unavailable ({build._cutlass_state['error']}); "
+                      f"using the Triton kernels instead", RuntimeWarning, stacklevel=3)
+    return False
+
+
 # --------------------------------------------------------------------------- autotuning
 def _autotune_enabled() -> bool:
     return os.environ.get("FXQUANT_AUTOTUNE", "0") == "1"
@@ -622,6 +649,10 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
     out = [c for c in out if not _known_bad(scheme, c)]
     if scheme in CXX_SCHEMES and m <= CXX_MAX_M[scheme] and torch.cuda.is_available() and _cxx_ready():
         out.append(G("cxx", bn=0, bk=0))
+    if (scheme == "int4_wo" and m >= 128 and group % 64 == 0 and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() == (9, 0) and _cutlass_ready()):
+        from ..cuda.cutlass import VARIANTS
+        out += [G("cutlass", bn=bn, bk=64, bm=bm, warps=0) for bn, bm in VARIANTS]
     return list(dict.fromkeys(out))  # each config once
 
 

@@ -2,14 +2,18 @@
 // brings int4 weight tiles and bf16 x tiles into shared memory; the weight is dequantized in
 // registers ((q - 8) * scale + zero, one bf16 FMA) and fed to wgmma as its register operand.
 //
-// fxquant's int4 layout maps onto it without a copy of the weight: [N, K/2] bytes, low nibble
-// first, is CUTLASS's K-major int4 [N, K]; storing q ^ 8 (done once, at pack time, by the
-// caller) makes the signed nibble equal q - 8. Scales and zeros are [K / group, N] arrays,
-// N contiguous. The GEMM is computed transposed: out^T [N, M] = W [N, K] x^T, so the weight is
+// fxquant's packed int4 weight is used as it is: [N, K/2] bytes, low nibble first, is CUTLASS's
+// K-major unsigned int4 [N, K]. CUTLASS computes w = q * scale + zero, so the caller passes
+// zero - 8 * scale for fxquant's (q - 8) * scale + zero, and both as [K / group, N] arrays
+// (N contiguous). The GEMM is computed transposed: out^T [N, M] = W [N, K] x^T, so the weight is
 // the operand that goes through registers and out [M, N] row-major is out^T column-major.
 //
-// A plain C entry point (no torch types): benchmarks load it with ctypes; the op library wraps it.
+// Built as its own library (fxquant/lowering/cuda/build.py, load_cutlass) only on sm_90 with the
+// CUTLASS headers present; registers fxquant::cutlass_int4_weight_only_linear (CUDA only).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+#include <torch/library.h>
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -23,7 +27,7 @@ namespace fxq_wgmma {
 using namespace cute;
 
 using Act = cutlass::bfloat16_t;
-using Quant = cutlass::int4b_t;
+using Quant = cutlass::uint4b_t;
 using Acc = float;
 
 template <class TileShape, class Cluster, class KernelSchedule, class EpiSchedule>
@@ -85,13 +89,11 @@ using Ping64 = Config<Shape<_64, _128, _64>, Shape<_1, _1, _1>, cutlass::gemm::K
                       cutlass::epilogue::TmaWarpSpecialized>;
 }  // namespace fxq_wgmma
 
-// variant: 0 = 128x128 cooperative, 1 = 128(N) x 256(M) cooperative, 2 = 64x128 ping-pong.
+// variant: 0 = 128 (N) x 128 (M) cooperative, 1 = 128 x 256 cooperative, 2 = 64 x 128 ping-pong.
 // Returns 0 on success; 1 unknown variant, 2 workspace too small, 3 shape not supported
 // (K % group, alignment), 4 initialization failed, 5 launch failed.
-extern "C" int fxq_int4_wgmma(int variant, const void* w, const void* x, const void* scale, const void* zero,
-                              void* out, int M, int N, int K, int group, void* workspace, size_t workspace_bytes,
-                              void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
+int run_variant(int variant, const void* w, const void* x, const void* scale, const void* zero, void* out, int M,
+                int N, int K, int group, void* workspace, size_t workspace_bytes, cudaStream_t s) {
   switch (variant) {
     case 0: return fxq_wgmma::Coop128::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
     case 1: return fxq_wgmma::Coop256::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
@@ -100,7 +102,7 @@ extern "C" int fxq_int4_wgmma(int variant, const void* w, const void* x, const v
   }
 }
 
-extern "C" size_t fxq_int4_wgmma_workspace(int variant, int M, int N, int K, int group) {
+size_t workspace_bytes(int variant, int M, int N, int K, int group) {
   switch (variant) {
     case 0: return fxq_wgmma::Coop128::workspace(M, N, K, group);
     case 1: return fxq_wgmma::Coop256::workspace(M, N, K, group);
@@ -108,3 +110,38 @@ extern "C" size_t fxq_int4_wgmma_workspace(int variant, int M, int N, int K, int
     default: return 0;
   }
 }
+
+// x [..., K] bf16 (rows contiguous), qweight uint8 [N, K/2], scales / zeros bf16 [K/g, N]
+// contiguous (zeros already shifted: zero - 8 * scale). The Python caller checks everything
+// (fxquant/lowering/cuda/cutlass.py: fits); these checks only guard direct calls.
+at::Tensor cutlass_int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                               const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t group_size,
+                               int64_t variant) {
+  const int64_t n = qweight.size(0), k = qweight.size(1) * 2;
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.size(-1) == k, "fxquant.cutlass_int4_weight_only_linear: bad x");
+  auto x2 = x.reshape({-1, k}).contiguous();
+  const int64_t m = x2.size(0);
+  auto out = at::empty({m, n}, x.options());
+  if (m > 0) {
+    const size_t ws_bytes = workspace_bytes(static_cast<int>(variant), m, n, k, group_size);
+    auto ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, x.options().dtype(at::kByte));
+    const int rc = run_variant(static_cast<int>(variant), qweight.data_ptr(), x2.data_ptr(), scales.data_ptr(),
+                               zeros.data_ptr(), out.data_ptr(), m, n, k, group_size, ws.data_ptr(), ws_bytes,
+                               c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(rc == 0, "fxquant.cutlass_int4_weight_only_linear: CUTLASS status ", rc);
+  }
+  if (bias.has_value()) out.add_(*bias);
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  return out.reshape(shape);
+}
+
+int64_t cutlass_abi_version() { return 1; }
+
+TORCH_LIBRARY_FRAGMENT(fxquant, m) {
+  m.def("cutlass_int4_weight_only_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, "
+        "int group_size, int variant) -> Tensor");
+  m.def("cutlass_abi_version() -> int", &cutlass_abi_version);
+}
+
+TORCH_LIBRARY_IMPL(fxquant, CUDA, m) { m.impl("cutlass_int4_weight_only_linear", &cutlass_int4_linear); }

@@ -1,0 +1,105 @@
+"""The CUTLASS int4 GEMM (lowering/cuda/csrc_cutlass, kind "cutlass") on a Hopper GPU: the op
+against the CPU reference on awkward shapes, every tile variant; the dispatcher's use of it and
+its fallbacks; CUDA-graph capture. Needs sm_90 and CUTLASS's headers (pip install nvidia-cutlass)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    pytest.skip("needs a Hopper (sm_90) GPU", allow_module_level=True)
+
+import fxquant  # noqa: E402,F401
+from fxquant import numerics as nq  # noqa: E402
+from fxquant.lowering.cuda import build, cutlass  # noqa: E402
+from fxquant.lowering.triton import dispatch as D  # noqa: E402
+
+build.load_cutlass()  # a missing header or compiler fails here, loudly: this file must not skip on Hopper
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def _weights(n, k, group, symmetric, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    q, sz = nq.quantize_int4_groupwise(w, group, symmetric)
+    return nq.pack_int4(q), sz.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", sorted(cutlass.VARIANTS), ids=lambda v: f"{v[0]}x{v[1]}")
+@pytest.mark.parametrize("n,k,group", [(200, 384, 128), (4096, 4096, 128), (264, 1024, 64), (1000, 2048, 256)])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_op_matches_cpu_reference(variant, n, k, group, symmetric):
+    qw, sz = _weights(n, k, group, symmetric)
+    gen = torch.Generator().manual_seed(n + k)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    for m, lead, with_bias in ((1, (), False), (7, (), True), (129, (), False), (300, (3,), True), (1000, (), True)):
+        x = torch.randn(*lead, m, k, generator=gen).to(torch.bfloat16)
+        b = bias if with_bias else None
+        ref = torch.ops.fxquant.int4_weight_only_linear(x, qw, sz, b, group)
+        xc, qc, sc, bc = x.cuda(), qw.cuda(), sz.cuda(), (b.cuda() if b is not None else None)
+        assert cutlass.fits(xc, qc, sc, bc, group, *variant)
+        got = cutlass.linear(xc, qc, sc, bc, group, *variant)
+        assert got.shape == ref.shape and got.dtype == torch.bfloat16
+        assert _rel(got.cpu(), ref) <= 1e-2, (m, lead)
+
+
+def test_inputs_it_cannot_take_are_refused():
+    qw, sz = _weights(256, 512, 128, False)
+    qc, sc = qw.cuda(), sz.cuda()
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+    assert cutlass.fits(x, qc, sc, None, 128, 128, 256)
+    assert not cutlass.fits(x.half(), qc, sc.half(), None, 128, 128, 256)  # fp16
+    assert not cutlass.fits(x, qc, sc, None, 128, 96, 256)  # no such tile
+    qw32, sz32 = _weights(256, 512, 32, False)
+    assert not cutlass.fits(x, qw32.cuda(), sz32.cuda(), None, 32, 128, 256)  # group < the 64-wide K tile
+    qw_odd, sz_odd = _weights(252, 512, 128, False)  # N % 8 != 0
+    assert not cutlass.fits(x, qw_odd.cuda(), sz_odd.cuda(), None, 128, 128, 256)
+    assert not cutlass.fits(x.view(-1)[1:1 + 299 * 512].view(299, 512), qc, sc, None, 128, 128, 256)  # misaligned
+
+
+def test_dispatcher_uses_it_from_the_table_and_falls_back():
+    calls = []
+    real = cutlass.linear
+
+    def spy(*a, **kw):
+        calls.append(a[-2:])
+        return real(*a, **kw)
+    qw, sz = _weights(28672, 4096, 128, False)
+    qc, sc = qw.cuda(), sz.cuda()
+    cutlass.linear, saved = spy, cutlass.linear
+    try:
+        x = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16)
+        assert D.get_config("int4_wo", 1024, 28672, 4096, 128, x.dtype, x.device).kind == "cutlass"
+        got = torch.ops.fxquant.int4_weight_only_linear(x, qc, sc, None, 128)
+        assert calls == [(128, 256)]
+        ref = x.float() @ nq.dequantize_int4(qc, sc, 128, torch.bfloat16).float().t()
+        assert _rel(got, ref) <= 1e-2
+        # fp16 activations: the table's entry cannot run; its fallback (dequantize + cuBLAS) does
+        xh = x.half()
+        goth = torch.ops.fxquant.int4_weight_only_linear(xh, qc, sc.half(), None, 128)
+        assert calls == [(128, 256)] and _rel(goth, ref) <= 1e-2
+    finally:
+        cutlass.linear = saved
+
+
+def test_cuda_graph_replay():
+    qw, sz = _weights(1024, 2048, 128, False)
+    qc, sc = qw.cuda(), sz.cuda()
+    x = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16)
+    eager = cutlass.linear(x, qc, sc, None, 128, 128, 256)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        cutlass.linear(x, qc, sc, None, 128, 128, 256)  # warm-up outside the capture
+        with torch.cuda.graph(g, stream=s):
+            out = cutlass.linear(x, qc, sc, None, 128, 128, 256)
+    torch.cuda.current_stream().wait_stream(s)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert _rel(out, cutlass.linear(x, qc, sc, None, 128, 128, 256)) == 0.0
+    assert _rel(out, eager) > 0.1  # it computed on the new x

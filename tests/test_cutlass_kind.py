@@ -1,0 +1,102 @@
+"""The CUTLASS int4 GEMM kind ("cutlass", lowering/cuda/cutlass.py + csrc_cutlass/) on a machine
+without it: its scale/zero arithmetic, where it applies, the table's fallbacks, and the build's
+errors. The kernel itself runs in tests/gpu/test_gpu_cutlass.py."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fxquant import numerics as nq
+from fxquant.lowering.cuda import build, cutlass
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_scales_and_zeros_give_fxquants_weights(symmetric):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 256, generator=g)
+    q, sz = nq.quantize_int4_groupwise(w, 64, symmetric)
+    sz = sz.to(torch.bfloat16)
+    s, z = cutlass.scales_and_zeros(sz)
+    assert s.shape == z.shape == (4, 40) and s.is_contiguous() and z.is_contiguous()
+    # CUTLASS: unsigned q * scale + zero (one bf16 rounding, as its FMA); fxquant: (q - 8) * scale + zero
+    qq = q.reshape(40, 4, 64).permute(1, 0, 2).float()
+    theirs = (qq * s.float()[..., None] + z.float()[..., None]).to(torch.bfloat16)
+    ours = nq.dequantize_int4(nq.pack_int4(q), sz, 64, torch.bfloat16).reshape(40, 4, 64).permute(1, 0, 2)
+    if symmetric:  # zero 0: zero - 8 * scale is exact
+        assert torch.equal(theirs, ours)
+    else:  # zero - 8 * scale rounds to bf16: about half the weights move by one bf16 step
+        err = (theirs.float() - ours.float()).abs()
+        assert float(err.max()) <= 4 * float(ours.float().abs().max()) * 2 ** -8
+        rel = float((theirs.float() - ours.float()).norm() / ours.float().norm())
+        # zero' is the group's smallest weight, larger than a typical one: its rounding costs about
+        # 4x bf16's own rounding of the weights (measured 4.4e-3 here); int4's own error is ~10 %.
+        assert 0 < rel < 6e-3
+
+
+def test_fits_only_on_hopper_cuda_bf16():
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    qw = torch.zeros(64, 128, dtype=torch.uint8)
+    sz = torch.zeros(2, 64, 2, dtype=torch.bfloat16)
+    assert not cutlass.fits(x, qw, sz, None, 128, 128, 256)  # CPU tensors
+    assert (128, 256) in cutlass.VARIANTS and (64, 128) in cutlass.VARIANTS and (128, 128) in cutlass.VARIANTS
+
+
+def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
+    from fxquant.lowering.triton import dispatch as D
+    table = D._table("shipped")
+    entries = [(key, e) for t in table.values() for key, e in t.items() if e.get("kind") == "cutlass"]
+    assert entries, "the shipped table names no CUTLASS kernel"
+    for key, e in entries:
+        assert key.startswith("int4_wo|") and (e["bn"], e["bm"]) in cutlass.VARIANTS, key
+        assert e["fallback"]["kind"] in ("gemm", "deq"), key
+    monkeypatch.setattr(D, "_device_info", lambda device: ("h100", 132, (9, 0)))
+    monkeypatch.setattr(D, "_table", lambda which: table if which == "shipped" else {})
+    cuda = torch.device("cuda")
+    got = D.get_config("int4_wo", 1024, 28672, 4096, 128, torch.bfloat16, cuda)
+    assert got.kind == "cutlass" and (got.bn, got.bm) == (128, 256)
+    fb = D.get_config("int4_wo", 1024, 28672, 4096, 128, torch.bfloat16, cuda, allow_cutlass=False)
+    assert fb.kind == "deq"
+    # M = 4096 stays dequantize + cuBLAS (measured faster there)
+    assert D.get_config("int4_wo", 4096, 28672, 4096, 128, torch.bfloat16, cuda).kind == "deq"
+
+
+def test_dispatcher_runs_the_fallback_on_cpu_tensors(monkeypatch):
+    # A "cutlass" config on tensors it cannot take (here: CPU, under the Triton interpreter in a
+    # subprocess) runs the entry's fallback and gives the reference result.
+    code = (
+        "import os; os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import torch, fxquant.lowering\n"
+        "from fxquant import numerics as nq\n"
+        "from fxquant.lowering.triton import dispatch as D\n"
+        "w = torch.randn(64, 256) / 16; q, sz = nq.quantize_int4_groupwise(w, 128)\n"
+        "qw, sz = nq.pack_int4(q), sz.to(torch.bfloat16)\n"
+        "x = torch.randn(5, 256).bfloat16()\n"
+        "cfg = D.KernelConfig('cutlass', bn=128, bk=64, bm=256, warps=0)\n"
+        "got = D.linear('int4_wo', x, qw, sz, None, 128, cfg)\n"
+        "ref = torch.ops.fxquant.int4_weight_only_linear(x, qw, sz, None, 128)\n"
+        "print(float((got.float() - ref.float()).norm() / ref.float().norm()))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.strip().splitlines()[-1]) < 1e-2
+
+
+def test_build_needs_hopper_and_the_headers(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "_cutlass_state", {"path": None, "error": None})
+    monkeypatch.delenv("FXQUANT_CUTLASS", raising=False)
+    monkeypatch.setattr(build, "_cuda_arch", lambda: None)
+    with pytest.raises(build.CxxUnavailable, match=r"Hopper \(sm_90\) only; this is no CUDA GPU"):
+        build.load_cutlass()
+    assert not build.cutlass_available()  # the failure is remembered
+    monkeypatch.setenv("FXQUANT_CUTLASS_DIR", str(tmp_path))
+    import importlib.util
+    if importlib.util.find_spec("cutlass_library") is None:
+        with pytest.raises(build.CxxUnavailable, match="pip install nvidia-cutlass"):
+            build.cutlass_include_dir()
+    (tmp_path / "include" / "cutlass").mkdir(parents=True)
+    (tmp_path / "include" / "cutlass" / "cutlass.h").write_text("")
+    assert build.cutlass_include_dir() == tmp_path / "include"
+    monkeypatch.setattr(build, "_cutlass_state", {"path": None, "error": None})
+    monkeypatch.setenv("FXQUANT_CUTLASS", "0")
+    with pytest.raises(build.CxxUnavailable, match="FXQUANT_CUTLASS=0"):
+        build.load_cutlass()
