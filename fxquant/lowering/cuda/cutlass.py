@@ -12,8 +12,6 @@ tests' 1e-2 bound against the reference (tests/gpu/test_gpu_cutlass.py).
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 VARIANTS = {(128, 128): 0, (128, 256): 1, (64, 128): 2}  # (bn, bm) -> the library's variant number
@@ -47,27 +45,12 @@ def scales_and_zeros(scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return s.contiguous(), torch.sub(scales_zeros[..., 1], s, alpha=8)
 
 
-# id(scales_zeros) -> (its version, its data_ptr, scales, zeros, weakref to it): a model's packed
-# scales are constants, so their CUTLASS copy (1/16 of the int4 weight's bytes at group 128) is
-# made once, not per call (two small kernels per call cost 8 % at 6144 x 4096, M = 1024, H100).
-# Never filled during a CUDA-graph capture: memory allocated there belongs to the graph's pool.
-_SZ_CACHE: dict[int, tuple] = {}
-
-
-def cached_scales_and_zeros(scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    key = id(scales_zeros)
-    hit = _SZ_CACHE.get(key)
-    if (hit is not None and hit[4]() is scales_zeros and hit[0] == scales_zeros._version
-            and hit[1] == scales_zeros.data_ptr()):
-        return hit[2], hit[3]
-    s, z = scales_and_zeros(scales_zeros)
-    if not (scales_zeros.is_cuda and torch.cuda.is_current_stream_capturing()):
-        ref = weakref.ref(scales_zeros, lambda _r, k=key: _SZ_CACHE.pop(k, None))
-        _SZ_CACHE[key] = (scales_zeros._version, scales_zeros.data_ptr(), s, z, ref)
-    return s, z
+# The copies are made per call (two small kernels): a cache of them per packed scales tensor was
+# tried and broke mode="reduce-overhead" (cudagraph trees run their warm-up inside the graph pool,
+# and a cached tensor allocated there is an untracked live allocation: a RuntimeError).
 
 
 def linear(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None,
            group: int, bn: int, bm: int) -> torch.Tensor:
-    s, z = cached_scales_and_zeros(scales_zeros)
+    s, z = scales_and_zeros(scales_zeros)
     return torch.ops.fxquant.cutlass_int4_weight_only_linear(x, qweight, s, z, bias, group, VARIANTS[(bn, bm)])
