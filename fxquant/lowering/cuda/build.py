@@ -70,21 +70,25 @@ def load(verbose: bool = False) -> Path:
     """Builds (first use) and loads the library into this process; returns the .so's path.
     With a CUDA GPU present the CUDA kernels are built too (for that GPU's arch only).
     Raises CxxUnavailable with the reason when it cannot; the failure is remembered."""
+    return _load_once(_state, _load, "C++/CUDA op library", verbose)
+
+
+def _load_once(state: dict, loader, what: str, verbose: bool) -> Path:
     with _lock:
-        if _state["path"] is not None:
-            return _state["path"]
-        if _state["error"] is not None:
-            raise CxxUnavailable(_state["error"])
+        if state["path"] is not None:
+            return state["path"]
+        if state["error"] is not None:
+            raise CxxUnavailable(state["error"])
         try:
-            _state["path"] = _load(verbose)
+            state["path"] = loader(verbose)
         except CxxUnavailable as e:
-            _state["error"] = str(e)
+            state["error"] = str(e)
             raise
         except Exception as e:  # a compiler error: keep its last lines, they name the problem
             tail = "\n".join(str(e).strip().splitlines()[-15:])
-            _state["error"] = f"building the C++/CUDA op library failed: {type(e).__name__}: {tail}"
-            raise CxxUnavailable(_state["error"]) from e
-        return _state["path"]
+            state["error"] = f"building the {what} failed: {type(e).__name__}: {tail}"
+            raise CxxUnavailable(state["error"]) from e
+        return state["path"]
 
 
 def _load(verbose: bool) -> Path:
@@ -177,22 +181,8 @@ def cutlass_include_dir() -> Path:
 def load_cutlass(verbose: bool = False) -> Path:
     """Builds (first use) and loads the CUTLASS int4 GEMM library (Hopper, sm_90, only); returns
     its path. Raises CxxUnavailable with the reason when it cannot; the failure is remembered.
-    Its one source takes about two minutes to compile; cached like the main library."""
-    with _lock:
-        if _cutlass_state["path"] is not None:
-            return _cutlass_state["path"]
-        if _cutlass_state["error"] is not None:
-            raise CxxUnavailable(_cutlass_state["error"])
-        try:
-            _cutlass_state["path"] = _load_cutlass(verbose)
-        except CxxUnavailable as e:
-            _cutlass_state["error"] = str(e)
-            raise
-        except Exception as e:
-            tail = "\n".join(str(e).strip().splitlines()[-15:])
-            _cutlass_state["error"] = f"building the CUTLASS op library failed: {type(e).__name__}: {tail}"
-            raise CxxUnavailable(_cutlass_state["error"]) from e
-        return _cutlass_state["path"]
+    Its one source takes about two and a half minutes to compile; cached like the main library."""
+    return _load_once(_cutlass_state, _load_cutlass, "CUTLASS op library", verbose)
 
 
 def _load_cutlass(verbose: bool) -> Path:

@@ -531,9 +531,6 @@ def linear_prequant(scheme: str, xq: torch.Tensor, x_scales: torch.Tensor, qweig
     return out.reshape(*xq.shape[:-1], N)
 
 
-_cxx_warned = False
-
-
 def cxx_fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
              bias: torch.Tensor | None, group: int) -> bool:
     """Whether the CUDA C++ kernels cover these inputs well (else its op would take its slow
@@ -556,32 +553,27 @@ def cxx_fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.
 
 def _cxx_ready() -> bool:
     """Loads (first use: builds) the C++/CUDA library; warns once and returns False if it can't."""
-    global _cxx_warned
-    from .. import cuda as cxx
-    if cxx.available():
-        return True
-    if not _cxx_warned:
-        _cxx_warned = True
-        import warnings
-        warnings.warn(f"fxquant: the CUDA C++ kernels are unavailable ({cxx.unavailable_reason()}); "
-                      f"using the Triton kernels instead", RuntimeWarning, stacklevel=3)
-    return False
-
-
-_cutlass_warned = False
+    from ..cuda import build
+    return _library_ready("the CUDA C++ kernels are", build.available, build.unavailable_reason)
 
 
 def _cutlass_ready() -> bool:
     """Loads (first use: builds) the CUTLASS library; warns once and returns False if it can't."""
-    global _cutlass_warned
     from ..cuda import build
-    if build.cutlass_available():
+    return _library_ready("the CUTLASS int4 GEMM is", build.cutlass_available, lambda: build._cutlass_state["error"])
+
+
+_library_warned: set[str] = set()
+
+
+def _library_ready(what: str, available, reason) -> bool:
+    if available():
         return True
-    if not _cutlass_warned:
-        _cutlass_warned = True
+    if what not in _library_warned:
+        _library_warned.add(what)
         import warnings
-        warnings.warn(f"fxquant: the CUTLASS int4 GEMM is unavailable ({build._cutlass_state['error']}); "
-                      f"using the Triton kernels instead", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"fxquant: {what} unavailable ({reason()}); using the Triton kernels instead",
+                      RuntimeWarning, stacklevel=4)
     return False
 
 
