@@ -39,6 +39,7 @@ def test_fits_only_on_hopper_cuda_bf16():
     qw = torch.zeros(64, 128, dtype=torch.uint8)
     sz = torch.zeros(2, 64, 2, dtype=torch.bfloat16)
     assert not cutlass.fits(x, qw, sz, None, 128, 128, 256)  # CPU tensors
+    assert not cutlass.fits(x, qw[:0], sz[:, :0], None, 128, 128, 256)  # N == 0
     assert (128, 256) in cutlass.VARIANTS and (64, 128) in cutlass.VARIANTS and (128, 128) in cutlass.VARIANTS
 
 
@@ -82,8 +83,11 @@ def test_dispatcher_runs_the_fallback_on_cpu_tensors(monkeypatch):
 
 
 def test_build_needs_hopper_and_the_headers(tmp_path, monkeypatch):
-    monkeypatch.setattr(build, "_cutlass_state", {"path": None, "error": None})
+    import threading
+    fresh = lambda: {"path": None, "error": None, "lock": threading.Lock()}  # noqa: E731
+    monkeypatch.setattr(build, "_cutlass_state", fresh())
     monkeypatch.delenv("FXQUANT_CUTLASS", raising=False)
+    monkeypatch.delenv("FXQUANT_CXX", raising=False)
     monkeypatch.setattr(build, "_cuda_arch", lambda: None)
     with pytest.raises(build.CxxUnavailable, match=r"Hopper \(sm_90\) only; this is no CUDA GPU"):
         build.load_cutlass()
@@ -96,7 +100,7 @@ def test_build_needs_hopper_and_the_headers(tmp_path, monkeypatch):
     (tmp_path / "include" / "cutlass").mkdir(parents=True)
     (tmp_path / "include" / "cutlass" / "cutlass.h").write_text("")
     assert build.cutlass_include_dir() == tmp_path / "include"
-    monkeypatch.setattr(build, "_cutlass_state", {"path": None, "error": None})
+    monkeypatch.setattr(build, "_cutlass_state", fresh())
     monkeypatch.setenv("FXQUANT_CUTLASS", "0")
     with pytest.raises(build.CxxUnavailable, match="FXQUANT_CUTLASS=0"):
         build.load_cutlass()

@@ -22,9 +22,9 @@ from ..cache import cache_root
 ABI_VERSION = 1  # must equal fxquant::abi_version() in csrc/ops.cpp
 SRC = Path(__file__).with_name("csrc")
 CUTLASS_SRC = Path(__file__).with_name("csrc_cutlass")
-_lock = threading.Lock()
-_state: dict = {"path": None, "error": None}
-_cutlass_state: dict = {"path": None, "error": None}
+# One lock per library: the CUTLASS build (minutes) must not hold up the C++ library's loads.
+_state: dict = {"path": None, "error": None, "lock": threading.Lock()}
+_cutlass_state: dict = {"path": None, "error": None, "lock": threading.Lock()}
 
 
 class CxxUnavailable(RuntimeError):
@@ -74,7 +74,7 @@ def load(verbose: bool = False) -> Path:
 
 
 def _load_once(state: dict, loader, what: str, verbose: bool) -> Path:
-    with _lock:
+    with state["lock"]:
         if state["path"] is not None:
             return state["path"]
         if state["error"] is not None:
@@ -185,6 +185,9 @@ def load_cutlass(verbose: bool = False) -> Path:
     return _load_once(_cutlass_state, _load_cutlass, "CUTLASS op library", verbose)
 
 
+_CUTLASS_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG")
+
+
 def _load_cutlass(verbose: bool) -> Path:
     if os.environ.get("FXQUANT_CXX", "1") == "0" or os.environ.get("FXQUANT_CUTLASS", "1") == "0":
         raise CxxUnavailable("disabled by FXQUANT_CXX=0 or FXQUANT_CUTLASS=0")
@@ -196,7 +199,8 @@ def _load_cutlass(verbose: bool) -> Path:
     h = hashlib.sha256()
     for f in sorted(CUTLASS_SRC.iterdir()):
         h.update(f.name.encode() + f.read_bytes())
-    h.update(f"{torch.__version__}|{arch}|{sys.version_info[:2]}|{include}".encode())
+    h.update(f"{torch.__version__}|{arch}|{sys.version_info[:2]}|{include}|{_CUTLASS_FLAGS}".encode())
+    h.update((include / "cutlass" / "version.h").read_bytes() if (include / "cutlass" / "version.h").exists() else b"")
     tag = h.hexdigest()[:16]
     name = f"fxquant_cutlass_{tag}"
     build_dir = cache_root() / "cxx" / f"cutlass_{tag}"
@@ -212,8 +216,7 @@ def _load_cutlass(verbose: bool) -> Path:
         try:
             ext.load(name=name, sources=[str(CUTLASS_SRC / "int4_wgmma.cu")], build_directory=str(build_dir),
                      extra_include_paths=[str(include), str(include.parent / "tools" / "util" / "include")],
-                     extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                                                              "-DNDEBUG"],
+                     extra_cflags=["-O3"], extra_cuda_cflags=list(_CUTLASS_FLAGS),
                      with_cuda=True, is_python_module=False, verbose=verbose)
         finally:
             if old is None:

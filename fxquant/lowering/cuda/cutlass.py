@@ -29,7 +29,7 @@ def fits(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, bia
         return False
     K, N = x.shape[-1], qweight.shape[0]
     if (qweight.dtype != torch.uint8 or K != qweight.shape[1] * 2 or group % 64 or K % group or K % 32 or N % 8
-            or x.numel() == 0):
+            or N == 0 or x.numel() == 0):
         return False
     if any(t is not None and t.device != x.device for t in (qweight, scales_zeros, bias)):
         return False

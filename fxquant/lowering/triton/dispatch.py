@@ -473,9 +473,8 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         if _autotune_now(x):
             cfg = _maybe_autotune(scheme, x2, qweight, scales, bias, group, cfg)
     if cfg.kind == "cutlass":
-        from ..cuda import cutlass
-        if (scheme == "int4_wo" and cutlass.fits(x, qweight, scales, bias, group, cfg.bn, cfg.bm)
-                and _cutlass_ready()):
+        if _cutlass_fits(scheme, x, qweight, scales, bias, group, cfg) and _cutlass_ready():
+            from ..cuda import cutlass
             return cutlass.linear(x, qweight, scales, bias, group, cfg.bn, cfg.bm)
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_scaled_mm=smm, allow_cutlass=False)
     if cfg.kind == "cxx":
@@ -483,7 +482,8 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
             if scheme == "int4_wo":
                 return torch.ops.fxquant.cxx_int4_weight_only_linear(x, qweight, scales, bias, group)
             return torch.ops.fxquant.cxx_int8_weight_only_linear(x, qweight, scales, bias)
-        cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_cxx=False)  # Triton's best
+        cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_cxx=False, allow_scaled_mm=smm,
+                         allow_cutlass=False)  # the best of the others
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)  # after the cxx branch: it allocates its own
     cfg = _runnable(cfg, scheme, M, N, K, group, smm)
     if cfg.kind == "gemv":
@@ -563,6 +563,11 @@ def _cutlass_ready() -> bool:
     return _library_ready("the CUTLASS int4 GEMM is", build.cutlass_available, lambda: build._cutlass_state["error"])
 
 
+def _cutlass_fits(scheme, x, qweight, scales, bias, group, cfg) -> bool:
+    from ..cuda import cutlass
+    return scheme == "int4_wo" and cutlass.fits(x, qweight, scales, bias, group, cfg.bn, cfg.bm)
+
+
 _library_warned: set[str] = set()
 
 
@@ -572,7 +577,7 @@ def _library_ready(what: str, available, reason) -> bool:
     if what not in _library_warned:
         _library_warned.add(what)
         import warnings
-        warnings.warn(f"fxquant: {what} unavailable ({reason()}); using the Triton kernels instead",
+        warnings.warn(f"fxquant: {what} unavailable ({reason()}); using the other kernels instead",
                       RuntimeWarning, stacklevel=4)
     return False
 
@@ -643,6 +648,7 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
         out.append(G("cxx", bn=0, bk=0))
     if (scheme == "int4_wo" and m >= 128 and group % 64 == 0 and torch.cuda.is_available()
             and torch.cuda.get_device_capability() == (9, 0) and _cutlass_ready()):
+        # (autotune skips the ones cutlass.fits refuses for its inputs: fp16, N % 8, alignment)
         from ..cuda.cutlass import VARIANTS
         out += [G("cutlass", bn=bn, bk=64, bm=bm, warps=0) for bn, bm in VARIANTS]
     return list(dict.fromkeys(out))  # each config once
@@ -721,6 +727,7 @@ def autotune(scheme: str, x2: torch.Tensor, qweight: torch.Tensor, scales: torch
     ref = reference_linear(scheme, x2, qweight, scales, bias, group)
     for cfg in candidates or candidate_configs(scheme, M, group):
         if ((cfg.kind == "cxx" and not cxx_fits(scheme, x2, qweight, scales, bias, group))
+                or (cfg.kind == "cutlass" and not _cutlass_fits(scheme, x2, qweight, scales, bias, group, cfg))
                 or (cfg.kind == "scaled_mm"
                     and not scaled_mm_fits(scheme, qweight.shape[0], x2.shape[1], x2.dtype, scales.numel(),
                                            x2.shape[0]))):

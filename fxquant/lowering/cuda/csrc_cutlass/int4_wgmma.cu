@@ -11,6 +11,7 @@
 // Built as its own library (fxquant/lowering/cuda/build.py, load_cutlass) only on sm_90 with the
 // CUTLASS headers present; registers fxquant::cutlass_int4_weight_only_linear (CUDA only).
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
@@ -117,6 +118,7 @@ size_t workspace_bytes(int variant, int M, int N, int K, int group) {
 at::Tensor cutlass_int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t group_size,
                                int64_t variant) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());  // launch, stream and attributes on x's GPU
   const int64_t n = qweight.size(0), k = qweight.size(1) * 2;
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.size(-1) == k, "fxquant.cutlass_int4_weight_only_linear: bad x");
   auto x2 = x.reshape({-1, k}).contiguous();
