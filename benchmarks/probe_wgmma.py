@@ -2,7 +2,11 @@
 """Probe: the CUTLASS mixed-input W4A16 GEMM (fxquant/lowering/cuda/csrc/int4_wgmma.cu) against
 bf16 cuBLAS and fxquant's current int4 dispatcher, at large M, on the issue-3 shapes.
 
-The kernel is built beforehand as a plain shared library (no torch) and loaded with ctypes:
+It ran (BENCHMARKS.md S8) against the standalone version of the kernel in commit 80c66a9
+(`fxquant/lowering/cuda/csrc/int4_wgmma.cu` there: extern "C" entry points, signed nibbles, so the
+weight is passed as q ^ 8). The op library's version since then (csrc_cutlass/) takes unsigned
+nibbles and is measured by `linear.py --schemes w4a16_g128@cutlass`; to re-run this probe, build
+that commit's file. It is built beforehand as a plain shared library (no torch) and loaded with ctypes:
 
   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -DNDEBUG \\
       -I$CUTLASS/include -I$CUTLASS/tools/util/include -Xcompiler -fPIC -shared \\
