@@ -12,6 +12,8 @@ tests' 1e-2 bound against the reference (tests/gpu/test_gpu_cutlass.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 VARIANTS = {(128, 128): 0, (128, 256): 1, (64, 128): 2}  # (bn, bm) -> the library's variant number
@@ -25,7 +27,7 @@ def fits(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, bia
     if not (x.is_cuda and torch.version.hip is None and x.dtype == torch.bfloat16
             and scales_zeros.dtype == torch.bfloat16 and (bn, bm) in VARIANTS):
         return False
-    if torch.cuda.get_device_capability(x.device) != (9, 0):
+    if _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) != (9, 0):
         return False
     K, N = x.shape[-1], qweight.shape[0]
     if (qweight.dtype != torch.uint8 or K != qweight.shape[1] * 2 or group % 64 or K % group or K % 32 or N % 8
@@ -36,6 +38,11 @@ def fits(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, bia
     if bias is not None and bias.dtype != torch.bfloat16:
         return False
     return qweight.is_contiguous() and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)  # asked once per GPU, not on every call
 
 
 def scales_and_zeros(scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
