@@ -104,3 +104,45 @@ def test_cuda_graph_replay():
     assert _rel(out, cutlass.linear(x, qc, sc, None, 128, 128, 256)) == 0.0
     assert _rel(out, eager) > 0.1  # it computed on the new x
 
+
+
+def test_compiled_model_with_cuda_graphs_runs_it():
+    """A model compiled with mode reduce-overhead and dynamic M: the shipped table's CUTLASS
+    entries (4096x4096, M = 256-2048) run inside cudagraph trees with no skip and one graph,
+    and match the plain (no CUDA graph) compile."""
+    import fxquant
+    from torch._dynamo.utils import counters
+    calls = []
+    real = cutlass.linear
+
+    def spy(*a, **kw):
+        calls.append(a[0].shape[0])
+        return real(*a, **kw)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 4096))
+    model = model.to(torch.bfloat16).cuda().eval()
+    cfg = fxquant.Int4WeightOnly(group_size=128)
+    xs = [torch.randn(2, s, 4096, dtype=torch.bfloat16, device="cuda") for s in (150, 256, 512, 1000)]
+    assert all(D.get_config("int4_wo", x.shape[0] * x.shape[1], 4096, 4096, 128, x.dtype, x.device).kind
+               == "cutlass" for x in xs)
+    cutlass.linear, saved = spy, cutlass.linear
+    try:
+        with torch.no_grad():
+            torch._dynamo.reset()
+            want = [torch.compile(model, backend=fxquant.backend(cfg), dynamic=True)(x).clone() for x in xs]
+            torch._dynamo.reset()
+            counters.clear()
+            calls.clear()
+            f = torch.compile(model, backend="fxquant", options={"config": cfg, "mode": "reduce-overhead"},
+                              dynamic=True)
+            got = [[f(x).clone() for x in xs] for _ in range(3)]  # warm-up, record, replay
+            frames = counters["stats"]["unique_graphs"]
+            skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
+    finally:
+        cutlass.linear = saved
+        torch._dynamo.reset()
+    assert frames == 1 and skips == 0
+    assert sorted(set(calls)) == [300, 512, 1024, 2000]  # every M ran the CUTLASS kernel (warm-up / record)
+    for rnd in got:
+        for a, b in zip(rnd, want):
+            assert a.shape == b.shape and _rel(a, b) == 0.0
