@@ -24,8 +24,9 @@ on its first call per shape and M).
 
 Kernel variants (M <= dispatch.CXX_MAX_M: 32 for int4, 16 for int8): "<scheme>@cuda" forces the CUDA C++ GEMV (lowering/cuda/) and
 "<scheme>@triton" the best Triton choice, for the schemes in dispatch.CXX_SCHEMES and the fp8
-dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm; "w4a16_g128@cutlass" (M >= 128) forces
-the CUTLASS wgmma GEMM with its 128 x 256 tile (Hopper). The plain scheme row is what the
+dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm; "w4a16_g128@cutlass" and "w8a16@cutlass"
+(M >= 128) force the CUTLASS wgmma GEMM with its 128 x 256 tile (Hopper), "@cutlass_128x128" and
+"@cutlass_64x128" its other tiles. The plain scheme row is what the
 dispatcher picks.
 """
 from __future__ import annotations
@@ -62,7 +63,10 @@ SCHEMES = {
 }
 # name@variant: "cuda" (M <= CXX_MAX_M) and "scaled_mm" (fp8 dynamic) force that kind, "triton" the best Triton config
 VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "scaled_mm": D.KernelConfig("scaled_mm", bn=0, bk=0),
-            "cutlass": D.KernelConfig("cutlass", bn=128, bk=64, bm=256, warps=0), "triton": None}
+            "cutlass": D.KernelConfig("cutlass", bn=128, bk=64, bm=256, warps=0), "triton": None,
+            # the other CUTLASS tiles (bn x bm), for choosing table entries
+            "cutlass_128x128": D.KernelConfig("cutlass", bn=128, bk=64, bm=128, warps=0),
+            "cutlass_64x128": D.KernelConfig("cutlass", bn=64, bk=64, bm=128, warps=0)}
 CUTLASS_MIN_M = 128  # the @cutlass rows' M range (large-M kernel)
 DEFAULT_VARIANTS = ["w4a16_g128@cuda", "w4a16_g128@triton", "w8a16@cuda", "w8a16@triton"]
 ROTATE_BYTES = 512e6  # weight bytes cycled through per graph replay (~10x L2)
@@ -214,6 +218,9 @@ class Layer:
         self.bytes = sum(t.numel() * t.element_size() for t in packed)
         c = copies or rotation(self.bytes)
         self.copies = [packed] + [tuple(t.clone() for t in packed) for _ in range(c - 1)]
+        if name != "bf16":  # what the quantization pass does for each packed weight (CUTLASS's int4 arrays)
+            for p in self.copies:
+                fxquant.lowering.ops.prepare_packed(self.op, p, self.static)
         self.w_ref = w if name == "bf16" else None
 
     def fn(self, x, i: int, cfg: D.KernelConfig | None = None):
@@ -485,7 +492,7 @@ def variant_runs(name: str, m: int) -> bool:
     the C++ kernels' M range; other variants (fp8's scaled_mm / triton) and plain rows always."""
     base, _, variant = name.partition("@")
     scheme = SCHEMES[base][0] if base in SCHEMES else None
-    if variant == "cutlass":
+    if variant.startswith("cutlass"):
         return m >= CUTLASS_MIN_M
     return not variant or scheme not in D.CXX_MAX_M or m <= D.CXX_MAX_M[scheme]
 
@@ -766,7 +773,8 @@ def main(argv=None) -> int:
         if base not in SCHEMES:
             ap.error(f"unknown scheme {base!r}; known: {', '.join(SCHEMES)}")
         allowed = {"cuda": D.CXX_SCHEMES, "triton": D.CXX_SCHEMES + ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn"),
-                   "scaled_mm": ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn"), "cutlass": ("int4_wo",)}
+                   "scaled_mm": ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn")}
+        allowed.update({v: ("int4_wo", "int8_wo") for v in VARIANTS if v.startswith("cutlass")})
         if variant and SCHEMES[base][0] not in allowed.get(variant, ()):
             ap.error(f"{name}: variant @{variant} does not apply to {base}")
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

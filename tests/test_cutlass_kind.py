@@ -38,8 +38,8 @@ def test_fits_only_on_hopper_cuda_bf16():
     x = torch.randn(4, 256, dtype=torch.bfloat16)
     qw = torch.zeros(64, 128, dtype=torch.uint8)
     sz = torch.zeros(2, 64, 2, dtype=torch.bfloat16)
-    assert not cutlass.fits(x, qw, sz, None, 128, 128, 256)  # CPU tensors
-    assert not cutlass.fits(x, qw[:0], sz[:, :0], None, 128, 128, 256)  # N == 0
+    assert not cutlass.fits("int4_wo", x, qw, sz, None, 128, 128, 256)  # CPU tensors
+    assert not cutlass.fits("int4_wo", x, qw[:0], sz[:, :0], None, 128, 128, 256)  # N == 0
     assert (128, 256) in cutlass.VARIANTS and (64, 128) in cutlass.VARIANTS and (128, 128) in cutlass.VARIANTS
 
 
@@ -49,7 +49,7 @@ def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
     entries = [(key, e) for t in table.values() for key, e in t.items() if e.get("kind") == "cutlass"]
     assert entries, "the shipped table names no CUTLASS kernel"
     for key, e in entries:
-        assert key.startswith("int4_wo|") and (e["bn"], e["bm"]) in cutlass.VARIANTS, key
+        assert key.split("|")[0] in ("int4_wo", "int8_wo") and (e["bn"], e["bm"]) in cutlass.VARIANTS, key
         assert e["fallback"]["kind"] in ("gemm", "deq"), key
     monkeypatch.setattr(D, "_device_info", lambda device: ("h100", 132, (9, 0)))
     monkeypatch.setattr(D, "_table", lambda which: table if which == "shipped" else {})
@@ -60,6 +60,11 @@ def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
     assert fb.kind == "deq"
     # M = 4096 stays dequantize + cuBLAS (measured faster there)
     assert D.get_config("int4_wo", 4096, 28672, 4096, 128, torch.bfloat16, cuda).kind == "deq"
+    # int8 weight-only: CUTLASS from M = 1024 on every shape (also shapes the table does not name)
+    for n, k in ((4096, 4096), (28672, 4096), (5120, 8192)):
+        got = D.get_config("int8_wo", 2048, n, k, 0, torch.bfloat16, cuda)
+        assert got.kind == "cutlass" and (got.bn, got.bm) == (128, 256), (n, k)
+        assert D.get_config("int8_wo", 2048, n, k, 0, torch.bfloat16, cuda, allow_cutlass=False).kind == "deq"
 
 
 def test_dispatcher_runs_the_fallback_on_cpu_tensors(monkeypatch):
@@ -105,3 +110,37 @@ def test_build_needs_hopper_and_the_headers(tmp_path, monkeypatch):
     with pytest.raises(build.CxxUnavailable, match="FXQUANT_CUTLASS=0"):
         build.load_cutlass()
 
+
+
+def test_int8_fits_only_on_hopper_cuda_bf16():
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    qw = torch.zeros(64, 256, dtype=torch.int8)
+    s = torch.ones(64, dtype=torch.bfloat16)
+    assert not cutlass.fits("int8_wo", x, qw, s, None, 0, 128, 256)  # CPU tensors
+    assert not cutlass.fits("fp8_wo", x, qw, s, None, 0, 128, 256)  # no CUTLASS kernel for that scheme
+
+
+def test_the_pass_prepares_each_packed_weight_once(monkeypatch):
+    """The quantization pass calls the ops' registered preparation hooks (the CUTLASS int4 arrays on
+    a Hopper GPU) once per packed weight, with the packed tensors and the static args."""
+    import fxquant
+    from fxquant.lowering import ops
+    seen = []
+    hook = lambda qw, sz, group: seen.append((tuple(qw.shape), tuple(sz.shape), group))  # noqa: E731
+    monkeypatch.setitem(ops._PREPARE, "fxquant::int4_weight_only_linear", [hook])
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64)
+    model = torch.nn.Sequential(lin, torch.nn.ReLU(), torch.nn.Linear(64, 256), torch.nn.ReLU(), lin)
+    model = model.to(torch.bfloat16).eval()  # bf16 on CPU: the op stays a node (float32 inlines it)
+    torch._dynamo.reset()
+    f = torch.compile(model, backend=fxquant.backend(fxquant.Int4WeightOnly(group_size=64)))
+    with torch.no_grad():
+        f(torch.randn(3, 256, dtype=torch.bfloat16))
+    torch._dynamo.reset()
+    assert sorted(seen) == [((64, 128), (4, 64, 2), 64), ((256, 32), (1, 256, 2), 64)]  # the tied one once
+
+
+def test_prepare_int4_leaves_cpu_weights_alone():
+    q, sz = nq.quantize_int4_groupwise(torch.randn(64, 256), 128)
+    cutlass.prepare_int4(nq.pack_int4(q), sz.to(torch.bfloat16), 128)
+    assert not cutlass._prepared

@@ -166,3 +166,19 @@ ALL_OPS = (int8_weight_only_linear, int4_weight_only_linear, int8_dynamic_linear
            float8_dynamic_linear, float8_weight_only_linear)
 PREQUANT_OPS = (int8_dynamic_linear_prequant, float8_dynamic_linear_prequant)
 ACT_OPS = (swiglu_quantize,)
+
+# Device kernels that want something made once per packed weight (the CUTLASS int4 GEMM's scale /
+# zero arrays) register a hook here (lowering/triton/register.py); the quantization pass calls
+# prepare_packed when it packs or loads a weight, at compile time, outside any CUDA-graph pool.
+_PREPARE: dict[str, list] = {}
+
+
+def register_prepare(op_name: str, fn) -> None:
+    """fn(*packed_tensors, *static_args) -> None, for the op named "fxquant::<name>"."""
+    if fn not in _PREPARE.setdefault(op_name, []):
+        _PREPARE[op_name].append(fn)
+
+
+def prepare_packed(op: torch._ops.OpOverload, packed, static) -> None:
+    for fn in _PREPARE.get(op.name(), ()):
+        fn(*packed, *static)

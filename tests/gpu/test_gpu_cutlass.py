@@ -40,8 +40,8 @@ def test_op_matches_cpu_reference(variant, n, k, group, symmetric):
         b = bias if with_bias else None
         ref = torch.ops.fxquant.int4_weight_only_linear(x, qw, sz, b, group)
         xc, qc, sc, bc = x.cuda(), qw.cuda(), sz.cuda(), (b.cuda() if b is not None else None)
-        assert cutlass.fits(xc, qc, sc, bc, group, *variant)
-        got = cutlass.linear(xc, qc, sc, bc, group, *variant)
+        assert cutlass.fits("int4_wo", xc, qc, sc, bc, group, *variant)
+        got = cutlass.linear("int4_wo", xc, qc, sc, bc, group, *variant)
         assert got.shape == ref.shape and got.dtype == torch.bfloat16
         assert _rel(got.cpu(), ref) <= 1e-2, (m, lead)
 
@@ -50,14 +50,14 @@ def test_inputs_it_cannot_take_are_refused():
     qw, sz = _weights(256, 512, 128, False)
     qc, sc = qw.cuda(), sz.cuda()
     x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
-    assert cutlass.fits(x, qc, sc, None, 128, 128, 256)
-    assert not cutlass.fits(x.half(), qc, sc.half(), None, 128, 128, 256)  # fp16
-    assert not cutlass.fits(x, qc, sc, None, 128, 96, 256)  # no such tile
+    assert cutlass.fits("int4_wo", x, qc, sc, None, 128, 128, 256)
+    assert not cutlass.fits("int4_wo", x.half(), qc, sc.half(), None, 128, 128, 256)  # fp16
+    assert not cutlass.fits("int4_wo", x, qc, sc, None, 128, 96, 256)  # no such tile
     qw32, sz32 = _weights(256, 512, 32, False)
-    assert not cutlass.fits(x, qw32.cuda(), sz32.cuda(), None, 32, 128, 256)  # group < the 64-wide K tile
+    assert not cutlass.fits("int4_wo", x, qw32.cuda(), sz32.cuda(), None, 32, 128, 256)  # group < the 64-wide K tile
     qw_odd, sz_odd = _weights(252, 512, 128, False)  # N % 8 != 0
-    assert not cutlass.fits(x, qw_odd.cuda(), sz_odd.cuda(), None, 128, 128, 256)
-    assert not cutlass.fits(x.view(-1)[1:1 + 299 * 512].view(299, 512), qc, sc, None, 128, 128, 256)  # misaligned
+    assert not cutlass.fits("int4_wo", x, qw_odd.cuda(), sz_odd.cuda(), None, 128, 128, 256)
+    assert not cutlass.fits("int4_wo", x.view(-1)[1:1 + 299 * 512].view(299, 512), qc, sc, None, 128, 128, 256)  # misaligned
 
 
 def test_dispatcher_uses_it_from_the_table_and_falls_back():
@@ -89,41 +89,44 @@ def test_cuda_graph_replay():
     qw, sz = _weights(1024, 2048, 128, False)
     qc, sc = qw.cuda(), sz.cuda()
     x = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16)
-    eager = cutlass.linear(x, qc, sc, None, 128, 128, 256)
+    eager = cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256)
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        cutlass.linear(x, qc, sc, None, 128, 128, 256)  # warm-up outside the capture
+        cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256)  # warm-up outside the capture
         with torch.cuda.graph(g, stream=s):
-            out = cutlass.linear(x, qc, sc, None, 128, 128, 256)
+            out = cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256)
     torch.cuda.current_stream().wait_stream(s)
     x.copy_(torch.randn_like(x))
     g.replay()
     torch.cuda.synchronize()
-    assert _rel(out, cutlass.linear(x, qc, sc, None, 128, 128, 256)) == 0.0
+    assert _rel(out, cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256)) == 0.0
     assert _rel(out, eager) > 0.1  # it computed on the new x
 
 
 
-def test_compiled_model_with_cuda_graphs_runs_it():
+@pytest.mark.parametrize("scheme", ["int4_wo", "int8_wo"])
+def test_compiled_model_with_cuda_graphs_runs_it(scheme):
     """A model compiled with mode reduce-overhead and dynamic M: the shipped table's CUTLASS
-    entries (4096x4096, M = 256-2048) run inside cudagraph trees with no skip and one graph,
-    and match the plain (no CUDA graph) compile."""
+    entries (4096x4096; int4 M = 256-2048, int8 M = 512-2048) run inside cudagraph trees with no
+    skip and one graph, and match the plain (no CUDA graph) compile."""
     import fxquant
     from torch._dynamo.utils import counters
     calls = []
     real = cutlass.linear
 
     def spy(*a, **kw):
-        calls.append(a[0].shape[0])
+        calls.append(a[1].numel() // a[1].shape[-1])
         return real(*a, **kw)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 4096))
     model = model.to(torch.bfloat16).cuda().eval()
-    cfg = fxquant.Int4WeightOnly(group_size=128)
-    xs = [torch.randn(2, s, 4096, dtype=torch.bfloat16, device="cuda") for s in (150, 256, 512, 1000)]
-    assert all(D.get_config("int4_wo", x.shape[0] * x.shape[1], 4096, 4096, 128, x.dtype, x.device).kind
+    cfg = fxquant.Int4WeightOnly(group_size=128) if scheme == "int4_wo" else fxquant.Int8WeightOnly()
+    seqs = (150, 256, 512, 1000) if scheme == "int4_wo" else (256, 512, 1000)
+    xs = [torch.randn(2, s, 4096, dtype=torch.bfloat16, device="cuda") for s in seqs]
+    group = 128 if scheme == "int4_wo" else 0
+    assert all(D.get_config(scheme, x.shape[0] * x.shape[1], 4096, 4096, group, x.dtype, x.device).kind
                == "cutlass" for x in xs)
     cutlass.linear, saved = spy, cutlass.linear
     try:
@@ -142,7 +145,68 @@ def test_compiled_model_with_cuda_graphs_runs_it():
         cutlass.linear = saved
         torch._dynamo.reset()
     assert frames == 1 and skips == 0
-    assert sorted(set(calls)) == [300, 512, 1024, 2000]  # every M ran the CUTLASS kernel (warm-up / record)
+    assert sorted(set(calls)) == [2 * s for s in seqs]  # every M ran the CUTLASS kernel (warm-up / record)
     for rnd in got:
         for a, b in zip(rnd, want):
             assert a.shape == b.shape and _rel(a, b) == 0.0
+
+
+def _int8_weights(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, s = nq.quantize_int8_per_channel(torch.randn(n, k, generator=g) / k ** 0.5, torch.bfloat16)
+    return q, s
+
+
+@pytest.mark.parametrize("variant", sorted(cutlass.VARIANTS), ids=lambda v: f"{v[0]}x{v[1]}")
+@pytest.mark.parametrize("n,k", [(200, 384), (4096, 4096), (264, 1024), (1000, 14336)])
+def test_int8_op_matches_cpu_reference(variant, n, k):
+    qw, s = _int8_weights(n, k)
+    gen = torch.Generator().manual_seed(n + k)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    for m, lead, with_bias in ((1, (), False), (7, (), True), (129, (), False), (300, (3,), True), (1000, (), True)):
+        x = torch.randn(*lead, m, k, generator=gen).to(torch.bfloat16)
+        b = bias if with_bias else None
+        ref = x.float() @ nq.dequantize_int8_per_channel(qw, s, torch.bfloat16).float().t()
+        ref = ref + (b.float() if b is not None else 0)
+        xc, qc, sc, bc = x.cuda(), qw.cuda(), s.cuda(), (b.cuda() if b is not None else None)
+        assert cutlass.fits("int8_wo", xc, qc, sc, bc, 0, *variant)
+        got = cutlass.linear("int8_wo", xc, qc, sc, bc, 0, *variant)
+        assert got.shape == ref.shape and got.dtype == torch.bfloat16
+        assert _rel(got.cpu(), ref) <= 1e-2, (m, lead)
+
+
+def test_int8_inputs_it_cannot_take_are_refused():
+    qw, s = _int8_weights(256, 512)
+    qc, sc = qw.cuda(), s.cuda()
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+    assert cutlass.fits("int8_wo", x, qc, sc, None, 0, 128, 256)
+    assert not cutlass.fits("int8_wo", x.half(), qc, sc.half(), None, 0, 128, 256)  # fp16
+    q96, s96 = _int8_weights(256, 96)  # K = 96: the one scale group is not a multiple of the K tile
+    assert not cutlass.fits("int8_wo", x[:, :96], q96.cuda(), s96.cuda(), None, 0, 128, 256)
+    assert not cutlass.fits("int8_wo", x, qc.view(torch.uint8), sc, None, 0, 128, 256)  # not int8
+    assert not cutlass.fits("int4_wo", x, qc, sc, None, 128, 128, 256)  # an int8 weight is no int4 one
+
+
+def test_prepared_int4_arrays_are_used_and_freed():
+    """The quantization pass prepares CUTLASS's scale / zero arrays once per packed int4 weight; the
+    call then runs no array kernels, and the arrays die with the packed weight."""
+    import gc
+    from fxquant.lowering import ops
+    qw, sz = _weights(1024, 2048, 128, False)
+    qc, sc = qw.cuda(), sz.cuda()
+    x = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16)
+    plain = cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256)
+    ops.prepare_packed(torch.ops.fxquant.int4_weight_only_linear.default, (qc, sc), (128,))
+    assert id(sc) in cutlass._prepared
+    made = []
+    real = cutlass.scales_and_zeros
+    cutlass.scales_and_zeros = lambda t: made.append(t) or real(t)
+    try:
+        got = cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256)
+    finally:
+        cutlass.scales_and_zeros = real
+    assert made == [] and torch.equal(got, plain)
+    key = id(sc)
+    del sc
+    gc.collect()
+    assert key not in cutlass._prepared

@@ -179,12 +179,13 @@ def cutlass_include_dir() -> Path:
 
 
 def load_cutlass(verbose: bool = False) -> Path:
-    """Builds (first use) and loads the CUTLASS int4 GEMM library (Hopper, sm_90, only); returns
+    """Builds (first use) and loads the CUTLASS weight-only GEMM library (int4 and int8; Hopper, sm_90, only); returns
     its path. Raises CxxUnavailable with the reason when it cannot; the failure is remembered.
     Its one source takes about two and a half minutes to compile; cached like the main library."""
     return _load_once(_cutlass_state, _load_cutlass, "CUTLASS op library", verbose)
 
 
+CUTLASS_ABI_VERSION = 2  # csrc_cutlass's cutlass_abi_version(): 2 added the int8 op
 _CUTLASS_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG")
 
 
@@ -193,7 +194,7 @@ def _load_cutlass(verbose: bool) -> Path:
         raise CxxUnavailable("disabled by FXQUANT_CXX=0 or FXQUANT_CUTLASS=0")
     arch = _cuda_arch()
     if arch != "9.0":
-        raise CxxUnavailable(f"the CUTLASS int4 GEMM is built for Hopper (sm_90) only; this is "
+        raise CxxUnavailable(f"the CUTLASS GEMMs are built for Hopper (sm_90) only; this is "
                              f"{'no CUDA GPU' if arch is None else 'sm_' + arch.replace('.', '')}")
     include = cutlass_include_dir()
     h = hashlib.sha256()
@@ -208,13 +209,13 @@ def _load_cutlass(verbose: bool) -> Path:
     if not (so.exists() and not (build_dir / "lock").exists()):
         _check_tools(arch)
         build_dir.mkdir(parents=True, exist_ok=True)
-        print(f"fxquant: building the CUTLASS int4 GEMM library (first use, about two minutes; cached in "
+        print(f"fxquant: building the CUTLASS weight-only GEMM library (first use, about two minutes; cached in "
               f"{build_dir})", file=sys.stderr, flush=True)
         from torch.utils import cpp_extension as ext
         old = os.environ.get("TORCH_CUDA_ARCH_LIST")
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"  # wgmma and setmaxnreg need the arch-specific target
         try:
-            ext.load(name=name, sources=[str(CUTLASS_SRC / "int4_wgmma.cu")], build_directory=str(build_dir),
+            ext.load(name=name, sources=[str(p) for p in sorted(CUTLASS_SRC.glob("*.cu"))], build_directory=str(build_dir),
                      extra_include_paths=[str(include), str(include.parent / "tools" / "util" / "include")],
                      extra_cflags=["-O3"], extra_cuda_cflags=list(_CUTLASS_FLAGS),
                      with_cuda=True, is_python_module=False, verbose=verbose)
@@ -227,12 +228,17 @@ def _load_cutlass(verbose: bool) -> Path:
         torch.ops.load_library(str(so))
     except OSError as e:
         raise CxxUnavailable(f"cannot load {so}: {e}; delete {build_dir} to rebuild") from e
-    if torch.ops.fxquant.cutlass_abi_version() != 1:
+    if torch.ops.fxquant.cutlass_abi_version() != CUTLASS_ABI_VERSION:
         raise CxxUnavailable(f"{so} has another ABI version; delete {build_dir} to rebuild")
 
     @torch.library.register_fake("fxquant::cutlass_int4_weight_only_linear")
     def _(x, qweight, scales, zeros, bias, group_size, variant):
         ops._check_k(x, qweight.shape[1] * 2, "cutlass_int4_weight_only_linear")
+        return ops._out_like(x, qweight)
+
+    @torch.library.register_fake("fxquant::cutlass_int8_weight_only_linear")
+    def _(x, qweight, scales, bias, variant):
+        ops._check_k(x, qweight.shape[1], "cutlass_int8_weight_only_linear")
         return ops._out_like(x, qweight)
     return so
 

@@ -1,39 +1,53 @@
-"""The CUTLASS int4 GEMM (csrc_cutlass/int4_wgmma.cu) as the dispatcher's kernel kind "cutlass":
-which inputs it takes, its scale / zero arrays, and the call.
+"""The CUTLASS weight-only GEMMs (csrc_cutlass/mixed_input_gemm.cuh) as the dispatcher's kernel
+kind "cutlass": which inputs they take, the int4 scale / zero arrays, and the call.
 
 A KernelConfig of kind "cutlass" names the CUTLASS tile by bn (weight rows) x bm (tokens):
 128 x 128 and 128 x 256 (cooperative: two consumer warpgroups share a tile), 64 x 128 (ping-pong).
 
-Numerics: CUTLASS dequantizes q * scale + zero' with zero' = zero - 8 * scale rounded to bf16, so
-with asymmetric quantization about half the weights land one bf16 step away from numerics.py's
-(q - 8) * scale + zero: 4.4e-3 relative error on the weights in tests/test_cutlass_kind.py, next
-to int4's own ~10 % (symmetric: zero' is exact and so are the weights). The GEMM stays within the
-tests' 1e-2 bound against the reference (tests/gpu/test_gpu_cutlass.py).
+Numerics:
+- int4: CUTLASS dequantizes q * scale + zero' with zero' = zero - 8 * scale rounded to bf16, so
+  with asymmetric quantization about half the weights land one bf16 step away from numerics.py's
+  (q - 8) * scale + zero: 4.4e-3 relative error on the weights in tests/test_cutlass_kind.py, next
+  to int4's own ~10 % (symmetric: zero' is exact and so are the weights).
+- int8: q * scale rounded to bf16, as numerics.dequantize_int8_per_channel.
+The GEMMs stay within the tests' 1e-2 bound against the reference (tests/gpu/test_gpu_cutlass.py).
+
+The int4 scale / zero arrays are made once per packed weight when the weight is packed
+(`prepare_int4`, called by the quantization pass through ops.prepare_packed), outside any CUDA-graph
+pool; a packed weight that was not prepared gets them per call (two small kernels).
 """
 from __future__ import annotations
 
 import functools
+import os
+import weakref
 
 import torch
 
 VARIANTS = {(128, 128): 0, (128, 256): 1, (64, 128): 2}  # (bn, bm) -> the library's variant number
+SCHEMES = ("int4_wo", "int8_wo")
 
 
-def fits(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None,
+def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
          group: int, bn: int, bm: int) -> bool:
     """Hopper (sm_90, CUDA), bf16 x / scales / bias on x's device, a known tile, and what TMA and the
-    kernel need: group a multiple of the 64-wide K tile, K % 32 (16-byte weight rows), N % 8
-    (16-byte output rows), 16-byte aligned x and weight."""
-    if not (x.is_cuda and torch.version.hip is None and x.dtype == torch.bfloat16
-            and scales_zeros.dtype == torch.bfloat16 and (bn, bm) in VARIANTS):
+    kernel need: 16-byte weight rows (int4: K % 32; int8: K % 16), N % 8 (16-byte output rows),
+    16-byte aligned x and weight, and a scale group that is a multiple of the 64-wide K tile
+    (int4: group % 64; int8: its one group spans K, so K % 64)."""
+    if not (scheme in SCHEMES and x.is_cuda and torch.version.hip is None and x.dtype == torch.bfloat16
+            and scales.dtype == torch.bfloat16 and (bn, bm) in VARIANTS):
         return False
     if _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) != (9, 0):
         return False
     K, N = x.shape[-1], qweight.shape[0]
-    if (qweight.dtype != torch.uint8 or K != qweight.shape[1] * 2 or group % 64 or K % group or K % 32 or N % 8
-            or N == 0 or x.numel() == 0):
+    if scheme == "int4_wo":
+        if qweight.dtype != torch.uint8 or K != qweight.shape[1] * 2 or group % 64 or K % group or K % 32:
+            return False
+    elif qweight.dtype != torch.int8 or K != qweight.shape[1] or K % 64 or not scales.is_contiguous():
         return False
-    if any(t is not None and t.device != x.device for t in (qweight, scales_zeros, bias)):
+    if N % 8 or N == 0 or x.numel() == 0:
+        return False
+    if any(t is not None and t.device != x.device for t in (qweight, scales, bias)):
         return False
     if bias is not None and bias.dtype != torch.bfloat16:
         return False
@@ -52,12 +66,49 @@ def scales_and_zeros(scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return s.contiguous(), torch.sub(scales_zeros[..., 1], s, alpha=8)
 
 
-# The copies are made per call (two small kernels): a cache of them per packed scales tensor was
-# tried and broke mode="reduce-overhead" (cudagraph trees run their warm-up inside the graph pool,
-# and a cached tensor allocated there is an untracked live allocation: a RuntimeError).
+# id(scales_zeros) -> (weak reference to it, scales, zeros); an entry dies with its tensor.
+_prepared: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
 
 
-def linear(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None,
+def prepare_int4(qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> None:
+    """Makes the CUTLASS scale / zero arrays of one packed int4 weight now (when it is packed) and
+    keeps them for as long as `scales_zeros` lives. Only where the kernel can ever run on them
+    (a bf16 weight on a Hopper GPU, group % 64, FXQUANT_CUTLASS not 0); they cost as much memory
+    as scales_zeros itself (~6 % of the packed int4 weight at g128).
+
+    Made here rather than on first use: a first use can happen inside CUDA-graph warm-up, whose
+    allocations belong to the graph's memory pool (a tensor cached from there broke cudagraph trees)."""
+    if not (scales_zeros.is_cuda and scales_zeros.dtype == torch.bfloat16 and group_size % 64 == 0
+            and os.environ.get("FXQUANT_CUTLASS", "1") != "0" and os.environ.get("FXQUANT_CXX", "1") != "0"
+            and os.environ.get("FXQUANT_CUTLASS_PREPARE", "1") != "0" and torch.version.hip is None
+            and _capability(scales_zeros.device.index or 0) == (9, 0)):
+        return
+    key = id(scales_zeros)
+    if key in _prepared and _prepared[key][0]() is scales_zeros:
+        return
+    with torch.no_grad():
+        s, z = scales_and_zeros(scales_zeros)
+    _prepared[key] = (weakref.ref(scales_zeros), s, z)
+    weakref.finalize(scales_zeros, _forget, key, _prepared[key][0])
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    entry = _prepared.get(key)
+    if entry is not None and entry[0] is ref:  # not a newer tensor that reused the id
+        del _prepared[key]
+
+
+def _int4_arrays(scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    entry = _prepared.get(id(scales_zeros))
+    if entry is not None and entry[0]() is scales_zeros:
+        return entry[1], entry[2]
+    return scales_and_zeros(scales_zeros)
+
+
+def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
            group: int, bn: int, bm: int) -> torch.Tensor:
-    s, z = scales_and_zeros(scales_zeros)
+    """scheme "int4_wo" (scales = fxquant's scales_zeros) or "int8_wo" (per-channel scales [N])."""
+    if scheme == "int8_wo":
+        return torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qweight, scales, bias, VARIANTS[(bn, bm)])
+    s, z = _int4_arrays(scales)
     return torch.ops.fxquant.cutlass_int4_weight_only_linear(x, qweight, s, z, bias, group, VARIANTS[(bn, bm)])

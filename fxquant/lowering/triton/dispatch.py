@@ -51,8 +51,8 @@ class KernelConfig:
     torch._int_mm, cuBLAS, plus a Triton pass for the scales, for int8 at M > 16) |
     "cxx" (the CUDA C++ kernels of lowering/cuda/, CXX_SCHEMES at M <= CXX_MAX_M only; a table entry of
     this kind carries the best Triton config as "fallback", for where the library is missing) |
-    "cutlass" (int4 weight-only on Hopper: the CUTLASS wgmma GEMM of lowering/cuda/csrc_cutlass, tile
-    bn x bm; also carries a "fallback").
+    "cutlass" (int4 / int8 weight-only on Hopper: the CUTLASS wgmma GEMMs of lowering/cuda/csrc_cutlass,
+    tile bn x bm; also carries a "fallback").
     gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size; tma: read x and
     the weight through Hopper TMA descriptors where the tensors allow it); deq bn/bk/warps;
     cxx and scaled_mm none."""
@@ -475,7 +475,7 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if cfg.kind == "cutlass":
         if _cutlass_fits(scheme, x, qweight, scales, bias, group, cfg) and _cutlass_ready():
             from ..cuda import cutlass
-            return cutlass.linear(x, qweight, scales, bias, group, cfg.bn, cfg.bm)
+            return cutlass.linear(scheme, x, qweight, scales, bias, group, cfg.bn, cfg.bm)
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_scaled_mm=smm, allow_cutlass=False)
     if cfg.kind == "cxx":
         if cxx_fits(scheme, x, qweight, scales, bias, group) and _cxx_ready():
@@ -560,12 +560,12 @@ def _cxx_ready() -> bool:
 def _cutlass_ready() -> bool:
     """Loads (first use: builds) the CUTLASS library; warns once and returns False if it can't."""
     from ..cuda import build
-    return _library_ready("the CUTLASS int4 GEMM is", build.cutlass_available, lambda: build._cutlass_state["error"])
+    return _library_ready("the CUTLASS weight-only GEMM is", build.cutlass_available, lambda: build._cutlass_state["error"])
 
 
 def _cutlass_fits(scheme, x, qweight, scales, bias, group, cfg) -> bool:
     from ..cuda import cutlass
-    return scheme == "int4_wo" and cutlass.fits(x, qweight, scales, bias, group, cfg.bn, cfg.bm)
+    return cutlass.fits(scheme, x, qweight, scales, bias, group, cfg.bn, cfg.bm)
 
 
 _library_warned: set[str] = set()
@@ -646,7 +646,7 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
     out = [c for c in out if not _known_bad(scheme, c)]
     if scheme in CXX_SCHEMES and m <= CXX_MAX_M[scheme] and torch.cuda.is_available() and _cxx_ready():
         out.append(G("cxx", bn=0, bk=0))
-    if (scheme == "int4_wo" and m >= 128 and group % 64 == 0 and torch.cuda.is_available()
+    if (scheme in ("int4_wo", "int8_wo") and m >= 128 and group % 64 == 0 and torch.cuda.is_available()
             and torch.cuda.get_device_capability() == (9, 0) and _cutlass_ready()):
         # (autotune skips the ones cutlass.fits refuses for its inputs: fp16, N % 8, alignment)
         from ..cuda.cutlass import VARIANTS

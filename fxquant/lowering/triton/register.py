@@ -59,6 +59,11 @@ def _swiglu_quantize(gate, up, fp8):
     return q.reshape(gate.shape), s.reshape(*gate.shape[:-1], 1)
 
 
+def _prepare_int4(qweight, scales_zeros, group_size):
+    from ..cuda import cutlass  # plain torch: no library build, no triton import
+    cutlass.prepare_int4(qweight, scales_zeros, group_size)
+
+
 def register() -> bool:
     """Idempotent. Returns False (and registers nothing) when torch has no CUDA support."""
     global _registered
@@ -73,5 +78,6 @@ def register() -> bool:
                    (ops.float8_dynamic_linear_prequant, _fp8_dyn_pre),
                    (ops.swiglu_quantize, _swiglu_quantize)):
         op.register_kernel("cuda")(fn)
+    ops.register_prepare("fxquant::int4_weight_only_linear", _prepare_int4)
     _registered = True
     return True
