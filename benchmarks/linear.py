@@ -26,7 +26,7 @@ Kernel variants (M <= dispatch.CXX_MAX_M: 32 for int4, 16 for int8): "<scheme>@c
 "<scheme>@triton" the best Triton choice, for the schemes in dispatch.CXX_SCHEMES and the fp8
 dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm; "w4a16_g128@cutlass" and "w8a16@cutlass"
 (M >= 128) force the CUTLASS wgmma GEMM with its 128 x 256 tile (Hopper), "@cutlass_128x128" and
-"@cutlass_64x128" its other tiles. The plain scheme row is what the
+"@cutlass_64x128" its other tiles, "@cutlass_streamk" the 128 x 256 tile with stream-K. The plain scheme row is what the
 dispatcher picks.
 """
 from __future__ import annotations
@@ -66,7 +66,8 @@ VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "scaled_mm": D.KernelConf
             "cutlass": D.KernelConfig("cutlass", bn=128, bk=64, bm=256, warps=0), "triton": None,
             # the other CUTLASS tiles (bn x bm), for choosing table entries
             "cutlass_128x128": D.KernelConfig("cutlass", bn=128, bk=64, bm=128, warps=0),
-            "cutlass_64x128": D.KernelConfig("cutlass", bn=64, bk=64, bm=128, warps=0)}
+            "cutlass_64x128": D.KernelConfig("cutlass", bn=64, bk=64, bm=128, warps=0),
+            "cutlass_streamk": D.KernelConfig("cutlass", bn=128, bk=64, bm=256, warps=0, split_k=0)}
 CUTLASS_MIN_M = 128  # the @cutlass rows' M range (large-M kernel)
 DEFAULT_VARIANTS = ["w4a16_g128@cuda", "w4a16_g128@triton", "w8a16@cuda", "w8a16@triton"]
 ROTATE_BYTES = 512e6  # weight bytes cycled through per graph replay (~10x L2)

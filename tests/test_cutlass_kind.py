@@ -40,7 +40,7 @@ def test_fits_only_on_hopper_cuda_bf16():
     sz = torch.zeros(2, 64, 2, dtype=torch.bfloat16)
     assert not cutlass.fits("int4_wo", x, qw, sz, None, 128, 128, 256)  # CPU tensors
     assert not cutlass.fits("int4_wo", x, qw[:0], sz[:, :0], None, 128, 128, 256)  # N == 0
-    assert (128, 256) in cutlass.VARIANTS and (64, 128) in cutlass.VARIANTS and (128, 128) in cutlass.VARIANTS
+    assert set(cutlass.VARIANTS) == {(128, 256, 1), (64, 128, 1), (128, 128, 1), (128, 256, 0)}
 
 
 def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
@@ -49,7 +49,7 @@ def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
     entries = [(key, e) for t in table.values() for key, e in t.items() if e.get("kind") == "cutlass"]
     assert entries, "the shipped table names no CUTLASS kernel"
     for key, e in entries:
-        assert key.split("|")[0] in ("int4_wo", "int8_wo") and (e["bn"], e["bm"]) in cutlass.VARIANTS, key
+        assert key.split("|")[0] in ("int4_wo", "int8_wo") and (e["bn"], e["bm"], e["split_k"]) in cutlass.VARIANTS, key
         assert e["fallback"]["kind"] in ("gemm", "deq"), key
     monkeypatch.setattr(D, "_device_info", lambda device: ("h100", 132, (9, 0)))
     monkeypatch.setattr(D, "_table", lambda which: table if which == "shipped" else {})

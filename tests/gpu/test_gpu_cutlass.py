@@ -28,7 +28,7 @@ def _weights(n, k, group, symmetric, seed=0):
     return nq.pack_int4(q), sz.to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("variant", sorted(cutlass.VARIANTS), ids=lambda v: f"{v[0]}x{v[1]}")
+@pytest.mark.parametrize("variant", sorted(cutlass.VARIANTS), ids=lambda v: f"{v[0]}x{v[1]}" + ("_streamk" if v[2] == 0 else ""))
 @pytest.mark.parametrize("n,k,group", [(200, 384, 128), (4096, 4096, 128), (264, 1024, 64), (1000, 2048, 256)])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 def test_op_matches_cpu_reference(variant, n, k, group, symmetric):
@@ -65,7 +65,7 @@ def test_dispatcher_uses_it_from_the_table_and_falls_back():
     real = cutlass.linear
 
     def spy(*a, **kw):
-        calls.append(a[-2:])
+        calls.append(a[6:8])
         return real(*a, **kw)
     qw, sz = _weights(28672, 4096, 128, False)
     qc, sc = qw.cuda(), sz.cuda()
@@ -85,23 +85,24 @@ def test_dispatcher_uses_it_from_the_table_and_falls_back():
         cutlass.linear = saved
 
 
-def test_cuda_graph_replay():
+@pytest.mark.parametrize("split_k", [1, 0], ids=["persistent", "streamk"])
+def test_cuda_graph_replay(split_k):
     qw, sz = _weights(1024, 2048, 128, False)
     qc, sc = qw.cuda(), sz.cuda()
     x = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16)
-    eager = cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256)
+    eager = cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256, split_k)
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256)  # warm-up outside the capture
+        cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256, split_k)  # warm-up outside the capture
         with torch.cuda.graph(g, stream=s):
-            out = cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256)
+            out = cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256, split_k)
     torch.cuda.current_stream().wait_stream(s)
     x.copy_(torch.randn_like(x))
     g.replay()
     torch.cuda.synchronize()
-    assert _rel(out, cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256)) == 0.0
+    assert _rel(out, cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256, split_k)) == 0.0
     assert _rel(out, eager) > 0.1  # it computed on the new x
 
 
@@ -157,7 +158,7 @@ def _int8_weights(n, k, seed=0):
     return q, s
 
 
-@pytest.mark.parametrize("variant", sorted(cutlass.VARIANTS), ids=lambda v: f"{v[0]}x{v[1]}")
+@pytest.mark.parametrize("variant", sorted(cutlass.VARIANTS), ids=lambda v: f"{v[0]}x{v[1]}" + ("_streamk" if v[2] == 0 else ""))
 @pytest.mark.parametrize("n,k", [(200, 384), (4096, 4096), (264, 1024), (1000, 14336)])
 def test_int8_op_matches_cpu_reference(variant, n, k):
     qw, s = _int8_weights(n, k)

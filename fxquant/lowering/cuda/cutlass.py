@@ -2,7 +2,9 @@
 kind "cutlass": which inputs they take, the int4 scale / zero arrays, and the call.
 
 A KernelConfig of kind "cutlass" names the CUTLASS tile by bn (weight rows) x bm (tokens):
-128 x 128 and 128 x 256 (cooperative: two consumer warpgroups share a tile), 64 x 128 (ping-pong).
+128 x 128 and 128 x 256 (cooperative: two consumer warpgroups share a tile), 64 x 128 (ping-pong);
+split_k 0 is the 128 x 256 tile with CUTLASS's stream-K scheduler (each SM takes a share of the
+tiles' K loops, for grids of too few tiles to fill the GPU), split_k 1 the persistent one.
 
 Numerics:
 - int4: CUTLASS dequantizes q * scale + zero' with zero' = zero - 8 * scale rounded to bf16, so
@@ -24,18 +26,19 @@ import weakref
 
 import torch
 
-VARIANTS = {(128, 128): 0, (128, 256): 1, (64, 128): 2}  # (bn, bm) -> the library's variant number
+# (bn, bm, split_k) -> the library's variant number
+VARIANTS = {(128, 128, 1): 0, (128, 256, 1): 1, (64, 128, 1): 2, (128, 256, 0): 3}
 SCHEMES = ("int4_wo", "int8_wo")
 
 
 def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-         group: int, bn: int, bm: int) -> bool:
+         group: int, bn: int, bm: int, split_k: int = 1) -> bool:
     """Hopper (sm_90, CUDA), bf16 x / scales / bias on x's device, a known tile, and what TMA and the
     kernel need: 16-byte weight rows (int4: K % 32; int8: K % 16), N % 8 (16-byte output rows),
     16-byte aligned x and weight, and a scale group that is a multiple of the 64-wide K tile
     (int4: group % 64; int8: its one group spans K, so K % 64)."""
     if not (scheme in SCHEMES and x.is_cuda and torch.version.hip is None and x.dtype == torch.bfloat16
-            and scales.dtype == torch.bfloat16 and (bn, bm) in VARIANTS):
+            and scales.dtype == torch.bfloat16 and (bn, bm, split_k) in VARIANTS):
         return False
     if _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) != (9, 0):
         return False
@@ -106,9 +109,9 @@ def _int4_arrays(scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-           group: int, bn: int, bm: int) -> torch.Tensor:
+           group: int, bn: int, bm: int, split_k: int = 1) -> torch.Tensor:
     """scheme "int4_wo" (scales = fxquant's scales_zeros) or "int8_wo" (per-channel scales [N])."""
     if scheme == "int8_wo":
-        return torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qweight, scales, bias, VARIANTS[(bn, bm)])
+        return torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qweight, scales, bias, VARIANTS[(bn, bm, split_k)])
     s, z = _int4_arrays(scales)
-    return torch.ops.fxquant.cutlass_int4_weight_only_linear(x, qweight, s, z, bias, group, VARIANTS[(bn, bm)])
+    return torch.ops.fxquant.cutlass_int4_weight_only_linear(x, qweight, s, z, bias, group, VARIANTS[(bn, bm, split_k)])

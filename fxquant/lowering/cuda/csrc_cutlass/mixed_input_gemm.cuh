@@ -36,8 +36,18 @@ using namespace cute;
 using Act = cutlass::bfloat16_t;
 using Acc = float;
 
-// Quant: the weight's element type; kZero: w = q * scale + zero (else q * scale).
-template <class Quant, bool kZero, class TileShape, class Cluster, class KernelSchedule, class EpiSchedule>
+inline int sm_count(int device) {
+  static int counts[64] = {0};  // per device, asked once
+  if (device < 0 || device >= 64) return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  if (counts[device] == 0) counts[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  return counts[device];
+}
+
+// Quant: the weight's element type; kZero: w = q * scale + zero (else q * scale); Scheduler: void
+// (persistent, one output tile per CTA turn) or cutlass::gemm::StreamKScheduler (tiles' K ranges
+// spread over all SMs, so a grid of few tiles still fills the GPU).
+template <class Quant, bool kZero, class TileShape, class Cluster, class KernelSchedule, class EpiSchedule,
+          class Scheduler = void>
 struct Config {
   using WeightOperand = std::conditional_t<kZero, cute::tuple<Quant, Act, Act>, cute::tuple<Quant, Act>>;
   static constexpr int kAlignW = 128 / cutlass::sizeof_bits<Quant>::value;  // 16-byte TMA rows
@@ -53,7 +63,7 @@ struct Config {
       Acc, TileShape, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       KernelSchedule>::CollectiveOp;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, Scheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   static typename Gemm::Arguments args(const void* w, const void* x, const void* scale, const void* zero, void* out,
@@ -75,8 +85,12 @@ struct Config {
       mainloop = {static_cast<const Quant*>(w), sa, static_cast<const Act*>(x), sb, static_cast<const Act*>(scale),
                   ss, group};
     }
+    // The SM count sizes the persistent grid and stream-K's workspace (unset, CUTLASS asks per call).
+    int device = 0;
+    cudaGetDevice(&device);
+    cutlass::KernelHardwareInfo hw{device, sm_count(device)};
     return typename Gemm::Arguments{cutlass::gemm::GemmUniversalMode::kGemm, {N, M, K, 1}, mainloop,
-                                    {{1.f, 0.f}, nullptr, sd, static_cast<Act*>(out), sd}};
+                                    {{1.f, 0.f}, nullptr, sd, static_cast<Act*>(out), sd}, hw};
   }
 
   static int run(const void* w, const void* x, const void* scale, const void* zero, void* out, int M, int N, int K,
@@ -102,8 +116,11 @@ using One = Shape<_1, _1, _1>;
 template <class Q, bool Z> using Coop128 = Config<Q, Z, Shape<_128, _128, _64>, One, Coop, CoopEpi>;
 template <class Q, bool Z> using Coop256 = Config<Q, Z, Shape<_128, _256, _64>, One, Coop, CoopEpi>;
 template <class Q, bool Z> using Ping64 = Config<Q, Z, Shape<_64, _128, _64>, One, Ping, PingEpi>;
+template <class Q, bool Z>
+using Coop256StreamK = Config<Q, Z, Shape<_128, _256, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
 
-// variant: 0 = 128 (N) x 128 (M) cooperative, 1 = 128 x 256 cooperative, 2 = 64 x 128 ping-pong.
+// variant: 0 = 128 (N) x 128 (M) cooperative, 1 = 128 x 256 cooperative, 2 = 64 x 128 ping-pong,
+// 3 = 128 x 256 cooperative with stream-K.
 // Returns 0 on success; 1 unknown variant, 2 workspace too small, 3 shape not supported
 // (K % group, alignment), 4 initialization failed, 5 launch failed.
 template <class Q, bool Z>
@@ -113,6 +130,7 @@ int run_variant(int variant, const void* w, const void* x, const void* scale, co
     case 0: return Coop128<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
     case 1: return Coop256<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
     case 2: return Ping64<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
+    case 3: return Coop256StreamK<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
     default: return 1;
   }
 }
@@ -123,6 +141,7 @@ size_t workspace_bytes(int variant, int M, int N, int K, int group) {
     case 0: return Coop128<Q, Z>::workspace(M, N, K, group);
     case 1: return Coop256<Q, Z>::workspace(M, N, K, group);
     case 2: return Ping64<Q, Z>::workspace(M, N, K, group);
+    case 3: return Coop256StreamK<Q, Z>::workspace(M, N, K, group);
     default: return 0;
   }
 }
