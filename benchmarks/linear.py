@@ -26,7 +26,8 @@ Kernel variants (M <= dispatch.CXX_MAX_M: 32 for int4, 16 for int8): "<scheme>@c
 "<scheme>@triton" the best Triton choice, for the schemes in dispatch.CXX_SCHEMES and the fp8
 dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm; "w4a16_g128@cutlass" and "w8a16@cutlass"
 (M >= 128) force the CUTLASS wgmma GEMM with its 128 x 256 tile (Hopper), "@cutlass_128x128" and
-"@cutlass_64x128" its other tiles, "@cutlass_streamk" the 128 x 256 tile with stream-K. The plain scheme row is what the
+"@cutlass_64x128" its other tiles, "@cutlass_streamk" the 128 x 256 tile with stream-K,
+"@cutlass_ping_128x128" / "@cutlass_ping_64x256" ping-pong tiles. The plain scheme row is what the
 dispatcher picks.
 """
 from __future__ import annotations
@@ -67,7 +68,9 @@ VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "scaled_mm": D.KernelConf
             # the other CUTLASS tiles (bn x bm), for choosing table entries
             "cutlass_128x128": D.KernelConfig("cutlass", bn=128, bk=64, bm=128, warps=0),
             "cutlass_64x128": D.KernelConfig("cutlass", bn=64, bk=64, bm=128, warps=0),
-            "cutlass_streamk": D.KernelConfig("cutlass", bn=128, bk=64, bm=256, warps=0, split_k=0)}
+            "cutlass_streamk": D.KernelConfig("cutlass", bn=128, bk=64, bm=256, warps=0, split_k=0),
+            "cutlass_ping_128x128": D.KernelConfig("cutlass", bn=128, bk=64, bm=128, warps=4),
+            "cutlass_ping_64x256": D.KernelConfig("cutlass", bn=64, bk=64, bm=256, warps=4)}
 CUTLASS_MIN_M = 128  # the @cutlass rows' M range (large-M kernel)
 DEFAULT_VARIANTS = ["w4a16_g128@cuda", "w4a16_g128@triton", "w8a16@cuda", "w8a16@triton"]
 ROTATE_BYTES = 512e6  # weight bytes cycled through per graph replay (~10x L2)
@@ -219,9 +222,9 @@ class Layer:
         self.bytes = sum(t.numel() * t.element_size() for t in packed)
         c = copies or rotation(self.bytes)
         self.copies = [packed] + [tuple(t.clone() for t in packed) for _ in range(c - 1)]
-        if name != "bf16":  # what the quantization pass does for each packed weight (CUTLASS's int4 arrays)
+        if name != "bf16":  # what the backend does for each packed weight (CUTLASS's int4 arrays)
             for p in self.copies:
-                fxquant.lowering.ops.prepare_packed(self.op, p, self.static)
+                fxquant.lowering.ops.prepare_args(self.op, (*p, None, *self.static))
         self.w_ref = w if name == "bf16" else None
 
     def fn(self, x, i: int, cfg: D.KernelConfig | None = None):

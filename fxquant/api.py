@@ -41,6 +41,7 @@ def quantize_graph(gm: torch.fx.GraphModule, config: QuantConfig | None = None, 
     config = Int8WeightOnly() if config is None else config
     ctx = RewriteContext(config, GetAttrConstants(gm), skip=skip, layer_filter=filter)
     records = qpass.run(gm.graph, ctx)
+    qpass.prepare_kernels(gm.graph)
     _drop_unused_attrs(gm)
     gm.fxquant_report = records
     if verbose:

@@ -193,6 +193,7 @@ class _QuantizeJointPass(CustomGraphPass):
         self.state["read"] = constants.read
         if b.fuse_siblings:
             fuse_siblings(graph, ctx)
+        qpass.prepare_kernels(graph)  # e.g. CUTLASS's int4 arrays, for the weights the graph now uses
         b.compiled_graphs.append(collections.Counter(
             str(n.target) for n in graph.nodes if n.op in ("call_function", "get_attr")
             and (n.op == "call_function" or n.target.startswith("_fxquant_"))))

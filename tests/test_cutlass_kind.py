@@ -40,7 +40,9 @@ def test_fits_only_on_hopper_cuda_bf16():
     sz = torch.zeros(2, 64, 2, dtype=torch.bfloat16)
     assert not cutlass.fits("int4_wo", x, qw, sz, None, 128, 128, 256)  # CPU tensors
     assert not cutlass.fits("int4_wo", x, qw[:0], sz[:, :0], None, 128, 128, 256)  # N == 0
-    assert set(cutlass.VARIANTS) == {(128, 256, 1), (64, 128, 1), (128, 128, 1), (128, 256, 0)}
+    assert set(cutlass.VARIANTS) == {(128, 256, 1, 0), (64, 128, 1, 0), (128, 128, 1, 0), (128, 256, 0, 0),
+                                     (128, 128, 1, 4), (64, 256, 1, 4)}
+    assert sorted(cutlass.VARIANTS.values()) == list(range(6))  # the library's variant numbers
 
 
 def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
@@ -49,7 +51,7 @@ def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
     entries = [(key, e) for t in table.values() for key, e in t.items() if e.get("kind") == "cutlass"]
     assert entries, "the shipped table names no CUTLASS kernel"
     for key, e in entries:
-        assert key.split("|")[0] in ("int4_wo", "int8_wo") and (e["bn"], e["bm"], e["split_k"]) in cutlass.VARIANTS, key
+        assert key.split("|")[0] in ("int4_wo", "int8_wo") and (e["bn"], e["bm"], e["split_k"], e["warps"]) in cutlass.VARIANTS, key
         assert e["fallback"]["kind"] in ("gemm", "deq"), key
     monkeypatch.setattr(D, "_device_info", lambda device: ("h100", 132, (9, 0)))
     monkeypatch.setattr(D, "_table", lambda which: table if which == "shipped" else {})
@@ -120,27 +122,38 @@ def test_int8_fits_only_on_hopper_cuda_bf16():
     assert not cutlass.fits("fp8_wo", x, qw, s, None, 0, 128, 256)  # no CUTLASS kernel for that scheme
 
 
-def test_the_pass_prepares_each_packed_weight_once(monkeypatch):
-    """The quantization pass calls the ops' registered preparation hooks (the CUTLASS int4 arrays on
-    a Hopper GPU) once per packed weight, with the packed tensors and the static args."""
+def test_the_backend_prepares_the_weights_its_graph_uses(monkeypatch):
+    """The backend runs the ops' registered preparation hooks (the CUTLASS int4 arrays on a Hopper
+    GPU) once per distinct packed weight of its final graph: a tied weight once, and sibling
+    linears' fused weight rather than the members it replaced."""
     import fxquant
     from fxquant.lowering import ops
     seen = []
-    hook = lambda qw, sz, group: seen.append((tuple(qw.shape), tuple(sz.shape), group))  # noqa: E731
+    hook = lambda qw, sz, bias, group: seen.append((tuple(qw.shape), tuple(sz.shape), bias is None, group))  # noqa: E731
     monkeypatch.setitem(ops._PREPARE, "fxquant::int4_weight_only_linear", [hook])
+
+    class Siblings(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(256, 64), torch.nn.Linear(256, 128)
+            self.tied = torch.nn.Linear(192, 256, bias=False)
+
+        def forward(self, x):
+            h = torch.cat([self.q(x), self.k(x)], -1)
+            return self.tied(torch.relu(self.tied(torch.relu(h))[..., :192]))
     torch.manual_seed(0)
-    lin = torch.nn.Linear(256, 64)
-    model = torch.nn.Sequential(lin, torch.nn.ReLU(), torch.nn.Linear(64, 256), torch.nn.ReLU(), lin)
-    model = model.to(torch.bfloat16).eval()  # bf16 on CPU: the op stays a node (float32 inlines it)
+    model = Siblings().to(torch.bfloat16).eval()  # bf16 on CPU: the ops stay nodes (float32 inlines them)
     torch._dynamo.reset()
     f = torch.compile(model, backend=fxquant.backend(fxquant.Int4WeightOnly(group_size=64)))
     with torch.no_grad():
         f(torch.randn(3, 256, dtype=torch.bfloat16))
     torch._dynamo.reset()
-    assert sorted(seen) == [((64, 128), (4, 64, 2), 64), ((256, 32), (1, 256, 2), 64)]  # the tied one once
+    # q + k fused: [192, 128] bytes, scales [4, 192, 2], their biases concatenated; the tied one once
+    assert sorted(seen) == [((192, 128), (4, 192, 2), False, 64), ((256, 96), (3, 256, 2), True, 64)]
 
 
 def test_prepare_int4_leaves_cpu_weights_alone():
     q, sz = nq.quantize_int4_groupwise(torch.randn(64, 256), 128)
-    cutlass.prepare_int4(nq.pack_int4(q), sz.to(torch.bfloat16), 128)
-    assert not cutlass._prepared
+    sz = sz.to(torch.bfloat16)
+    cutlass.prepare_int4(nq.pack_int4(q), sz, 128)
+    assert id(sz) not in cutlass._prepared

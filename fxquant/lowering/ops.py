@@ -168,17 +168,23 @@ PREQUANT_OPS = (int8_dynamic_linear_prequant, float8_dynamic_linear_prequant)
 ACT_OPS = (swiglu_quantize,)
 
 # Device kernels that want something made once per packed weight (the CUTLASS int4 GEMM's scale /
-# zero arrays) register a hook here (lowering/triton/register.py); the quantization pass calls
-# prepare_packed when it packs or loads a weight, at compile time, outside any CUDA-graph pool.
+# zero arrays) register a hook here (lowering/triton/register.py); the backend calls
+# prepare_args for every fxquant op node of its final graph (after sibling fusion), at compile
+# time, outside any CUDA-graph pool.
 _PREPARE: dict[str, list] = {}
 
 
 def register_prepare(op_name: str, fn) -> None:
-    """fn(*packed_tensors, *static_args) -> None, for the op named "fxquant::<name>"."""
+    """fn(*args): the op's arguments after x (packed tensors, bias, static args), for the op named
+    "fxquant::<name>"."""
     if fn not in _PREPARE.setdefault(op_name, []):
         _PREPARE[op_name].append(fn)
 
 
-def prepare_packed(op: torch._ops.OpOverload, packed, static) -> None:
+def has_prepare(op: torch._ops.OpOverload) -> bool:
+    return bool(_PREPARE.get(op.name()))
+
+
+def prepare_args(op: torch._ops.OpOverload, args) -> None:
     for fn in _PREPARE.get(op.name(), ()):
-        fn(*packed, *static)
+        fn(*args)

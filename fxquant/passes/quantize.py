@@ -1,8 +1,11 @@
 """The quantization pass: canonicalize -> match -> quantize/pack -> rewrite, on any ATen graph."""
 from __future__ import annotations
 
+import torch
 from torch import fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from ..lowering import ops
 from ..report import LinearRecord
 from .rewrite import RewriteContext, activate
 
@@ -22,3 +25,36 @@ def run(graph: fx.Graph, ctx: RewriteContext) -> list[LinearRecord]:
 def unused_weights(graph: fx.Graph, ctx: RewriteContext) -> list:
     """Quantized weights whose constant node has no users left (safe to release)."""
     return [t for t, node in ctx.quantized_weights.values() if node.graph is graph and not node.users]
+
+
+def prepare_kernels(graph: fx.Graph) -> int:
+    """Run the device kernels' once-per-weight preparations (ops.register_prepare) on the packed
+    constants of every fxquant op node left in `graph`: after sibling fusion, so fused weights are
+    prepared and the members they replaced are not. Returns how many distinct nodes' args."""
+    gm = graph.owning_module
+    if gm is None:
+        return 0
+    seen: set = set()
+    for node in graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) \
+                or not ops.has_prepare(target):
+            continue
+        args = tuple(_constant(gm, a) if isinstance(a, fx.Node) else a for a in node.args[1:])
+        key = (target, *(id(a) if isinstance(a, torch.Tensor) else a for a in args))
+        if key in seen:
+            continue  # a tied weight: the same constants under two nodes
+        seen.add(key)
+        with unset_fake_temporarily():
+            ops.prepare_args(target, args)
+    return len(seen)
+
+
+def _constant(gm: torch.nn.Module, node: fx.Node) -> torch.Tensor | None:
+    """The real tensor behind a get_attr node (None for any other node: not a packed constant)."""
+    if node.op != "get_attr":
+        return None
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None

@@ -14,7 +14,6 @@ from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..configs import QuantConfig
-from ..lowering import ops
 from ..numerics import FLOAT_DTYPES
 from ..report import LinearRecord
 from .constants import module_path_from_stack
@@ -144,8 +143,6 @@ class RewriteContext:
                 if found is None:
                     self.packed_here.append(name)
             packed, static = found if found is not None else self._pack(ref, name)
-            with unset_fake_temporarily():
-                ops.prepare_packed(self.config.op, packed, static)
             cached = (weakref.ref(ref.base, drop_when_dead(self.pack_cache, key)), packed, static)
             self.packed_bytes[key] = sum(_nbytes(t) for t in packed)
             self.pack_cache[key] = cached

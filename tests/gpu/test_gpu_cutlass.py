@@ -28,7 +28,7 @@ def _weights(n, k, group, symmetric, seed=0):
     return nq.pack_int4(q), sz.to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("variant", sorted(cutlass.VARIANTS), ids=lambda v: f"{v[0]}x{v[1]}" + ("_streamk" if v[2] == 0 else ""))
+@pytest.mark.parametrize("variant", sorted(cutlass.VARIANTS), ids=lambda v: f"{v[0]}x{v[1]}" + ("_streamk" if v[2] == 0 else "") + ("_ping" if v[3] == 4 else ""))
 @pytest.mark.parametrize("n,k,group", [(200, 384, 128), (4096, 4096, 128), (264, 1024, 64), (1000, 2048, 256)])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 def test_op_matches_cpu_reference(variant, n, k, group, symmetric):
@@ -129,6 +129,10 @@ def test_compiled_model_with_cuda_graphs_runs_it(scheme):
     group = 128 if scheme == "int4_wo" else 0
     assert all(D.get_config(scheme, x.shape[0] * x.shape[1], 4096, 4096, group, x.dtype, x.device).kind
                == "cutlass" for x in xs)
+    import inspect
+    made = []  # who asked for int4 arrays: prepare_int4 (compile time) or _int4_arrays (a call)
+    real_arrays = cutlass.scales_and_zeros
+    cutlass.scales_and_zeros = lambda t: made.append(inspect.stack()[1].function) or real_arrays(t)
     cutlass.linear, saved = spy, cutlass.linear
     try:
         with torch.no_grad():
@@ -144,8 +148,11 @@ def test_compiled_model_with_cuda_graphs_runs_it(scheme):
             skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
     finally:
         cutlass.linear = saved
+        cutlass.scales_and_zeros = real_arrays
         torch._dynamo.reset()
     assert frames == 1 and skips == 0
+    # int4: the arrays were made at compile time only, never by a call
+    assert set(made) == ({"prepare_int4"} if scheme == "int4_wo" else set()), made
     assert sorted(set(calls)) == [2 * s for s in seqs]  # every M ran the CUTLASS kernel (warm-up / record)
     for rnd in got:
         for a, b in zip(rnd, want):
@@ -158,7 +165,7 @@ def _int8_weights(n, k, seed=0):
     return q, s
 
 
-@pytest.mark.parametrize("variant", sorted(cutlass.VARIANTS), ids=lambda v: f"{v[0]}x{v[1]}" + ("_streamk" if v[2] == 0 else ""))
+@pytest.mark.parametrize("variant", sorted(cutlass.VARIANTS), ids=lambda v: f"{v[0]}x{v[1]}" + ("_streamk" if v[2] == 0 else "") + ("_ping" if v[3] == 4 else ""))
 @pytest.mark.parametrize("n,k", [(200, 384), (4096, 4096), (264, 1024), (1000, 14336)])
 def test_int8_op_matches_cpu_reference(variant, n, k):
     qw, s = _int8_weights(n, k)
@@ -197,7 +204,7 @@ def test_prepared_int4_arrays_are_used_and_freed():
     qc, sc = qw.cuda(), sz.cuda()
     x = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16)
     plain = cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256)
-    ops.prepare_packed(torch.ops.fxquant.int4_weight_only_linear.default, (qc, sc), (128,))
+    ops.prepare_args(torch.ops.fxquant.int4_weight_only_linear.default, (qc, sc, None, 128))
     assert id(sc) in cutlass._prepared
     made = []
     real = cutlass.scales_and_zeros
@@ -207,6 +214,13 @@ def test_prepared_int4_arrays_are_used_and_freed():
     finally:
         cutlass.scales_and_zeros = real
     assert made == [] and torch.equal(got, plain)
+    sc[0, 0, 0] = sc[0, 0, 0] * 2  # written in place: the prepared arrays are stale and not used
+    cutlass.scales_and_zeros = lambda t: made.append(t) or real(t)
+    try:
+        changed = cutlass.linear("int4_wo", x, qc, sc, None, 128, 128, 256)
+    finally:
+        cutlass.scales_and_zeros = real
+    assert len(made) == 1 and not torch.equal(changed, plain)
     key = id(sc)
     del sc
     gc.collect()

@@ -4,7 +4,9 @@ kind "cutlass": which inputs they take, the int4 scale / zero arrays, and the ca
 A KernelConfig of kind "cutlass" names the CUTLASS tile by bn (weight rows) x bm (tokens):
 128 x 128 and 128 x 256 (cooperative: two consumer warpgroups share a tile), 64 x 128 (ping-pong);
 split_k 0 is the 128 x 256 tile with CUTLASS's stream-K scheduler (each SM takes a share of the
-tiles' K loops, for grids of too few tiles to fill the GPU), split_k 1 the persistent one.
+tiles' K loops, for grids of too few tiles to fill the GPU), split_k 1 the persistent one; warps 4
+asks for the ping-pong schedule (one consumer warpgroup per tile) of 128 x 128 and 64 x 256,
+warps 0 for the tile's default.
 
 Numerics:
 - int4: CUTLASS dequantizes q * scale + zero' with zero' = zero - 8 * scale rounded to bf16, so
@@ -14,9 +16,10 @@ Numerics:
 - int8: q * scale rounded to bf16, as numerics.dequantize_int8_per_channel.
 The GEMMs stay within the tests' 1e-2 bound against the reference (tests/gpu/test_gpu_cutlass.py).
 
-The int4 scale / zero arrays are made once per packed weight when the weight is packed
-(`prepare_int4`, called by the quantization pass through ops.prepare_packed), outside any CUDA-graph
-pool; a packed weight that was not prepared gets them per call (two small kernels).
+The int4 scale / zero arrays are made once per packed weight at compile time (`prepare_int4`, called
+through ops.prepare_args by the backend for the op nodes of its final graph), outside any CUDA-graph
+pool; a packed weight that was not prepared (or was written in place since) gets them per call
+(two small kernels).
 """
 from __future__ import annotations
 
@@ -26,19 +29,20 @@ import weakref
 
 import torch
 
-# (bn, bm, split_k) -> the library's variant number
-VARIANTS = {(128, 128, 1): 0, (128, 256, 1): 1, (64, 128, 1): 2, (128, 256, 0): 3}
+# (bn, bm, split_k, warps) -> the library's variant number
+VARIANTS = {(128, 128, 1, 0): 0, (128, 256, 1, 0): 1, (64, 128, 1, 0): 2, (128, 256, 0, 0): 3,
+            (128, 128, 1, 4): 4, (64, 256, 1, 4): 5}
 SCHEMES = ("int4_wo", "int8_wo")
 
 
 def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-         group: int, bn: int, bm: int, split_k: int = 1) -> bool:
+         group: int, bn: int, bm: int, split_k: int = 1, warps: int = 0) -> bool:
     """Hopper (sm_90, CUDA), bf16 x / scales / bias on x's device, a known tile, and what TMA and the
     kernel need: 16-byte weight rows (int4: K % 32; int8: K % 16), N % 8 (16-byte output rows),
     16-byte aligned x and weight, and a scale group that is a multiple of the 64-wide K tile
     (int4: group % 64; int8: its one group spans K, so K % 64)."""
     if not (scheme in SCHEMES and x.is_cuda and torch.version.hip is None and x.dtype == torch.bfloat16
-            and scales.dtype == torch.bfloat16 and (bn, bm, split_k) in VARIANTS):
+            and scales.dtype == torch.bfloat16 and (bn, bm, split_k, warps) in VARIANTS):
         return False
     if _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) != (9, 0):
         return False
@@ -46,7 +50,8 @@ def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     if scheme == "int4_wo":
         if qweight.dtype != torch.uint8 or K != qweight.shape[1] * 2 or group % 64 or K % group or K % 32:
             return False
-    elif qweight.dtype != torch.int8 or K != qweight.shape[1] or K % 64 or not scales.is_contiguous():
+    elif (qweight.dtype != torch.int8 or K != qweight.shape[1] or K % 64 or not scales.is_contiguous()
+          or scales.data_ptr() % 16):  # the scales are read through TMA too
         return False
     if N % 8 or N == 0 or x.numel() == 0:
         return False
@@ -69,13 +74,14 @@ def scales_and_zeros(scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return s.contiguous(), torch.sub(scales_zeros[..., 1], s, alpha=8)
 
 
-# id(scales_zeros) -> (weak reference to it, scales, zeros); an entry dies with its tensor.
-_prepared: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
+# id(scales_zeros) -> (weak reference to it, its _version then, scales, zeros); an entry dies with
+# its tensor, and is not used once the tensor was written in place.
+_prepared: dict[int, tuple[weakref.ref, int, torch.Tensor, torch.Tensor]] = {}
 
 
 def prepare_int4(qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> None:
-    """Makes the CUTLASS scale / zero arrays of one packed int4 weight now (when it is packed) and
-    keeps them for as long as `scales_zeros` lives. Only where the kernel can ever run on them
+    """Makes the CUTLASS scale / zero arrays of one packed int4 weight now (at compile time) and
+    keeps them for as long as `scales_zeros` lives and is not written in place. Only where the kernel can ever run on them
     (a bf16 weight on a Hopper GPU, group % 64, FXQUANT_CUTLASS not 0); they cost as much memory
     as scales_zeros itself (~6 % of the packed int4 weight at g128).
 
@@ -87,12 +93,18 @@ def prepare_int4(qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: 
             and _capability(scales_zeros.device.index or 0) == (9, 0)):
         return
     key = id(scales_zeros)
-    if key in _prepared and _prepared[key][0]() is scales_zeros:
-        return
+    entry = _prepared.get(key)
+    if entry is not None and entry[0]() is scales_zeros:
+        if entry[1] == scales_zeros._version:
+            return
+        del _prepared[key]  # written in place since: make them again (its finalizer stays)
     with torch.no_grad():
         s, z = scales_and_zeros(scales_zeros)
-    _prepared[key] = (weakref.ref(scales_zeros), s, z)
-    weakref.finalize(scales_zeros, _forget, key, _prepared[key][0])
+    fresh = entry is None or entry[0]() is not scales_zeros
+    ref = weakref.ref(scales_zeros) if fresh else entry[0]
+    _prepared[key] = (ref, scales_zeros._version, s, z)
+    if fresh:
+        weakref.finalize(scales_zeros, _forget, key, ref)
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
@@ -103,15 +115,15 @@ def _forget(key: int, ref: weakref.ref) -> None:
 
 def _int4_arrays(scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     entry = _prepared.get(id(scales_zeros))
-    if entry is not None and entry[0]() is scales_zeros:
-        return entry[1], entry[2]
+    if entry is not None and entry[0]() is scales_zeros and entry[1] == scales_zeros._version:
+        return entry[2], entry[3]
     return scales_and_zeros(scales_zeros)
 
 
 def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-           group: int, bn: int, bm: int, split_k: int = 1) -> torch.Tensor:
+           group: int, bn: int, bm: int, split_k: int = 1, warps: int = 0) -> torch.Tensor:
     """scheme "int4_wo" (scales = fxquant's scales_zeros) or "int8_wo" (per-channel scales [N])."""
     if scheme == "int8_wo":
-        return torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qweight, scales, bias, VARIANTS[(bn, bm, split_k)])
+        return torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qweight, scales, bias, VARIANTS[(bn, bm, split_k, warps)])
     s, z = _int4_arrays(scales)
-    return torch.ops.fxquant.cutlass_int4_weight_only_linear(x, qweight, s, z, bias, group, VARIANTS[(bn, bm, split_k)])
+    return torch.ops.fxquant.cutlass_int4_weight_only_linear(x, qweight, s, z, bias, group, VARIANTS[(bn, bm, split_k, warps)])

@@ -52,7 +52,7 @@ class KernelConfig:
     "cxx" (the CUDA C++ kernels of lowering/cuda/, CXX_SCHEMES at M <= CXX_MAX_M only; a table entry of
     this kind carries the best Triton config as "fallback", for where the library is missing) |
     "cutlass" (int4 / int8 weight-only on Hopper: the CUTLASS wgmma GEMMs of lowering/cuda/csrc_cutlass,
-    tile bn x bm, split_k 0 = stream-K; also carries a "fallback").
+    tile bn x bm, split_k 0 = stream-K, warps 4 = ping-pong; also carries a "fallback").
     gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size; tma: read x and
     the weight through Hopper TMA descriptors where the tensors allow it); deq bn/bk/warps;
     cxx and scaled_mm none."""
@@ -475,7 +475,8 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if cfg.kind == "cutlass":
         if _cutlass_fits(scheme, x, qweight, scales, bias, group, cfg) and _cutlass_ready():
             from ..cuda import cutlass
-            return cutlass.linear(scheme, x, qweight, scales, bias, group, cfg.bn, cfg.bm, cfg.split_k)
+            return cutlass.linear(scheme, x, qweight, scales, bias, group, cfg.bn, cfg.bm, cfg.split_k,
+                                  cfg.warps)
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_scaled_mm=smm, allow_cutlass=False)
     if cfg.kind == "cxx":
         if cxx_fits(scheme, x, qweight, scales, bias, group) and _cxx_ready():
@@ -565,7 +566,7 @@ def _cutlass_ready() -> bool:
 
 def _cutlass_fits(scheme, x, qweight, scales, bias, group, cfg) -> bool:
     from ..cuda import cutlass
-    return cutlass.fits(scheme, x, qweight, scales, bias, group, cfg.bn, cfg.bm, cfg.split_k)
+    return cutlass.fits(scheme, x, qweight, scales, bias, group, cfg.bn, cfg.bm, cfg.split_k, cfg.warps)
 
 
 _library_warned: set[str] = set()
@@ -650,7 +651,7 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
             and torch.cuda.get_device_capability() == (9, 0) and _cutlass_ready()):
         # (autotune skips the ones cutlass.fits refuses for its inputs: fp16, N % 8, alignment)
         from ..cuda.cutlass import VARIANTS
-        out += [G("cutlass", bn=bn, bk=64, bm=bm, warps=0, split_k=sk) for bn, bm, sk in VARIANTS]
+        out += [G("cutlass", bn=bn, bk=64, bm=bm, warps=w, split_k=sk) for bn, bm, sk, w in VARIANTS]
     return list(dict.fromkeys(out))  # each config once
 
 

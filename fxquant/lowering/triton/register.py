@@ -59,9 +59,10 @@ def _swiglu_quantize(gate, up, fp8):
     return q.reshape(gate.shape), s.reshape(*gate.shape[:-1], 1)
 
 
-def _prepare_int4(qweight, scales_zeros, group_size):
+def _prepare_int4(qweight, scales_zeros, bias, group_size):
     from ..cuda import cutlass  # plain torch: no library build, no triton import
-    cutlass.prepare_int4(qweight, scales_zeros, group_size)
+    if isinstance(qweight, torch.Tensor) and isinstance(scales_zeros, torch.Tensor):
+        cutlass.prepare_int4(qweight, scales_zeros, group_size)
 
 
 def register() -> bool:

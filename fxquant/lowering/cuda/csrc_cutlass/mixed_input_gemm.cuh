@@ -118,9 +118,11 @@ template <class Q, bool Z> using Coop256 = Config<Q, Z, Shape<_128, _256, _64>, 
 template <class Q, bool Z> using Ping64 = Config<Q, Z, Shape<_64, _128, _64>, One, Ping, PingEpi>;
 template <class Q, bool Z>
 using Coop256StreamK = Config<Q, Z, Shape<_128, _256, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
+template <class Q, bool Z> using Ping128 = Config<Q, Z, Shape<_128, _128, _64>, One, Ping, PingEpi>;
+template <class Q, bool Z> using Ping64x256 = Config<Q, Z, Shape<_64, _256, _64>, One, Ping, PingEpi>;
 
 // variant: 0 = 128 (N) x 128 (M) cooperative, 1 = 128 x 256 cooperative, 2 = 64 x 128 ping-pong,
-// 3 = 128 x 256 cooperative with stream-K.
+// 3 = 128 x 256 cooperative with stream-K, 4 = 128 x 128 ping-pong, 5 = 64 x 256 ping-pong.
 // Returns 0 on success; 1 unknown variant, 2 workspace too small, 3 shape not supported
 // (K % group, alignment), 4 initialization failed, 5 launch failed.
 template <class Q, bool Z>
@@ -131,6 +133,8 @@ int run_variant(int variant, const void* w, const void* x, const void* scale, co
     case 1: return Coop256<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
     case 2: return Ping64<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
     case 3: return Coop256StreamK<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
+    case 4: return Ping128<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
+    case 5: return Ping64x256<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
     default: return 1;
   }
 }
@@ -142,6 +146,8 @@ size_t workspace_bytes(int variant, int M, int N, int K, int group) {
     case 1: return Coop256<Q, Z>::workspace(M, N, K, group);
     case 2: return Ping64<Q, Z>::workspace(M, N, K, group);
     case 3: return Coop256StreamK<Q, Z>::workspace(M, N, K, group);
+    case 4: return Ping128<Q, Z>::workspace(M, N, K, group);
+    case 5: return Ping64x256<Q, Z>::workspace(M, N, K, group);
     default: return 0;
   }
 }
