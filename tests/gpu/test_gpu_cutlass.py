@@ -221,6 +221,7 @@ def test_prepared_int4_arrays_are_used_and_freed():
     finally:
         cutlass.scales_and_zeros = real
     assert len(made) == 1 and not torch.equal(changed, plain)
+    made.clear()  # it held sc
     key = id(sc)
     del sc
     gc.collect()
