@@ -157,3 +157,17 @@ def test_prepare_int4_leaves_cpu_weights_alone():
     sz = sz.to(torch.bfloat16)
     cutlass.prepare_int4(nq.pack_int4(q), sz, 128)
     assert id(sz) not in cutlass._prepared
+
+
+def test_quantize_graph_prepares_its_weights(monkeypatch):
+    """fxquant.quantize_graph (no backend) runs the preparation hooks on the constants its graph uses."""
+    import fxquant
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from fxquant.lowering import ops
+    seen = []
+    monkeypatch.setitem(ops._PREPARE, "fxquant::int4_weight_only_linear",
+                        [lambda qw, sz, bias, group: seen.append((tuple(qw.shape), bias is None, group))])
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32, bias=False))
+    gm = make_fx(model)(torch.randn(4, 128))
+    gm = fxquant.quantize_graph(gm, fxquant.Int4WeightOnly(group_size=64))
+    assert sorted(seen) == [((32, 32), True, 64), ((64, 64), False, 64)]
