@@ -7,6 +7,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..lowering import ops
 from ..report import LinearRecord
+from .constants import GetAttrConstants
 from .rewrite import RewriteContext, activate
 
 
@@ -34,13 +35,14 @@ def prepare_kernels(graph: fx.Graph) -> int:
     gm = graph.owning_module
     if gm is None:
         return 0
+    constants = GetAttrConstants(gm)  # the packed weights are get_attr constants in every graph kind
     seen: set = set()
     for node in graph.nodes:
         target = node.target
         if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) \
                 or not ops.has_prepare(target):
             continue
-        args = tuple(_constant(gm, a) if isinstance(a, fx.Node) else a for a in node.args[1:])
+        args = tuple(constants.tensor(a) if isinstance(a, fx.Node) else a for a in node.args[1:])
         key = (target, *(id(a) if isinstance(a, torch.Tensor) else a for a in args))
         if key in seen:
             continue  # a tied weight: the same constants under two nodes
@@ -49,12 +51,3 @@ def prepare_kernels(graph: fx.Graph) -> int:
             ops.prepare_args(target, args)
     return len(seen)
 
-
-def _constant(gm: torch.nn.Module, node: fx.Node) -> torch.Tensor | None:
-    """The real tensor behind a get_attr node (None for any other node: not a packed constant)."""
-    if node.op != "get_attr":
-        return None
-    obj = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part, None)
-    return obj if isinstance(obj, torch.Tensor) else None
