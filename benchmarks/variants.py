@@ -9,6 +9,9 @@ int4 tensor-core kernel; a value the kernel does not accept exactly is ignored (
   python benchmarks/variants.py --scheme w4a16_g128@cuda --ms 1,4,16,32 \
       --env FXQUANT_CXX_INT4_VARIANT=1,16 --env FXQUANT_CXX_INT4_VARIANT=2,8
 
+Several assignments make one setting when joined with ';' (the setting's label is its value part),
+e.g. --env "FXQUANT_CXX_INT4_KERNEL=rows;FXQUANT_CXX_INT4_ROWS=2,8,0".
+
 Prints one table (speedup over bf16; '!' marks an output out of tolerance) and writes JSON.
 """
 from __future__ import annotations
@@ -28,14 +31,20 @@ import linear as LB  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scheme", default="w4a16_g128@cuda", help="a linear.py scheme name (variants allowed)")
-    ap.add_argument("--env", action="append", required=True, help="NAME=VALUE, one setting per flag")
+    ap.add_argument("--env", action="append", required=True,
+                    help="NAME=VALUE[;NAME2=VALUE2...], one setting per flag")
     ap.add_argument("--ms", default="1,2,4,8,16,32")
     ap.add_argument("--shapes", default="6144x4096,4096x4096,28672x4096,4096x14336")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the rows")
     args = ap.parse_args(argv)
     ms = [int(v) for v in args.ms.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    settings = [tuple(e.split("=", 1)) for e in args.env]
+    settings = []  # (label, [(name, value), ...])
+    for spec in args.env:
+        pairs = [tuple(a.split("=", 1)) for a in spec.split(";")]
+        if any(len(p) != 2 or not p[0] for p in pairs):
+            ap.error(f"--env {spec!r}: expected NAME=VALUE[;NAME=VALUE...]")
+        settings.append((";".join(v for _, v in pairs), pairs))
     rows = []
     for n, k in shapes:
         bf16, layer = LB.Layer("bf16", n, k), LB.Layer(args.scheme, n, k)
@@ -45,17 +54,18 @@ def main(argv=None) -> int:
             graphs = {"bf16": (LB.capture([bf16.fn(x, i) for i in range(LB.n_copies(len(bf16.copies), m))]),
                                LB.n_copies(len(bf16.copies), m))}
             errs = {}
-            for name, value in settings:
-                saved = os.environ.get(name)
-                os.environ[name] = value
+            for value, pairs in settings:
+                saved = {name: os.environ.get(name) for name, _ in pairs}
+                os.environ.update(dict(pairs))
                 try:
                     errs[value] = LB.rel_err(layer.fn(x, 0)(), layer.reference(x))
                     graphs[value] = (LB.capture([layer.fn(x, i) for i in range(nc)]), nc)
                 finally:
-                    if saved is None:
-                        os.environ.pop(name, None)
-                    else:
-                        os.environ[name] = saved
+                    for name, old in saved.items():
+                        if old is None:
+                            os.environ.pop(name, None)
+                        else:
+                            os.environ[name] = old
             us = LB.time_graphs(graphs)
             for key, t in us.items():
                 rows.append({"N": n, "K": k, "M": m, "setting": key, "us": t, "speedup": us["bf16"] / t,
@@ -69,7 +79,7 @@ def main(argv=None) -> int:
                                         "torch": torch.__version__, "rows": rows}, indent=1))
     # Summary: per setting, speedup per (shape) for each M.
     print(f"\n{args.scheme}: speedup over bf16 per shape ({', '.join(f'{n}x{k}' for n, k in shapes)})")
-    for _, value in settings:
+    for value, _ in settings:
         for m in ms:
             sp = [r["speedup"] for r in rows if r["setting"] == value and r["M"] == m]
             bad = any(not r["ok"] for r in rows if r["setting"] == value and r["M"] == m)
