@@ -74,3 +74,26 @@ class Forms(nn.Module):
 
 def fxquant_ops(counter) -> int:
     return sum(v for k, v in counter.items() if k.startswith("fxquant."))
+
+
+def plain_then_cudagraphs(model, xs, cfg, between=None, rounds: int = 3):
+    """Compile model dynamically with fxquant's backend, without CUDA graphs, and run xs (want);
+    then again with mode reduce-overhead and run xs `rounds` times (warm-up, record, replay...).
+    between() runs after the first compile. Returns (want, got rounds, unique graphs of the second
+    compile, Inductor's cudagraph skips)."""
+    import fxquant
+    from torch._dynamo.utils import counters
+    with torch.no_grad():
+        torch._dynamo.reset()
+        plain = torch.compile(model, backend=fxquant.backend(cfg), dynamic=True)
+        want = [plain(x).clone() for x in xs]
+        if between is not None:
+            between()
+        torch._dynamo.reset()
+        counters.clear()
+        f = torch.compile(model, backend="fxquant", options={"config": cfg, "mode": "reduce-overhead"},
+                          dynamic=True)
+        got = [[f(x).clone() for x in xs] for _ in range(rounds)]
+        frames = counters["stats"]["unique_graphs"]
+        skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
+    return want, got, frames, skips

@@ -67,6 +67,19 @@ def _kernels(fn):
                                if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0)
 
 
+def _compile_both(model, x, settings, backend_for):
+    """Per setting (applied by backend_for(setting), which returns the backend): the compiled
+    model's output and the CUDA kernels (name -> launches) of one more call."""
+    outs, kernels = {}, {}
+    for setting in settings:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend_for(setting))
+        with torch.no_grad():
+            outs[setting] = compiled(x)
+            kernels[setting] = _kernels(lambda: compiled(x))
+    return outs, kernels
+
+
 @pytest.mark.parametrize("cfg", [fxquant.Int8DynamicActivationInt8Weight(),
                                  fxquant.Float8DynamicActivationFloat8Weight("row")], ids=["int8", "fp8_row"])
 def test_compiled_model_quantizes_x_inside_inductor_kernels(cfg):
@@ -75,13 +88,7 @@ def test_compiled_model_quantizes_x_inside_inductor_kernels(cfg):
     torch.manual_seed(0)
     model = _NormMLP().cuda().to(torch.bfloat16)
     x = torch.randn(2, 64, 512, device="cuda", dtype=torch.bfloat16)
-    outs, kernels = {}, {}
-    for fuse in (False, True):
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend=fxquant.backend(cfg, fuse_act_quant=fuse))
-        with torch.no_grad():
-            outs[fuse] = compiled(x)
-            kernels[fuse] = _kernels(lambda: compiled(x))
+    outs, kernels = _compile_both(model, x, (False, True), lambda fuse: fxquant.backend(cfg, fuse_act_quant=fuse))
     unfused_quant = sum(c for k, c in kernels[False].items() if "act_quant" in k)
     assert unfused_quant == 2  # gate/up (one, fused siblings) and down
     assert not any("act_quant" in k for k in kernels[True]), kernels[True]
@@ -144,14 +151,12 @@ def test_compiled_mlp_quantizes_swiglu_in_one_kernel(cfg, monkeypatch):
     torch.manual_seed(0)
     model = _NormMLP().cuda().to(torch.bfloat16)
     x = torch.randn(2, 64, 512, device="cuda", dtype=torch.bfloat16)
-    outs, kernels = {}, {}
-    for on in ("0", "1"):
+
+    def backend_for(on):
         monkeypatch.setenv("FXQUANT_SWIGLU_QUANT", on)
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend=fxquant.backend(cfg))
-        with torch.no_grad():
-            outs[on] = compiled(x)
-            kernels[on] = _kernels(lambda: compiled(x))
+        return fxquant.backend(cfg)
+
+    outs, kernels = _compile_both(model, x, ("0", "1"), backend_for)
     assert kernels["1"]["swiglu_quant_kernel"] == 1 and "swiglu_quant_kernel" not in kernels["0"]
     assert sum(kernels["1"].values()) <= sum(kernels["0"].values())
     with torch.no_grad():

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import fxquant
+from helpers import plain_then_cudagraphs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -70,24 +71,13 @@ def test_reduce_overhead_one_compile_all_batch_sizes(cfg):
     """CUDA graphs (mode reduce-overhead via options, as HF's CompileConfig passes it): one
     dynamic compile serves every M, every kernel family is captured, outputs match the
     no-CUDA-graph compile's, and Inductor does not skip CUDA graphs."""
-    from torch._dynamo.utils import counters
     model = _mlp().cuda()
     # M = 6 .. 4096: GEMV, split-K and tiled kernels. No dim of size 1 (Dynamo specializes sizes
     # 0 and 1: a batch-1 decode gets a graph of its own) and batch != seq in the first call
     # (equal sizes would share one symbol and recompile when they differ).
     xs = [torch.randn(b, s, 512, dtype=torch.bfloat16, device="cuda")
           for b, s in ((2, 3), (4, 5), (2, 50), (8, 300), (2, 2048))]
-    with torch.no_grad():
-        torch._dynamo.reset()
-        plain = torch.compile(model, backend=fxquant.backend(cfg), dynamic=True)
-        want = [plain(x).clone() for x in xs]
-        torch._dynamo.reset()
-        counters.clear()
-        f = torch.compile(model, backend="fxquant", options={"config": cfg, "mode": "reduce-overhead"},
-                          dynamic=True)
-        got = [[f(x).clone() for x in xs] for _ in range(3)]  # warm-up, record, replay
-        frames = counters["stats"]["unique_graphs"]
-        skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
+    want, got, frames, skips = plain_then_cudagraphs(model, xs, cfg)  # rounds: warm-up, record, replay
     assert frames == 1, f"{frames} graphs compiled for {len(xs)} batch sizes"
     assert skips == 0
     for rnd in got:  # split-K's fp32 atomics may add in another order: not bit-exact

@@ -13,6 +13,7 @@ import fxquant  # noqa: E402,F401
 from fxquant import numerics as nq  # noqa: E402
 from fxquant.lowering.cuda import build, cutlass  # noqa: E402
 from fxquant.lowering.triton import dispatch as D  # noqa: E402
+from helpers import plain_then_cudagraphs  # noqa: E402
 
 build.load_cutlass()  # a missing header or compiler fails here, loudly: this file must not skip on Hopper
 
@@ -112,8 +113,6 @@ def test_compiled_model_with_cuda_graphs_runs_it(scheme):
     """A model compiled with mode reduce-overhead and dynamic M: the shipped table's CUTLASS
     entries (4096x4096; int4 M = 256-2048, int8 M = 512-2048) run inside cudagraph trees with no
     skip and one graph, and match the plain (no CUDA graph) compile."""
-    import fxquant
-    from torch._dynamo.utils import counters
     calls = []
     real = cutlass.linear
 
@@ -135,17 +134,8 @@ def test_compiled_model_with_cuda_graphs_runs_it(scheme):
     cutlass.scales_and_zeros = lambda t: made.append(inspect.stack()[1].function) or real_arrays(t)
     cutlass.linear, saved = spy, cutlass.linear
     try:
-        with torch.no_grad():
-            torch._dynamo.reset()
-            want = [torch.compile(model, backend=fxquant.backend(cfg), dynamic=True)(x).clone() for x in xs]
-            torch._dynamo.reset()
-            counters.clear()
-            calls.clear()
-            f = torch.compile(model, backend="fxquant", options={"config": cfg, "mode": "reduce-overhead"},
-                              dynamic=True)
-            got = [[f(x).clone() for x in xs] for _ in range(3)]  # warm-up, record, replay
-            frames = counters["stats"]["unique_graphs"]
-            skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
+        # rounds: warm-up, record, replay; calls counts the CUDA-graph compile's calls only
+        want, got, frames, skips = plain_then_cudagraphs(model, xs, cfg, between=calls.clear)
     finally:
         cutlass.linear = saved
         cutlass.scales_and_zeros = real_arrays
