@@ -28,6 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import linear as LB  # noqa: E402
 
 
+def parse_settings(specs: list[str]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """--env values -> (label, [(name, value), ...]) per setting; the label is the values joined
+    with ';'. ValueError names a spec that is not NAME=VALUE[;NAME=VALUE...]."""
+    settings = []
+    for spec in specs:
+        pairs = [tuple(a.split("=", 1)) for a in spec.split(";")]
+        if any(len(p) != 2 or not p[0] for p in pairs):
+            raise ValueError(f"--env {spec!r}: expected NAME=VALUE[;NAME=VALUE...]")
+        settings.append((";".join(v for _, v in pairs), pairs))
+    return settings
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scheme", default="w4a16_g128@cuda", help="a linear.py scheme name (variants allowed)")
@@ -39,12 +51,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     ms = [int(v) for v in args.ms.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    settings = []  # (label, [(name, value), ...])
-    for spec in args.env:
-        pairs = [tuple(a.split("=", 1)) for a in spec.split(";")]
-        if any(len(p) != 2 or not p[0] for p in pairs):
-            ap.error(f"--env {spec!r}: expected NAME=VALUE[;NAME=VALUE...]")
-        settings.append((";".join(v for _, v in pairs), pairs))
+    try:
+        settings = parse_settings(args.env)
+    except ValueError as e:
+        ap.error(str(e))
     rows = []
     for n, k in shapes:
         bf16, layer = LB.Layer("bf16", n, k), LB.Layer(args.scheme, n, k)

@@ -1,0 +1,37 @@
+"""benchmarks/variants.py's --env settings: one or several NAME=VALUE assignments per setting."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def variants():
+    sys.path.insert(0, str(BENCH))  # variants.py imports its neighbour linear.py
+    try:
+        spec = importlib.util.spec_from_file_location("fxq_bench_variants", BENCH / "variants.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_settings_of_one_and_several_assignments(variants):
+    got = variants.parse_settings(["FXQUANT_CXX_INT4_VARIANT=2,8",
+                                   "FXQUANT_CXX_INT4_KERNEL=rows;FXQUANT_CXX_INT4_ROWS=2,4,0", "A=x=y"])
+    assert got == [("2,8", [("FXQUANT_CXX_INT4_VARIANT", "2,8")]),
+                   ("rows;2,4,0", [("FXQUANT_CXX_INT4_KERNEL", "rows"), ("FXQUANT_CXX_INT4_ROWS", "2,4,0")]),
+                   ("x=y", [("A", "x=y")])]  # a value may hold '='
+
+
+@pytest.mark.parametrize("bad", ["NOEQUALS", "=1", "A=1;", "A=1;B"])
+def test_a_malformed_setting_is_refused_by_name(variants, bad, capsys):
+    with pytest.raises(ValueError, match="expected NAME=VALUE"):
+        variants.parse_settings([bad])
+    with pytest.raises(SystemExit) as e:  # the command line says which --env, before any GPU work
+        variants.main(["--env", bad])
+    assert e.value.code == 2 and repr(bad) in capsys.readouterr().err
