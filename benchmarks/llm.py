@@ -383,7 +383,9 @@ def run_scheme(name: str, args: argparse.Namespace, cfg: transformers.LlamaConfi
         notes["linears_compiled_quantized"] = sum(r.status == "quantized" for r in report)
         notes["linears_compiled_skipped"] = {r.name: r.reason for r in report if r.status != "quantized"}
     res.update(notes)
-    tok = ", ".join(f"b{b} {v:.1f}" for b, v in res["decode_tok_s"].items() if v)
+    # each run's tok/s beside the median: a slow first run (seen at b1, S10) shows in the log
+    tok = ", ".join(f"b{b} {v:.1f} (runs {'/'.join(f'{int(b) * steps / t:.0f}' for t in decode[int(b)])})"
+                    for b, v in res["decode_tok_s"].items() if v)
     log(f"[{name}] decode tok/s: {tok}; prefill {res.get('prefill_tok_s', 0):.0f} tok/s; "
         f"frames compiled while timed: {res['frames_compiled_timed']}; "
         f"{res.get('token_match', {}).get('text', 'no reference')}")
