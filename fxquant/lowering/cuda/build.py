@@ -181,7 +181,7 @@ def cutlass_include_dir() -> Path:
 def load_cutlass(verbose: bool = False) -> Path:
     """Builds (first use) and loads the CUTLASS weight-only GEMM library (int4 and int8; Hopper, sm_90, only); returns
     its path. Raises CxxUnavailable with the reason when it cannot; the failure is remembered.
-    Its one source takes about two and a half minutes to compile; cached like the main library."""
+    Its two sources (int4.cu, int8.cu) compile in parallel in two to three minutes; cached like the main library."""
     return _load_once(_cutlass_state, _load_cutlass, "CUTLASS op library", verbose)
 
 

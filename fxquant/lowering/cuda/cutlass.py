@@ -92,18 +92,16 @@ def prepare_int4(qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: 
             and os.environ.get("FXQUANT_CUTLASS_PREPARE", "1") != "0" and torch.version.hip is None
             and _capability(scales_zeros.device.index or 0) == (9, 0)):
         return
+    if _current(scales_zeros) is not None:
+        return
     key = id(scales_zeros)
     entry = _prepared.get(key)
-    if entry is not None and entry[0]() is scales_zeros:
-        if entry[1] == scales_zeros._version:
-            return
-        del _prepared[key]  # written in place since: make them again (its finalizer stays)
+    known = entry is not None and entry[0]() is scales_zeros  # written in place since: make them again
     with torch.no_grad():
         s, z = scales_and_zeros(scales_zeros)
-    fresh = entry is None or entry[0]() is not scales_zeros
-    ref = weakref.ref(scales_zeros) if fresh else entry[0]
+    ref = entry[0] if known else weakref.ref(scales_zeros)
     _prepared[key] = (ref, scales_zeros._version, s, z)
-    if fresh:
+    if not known:  # one finalizer per tensor
         weakref.finalize(scales_zeros, _forget, key, ref)
 
 
@@ -113,11 +111,17 @@ def _forget(key: int, ref: weakref.ref) -> None:
         del _prepared[key]
 
 
-def _int4_arrays(scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _current(scales_zeros: torch.Tensor) -> tuple | None:
+    """The prepared entry of this very tensor, if it was not written in place since."""
     entry = _prepared.get(id(scales_zeros))
     if entry is not None and entry[0]() is scales_zeros and entry[1] == scales_zeros._version:
-        return entry[2], entry[3]
-    return scales_and_zeros(scales_zeros)
+        return entry
+    return None
+
+
+def _int4_arrays(scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    entry = _current(scales_zeros)
+    return (entry[2], entry[3]) if entry is not None else scales_and_zeros(scales_zeros)
 
 
 def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
