@@ -27,8 +27,9 @@ Kernel variants (M <= dispatch.CXX_MAX_M: 32 for int4, 16 for int8): "<scheme>@c
 dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm; "w4a16_g128@cutlass" and "w8a16@cutlass"
 (M >= 128) force the CUTLASS wgmma GEMM with its 128 x 256 tile (Hopper), "@cutlass_128x128" and
 "@cutlass_64x128" its other tiles, "@cutlass_streamk" the 128 x 256 tile with stream-K,
-"@cutlass_ping_128x128" / "@cutlass_ping_64x256" ping-pong tiles. The plain scheme row is what the
-dispatcher picks.
+"@cutlass_ping_128x128" / "@cutlass_ping_64x256" ping-pong tiles; "w8a8_int8@cutlass_i8_<tokens>x<rows>"
+(M >= 32; "_ping": ping-pong, "_streamk": stream-K) force a tile of the CUTLASS int8 dynamic GEMM.
+The plain scheme row is what the dispatcher picks.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ import fxquant.lowering  # noqa: E402,F401  (registers the ops and their CUDA ke
 from fxquant import configs as fc  # noqa: E402
 from fxquant import numerics as nq  # noqa: E402
 from fxquant.lowering.triton import dispatch as D  # noqa: E402
+from fxquant.lowering.cuda.cutlass import I8_VARIANTS  # noqa: E402
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 8192]
@@ -71,7 +73,12 @@ VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "scaled_mm": D.KernelConf
             "cutlass_streamk": D.KernelConfig("cutlass", bn=128, bk=64, bm=256, warps=0, split_k=0),
             "cutlass_ping_128x128": D.KernelConfig("cutlass", bn=128, bk=64, bm=128, warps=4),
             "cutlass_ping_64x256": D.KernelConfig("cutlass", bn=64, bk=64, bm=256, warps=4)}
-CUTLASS_MIN_M = 128  # the @cutlass rows' M range (large-M kernel)
+# the CUTLASS int8 dynamic GEMM's tiles, tokens x weight rows: "w8a8_int8@cutlass_i8_128x256" etc.
+VARIANTS.update({f"cutlass_i8_{bm}x{bn}{'_ping' if w == 4 else ''}{'_streamk' if sk == 0 else ''}":
+                 D.KernelConfig("cutlass", bn=bn, bk=128, bm=bm, warps=w, split_k=sk)
+                 for bn, bm, sk, w in I8_VARIANTS})
+CUTLASS_MIN_M = 128  # the weight-only @cutlass rows' M range (large-M kernel)
+CUTLASS_I8_MIN_M = 32  # the int8 dynamic @cutlass_i8 rows' M range
 DEFAULT_VARIANTS = ["w4a16_g128@cuda", "w4a16_g128@triton", "w8a16@cuda", "w8a16@triton"]
 ROTATE_BYTES = 512e6  # weight bytes cycled through per graph replay (~10x L2)
 TOL = 1e-2
@@ -496,6 +503,8 @@ def variant_runs(name: str, m: int) -> bool:
     the C++ kernels' M range; other variants (fp8's scaled_mm / triton) and plain rows always."""
     base, _, variant = name.partition("@")
     scheme = SCHEMES[base][0] if base in SCHEMES else None
+    if variant.startswith("cutlass_i8"):
+        return m >= CUTLASS_I8_MIN_M
     if variant.startswith("cutlass"):
         return m >= CUTLASS_MIN_M
     return not variant or scheme not in D.CXX_MAX_M or m <= D.CXX_MAX_M[scheme]
@@ -778,7 +787,8 @@ def main(argv=None) -> int:
             ap.error(f"unknown scheme {base!r}; known: {', '.join(SCHEMES)}")
         allowed = {"cuda": D.CXX_SCHEMES, "triton": D.CXX_SCHEMES + ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn"),
                    "scaled_mm": ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn")}
-        allowed.update({v: ("int4_wo", "int8_wo") for v in VARIANTS if v.startswith("cutlass")})
+        allowed.update({v: ("int8_dyn",) if v.startswith("cutlass_i8") else ("int4_wo", "int8_wo")
+                        for v in VARIANTS if v.startswith("cutlass")})
         if variant and SCHEMES[base][0] not in allowed.get(variant, ()):
             ap.error(f"{name}: variant @{variant} does not apply to {base}")
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

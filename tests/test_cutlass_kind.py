@@ -171,3 +171,23 @@ def test_quantize_graph_prepares_its_weights(monkeypatch):
     gm = make_fx(model)(torch.randn(4, 128))
     gm = fxquant.quantize_graph(gm, fxquant.Int4WeightOnly(group_size=64))
     assert sorted(seen) == [((32, 32), True, 64), ((64, 64), False, 64)]
+
+
+def test_int8_dynamic_tiles_match_the_cuda_sources():
+    # cutlass.I8_VARIANTS names each tile (bn, bm, split_k, warps) by the number the .cu switch
+    # runs it under: read the switch and check both agree, tile shape and schedule included.
+    import re
+    src = "".join(p.read_text() for p in sorted(build.CUTLASS_SRC.glob("int8_dyn_tiles_*.cu")))
+    cases = re.findall(r"case (\d+): return Config<Shape<_(\d+), _(\d+), _128>, One, (Coop|Ping), \w+(, StreamK)?>", src)
+    assert len(cases) == len(cutlass.I8_VARIANTS) == 8
+    from_src = {(int(bn), int(bm), 0 if sk else 1, 4 if sched == "Ping" else 0): int(v)
+                for v, bm, bn, sched, sk in cases}  # Shape is (M, N, K): M = bm (tokens), N = bn
+    assert from_src == cutlass.I8_VARIANTS
+
+
+def test_int8_dynamic_fits_only_on_hopper_cuda():
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    qw = torch.zeros(64, 256, dtype=torch.int8)
+    s = torch.ones(64)
+    assert not cutlass.fits("int8_dyn", x, qw, s, None, 0, 256, 128)  # CPU tensors
+    assert not cutlass.fits_int8_dynamic(x.to(torch.int8), qw, s, None, 256, 128)

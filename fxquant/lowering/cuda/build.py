@@ -179,13 +179,13 @@ def cutlass_include_dir() -> Path:
 
 
 def load_cutlass(verbose: bool = False) -> Path:
-    """Builds (first use) and loads the CUTLASS weight-only GEMM library (int4 and int8; Hopper, sm_90, only); returns
-    its path. Raises CxxUnavailable with the reason when it cannot; the failure is remembered.
-    Its two sources (int4.cu, int8.cu) compile in parallel in two to three minutes; cached like the main library."""
+    """Builds (first use) and loads the CUTLASS GEMM library (int4 / int8 weight-only and int8 dynamic; Hopper,
+    sm_90, only); returns its path. Raises CxxUnavailable with the reason when it cannot; the failure is remembered.
+    Its sources (csrc_cutlass/*.cu) compile in parallel in two to four minutes; cached like the main library."""
     return _load_once(_cutlass_state, _load_cutlass, "CUTLASS op library", verbose)
 
 
-CUTLASS_ABI_VERSION = 2  # csrc_cutlass's cutlass_abi_version(): 2 added the int8 op
+CUTLASS_ABI_VERSION = 3  # csrc_cutlass's cutlass_abi_version(): 2 added the int8 op, 3 int8 dynamic
 _CUTLASS_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG")
 
 
@@ -209,7 +209,7 @@ def _load_cutlass(verbose: bool) -> Path:
     if not (so.exists() and not (build_dir / "lock").exists()):
         _check_tools(arch)
         build_dir.mkdir(parents=True, exist_ok=True)
-        print(f"fxquant: building the CUTLASS weight-only GEMM library (first use, about two minutes; cached in "
+        print(f"fxquant: building the CUTLASS GEMM library (first use, about two minutes; cached in "
               f"{build_dir})", file=sys.stderr, flush=True)
         from torch.utils import cpp_extension as ext
         old = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -240,6 +240,11 @@ def _load_cutlass(verbose: bool) -> Path:
     def _(x, qweight, scales, bias, variant):
         ops._check_k(x, qweight.shape[1], "cutlass_int8_weight_only_linear")
         return ops._out_like(x, qweight)
+
+    @torch.library.register_fake("fxquant::cutlass_int8_dynamic_linear")
+    def _(xq, x_scales, qweight, w_scales, bias, variant):
+        ops._check_k(xq, qweight.shape[1], "cutlass_int8_dynamic_linear")
+        return xq.new_empty((xq.shape[0], qweight.shape[0]), dtype=torch.bfloat16)
     return so
 
 

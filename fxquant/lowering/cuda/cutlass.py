@@ -1,5 +1,6 @@
-"""The CUTLASS weight-only GEMMs (csrc_cutlass/mixed_input_gemm.cuh) as the dispatcher's kernel
-kind "cutlass": which inputs they take, the int4 scale / zero arrays, and the call.
+"""The CUTLASS GEMMs as the dispatcher's kernel kind "cutlass": the weight-only ones
+(csrc_cutlass/mixed_input_gemm.cuh) and the W8A8 int8 dynamic one (csrc_cutlass/scaled_int8_gemm.cuh):
+which inputs they take, the int4 scale / zero arrays, and the call.
 
 A KernelConfig of kind "cutlass" names the CUTLASS tile by bn (weight rows) x bm (tokens):
 128 x 128 and 128 x 256 (cooperative: two consumer warpgroups share a tile), 64 x 128 (ping-pong);
@@ -8,12 +9,17 @@ tiles' K loops, for grids of too few tiles to fill the GPU), split_k 1 the persi
 asks for the ping-pong schedule (one consumer warpgroup per tile) of 128 x 128 and 64 x 256,
 warps 0 for the tile's default.
 
+int8 dynamic has its own tiles (I8_VARIANTS, same (bn, bm, split_k, warps) naming, K tile 128):
+the plain product out [M, N] = xq [M, K] x W^T, so bm is the tile's token side.
+
 Numerics:
 - int4: CUTLASS dequantizes q * scale + zero' with zero' = zero - 8 * scale rounded to bf16, so
   with asymmetric quantization about half the weights land one bf16 step away from numerics.py's
   (q - 8) * scale + zero: 4.4e-3 relative error on the weights in tests/test_cutlass_kind.py, next
   to int4's own ~10 % (symmetric: zero' is exact and so are the weights).
 - int8: q * scale rounded to bf16, as numerics.dequantize_int8_per_channel.
+- int8 dynamic: the int32 product exactly, then (acc * w_scale) * x_scale + bias in float32,
+  rounded once to bf16 (the reference multiplies the scales in the other order: float32 rounding).
 The GEMMs stay within the tests' 1e-2 bound against the reference (tests/gpu/test_gpu_cutlass.py).
 
 The int4 scale / zero arrays are made once per packed weight at compile time (`prepare_int4`, called
@@ -32,7 +38,14 @@ import torch
 # (bn, bm, split_k, warps) -> the library's variant number
 VARIANTS = {(128, 128, 1, 0): 0, (128, 256, 1, 0): 1, (64, 128, 1, 0): 2, (128, 256, 0, 0): 3,
             (128, 128, 1, 4): 4, (64, 256, 1, 4): 5}
-SCHEMES = ("int4_wo", "int8_wo")
+# int8 dynamic: (bn, bm, split_k, warps) -> variant of csrc_cutlass/int8_dyn_tiles_*.cu
+I8_VARIANTS = {(128, 128, 1, 0): 0, (256, 128, 1, 0): 1, (128, 256, 1, 0): 2, (256, 128, 0, 0): 3,
+               (128, 128, 1, 4): 4, (128, 64, 1, 4): 5, (256, 64, 1, 4): 6, (128, 128, 0, 0): 7}
+SCHEMES = ("int4_wo", "int8_wo", "int8_dyn")
+
+
+def variants(scheme: str) -> dict:
+    return I8_VARIANTS if scheme == "int8_dyn" else VARIANTS
 
 
 def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
@@ -41,6 +54,8 @@ def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     kernel need: 16-byte weight rows (int4: K % 32; int8: K % 16), N % 8 (16-byte output rows),
     16-byte aligned x and weight, and a scale group that is a multiple of the 64-wide K tile
     (int4: group % 64; int8: its one group spans K, so K % 64)."""
+    if scheme == "int8_dyn":
+        return fits_int8_dynamic(x, qweight, scales, bias, bn, bm, split_k, warps)
     if not (scheme in SCHEMES and x.is_cuda and torch.version.hip is None and x.dtype == torch.bfloat16
             and scales.dtype == torch.bfloat16 and (bn, bm, split_k, warps) in VARIANTS):
         return False
@@ -60,6 +75,27 @@ def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     if bias is not None and bias.dtype != torch.bfloat16:
         return False
     return qweight.is_contiguous() and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0
+
+
+def fits_int8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: torch.Tensor | None,
+                      bn: int, bm: int, split_k: int = 1, warps: int = 0) -> bool:
+    """The int8 dynamic GEMM: Hopper, x (unquantized, or xq) on the GPU with a bf16 output (x bf16,
+    or int8 xq: the prequant op checks its out_dtype), K % 16 and N % 8 (16-byte TMA rows), float32
+    per-row weight scales, a bf16 bias, 16-byte aligned weight, scales and bias, a known tile."""
+    if not (x.is_cuda and torch.version.hip is None and x.dtype in (torch.bfloat16, torch.int8)
+            and (bn, bm, split_k, warps) in I8_VARIANTS):
+        return False
+    if _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) != (9, 0):
+        return False
+    K, N = x.shape[-1], qweight.shape[0]
+    if (qweight.dtype != torch.int8 or qweight.shape[1] != K or K % 16 or N % 8 or N == 0 or x.numel() == 0
+            or w_scales.dtype != torch.float32 or w_scales.numel() != N):
+        return False
+    if any(t is not None and t.device != x.device for t in (qweight, w_scales, bias)):
+        return False
+    if bias is not None and (bias.dtype != torch.bfloat16 or bias.numel() != N or bias.data_ptr() % 16):
+        return False
+    return qweight.is_contiguous() and qweight.data_ptr() % 16 == 0 and w_scales.data_ptr() % 16 == 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,8 +162,23 @@ def _int4_arrays(scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
            group: int, bn: int, bm: int, split_k: int = 1, warps: int = 0) -> torch.Tensor:
-    """scheme "int4_wo" (scales = fxquant's scales_zeros) or "int8_wo" (per-channel scales [N])."""
+    """scheme "int4_wo" (scales = fxquant's scales_zeros) or "int8_wo" (per-channel scales [N]); int8
+    dynamic goes through int8_dynamic_linear."""
     if scheme == "int8_wo":
         return torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qweight, scales, bias, VARIANTS[(bn, bm, split_k, warps)])
     s, z = _int4_arrays(scales)
     return torch.ops.fxquant.cutlass_int4_weight_only_linear(x, qweight, s, z, bias, group, VARIANTS[(bn, bm, split_k, warps)])
+
+
+def int8_dynamic_linear(xq: torch.Tensor, x_scales: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                        bias: torch.Tensor | None, bn: int, bm: int, split_k: int = 1, warps: int = 0) -> torch.Tensor:
+    """bf16 [M, N] from xq int8 [M, K] (rows contiguous) and its float32 per-row scales."""
+    if not xq.is_contiguous():
+        xq = xq.contiguous()
+    if xq.data_ptr() % 16:  # TMA reads from 16-byte aligned addresses
+        xq = xq.clone()
+    xs = x_scales.reshape(-1)
+    xs = xs if xs.is_contiguous() and xs.dtype == torch.float32 else xs.float().contiguous()
+    b = None if bias is None else bias.reshape(-1)
+    return torch.ops.fxquant.cutlass_int8_dynamic_linear(xq, xs, qweight, w_scales.reshape(-1), b,
+                                                         I8_VARIANTS[(bn, bm, split_k, warps)])

@@ -51,8 +51,9 @@ class KernelConfig:
     torch._int_mm, cuBLAS, plus a Triton pass for the scales, for int8 at M > 16) |
     "cxx" (the CUDA C++ kernels of lowering/cuda/, CXX_SCHEMES at M <= CXX_MAX_M only; a table entry of
     this kind carries the best Triton config as "fallback", for where the library is missing) |
-    "cutlass" (int4 / int8 weight-only on Hopper: the CUTLASS wgmma GEMMs of lowering/cuda/csrc_cutlass,
-    tile bn x bm, split_k 0 = stream-K, warps 4 = ping-pong; also carries a "fallback").
+    "cutlass" (int4 / int8 weight-only and int8 dynamic on Hopper: the CUTLASS wgmma GEMMs of
+    lowering/cuda/csrc_cutlass, tile bn x bm, split_k 0 = stream-K, warps 4 = ping-pong; also carries
+    a "fallback").
     gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size; tma: read x and
     the weight through Hopper TMA descriptors where the tensors allow it); deq bn/bk/warps;
     cxx and scaled_mm none."""
@@ -412,6 +413,14 @@ def _run_scaled_mm(scheme, x2, qweight, scales, bias, out, pre=None):
     return out
 
 
+def _run_cutlass_int8_dynamic(x2, qweight, scales, bias, cfg, pre=None):
+    """int8 dynamic through the CUTLASS int8 GEMM (scales and bias in its epilogue); x quantized
+    here per token unless `pre` = (xq, scales) was quantized beforehand."""
+    from ..cuda import cutlass
+    q, xs, _ = _activations("int8_dyn", x2, scales, pre)
+    return cutlass.int8_dynamic_linear(q, xs, qweight, scales, bias, cfg.bn, cfg.bm, cfg.split_k, cfg.warps)
+
+
 def dequantize_weight(scheme: str, qweight: torch.Tensor, scales: torch.Tensor, group: int,
                       dtype: torch.dtype, bn: int = 64, bk: int = 128, warps: int = 4) -> torch.Tensor:
     """Packed weight -> [N, K] in `dtype` (the same values as numerics.dequantize_*)."""
@@ -475,6 +484,8 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if cfg.kind == "cutlass":
         if _cutlass_fits(scheme, x, qweight, scales, bias, group, cfg) and _cutlass_ready():
             from ..cuda import cutlass
+            if scheme == "int8_dyn":
+                return _run_cutlass_int8_dynamic(x2, qweight, scales, bias, cfg).reshape(*x.shape[:-1], N)
             return cutlass.linear(scheme, x, qweight, scales, bias, group, cfg.bn, cfg.bm, cfg.split_k,
                                   cfg.warps)
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_scaled_mm=smm, allow_cutlass=False)
@@ -522,6 +533,13 @@ def linear_prequant(scheme: str, xq: torch.Tensor, x_scales: torch.Tensor, qweig
         # Tuned as the whole op on these activations dequantized: same kernels, same cache key.
         x_f = (xq2.float() * xs.reshape(-1, 1)).to(out_dtype)
         cfg = _maybe_autotune(scheme, x_f, qweight, scales, bias, 0, cfg)
+    if cfg.kind == "cutlass":
+        if (scheme == "int8_dyn" and out_dtype == torch.bfloat16
+                and _cutlass_fits(scheme, xq2, qweight, scales, bias, 0, cfg) and _cutlass_ready()):
+            out = _run_cutlass_int8_dynamic(xq2, qweight, scales, bias, cfg, pre=(xq2, xs))
+            return out.reshape(*xq.shape[:-1], N)
+        cfg = get_config(scheme, M, N, K, 0, out_dtype, xq.device, allow_cxx=False, allow_scaled_mm=smm,
+                         allow_cutlass=False)
     cfg = _runnable(cfg, scheme, M, N, K, 0, smm)
     out = torch.empty((M, N), device=xq.device, dtype=out_dtype)
     if cfg.kind == "scaled_mm":
@@ -561,7 +579,7 @@ def _cxx_ready() -> bool:
 def _cutlass_ready() -> bool:
     """Loads (first use: builds) the CUTLASS library; warns once and returns False if it can't."""
     from ..cuda import build
-    return _library_ready("the CUTLASS weight-only GEMM is", build.cutlass_available, lambda: build._cutlass_state["error"])
+    return _library_ready("the CUTLASS GEMM library is", build.cutlass_available, lambda: build._cutlass_state["error"])
 
 
 def _cutlass_fits(scheme, x, qweight, scales, bias, group, cfg) -> bool:
@@ -652,6 +670,10 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
         # (autotune skips the ones cutlass.fits refuses for its inputs: fp16, N % 8, alignment)
         from ..cuda.cutlass import VARIANTS
         out += [G("cutlass", bn=bn, bk=64, bm=bm, warps=w, split_k=sk) for bn, bm, sk, w in VARIANTS]
+    if (scheme == "int8_dyn" and m >= 32 and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() == (9, 0) and _cutlass_ready()):
+        from ..cuda.cutlass import I8_VARIANTS
+        out += [G("cutlass", bn=bn, bk=128, bm=bm, warps=w, split_k=sk) for bn, bm, sk, w in I8_VARIANTS]
     return list(dict.fromkeys(out))  # each config once
 
 

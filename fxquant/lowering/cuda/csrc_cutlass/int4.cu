@@ -11,7 +11,7 @@ at::Tensor cutlass_int4_linear(const at::Tensor& x, const at::Tensor& qweight, c
                                                     qweight.size(1) * 2, scales, &zeros, bias, group_size, variant);
 }
 
-int64_t cutlass_abi_version() { return 2; }  // 2: the int8 op (int8.cu) was added
+int64_t cutlass_abi_version() { return 3; }  // 2: the int8 op (int8.cu); 3: int8 dynamic (int8_dyn.cu)
 
 TORCH_LIBRARY_FRAGMENT(fxquant, m) {
   m.def("cutlass_int4_weight_only_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, "
