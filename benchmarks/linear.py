@@ -28,7 +28,8 @@ dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm; "w4a16_g128@cutlass" 
 (M >= 128) force the CUTLASS wgmma GEMM with its 128 x 256 tile (Hopper), "@cutlass_128x128" and
 "@cutlass_64x128" its other tiles, "@cutlass_streamk" the 128 x 256 tile with stream-K,
 "@cutlass_ping_128x128" / "@cutlass_ping_64x256" ping-pong tiles; "w8a8_int8@cutlass_i8_<tokens>x<rows>"
-(M >= 32; "_ping": ping-pong, "_streamk": stream-K) force a tile of the CUTLASS int8 dynamic GEMM.
+(M >= 32; "_ping": ping-pong, "_streamk": stream-K, "_cl2": 2-CTA clusters) force a tile of the CUTLASS
+int8 dynamic GEMM.
 The plain scheme row is what the dispatcher picks.
 """
 from __future__ import annotations
@@ -74,9 +75,10 @@ VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "scaled_mm": D.KernelConf
             "cutlass_ping_128x128": D.KernelConfig("cutlass", bn=128, bk=64, bm=128, warps=4),
             "cutlass_ping_64x256": D.KernelConfig("cutlass", bn=64, bk=64, bm=256, warps=4)}
 # the CUTLASS int8 dynamic GEMM's tiles, tokens x weight rows: "w8a8_int8@cutlass_i8_128x256" etc.
-VARIANTS.update({f"cutlass_i8_{bm}x{bn}{'_ping' if w == 4 else ''}{'_streamk' if sk == 0 else ''}":
-                 D.KernelConfig("cutlass", bn=bn, bk=128, bm=bm, warps=w, split_k=sk)
-                 for bn, bm, sk, w in I8_VARIANTS})
+VARIANTS.update({f"cutlass_i8_{bm}x{bn}{'_ping' if w == 4 else ''}{'_streamk' if sk == 0 else ''}"
+                 f"{'_cl2' if c == 2 else ''}": D.KernelConfig("cutlass", bn=bn, bk=128, bm=bm, warps=w, split_k=sk,
+                                                              cluster=c)
+                 for bn, bm, sk, w, c in I8_VARIANTS})
 CUTLASS_MIN_M = 128  # the weight-only @cutlass rows' M range (large-M kernel)
 CUTLASS_I8_MIN_M = 32  # the int8 dynamic @cutlass_i8 rows' M range
 DEFAULT_VARIANTS = ["w4a16_g128@cuda", "w4a16_g128@triton", "w8a16@cuda", "w8a16@triton"]

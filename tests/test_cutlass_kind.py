@@ -178,10 +178,11 @@ def test_int8_dynamic_tiles_match_the_cuda_sources():
     # runs it under: read the switch and check both agree, tile shape and schedule included.
     import re
     src = "".join(p.read_text() for p in sorted(build.CUTLASS_SRC.glob("int8_dyn_tiles_*.cu")))
-    cases = re.findall(r"case (\d+): return Config<Shape<_(\d+), _(\d+), _128>, One, (Coop|Ping), \w+(, StreamK)?>", src)
-    assert len(cases) == len(cutlass.I8_VARIANTS) == 8
-    from_src = {(int(bn), int(bm), 0 if sk else 1, 4 if sched == "Ping" else 0): int(v)
-                for v, bm, bn, sched, sk in cases}  # Shape is (M, N, K): M = bm (tokens), N = bn
+    cases = re.findall(r"case (\d+): return Config<Shape<_(\d+), _(\d+), _128>, (One|Cl2), (Coop|Ping), \w+(, StreamK)?>",
+                       src)
+    assert len(cases) == len(cutlass.I8_VARIANTS) == 12
+    from_src = {(int(bn), int(bm), 0 if sk else 1, 4 if sched == "Ping" else 0, 2 if cl == "Cl2" else 1): int(v)
+                for v, bm, bn, cl, sched, sk in cases}  # Shape is (M, N, K): M = bm (tokens), N = bn
     assert from_src == cutlass.I8_VARIANTS
 
 

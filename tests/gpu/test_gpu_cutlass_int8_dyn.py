@@ -27,7 +27,7 @@ def _weights(n, k, seed=0):
 
 
 def _name(v):
-    return f"{v[1]}x{v[0]}" + ("_streamk" if v[2] == 0 else "") + ("_ping" if v[3] == 4 else "")
+    return f"{v[1]}x{v[0]}" + ("_streamk" if v[2] == 0 else "") + ("_ping" if v[3] == 4 else "") + ("_cl2" if v[4] == 2 else "")
 
 
 @pytest.mark.parametrize("variant", sorted(cutlass.I8_VARIANTS), ids=_name)
@@ -60,7 +60,7 @@ def test_dispatcher_runs_every_tile_on_bf16_activations():
         x = torch.randn(*lead, m, 1536, generator=gen).to(torch.bfloat16)
         ref = torch.ops.fxquant.int8_dynamic_linear(x, qw, ws, bias)  # the CPU op
         for v in cutlass.I8_VARIANTS:
-            cfg = D.KernelConfig("cutlass", bn=v[0], bk=128, bm=v[1], split_k=v[2], warps=v[3])
+            cfg = D.KernelConfig("cutlass", bn=v[0], bk=128, bm=v[1], split_k=v[2], warps=v[3], cluster=v[4])
             got = D.linear("int8_dyn", x.cuda(), qw.cuda(), ws.cuda(), bias.cuda(), 0, cfg)
             assert got.shape == ref.shape and _rel(got.cpu(), ref) <= 1e-2, (m, v)
 
@@ -69,10 +69,10 @@ def test_inputs_it_cannot_take_are_refused():
     qw, ws = _weights(256, 512)
     qc, wsc = qw.cuda(), ws.cuda()
     x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
-    t = (256, 128, 1, 0)
+    t = (256, 128, 1, 0, 1)
     assert cutlass.fits("int8_dyn", x, qc, wsc, None, 0, *t)
     assert not cutlass.fits("int8_dyn", x.half(), qc, wsc, None, 0, *t)  # fp16 output
-    assert not cutlass.fits("int8_dyn", x, qc, wsc, None, 0, 96, 128, 1, 0)  # no such tile
+    assert not cutlass.fits("int8_dyn", x, qc, wsc, None, 0, 96, 128, 1, 0, 1)  # no such tile
     assert not cutlass.fits("int8_dyn", x, qc, wsc[:1], None, 0, *t)  # a per-tensor weight scale
     assert not cutlass.fits("int8_dyn", x, qc, wsc.bfloat16(), None, 0, *t)  # scales not float32
     q252, s252 = _weights(252, 512)  # N % 8
@@ -121,13 +121,14 @@ def test_prequant_op_takes_it_from_the_table_and_falls_back(monkeypatch):
     assert _rel(got16.cpu(), ref) <= 1e-2
 
 
-@pytest.mark.parametrize("variant", [(256, 128, 0, 0), (128, 128, 1, 0)], ids=_name)
+@pytest.mark.parametrize("variant", [(256, 128, 0, 0, 1), (128, 128, 1, 0, 1), (256, 128, 0, 0, 2)], ids=_name)
 def test_cuda_graph_replay(variant):
     # stream-K allocates its workspace per call: inside a capture it comes from the graph's pool
     qw, ws = _weights(4096, 4096)
     qc, wsc = qw.cuda(), ws.cuda()
     x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
-    cfg = D.KernelConfig("cutlass", bn=variant[0], bk=128, bm=variant[1], split_k=variant[2], warps=variant[3])
+    cfg = D.KernelConfig("cutlass", bn=variant[0], bk=128, bm=variant[1], split_k=variant[2], warps=variant[3],
+                         cluster=variant[4])
     eager = D.linear("int8_dyn", x, qc, wsc, None, 0, cfg)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

@@ -9,7 +9,8 @@ tiles' K loops, for grids of too few tiles to fill the GPU), split_k 1 the persi
 asks for the ping-pong schedule (one consumer warpgroup per tile) of 128 x 128 and 64 x 256,
 warps 0 for the tile's default.
 
-int8 dynamic has its own tiles (I8_VARIANTS, same (bn, bm, split_k, warps) naming, K tile 128):
+int8 dynamic has its own tiles (I8_VARIANTS, the same (bn, bm, split_k, warps) naming plus the
+cluster size along M, K tile 128):
 the plain product out [M, N] = xq [M, K] x W^T, so bm is the tile's token side.
 
 Numerics:
@@ -38,26 +39,24 @@ import torch
 # (bn, bm, split_k, warps) -> the library's variant number
 VARIANTS = {(128, 128, 1, 0): 0, (128, 256, 1, 0): 1, (64, 128, 1, 0): 2, (128, 256, 0, 0): 3,
             (128, 128, 1, 4): 4, (64, 256, 1, 4): 5}
-# int8 dynamic: (bn, bm, split_k, warps) -> variant of csrc_cutlass/int8_dyn_tiles_*.cu
-I8_VARIANTS = {(128, 128, 1, 0): 0, (256, 128, 1, 0): 1, (128, 256, 1, 0): 2, (256, 128, 0, 0): 3,
-               (128, 128, 1, 4): 4, (128, 64, 1, 4): 5, (256, 64, 1, 4): 6, (128, 128, 0, 0): 7}
+# int8 dynamic: (bn, bm, split_k, warps, cluster) -> variant of csrc_cutlass/int8_dyn_tiles_*.cu
+# (cluster 2: two CTAs along M share each weight tile through TMA multicast)
+I8_VARIANTS = {(128, 128, 1, 0, 1): 0, (256, 128, 1, 0, 1): 1, (128, 256, 1, 0, 1): 2, (256, 128, 0, 0, 1): 3,
+               (128, 128, 1, 4, 1): 4, (128, 64, 1, 4, 1): 5, (256, 64, 1, 4, 1): 6, (128, 128, 0, 0, 1): 7,
+               (256, 128, 1, 0, 2): 8, (128, 256, 1, 0, 2): 9, (256, 128, 0, 0, 2): 10, (128, 128, 1, 4, 2): 11}
 SCHEMES = ("int4_wo", "int8_wo", "int8_dyn")
 
 
-def variants(scheme: str) -> dict:
-    return I8_VARIANTS if scheme == "int8_dyn" else VARIANTS
-
-
 def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-         group: int, bn: int, bm: int, split_k: int = 1, warps: int = 0) -> bool:
+         group: int, bn: int, bm: int, split_k: int = 1, warps: int = 0, cluster: int = 1) -> bool:
     """Hopper (sm_90, CUDA), bf16 x / scales / bias on x's device, a known tile, and what TMA and the
     kernel need: 16-byte weight rows (int4: K % 32; int8: K % 16), N % 8 (16-byte output rows),
     16-byte aligned x and weight, and a scale group that is a multiple of the 64-wide K tile
     (int4: group % 64; int8: its one group spans K, so K % 64)."""
     if scheme == "int8_dyn":
-        return fits_int8_dynamic(x, qweight, scales, bias, bn, bm, split_k, warps)
+        return fits_int8_dynamic(x, qweight, scales, bias, bn, bm, split_k, warps, cluster)
     if not (scheme in SCHEMES and x.is_cuda and torch.version.hip is None and x.dtype == torch.bfloat16
-            and scales.dtype == torch.bfloat16 and (bn, bm, split_k, warps) in VARIANTS):
+            and scales.dtype == torch.bfloat16 and (bn, bm, split_k, warps) in VARIANTS and cluster == 1):
         return False
     if _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) != (9, 0):
         return False
@@ -78,12 +77,12 @@ def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 
 
 def fits_int8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: torch.Tensor | None,
-                      bn: int, bm: int, split_k: int = 1, warps: int = 0) -> bool:
+                      bn: int, bm: int, split_k: int = 1, warps: int = 0, cluster: int = 1) -> bool:
     """The int8 dynamic GEMM: Hopper, x (unquantized, or xq) on the GPU with a bf16 output (x bf16,
     or int8 xq: the prequant op checks its out_dtype), K % 16 and N % 8 (16-byte TMA rows), float32
     per-row weight scales, a bf16 bias, 16-byte aligned weight, scales and bias, a known tile."""
     if not (x.is_cuda and torch.version.hip is None and x.dtype in (torch.bfloat16, torch.int8)
-            and (bn, bm, split_k, warps) in I8_VARIANTS):
+            and (bn, bm, split_k, warps, cluster) in I8_VARIANTS):
         return False
     if _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) != (9, 0):
         return False
@@ -171,7 +170,8 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 
 
 def int8_dynamic_linear(xq: torch.Tensor, x_scales: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
-                        bias: torch.Tensor | None, bn: int, bm: int, split_k: int = 1, warps: int = 0) -> torch.Tensor:
+                        bias: torch.Tensor | None, bn: int, bm: int, split_k: int = 1, warps: int = 0,
+                        cluster: int = 1) -> torch.Tensor:
     """bf16 [M, N] from xq int8 [M, K] (rows contiguous) and its float32 per-row scales."""
     if not xq.is_contiguous():
         xq = xq.contiguous()
@@ -181,4 +181,4 @@ def int8_dynamic_linear(xq: torch.Tensor, x_scales: torch.Tensor, qweight: torch
     xs = xs if xs.is_contiguous() and xs.dtype == torch.float32 else xs.float().contiguous()
     b = None if bias is None else bias.reshape(-1)
     return torch.ops.fxquant.cutlass_int8_dynamic_linear(xq, xs, qweight, w_scales.reshape(-1), b,
-                                                         I8_VARIANTS[(bn, bm, split_k, warps)])
+                                                         I8_VARIANTS[(bn, bm, split_k, warps, cluster)])

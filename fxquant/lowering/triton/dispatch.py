@@ -67,6 +67,7 @@ class KernelConfig:
     swap: bool = False
     group_m: int = 8
     tma: bool = False
+    cluster: int = 1  # kind "cutlass", int8 dynamic: CTAs per cluster along M (2: the weight tile is multicast)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -418,7 +419,8 @@ def _run_cutlass_int8_dynamic(x2, qweight, scales, bias, cfg, pre=None):
     here per token unless `pre` = (xq, scales) was quantized beforehand."""
     from ..cuda import cutlass
     q, xs, _ = _activations("int8_dyn", x2, scales, pre)
-    return cutlass.int8_dynamic_linear(q, xs, qweight, scales, bias, cfg.bn, cfg.bm, cfg.split_k, cfg.warps)
+    return cutlass.int8_dynamic_linear(q, xs, qweight, scales, bias, cfg.bn, cfg.bm, cfg.split_k, cfg.warps,
+                                       cfg.cluster)
 
 
 def dequantize_weight(scheme: str, qweight: torch.Tensor, scales: torch.Tensor, group: int,
@@ -584,7 +586,8 @@ def _cutlass_ready() -> bool:
 
 def _cutlass_fits(scheme, x, qweight, scales, bias, group, cfg) -> bool:
     from ..cuda import cutlass
-    return cutlass.fits(scheme, x, qweight, scales, bias, group, cfg.bn, cfg.bm, cfg.split_k, cfg.warps)
+    return cutlass.fits(scheme, x, qweight, scales, bias, group, cfg.bn, cfg.bm, cfg.split_k, cfg.warps,
+                        cfg.cluster)
 
 
 _library_warned: set[str] = set()
@@ -673,7 +676,7 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
     if (scheme == "int8_dyn" and m >= 32 and torch.cuda.is_available()
             and torch.cuda.get_device_capability() == (9, 0) and _cutlass_ready()):
         from ..cuda.cutlass import I8_VARIANTS
-        out += [G("cutlass", bn=bn, bk=128, bm=bm, warps=w, split_k=sk) for bn, bm, sk, w in I8_VARIANTS]
+        out += [G("cutlass", bn=bn, bk=128, bm=bm, warps=w, split_k=sk, cluster=c) for bn, bm, sk, w, c in I8_VARIANTS]
     return list(dict.fromkeys(out))  # each config once
 
 

@@ -5,7 +5,7 @@
 // xq int8 [M, K] and the weight int8 [N, K] are both K-major (wgmma's int8 operands must be), so
 // this is the plain (not transposed) product; out [M, N] bf16 row-major.
 //
-// The variants live in two translation units (int8_dyn_tiles_a.cu / _b.cu, compiled in
+// The variants live in three translation units (int8_dyn_tiles_a.cu / _b.cu / _c.cu, compiled in
 // parallel); int8_dyn.cu defines the op and asks each unit in turn.
 #pragma once
 #include <cuda_runtime.h>
@@ -30,6 +30,8 @@ struct Problem {
   void* out;            // bf16 [M, N]
   int M, N, K;
   int sms;              // the GPU's SM count (sizes persistent grids and stream-K workspace)
+  int swizzle;          // the tile scheduler's max swizzle (1, 2, 4, 8: tiles grouped for L2 reuse)
+  int raster;           // 0 heuristic, 1 along M, 2 along N
   void* workspace;
   size_t workspace_bytes;
   cudaStream_t stream;
@@ -40,6 +42,7 @@ struct Problem {
 // does not hold that variant.
 int run_tiles_a(int variant, const Problem& p, size_t* need);
 int run_tiles_b(int variant, const Problem& p, size_t* need);
+int run_tiles_c(int variant, const Problem& p, size_t* need);
 
 #ifdef FXQ_I8_DEFINE_CONFIG
 using namespace cute;
@@ -93,6 +96,8 @@ struct Config {
     int device = 0;
     cudaGetDevice(&device);
     a.hw_info = cutlass::KernelHardwareInfo{device, p.sms};
+    a.scheduler.max_swizzle_size = p.swizzle;
+    a.scheduler.raster_order = static_cast<decltype(a.scheduler.raster_order)>(p.raster);
     return a;
   }
 
@@ -115,6 +120,7 @@ using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
 using Ping = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using PingEpi = cutlass::epilogue::TmaWarpSpecialized;
 using One = Shape<_1, _1, _1>;
+using Cl2 = Shape<_2, _1, _1>;  // two CTAs along M share each weight tile (TMA multicast)
 using StreamK = cutlass::gemm::StreamKScheduler;
 #endif  // FXQ_I8_DEFINE_CONFIG
 }  // namespace fxq_i8
