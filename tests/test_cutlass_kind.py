@@ -51,6 +51,10 @@ def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
     entries = [(key, e) for t in table.values() for key, e in t.items() if e.get("kind") == "cutlass"]
     assert entries, "the shipped table names no CUTLASS kernel"
     for key, e in entries:
+        if key.startswith("int8_dyn|"):
+            assert (e["bn"], e["bm"], e["split_k"], e["warps"], e.get("cluster", 1)) in cutlass.I8_VARIANTS, key
+            assert e["fallback"]["kind"] == "gemm", key
+            continue
         assert key.split("|")[0] in ("int4_wo", "int8_wo") and (e["bn"], e["bm"], e["split_k"], e["warps"]) in cutlass.VARIANTS, key
         assert e["fallback"]["kind"] in ("gemm", "deq"), key
     monkeypatch.setattr(D, "_device_info", lambda device: ("h100", 132, (9, 0)))
@@ -67,6 +71,14 @@ def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
         got = D.get_config("int8_wo", 2048, n, k, 0, torch.bfloat16, cuda)
         assert got.kind == "cutlass" and (got.bn, got.bm) == (128, 256), (n, k)
         assert D.get_config("int8_wo", 2048, n, k, 0, torch.bfloat16, cuda, allow_cutlass=False).kind == "deq"
+    # int8 dynamic: CUTLASS from M = 65 (a 64 x 128 ping-pong tile), 2-CTA clusters of 256 x 128 from M = 1025
+    for n, k in ((4096, 4096), (28672, 4096), (5120, 8192)):
+        assert D.get_config("int8_dyn", 64, n, k, 0, torch.bfloat16, cuda).kind == "gemm", (n, k)
+        small = D.get_config("int8_dyn", 100, n, k, 0, torch.bfloat16, cuda)
+        assert small.kind == "cutlass" and (small.bm, small.bn, small.warps, small.cluster) == (64, 128, 4, 1)
+        big = D.get_config("int8_dyn", 2048, n, k, 0, torch.bfloat16, cuda)
+        assert big.kind == "cutlass" and (big.bm, big.bn, big.warps, big.cluster) == (256, 128, 0, 2), (n, k)
+        assert D.get_config("int8_dyn", 2048, n, k, 0, torch.bfloat16, cuda, allow_cutlass=False).kind == "gemm"
 
 
 def test_dispatcher_runs_the_fallback_on_cpu_tensors(monkeypatch):

@@ -52,7 +52,10 @@ def test_op_matches_the_int32_reference(variant, n, k):
         assert float((err - ref.abs() * 2 ** -8).max()) <= 1e-6, (m, with_bias)  # per element, bf16's half step
 
 
-def test_dispatcher_runs_every_tile_on_bf16_activations():
+def test_dispatcher_runs_every_tile_on_bf16_activations(monkeypatch):
+    calls = []
+    real = cutlass.int8_dynamic_linear
+    monkeypatch.setattr(cutlass, "int8_dynamic_linear", lambda *a: calls.append(a[5:]) or real(*a))
     qw, ws = _weights(1024, 1536)
     gen = torch.Generator().manual_seed(1)
     bias = torch.randn(1024, generator=gen).to(torch.bfloat16)
@@ -63,6 +66,7 @@ def test_dispatcher_runs_every_tile_on_bf16_activations():
             cfg = D.KernelConfig("cutlass", bn=v[0], bk=128, bm=v[1], split_k=v[2], warps=v[3], cluster=v[4])
             got = D.linear("int8_dyn", x.cuda(), qw.cuda(), ws.cuda(), bias.cuda(), 0, cfg)
             assert got.shape == ref.shape and _rel(got.cpu(), ref) <= 1e-2, (m, v)
+            assert calls.pop() == v and not calls  # the CUTLASS tile ran, not a fallback
 
 
 def test_inputs_it_cannot_take_are_refused():
@@ -105,7 +109,7 @@ def test_prequant_op_takes_it_from_the_table_and_falls_back(monkeypatch):
 
     def table(scheme, m, n, k, group, dtype, device, allow_cxx=True, allow_scaled_mm=True, allow_cutlass=True):
         if scheme == "int8_dyn" and allow_cutlass:
-            return D.KernelConfig("cutlass", bn=256, bk=128, bm=128)
+            return D.KernelConfig("cutlass", bn=256, bk=128, bm=128, warps=0)
         return real_get(scheme, m, n, k, group, dtype, device, allow_cxx, allow_scaled_mm, allow_cutlass)
     monkeypatch.setattr(D, "get_config", table)
     qw, ws = _weights(512, 1024)

@@ -6,8 +6,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 
 #include "scaled_int8_gemm.cuh"
 
@@ -28,19 +26,6 @@ int run(int variant, const fxq_i8::Problem& p, size_t* need) {
   return rc != -1 ? rc : fxq_i8::run_tiles_c(variant, p, need);
 }
 
-// FXQUANT_I8_SCHED="swizzle,raster": the tile scheduler's order, read per call (for experiments;
-// default 1,0: no swizzle, CUTLASS's heuristic raster).
-void schedule(int* swizzle, int* raster) {
-  *swizzle = 1;
-  *raster = 0;
-  const char* v = std::getenv("FXQUANT_I8_SCHED");
-  int s = 0, r = 0;
-  if (v != nullptr && std::sscanf(v, "%d,%d", &s, &r) == 2 && (s == 1 || s == 2 || s == 4 || s == 8) && r >= 0 &&
-      r <= 2) {
-    *swizzle = s;
-    *raster = r;
-  }
-}
 }  // namespace
 
 // xq int8 [M, K], x_scales float32 [M], qweight int8 [N, K], w_scales float32 [N], bias bf16 [N]
@@ -70,8 +55,7 @@ at::Tensor cutlass_int8_dynamic_linear(const at::Tensor& xq, const at::Tensor& x
   fxq_i8::Problem p{xq.data_ptr(), qweight.data_ptr(), x_scales.data_ptr<float>(), w_scales.data_ptr<float>(),
                     bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(),
                     static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), sm_count(device),
-                    1, 0, nullptr, 0, c10::cuda::getCurrentCUDAStream().stream()};
-  schedule(&p.swizzle, &p.raster);
+                    nullptr, 0, c10::cuda::getCurrentCUDAStream().stream()};
   size_t need = 0;
   TORCH_CHECK(run(static_cast<int>(variant), p, &need) == 0, op, ": unknown variant ", variant);
   auto ws = at::empty({static_cast<int64_t>(std::max<size_t>(need, 1))}, xq.options().dtype(at::kByte));

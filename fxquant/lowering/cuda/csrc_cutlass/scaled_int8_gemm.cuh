@@ -30,8 +30,6 @@ struct Problem {
   void* out;            // bf16 [M, N]
   int M, N, K;
   int sms;              // the GPU's SM count (sizes persistent grids and stream-K workspace)
-  int swizzle;          // the tile scheduler's max swizzle (1, 2, 4, 8: tiles grouped for L2 reuse)
-  int raster;           // 0 heuristic, 1 along M, 2 along N
   void* workspace;
   size_t workspace_bytes;
   cudaStream_t stream;
@@ -96,8 +94,6 @@ struct Config {
     int device = 0;
     cudaGetDevice(&device);
     a.hw_info = cutlass::KernelHardwareInfo{device, p.sms};
-    a.scheduler.max_swizzle_size = p.swizzle;
-    a.scheduler.raster_order = static_cast<decltype(a.scheduler.raster_order)>(p.raster);
     return a;
   }
 
