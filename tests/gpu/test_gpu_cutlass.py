@@ -183,6 +183,10 @@ def test_int8_inputs_it_cannot_take_are_refused():
     assert not cutlass.fits("int8_wo", x[:, :96], q96.cuda(), s96.cuda(), None, 0, 128, 256)
     assert not cutlass.fits("int8_wo", x, qc.view(torch.uint8), sc, None, 0, 128, 256)  # not int8
     assert not cutlass.fits("int4_wo", x, qc, sc, None, 128, 128, 256)  # an int8 weight is no int4 one
+    # A failure after the launch set-up is an error naming the status (a number in a C++ message
+    # once crashed the process there: BENCHMARKS.md S11)
+    with pytest.raises(RuntimeError, match="CUTLASS status 1"):
+        torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qc, sc, None, 99)
 
 
 def test_prepared_int4_arrays_are_used_and_freed():

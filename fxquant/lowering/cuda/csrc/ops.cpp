@@ -16,7 +16,7 @@ bool is_float(at::ScalarType t) {
 
 void check_x(const at::Tensor& x, int64_t k, const char* op) {
   TORCH_CHECK(x.dim() >= 1, "fxquant.", op, ": x must have at least one dim");
-  TORCH_CHECK(x.size(-1) == k, "fxquant.", op, ": x has K=", x.size(-1), " but the weight has K=", k);
+  TORCH_CHECK(x.size(-1) == k, "fxquant.", op, ": x has K=", num(x.size(-1)), " but the weight has K=", num(k));
   TORCH_CHECK(is_float(x.scalar_type()), "fxquant.", op, ": x must be float32/float16/bfloat16, got ",
               x.scalar_type());
 }
@@ -28,8 +28,8 @@ void check_device(const at::Tensor& x, const at::Tensor& t, const char* what, co
 
 void check_bias(const std::optional<at::Tensor>& bias, int64_t n, const char* op) {
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "fxquant.", op, ": bias must have shape [", n,
-                "], got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "fxquant.", op, ": bias must have shape [", num(n),
+                "], got ", dims(bias->sizes()));
   }
 }
 
@@ -45,15 +45,15 @@ void check_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
                 const std::optional<at::Tensor>& bias, int64_t group_size) {
   const char* op = "cxx_int4_weight_only_linear";
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte, "fxquant.", op,
-              ": qweight must be uint8 [N, K // 2], got ", qweight.scalar_type(), " ", qweight.sizes());
+              ": qweight must be uint8 [N, K // 2], got ", qweight.scalar_type(), " ", dims(qweight.sizes()));
   const int64_t n = qweight.size(0), k = qweight.size(1) * 2;
   check_x(x, k, op);
-  TORCH_CHECK(group_size > 0 && k % group_size == 0, "fxquant.", op, ": K=", k,
-              " is not a multiple of group_size=", group_size);
+  TORCH_CHECK(group_size > 0 && k % group_size == 0, "fxquant.", op, ": K=", num(k),
+              " is not a multiple of group_size=", num(group_size));
   TORCH_CHECK(scales_zeros.dim() == 3 && scales_zeros.size(0) == k / group_size &&
                   scales_zeros.size(1) == n && scales_zeros.size(2) == 2,
-              "fxquant.", op, ": scales_zeros must have shape [", k / group_size, ", ", n, ", 2], got ",
-              scales_zeros.sizes());
+              "fxquant.", op, ": scales_zeros must have shape [", num(k / group_size), ", ", num(n), ", 2], got ",
+              dims(scales_zeros.sizes()));
   check_bias(bias, n, op);
   check_device(x, qweight, "qweight", op);
   check_device(x, scales_zeros, "scales_zeros", op);
@@ -64,10 +64,10 @@ void check_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
                 const std::optional<at::Tensor>& bias) {
   const char* op = "cxx_int8_weight_only_linear";
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar, "fxquant.", op,
-              ": qweight must be int8 [N, K], got ", qweight.scalar_type(), " ", qweight.sizes());
+              ": qweight must be int8 [N, K], got ", qweight.scalar_type(), " ", dims(qweight.sizes()));
   check_x(x, qweight.size(1), op);
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == qweight.size(0), "fxquant.", op,
-              ": scales must have shape [", qweight.size(0), "], got ", scales.sizes());
+              ": scales must have shape [", num(qweight.size(0)), "], got ", dims(scales.sizes()));
   check_bias(bias, qweight.size(0), op);
   check_device(x, qweight, "qweight", op);
   check_device(x, scales, "scales", op);

@@ -3,8 +3,19 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 
 namespace fxquant {
+
+// Numbers and shapes for error messages, made into strings here: streaming an integer from this
+// library (std::ostream::operator<<(long), instantiated in it) crashed inside libstdc++'s locale
+// code on the GPU machine (torch 2.11, gcc 13.3; BENCHMARKS.md S11); strings stream safely.
+inline std::string num(int64_t v) { return std::to_string(v); }
+inline std::string dims(at::IntArrayRef d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
 
 // Argument checks shared by every kernel of an op; messages name the op and the bad value.
 void check_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_zeros,

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 
 #include "scaled_int8_gemm.cuh"
 
@@ -57,12 +58,13 @@ at::Tensor cutlass_int8_dynamic_linear(const at::Tensor& xq, const at::Tensor& x
                     static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), sm_count(device),
                     nullptr, 0, c10::cuda::getCurrentCUDAStream().stream()};
   size_t need = 0;
-  TORCH_CHECK(run(static_cast<int>(variant), p, &need) == 0, op, ": unknown variant ", variant);
+  // (numbers go into messages as strings: see csrc/ops.h, num)
+  TORCH_CHECK(run(static_cast<int>(variant), p, &need) == 0, op, ": unknown variant ", std::to_string(variant));
   auto ws = at::empty({static_cast<int64_t>(std::max<size_t>(need, 1))}, xq.options().dtype(at::kByte));
   p.workspace = ws.data_ptr();
   p.workspace_bytes = need;
   const int rc = run(static_cast<int>(variant), p, nullptr);
-  TORCH_CHECK(rc == 0, op, ": CUTLASS status ", rc);
+  TORCH_CHECK(rc == 0, op, ": CUTLASS status ", std::to_string(rc));
   return out;
 }
 

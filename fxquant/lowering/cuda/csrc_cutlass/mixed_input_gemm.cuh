@@ -22,6 +22,8 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -171,7 +173,7 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& qweight
     const int rc = run_variant<Q, Z>(static_cast<int>(variant), qweight.data_ptr(), x2.data_ptr(),
                                      scales.data_ptr(), zeros ? zeros->data_ptr() : nullptr, out.data_ptr(), m, n,
                                      k, group, ws.data_ptr(), ws_bytes, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(rc == 0, "fxquant.", op, ": CUTLASS status ", rc);
+    TORCH_CHECK(rc == 0, "fxquant.", op, ": CUTLASS status ", std::to_string(rc));  // a string: see csrc/ops.h, num
   }
   if (bias.has_value()) out.add_(*bias);
   auto shape = x.sizes().vec();
