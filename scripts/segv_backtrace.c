@@ -9,4 +9,8 @@ static void on_segv(int sig) {
   backtrace_symbols_fd(frames, n, 2);
   _exit(139);
 }
-__attribute__((constructor)) static void install(void) { signal(SIGSEGV, on_segv); }
+__attribute__((constructor)) static void install(void) {
+  void* warm[1];
+  backtrace(warm, 1);  // loads libgcc now: the first call may allocate, which a signal handler must not
+  signal(SIGSEGV, on_segv);
+}

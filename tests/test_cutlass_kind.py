@@ -204,3 +204,29 @@ def test_int8_dynamic_fits_only_on_hopper_cuda():
     s = torch.ones(64)
     assert not cutlass.fits("int8_dyn", x, qw, s, None, 0, 256, 128)  # CPU tensors
     assert not cutlass.fits_int8_dynamic(x.to(torch.int8), qw, s, None, 256, 128)
+
+
+def test_int8_dynamic_fits_refuses_what_the_kernel_cannot_take(monkeypatch):
+    # On a pretend Hopper GPU (CPU tensors stand in): every input rule of fits_int8_dynamic, one at a time
+    monkeypatch.setattr(cutlass, "_hopper", lambda x: True)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    qw = torch.zeros(64, 256, dtype=torch.int8)
+    s = torch.ones(64)
+    b = torch.zeros(64, dtype=torch.bfloat16)
+    tile = (256, 128, 1, 0, 2)
+    assert cutlass.fits("int8_dyn", x, qw, s, b, 0, *tile)
+    assert cutlass.fits_int8_dynamic(x.to(torch.int8), qw, s, None, *tile)  # prequantized x
+    assert not cutlass.fits_int8_dynamic(x.half(), qw, s, b, *tile)  # fp16 output
+    assert not cutlass.fits_int8_dynamic(x, qw, s, b, 256, 128, 1, 0, 4)  # no such cluster
+    assert not cutlass.fits_int8_dynamic(x, qw.view(torch.uint8), s, b, *tile)  # not int8
+    assert not cutlass.fits_int8_dynamic(x[:, :200], qw[:, :200], s, b, *tile)  # K % 16
+    assert not cutlass.fits_int8_dynamic(x, qw[:60], s[:60], b[:60], *tile)  # N % 8
+    assert not cutlass.fits_int8_dynamic(x, qw, s[:1], b, *tile)  # a per-tensor weight scale
+    assert not cutlass.fits_int8_dynamic(x, qw, s.bfloat16(), b, *tile)  # scales not float32
+    assert not cutlass.fits_int8_dynamic(x, qw, s, b.float(), *tile)  # bias not bf16
+    assert not cutlass.fits_int8_dynamic(x, qw, s, torch.zeros(128, dtype=torch.bfloat16)[::2], *tile)  # strided bias
+    assert not cutlass.fits_int8_dynamic(x, qw, s, torch.zeros(65, dtype=torch.bfloat16)[1:], *tile)  # misaligned
+    assert not cutlass.fits_int8_dynamic(x, qw.t().contiguous().t(), s, b, *tile)  # weight not row-major
+    assert not cutlass.fits_int8_dynamic(x[:0], qw, s, b, *tile)  # M == 0
+    with pytest.raises(ValueError, match="not a weight-only scheme"):
+        cutlass.linear("int8_dyn", x, qw, s, b, 0, 128, 256)

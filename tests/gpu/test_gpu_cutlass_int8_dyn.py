@@ -95,6 +95,8 @@ def test_inputs_it_cannot_take_are_refused():
         op(xq, xs, qc, wsc, torch.zeros(256, device="cuda"), 0)
     with pytest.raises(RuntimeError, match="unknown variant 99"):
         op(xq, xs, qc, wsc, None, 99)
+    with pytest.raises(RuntimeError, match="every tensor must be on xq's CUDA device"):
+        op(xq, xs.cpu(), qc, wsc, None, 0)
 
 
 def test_prequant_op_takes_it_from_the_table_and_falls_back(monkeypatch):

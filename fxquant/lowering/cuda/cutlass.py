@@ -81,10 +81,8 @@ def fits_int8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Te
     """The int8 dynamic GEMM: Hopper, x (unquantized, or xq) on the GPU with a bf16 output (x bf16,
     or int8 xq: the prequant op checks its out_dtype), K % 16 and N % 8 (16-byte TMA rows), float32
     per-row weight scales, a bf16 bias, 16-byte aligned weight, scales and bias, a known tile."""
-    if not (x.is_cuda and torch.version.hip is None and x.dtype in (torch.bfloat16, torch.int8)
-            and (bn, bm, split_k, warps, cluster) in I8_VARIANTS):
-        return False
-    if _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) != (9, 0):
+    if not (x.dtype in (torch.bfloat16, torch.int8) and (bn, bm, split_k, warps, cluster) in I8_VARIANTS
+            and _hopper(x)):
         return False
     K, N = x.shape[-1], qweight.shape[0]
     if (qweight.dtype != torch.int8 or qweight.shape[1] != K or K % 16 or N % 8 or N == 0 or x.numel() == 0
@@ -92,9 +90,17 @@ def fits_int8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Te
         return False
     if any(t is not None and t.device != x.device for t in (qweight, w_scales, bias)):
         return False
-    if bias is not None and (bias.dtype != torch.bfloat16 or bias.numel() != N or bias.data_ptr() % 16):
+    if bias is not None and (bias.dtype != torch.bfloat16 or bias.numel() != N or not bias.is_contiguous()
+                             or bias.data_ptr() % 16):
         return False
-    return qweight.is_contiguous() and qweight.data_ptr() % 16 == 0 and w_scales.data_ptr() % 16 == 0
+    return (qweight.is_contiguous() and qweight.data_ptr() % 16 == 0 and w_scales.is_contiguous()
+            and w_scales.data_ptr() % 16 == 0)
+
+
+def _hopper(x: torch.Tensor) -> bool:
+    """x is a CUDA (not ROCm) tensor on an sm_90 GPU."""
+    return (x.is_cuda and torch.version.hip is None
+            and _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) == (9, 0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,6 +169,8 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
            group: int, bn: int, bm: int, split_k: int = 1, warps: int = 0) -> torch.Tensor:
     """scheme "int4_wo" (scales = fxquant's scales_zeros) or "int8_wo" (per-channel scales [N]); int8
     dynamic goes through int8_dynamic_linear."""
+    if scheme not in ("int4_wo", "int8_wo"):
+        raise ValueError(f"cutlass.linear: {scheme!r} is not a weight-only scheme (int8 dynamic: int8_dynamic_linear)")
     if scheme == "int8_wo":
         return torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qweight, scales, bias, VARIANTS[(bn, bm, split_k, warps)])
     s, z = _int4_arrays(scales)

@@ -536,7 +536,7 @@ def linear_prequant(scheme: str, xq: torch.Tensor, x_scales: torch.Tensor, qweig
         x_f = (xq2.float() * xs.reshape(-1, 1)).to(out_dtype)
         cfg = _maybe_autotune(scheme, x_f, qweight, scales, bias, 0, cfg)
     if cfg.kind == "cutlass":
-        if (scheme == "int8_dyn" and out_dtype == torch.bfloat16
+        if (scheme == "int8_dyn" and out_dtype == torch.bfloat16 and xs.device == xq2.device
                 and _cutlass_fits(scheme, xq2, qweight, scales, bias, 0, cfg) and _cutlass_ready()):
             out = _run_cutlass_int8_dynamic(xq2, qweight, scales, bias, cfg, pre=(xq2, xs))
             return out.reshape(*xq.shape[:-1], N)

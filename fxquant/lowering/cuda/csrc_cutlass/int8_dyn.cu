@@ -37,6 +37,9 @@ at::Tensor cutlass_int8_dynamic_linear(const at::Tensor& xq, const at::Tensor& x
                                        int64_t variant) {
   const c10::cuda::OptionalCUDAGuard guard(xq.device());
   const char* op = "fxquant.cutlass_int8_dynamic_linear";
+  TORCH_CHECK(xq.is_cuda() && x_scales.device() == xq.device() && qweight.device() == xq.device() &&
+                  w_scales.device() == xq.device() && (!bias.has_value() || bias->device() == xq.device()),
+              op, ": every tensor must be on xq's CUDA device");
   TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.is_contiguous(), op,
               ": xq must be a contiguous int8 [M, K]");
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar && qweight.is_contiguous() &&
