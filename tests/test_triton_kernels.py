@@ -251,19 +251,20 @@ def test_config_cache_roundtrip(tmp_path, monkeypatch):
 
 
 def test_missing_m_bucket_takes_its_nearest_measured_neighbour():
-    """The shipped H100 table has no M = 2048 bucket (the benchmark does not measure it): a
-    2048-token prefill must not fall to the untuned default (for weight-only schemes, a fused
+    """Where the shipped H100 table has no M = 2048 bucket (fp8 weight-only: the benchmark does not
+    measure M = 2048), a 2048-token prefill must not fall to the untuned default (for weight-only schemes, a fused
     GEMM measured ~0.6x of bf16 there) but take the nearest measured bucket."""
     h100 = D._table("shipped")["h100"]
-    scheme, group = "int8_dyn", 0
+    scheme, group = "fp8_wo", 0
     assert D.bucket_key(scheme, group, 2048) not in h100
     near = D._nearest_bucket(h100, scheme, group, 2048)
     assert near == h100[D.bucket_key(scheme, group, 4096)]  # 1024 and 4096 tie: the larger
     # The weight-only schemes have measured M = 2048 buckets (the CUTLASS GEMMs, sessions 8-9), with
-    # dequantize + cuBLAS (what the nearest bucket gave before) as the fallback where the library is missing
-    for scheme, group in (("int4_wo", 128), ("int8_wo", 0)):
+    # dequantize + cuBLAS (what the nearest bucket gave before) as the fallback where the library is missing;
+    # int8 dynamic too (session 11), with the Triton GEMM as its fallback
+    for scheme, group, fallback in (("int4_wo", 128, "deq"), ("int8_wo", 0, "deq"), ("int8_dyn", 0, "gemm")):
         entry = h100[D.bucket_key(scheme, group, 2048)]
-        assert entry["kind"] == "cutlass" and entry["fallback"]["kind"] == "deq"
+        assert entry["kind"] == "cutlass" and entry["fallback"]["kind"] == fallback
     # A "cxx" entry never serves an M outside the C++ kernels' range, nor the reverse.
     table = {D.bucket_key("int4_wo", 128, 32): {"kind": "cxx"}, D.bucket_key("int4_wo", 128, 256): {"kind": "gemm"}}
     assert D._nearest_bucket(table, "int4_wo", 128, 64)["kind"] == "gemm"
