@@ -4,7 +4,8 @@ Every call picks its kernel from M (a Python int at run time), so one compiled g
 decode and prefill with no recompiles: M <= 16 may take the GEMV (Triton), or for int8/int4
 weight-only the CUDA C++ kernels of lowering/cuda/ (kind "cxx"); anything may take the tensor-core GEMM
 (optionally split-K), weight-only schemes may take dequantize + cuBLAS, fp8 dynamic schemes torch._scaled_mm,
-int8 dynamic torch._int_mm (kind "scaled_mm").
+int8 dynamic torch._int_mm (kind "scaled_mm"); on Hopper, int8 / int4 weight-only and int8 dynamic may take
+the CUTLASS GEMMs of lowering/cuda/csrc_cutlass (kind "cutlass").
 Config lookup order: on-disk autotune cache, shipped table (exact shape, then per M-bucket),
 heuristic default.
 """
