@@ -55,10 +55,8 @@ def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     (int4: group % 64; int8: its one group spans K, so K % 64)."""
     if scheme == "int8_dyn":
         return fits_int8_dynamic(x, qweight, scales, bias, bn, bm, split_k, warps, cluster)
-    if not (scheme in SCHEMES and x.is_cuda and torch.version.hip is None and x.dtype == torch.bfloat16
-            and scales.dtype == torch.bfloat16 and (bn, bm, split_k, warps) in VARIANTS and cluster == 1):
-        return False
-    if _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) != (9, 0):
+    if not (scheme in SCHEMES and x.dtype == torch.bfloat16 and scales.dtype == torch.bfloat16
+            and (bn, bm, split_k, warps) in VARIANTS and cluster == 1 and _hopper(x)):
         return False
     K, N = x.shape[-1], qweight.shape[0]
     if scheme == "int4_wo":
