@@ -10,11 +10,16 @@ import torch
 
 import fxquant  # noqa: F401  (registers the Python ops)
 from fxquant import numerics as nq
-from fxquant.configs import Int4WeightOnly, Int8WeightOnly
+from fxquant.configs import (Float8DynamicActivationFloat8Weight, Int4WeightOnly,
+                             Int8DynamicActivationInt8Weight, Int8WeightOnly)
 from fxquant.lowering import cuda as cxx
 
 PAIRS = {"cxx_int4_weight_only_linear": "int4_weight_only_linear",
-         "cxx_int8_weight_only_linear": "int8_weight_only_linear"}
+         "cxx_int8_weight_only_linear": "int8_weight_only_linear",
+         "cxx_int8_dynamic_linear": "int8_dynamic_linear",
+         "cxx_float8_dynamic_linear": "float8_dynamic_linear",
+         "cxx_int8_dynamic_linear_prequant": "int8_dynamic_linear_prequant",
+         "cxx_float8_dynamic_linear_prequant": "float8_dynamic_linear_prequant"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -175,3 +180,74 @@ def test_shipped_cxx_entries_carry_a_triton_fallback(monkeypatch):
     assert D.get_config("int4_wo", 2, 1000, 2048, 128, torch.float16, cuda).kind == "cxx"
     assert D.get_config("int4_wo", 2, 1000, 2048, 128, torch.float16, cuda, allow_cxx=False).kind != "cxx"
     assert D.get_config("int8_wo", 1, 1000, 2048, 0, torch.bfloat16, cuda, allow_cxx=False).kind != "cxx"
+
+
+DYNAMIC = [("int8", Int8DynamicActivationInt8Weight()), ("fp8_row", Float8DynamicActivationFloat8Weight("row")),
+           ("fp8_tensor", Float8DynamicActivationFloat8Weight("tensor"))]
+
+
+@pytest.mark.parametrize("name,cfg", DYNAMIC)
+@pytest.mark.parametrize("x_shape", [(5, 192), (2, 9, 192), (0, 192), (1, 192)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dynamic_cpu_kernel_equals_python_op(name, cfg, x_shape, dtype):
+    """The dynamic ops' ATen path (the CPU kernel, and the CUDA kernels' fallback): the quantization
+    and the scaled product of lowering/cpu.py in the same order, so bit-identical."""
+    packed, static, g = _packed(cfg, 40, 192, torch.float32)
+    x = (torch.randn(*x_shape, generator=g) * 3).to(dtype)
+    for b in (None, torch.randn(40, generator=g)):
+        want = cfg.op(x, *packed, b, *static)
+        got = getattr(torch.ops.fxquant, "cxx_" + cfg.op._name.split("::")[-1])(x, *packed, b, *static)
+        assert got.shape == want.shape == (*x_shape[:-1], 40) and got.dtype == dtype
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_prequant_cpu_kernel_equals_python_op(fp8, out_dtype):
+    cfg = Float8DynamicActivationFloat8Weight("row") if fp8 else Int8DynamicActivationInt8Weight()
+    (qweight, w_scales), _, g = _packed(cfg, 24, 128, torch.float32)
+    x = torch.randn(2, 3, 128, generator=g)
+    xq, xs = nq.quantize_fp8(x.reshape(6, 128), True) if fp8 else nq.quantize_int8_per_token(x.reshape(6, 128))
+    xq, xs = xq.reshape(2, 3, 128), xs.reshape(2, 3, 1)
+    name = ("float8" if fp8 else "int8") + "_dynamic_linear_prequant"
+    for b in (None, torch.randn(24, generator=g).bfloat16()):
+        want = getattr(torch.ops.fxquant, name)(xq, xs, qweight, w_scales, b, out_dtype)
+        got = getattr(torch.ops.fxquant, "cxx_" + name)(xq, xs, qweight, w_scales, b, out_dtype)
+        assert got.shape == (2, 3, 24) and got.dtype == out_dtype
+        assert torch.equal(got, want)
+
+
+def test_dynamic_opcheck():
+    for _, cfg in DYNAMIC:
+        packed, static, g = _packed(cfg, 16, 128, torch.float32)
+        op = getattr(torch.ops.fxquant, "cxx_" + cfg.op._name.split("::")[-1])
+        # opcheck's schema test compares inputs with ops that have no CPU float8 kernel
+        utils = ("test_faketensor", "test_aot_dispatch_dynamic") if packed[0].dtype != torch.int8 else None
+        for b in (None, torch.randn(16, generator=g).bfloat16()):
+            torch.library.opcheck(op, (torch.randn(3, 128, generator=g).bfloat16(), *packed, b, *static),
+                                  **({"test_utils": utils} if utils else {}))
+    (qweight, w_scales), _, g = _packed(DYNAMIC[0][1], 16, 128, torch.float32)
+    xq, xs = nq.quantize_int8_per_token(torch.randn(5, 128, generator=g))
+    torch.library.opcheck(torch.ops.fxquant.cxx_int8_dynamic_linear_prequant,
+                          (xq, xs, qweight, w_scales, None, torch.bfloat16))
+
+
+def test_dynamic_bad_inputs_are_clear_errors():
+    (q8, s8), _, g = _packed(Int8DynamicActivationInt8Weight(), 16, 128, torch.float32)
+    op = torch.ops.fxquant.cxx_int8_dynamic_linear
+    with pytest.raises(RuntimeError, match="x has K=96 but the weight has K=128"):
+        op(torch.randn(2, 96), q8, s8, None)
+    with pytest.raises(RuntimeError, match=r"w_scales must be float32 \[16\] or \[1\], got BFloat16 \[16\]"):
+        op(torch.randn(2, 128), q8, s8.bfloat16(), None)
+    with pytest.raises(RuntimeError, match="qweight must be int8"):
+        op(torch.randn(2, 128), q8.view(torch.uint8), s8, None)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[16\]"):
+        op(torch.randn(2, 128), q8, s8, torch.zeros(15))
+    xq, xs = nq.quantize_int8_per_token(torch.randn(5, 128, generator=g))
+    pre = torch.ops.fxquant.cxx_int8_dynamic_linear_prequant
+    with pytest.raises(RuntimeError, match=r"x_scales must be float32 \[\.\.\., 1\] with one scale per token"):
+        pre(xq, xs[:4], q8, s8, None, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="xq and qweight must be int8"):
+        pre(xq.float(), xs, q8, s8, None, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="out_dtype must be float32/float16/bfloat16"):
+        pre(xq, xs, q8, s8, None, torch.int32)

@@ -130,7 +130,9 @@ def test_dispatch_takes_the_cxx_kernel_and_falls_back_above_its_m():
     x32 = torch.randn(32, 512, generator=g).bfloat16().cuda()
     assert D.cxx_fits("int4_wo", x32, p, sz, None, 128)
     assert not D.cxx_fits("int4_wo", torch.randn(33, 512, generator=g).bfloat16().cuda(), p, sz, None, 128)
-    assert all(c.kind != "cxx" for c in D.candidate_configs("int8_dyn", 1, 0))
+    # the dynamic schemes' C++ kernel (dynamic_mma.cu) is a candidate within its M range
+    assert D.KernelConfig("cxx", bn=0, bk=0) in D.candidate_configs("int8_dyn", 1, 0)
+    assert all(c.kind != "cxx" for c in D.candidate_configs("int8_dyn", D.CXX_MAX_M["int8_dyn"] + 1, 0))
 
 
 @pytest.mark.parametrize("variant", ["1,16", "2,16", "1,8", "2,8", "2,4", "2,1", "bogus", ""])

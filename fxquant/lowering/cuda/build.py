@@ -19,7 +19,7 @@ import torch
 from .. import ops
 from ..cache import cache_root
 
-ABI_VERSION = 1  # must equal fxquant::abi_version() in csrc/ops.cpp
+ABI_VERSION = 2  # must equal fxquant::abi_version() in csrc/ops.cpp (2: the dynamic-activation ops)
 SRC = Path(__file__).with_name("csrc")
 CUTLASS_SRC = Path(__file__).with_name("csrc_cutlass")
 # One lock per library: the CUTLASS build (minutes) must not hold up the C++ library's loads.
@@ -65,6 +65,23 @@ def _register_fakes() -> None:
         ops._check_k(x, qweight.shape[1], "cxx_int8_weight_only_linear")
         return ops._out_like(x, qweight)
 
+    @torch.library.register_fake("fxquant::cxx_int8_dynamic_linear")
+    def _(x, qweight, w_scales, bias):
+        ops._check_k(x, qweight.shape[1], "cxx_int8_dynamic_linear")
+        return ops._out_like(x, qweight)
+
+    @torch.library.register_fake("fxquant::cxx_float8_dynamic_linear")
+    def _(x, qweight, w_scales, bias, per_row):
+        ops._check_k(x, qweight.shape[1], "cxx_float8_dynamic_linear")
+        return ops._out_like(x, qweight)
+
+    for name, q_dtype in (("cxx_int8_dynamic_linear_prequant", torch.int8),
+                          ("cxx_float8_dynamic_linear_prequant", torch.float8_e4m3fn)):
+        def fake(xq, x_scales, qweight, w_scales, bias, out_dtype, name=name, q_dtype=q_dtype):
+            ops._check_prequant(xq, x_scales, qweight, out_dtype, name, q_dtype)
+            return xq.new_empty((*xq.shape[:-1], qweight.shape[0]), dtype=out_dtype)
+        torch.library.register_fake(f"fxquant::{name}")(fake)
+
 
 def load(verbose: bool = False) -> Path:
     """Builds (first use) and loads the library into this process; returns the .so's path.
@@ -98,11 +115,11 @@ def _load(verbose: bool) -> Path:
     if arch is not None and tuple(int(v) for v in arch.split(".")) < (8, 0):
         raise CxxUnavailable(f"its CUDA kernels need compute capability >= 8.0 (bf16 tensor-core MMA, "
                              f"L2 load hints); this GPU is sm_{arch.replace('.', '')}")
-    sources = ["ops.cpp"] + (["gemv.cu"] if arch else [])
+    sources = ["ops.cpp"] + (["gemv.cu", "dynamic_mma.cu", "dynamic_mma_int8.cu", "dynamic_mma_fp8.cu"] if arch else [])
     h = hashlib.sha256()
     for f in sorted(SRC.iterdir()):
         h.update(f.name.encode() + f.read_bytes())
-    h.update(f"{torch.__version__}|{arch}|{sys.version_info[:2]}".encode())
+    h.update(f"{torch.__version__}|{arch}|{sys.version_info[:2]}|{sources}".encode())  # what gets compiled
     tag = h.hexdigest()[:16]
     name = f"fxquant_cxx_{tag}"
     build_dir = cache_root() / "cxx" / tag

@@ -37,8 +37,20 @@ _WKIND = {"int8_wo": C.WK_INT8, "int4_wo": C.WK_INT4, "fp8_wo": C.WK_FP8,
           "int8_dyn": C.WK_INT8_MMA, "fp8_dyn_row": C.WK_FP8_MMA, "fp8_dyn_tensor": C.WK_FP8_MMA}
 _GEMV_WKIND = {"int8_dyn": C.WK_INT8, "fp8_dyn_row": C.WK_FP8, "fp8_dyn_tensor": C.WK_FP8}
 GEMV_MAX_M = 16
-CXX_SCHEMES = ("int8_wo", "int4_wo")  # schemes with a CUDA C++ GEMV (kind "cxx")
-CXX_MAX_M = {"int8_wo": 16, "int4_wo": 32}  # the C++ kernels' M range (int4: its tensor-core kernel)
+CXX_SCHEMES = ("int8_wo", "int4_wo") + DYNAMIC  # schemes with CUDA C++ kernels (kind "cxx")
+# The C++ kernels' M range (int4: its tensor-core kernel; dynamic: the 8-bit MMA kernel, which
+# quantizes x itself up to CXX_QUANT_MAX_M and beyond that takes x quantized by our Triton kernel).
+CXX_MAX_M = {"int8_wo": 16, "int4_wo": 32, "int8_dyn": 32, "fp8_dyn_row": 32, "fp8_dyn_tensor": 32}
+# Plain ops: the kernel quantizes x itself up to here (its own limit: kMaxQuantM = 4). Measured on
+# the H100 (BENCHMARKS.md S12): at M = 1 that beats our Triton quantization + the kernel on x
+# quantized beforehand; at M = 2 it loses, except with a per-tensor scale (two Triton passes).
+CXX_QUANT_MAX_M = {"int8_dyn": 1, "fp8_dyn_row": 1, "fp8_dyn_tensor": 2}
+
+
+def _cxx_quant_max_m(scheme: str) -> int:
+    """CXX_QUANT_MAX_M[scheme], or FXQUANT_CXX_QUANT_MAX_M (0..4; experiments, read at every call)."""
+    v = os.environ.get("FXQUANT_CXX_QUANT_MAX_M", "")
+    return int(v) if v.isdigit() and int(v) <= 4 else CXX_QUANT_MAX_M[scheme]
 # Kinds that run only where a condition holds (cxx_fits / scaled_mm_fits); a table entry of one
 # carries the best Triton config beside it as "fallback".
 CONDITIONAL_KINDS = ("cxx", "scaled_mm", "cutlass")
@@ -424,6 +436,21 @@ def _run_cutlass_int8_dynamic(x2, qweight, scales, bias, cfg, pre=None):
                                        cfg.cluster)
 
 
+def _run_cxx_dynamic(scheme, x, x2, qweight, scales, bias):
+    """A dynamic scheme on the C++ 8-bit MMA kernel: up to CXX_QUANT_MAX_M[scheme] tokens it quantizes x
+    itself (one launch); beyond, x is quantized per token by our Triton kernel first."""
+    fp8 = scheme != "int8_dyn"
+    if x2.shape[0] <= _cxx_quant_max_m(scheme):
+        if fp8:
+            return torch.ops.fxquant.cxx_float8_dynamic_linear(x, qweight, scales, bias, scheme == "fp8_dyn_row")
+        return torch.ops.fxquant.cxx_int8_dynamic_linear(x, qweight, scales, bias)
+    q, xs = quantize_activations(x2, fp8=fp8, per_row=scheme != "fp8_dyn_tensor")
+    xs = xs.reshape(-1, 1).expand(x2.shape[0], 1)  # a per-tensor scale, once per token
+    op = (torch.ops.fxquant.cxx_float8_dynamic_linear_prequant if fp8
+          else torch.ops.fxquant.cxx_int8_dynamic_linear_prequant)
+    return op(q, xs, qweight, scales, bias, x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
 def dequantize_weight(scheme: str, qweight: torch.Tensor, scales: torch.Tensor, group: int,
                       dtype: torch.dtype, bn: int = 64, bk: int = 128, warps: int = 4) -> torch.Tensor:
     """Packed weight -> [N, K] in `dtype` (the same values as numerics.dequantize_*)."""
@@ -496,7 +523,9 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         if cxx_fits(scheme, x, qweight, scales, bias, group) and _cxx_ready():
             if scheme == "int4_wo":
                 return torch.ops.fxquant.cxx_int4_weight_only_linear(x, qweight, scales, bias, group)
-            return torch.ops.fxquant.cxx_int8_weight_only_linear(x, qweight, scales, bias)
+            if scheme == "int8_wo":
+                return torch.ops.fxquant.cxx_int8_weight_only_linear(x, qweight, scales, bias)
+            return _run_cxx_dynamic(scheme, x, x2, qweight, scales, bias)
         cfg = get_config(scheme, M, N, K, group, x.dtype, x.device, allow_cxx=False, allow_scaled_mm=smm,
                          allow_cutlass=False)  # the best of the others
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)  # after the cxx branch: it allocates its own
@@ -515,7 +544,8 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 def linear_prequant(scheme: str, xq: torch.Tensor, x_scales: torch.Tensor, qweight: torch.Tensor,
                     scales: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """A per-row dynamic scheme ("int8_dyn", "fp8_dyn_row") on activations quantized beforehand:
-    xq [..., K] int8/e4m3, x_scales [..., 1] float32. Same kernels and configs as `linear`."""
+    xq [..., K] int8/e4m3, x_scales [..., 1] float32. Same kernels and configs as `linear` (a "cxx"
+    entry: the C++ 8-bit MMA kernel's prequant op)."""
     assert scheme in ("int8_dyn", "fp8_dyn_row"), scheme
     K = xq.shape[-1]
     N = qweight.shape[0]
@@ -531,11 +561,17 @@ def linear_prequant(scheme: str, xq: torch.Tensor, x_scales: torch.Tensor, qweig
     xs = xs if xs.is_contiguous() else xs.contiguous()
     qweight, scales = _kernel_ready(qweight, scales)
     smm = scaled_mm_fits(scheme, N, K, out_dtype, scales.numel(), M)
-    cfg = get_config(scheme, M, N, K, 0, out_dtype, xq.device, allow_cxx=False, allow_scaled_mm=smm)
+    cfg = get_config(scheme, M, N, K, 0, out_dtype, xq.device, allow_scaled_mm=smm)
     if _autotune_now(xq) and not _tuned(scheme, out_dtype, N, K, 0, M, xq.device):
         # Tuned as the whole op on these activations dequantized: same kernels, same cache key.
         x_f = (xq2.float() * xs.reshape(-1, 1)).to(out_dtype)
         cfg = _maybe_autotune(scheme, x_f, qweight, scales, bias, 0, cfg)
+    if cfg.kind == "cxx":
+        if (cxx_prequant_fits(scheme, xq2, xs, qweight, scales, bias, out_dtype) and _cxx_ready()):
+            op = (torch.ops.fxquant.cxx_int8_dynamic_linear_prequant if scheme == "int8_dyn"
+                  else torch.ops.fxquant.cxx_float8_dynamic_linear_prequant)
+            return op(xq2, xs.reshape(-1, 1), qweight, scales, bias, out_dtype).reshape(*xq.shape[:-1], N)
+        cfg = get_config(scheme, M, N, K, 0, out_dtype, xq.device, allow_cxx=False, allow_scaled_mm=smm)
     if cfg.kind == "cutlass":
         if (scheme == "int8_dyn" and out_dtype == torch.bfloat16 and xs.device == xq2.device
                 and _cutlass_fits(scheme, xq2, qweight, scales, bias, 0, cfg) and _cutlass_ready()):
@@ -556,21 +592,53 @@ def linear_prequant(scheme: str, xq: torch.Tensor, x_scales: torch.Tensor, qweig
 def cxx_fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
              bias: torch.Tensor | None, group: int) -> bool:
     """Whether the CUDA C++ kernels cover these inputs well (else its op would take its slow
-    dequantize + cuBLAS path: float32 x, scales in another dtype, K or group not multiples of 32,
-    empty or >= 2^31-element weights; tensors on other devices go to Triton, which names them).
+    ATen path: float32 x, scales in another dtype, K or group not multiples of 32, empty or
+    >= 2^31-element weights; tensors on other devices go to Triton, which names them).
     M must be within CXX_MAX_M. int4 at M > 2 also needs the tensor-core kernel (K % 128 == 0,
-    sm_80+, FXQUANT_CXX_INT4_MMA not 0): the CUDA-core GEMV loses to Triton there."""
+    sm_80+, FXQUANT_CXX_INT4_MMA not 0): the CUDA-core GEMV loses to Triton there. Dynamic
+    schemes: see _cxx_dynamic_fits."""
     K, N = x.shape[-1], qweight.shape[0]
     if not (scheme in CXX_SCHEMES and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and scales.dtype == x.dtype and K % 32 == 0 and (scheme != "int4_wo" or group % 32 == 0)
             and 0 < N * K < 2 ** 31 and all(t.device == x.device for t in (qweight, scales, bias)
                                             if t is not None)):
         return False
     m = x.numel() // max(K, 1)
-    if m > CXX_MAX_M[scheme]:
+    if not 1 <= m <= CXX_MAX_M[scheme]:
+        return False
+    if scheme in DYNAMIC:
+        return _cxx_dynamic_fits(scheme, x.device, m, K, N, scales)
+    if not (scales.dtype == x.dtype and K % 32 == 0 and (scheme != "int4_wo" or group % 32 == 0)):
         return False
     mma = K % 128 == 0 and _device_info(x.device)[2] >= (8, 0) and os.environ.get("FXQUANT_CXX_INT4_MMA") != "0"
     return scheme != "int4_wo" or m <= 2 or mma
+
+
+def _cxx_dynamic_fits(scheme: str, device: torch.device, m: int, K: int, N: int, scales: torch.Tensor) -> bool:
+    """dynamic_mma.cu's range: K % 64 == 0, float32 weight scales ([N], or [1] for fp8), fp8 on
+    sm_89+, and, where it quantizes x itself (M <= CXX_QUANT_MAX_M), M x K bytes of shared memory."""
+    if not (K % 64 == 0 and scales.dtype == torch.float32 and scales.is_contiguous()
+            and scales.numel() in ((N,) if scheme == "int8_dyn" else (N, 1))):
+        return False
+    if scheme != "int8_dyn" and _device_info(device)[2] < (8, 9):
+        return False
+    return m > _cxx_quant_max_m(scheme) or m * (K + 16) <= _smem_optin(device) - 1024
+
+
+def _smem_optin(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 227 * 1024  # the interpreter: an H100
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def cxx_prequant_fits(scheme: str, xq2: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor,
+                      scales: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
+    """The C++ 8-bit MMA kernel on activations quantized beforehand: M <= CXX_MAX_M, a bf16/fp16
+    output, one device, and _cxx_dynamic_fits' weight rules."""
+    M, K, N = xq2.shape[0], xq2.shape[1], qweight.shape[0]
+    return (xq2.is_cuda and out_dtype in (torch.bfloat16, torch.float16) and 1 <= M <= CXX_MAX_M[scheme]
+            and 0 < N * K < 2 ** 31 and xs.numel() == M
+            and all(t.device == xq2.device for t in (xs, qweight, scales, bias) if t is not None)
+            and _cxx_dynamic_fits(scheme, xq2.device, 5, K, N, scales))  # (no x in shared memory)
 
 
 def _cxx_ready() -> bool:

@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <torch/library.h>
 
+#include "device.cuh"
 #include "ops.h"
 
 namespace fxquant {
@@ -34,10 +35,10 @@ constexpr int kMaxM = 16;      // the GEMV's range; larger M is compute-bound: d
 constexpr int kMaxMmaM = 32;   // the int4 tensor-core kernel's range
 constexpr int kMaxThreads = 256;  // up to 255 registers per thread where a tile is prefetched
 
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ void from_f(float v, __nv_bfloat16* p) { *p = __float2bfloat16(v); }
-__device__ __forceinline__ void from_f(float v, __half* p) { *p = __float2half(v); }
+using device::from_f;
+using device::load_stream;
+using device::sm_count;
+using device::to_f;
 
 // Two packed 16-bit values (element 0 in the low half) -> float2.
 __device__ __forceinline__ float2 unpack2(uint32_t u, const __nv_bfloat16*) {
@@ -46,15 +47,6 @@ __device__ __forceinline__ float2 unpack2(uint32_t u, const __nv_bfloat16*) {
 __device__ __forceinline__ float2 unpack2(uint32_t u, const __half*) {
   __half2 h = *reinterpret_cast<__half2*>(&u);
   return __half22float2(h);
-}
-
-// Weights are read once: skip L1, and let L2 fetch whole 256-byte lines.
-__device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
-  return r;
 }
 
 // Byte b of v (a value 0..255) as a float: placed in the mantissa of 2^23, then 2^23 subtracted
@@ -212,23 +204,7 @@ __global__ void __launch_bounds__(kMaxThreads, PIPE ? 1 : 4) gemv_kernel(
   }
 }
 
-// Facts of the current device that never change, queried once per device (racing first calls
-// store the same value): an attribute, and a kernel's resident blocks per SM at a block size.
-template <cudaDeviceAttr kAttr>
-int device_attr() {
-  static std::atomic<int> cache[64];  // zero-initialised (static storage)
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  std::atomic<int>& slot = cache[std::min(dev, 63)];
-  int v = slot.load(std::memory_order_relaxed);
-  if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, kAttr, dev));
-    slot.store(v, std::memory_order_relaxed);
-  }
-  return v;
-}
-
-int sm_count() { return device_attr<cudaDevAttrMultiProcessorCount>(); }
+// A kernel's resident blocks per SM at a block size, queried once per device.
 
 template <auto kKernel>
 int blocks_per_sm(int threads) {  // threads: a multiple of 32, at most 512
@@ -536,7 +512,7 @@ bool tensor_cores() {
     const char* v = std::getenv("FXQUANT_CXX_INT4_MMA");
     return v != nullptr && v[0] == '0';
   }();
-  return !env_off && device_attr<cudaDevAttrComputeCapabilityMajor>() >= 8;
+  return !env_off && device::attr<cudaDevAttrComputeCapabilityMajor>() >= 8;
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }

@@ -23,6 +23,14 @@ void check_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
 void check_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                 const std::optional<at::Tensor>& bias);
 
+// The dynamic-activation ops (int8 and e4m3): x, or xq with its per-token scales, against an 8-bit
+// weight with float32 scales [N] or [1].
+void check_dynamic(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& w_scales,
+                   const std::optional<at::Tensor>& bias, bool fp8);
+void check_prequant(const at::Tensor& xq, const at::Tensor& x_scales, const at::Tensor& qweight,
+                    const at::Tensor& w_scales, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                    bool fp8);
+
 // Dequantize + GEMM in ATen, with the arithmetic of fxquant/numerics.py and lowering/cpu.py:
 // the CPU kernels, and the CUDA kernels' path outside the GEMV's range (M > 16, float32 x).
 at::Tensor int4_dequant_linear(const at::Tensor& x, const at::Tensor& qweight,
@@ -30,5 +38,14 @@ at::Tensor int4_dequant_linear(const at::Tensor& x, const at::Tensor& qweight,
                                int64_t group_size);
 at::Tensor int8_dequant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                const std::optional<at::Tensor>& bias);
+
+
+// The dynamic ops in ATen, with lowering/cpu.py's arithmetic (the CPU kernels; the CUDA kernels'
+// path outside their range).
+at::Tensor dynamic_reference(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& w_scales,
+                             const std::optional<at::Tensor>& bias, bool fp8, bool per_row);
+at::Tensor prequant_reference(const at::Tensor& xq, const at::Tensor& x_scales, const at::Tensor& qweight,
+                              const at::Tensor& w_scales, const std::optional<at::Tensor>& bias,
+                              at::ScalarType out_dtype, bool fp8);
 
 }  // namespace fxquant
