@@ -40,14 +40,12 @@ using dyn::launch;
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // What the kernels take; anything else runs the ATen reference (ops.cpp).
-bool kernel_fits(const at::Tensor& qweight, const at::Tensor& w_scales, const std::optional<at::Tensor>& bias,
-                 int64_t m, at::ScalarType out_dtype, bool fp8, bool quant) {
+bool kernel_fits(const at::Tensor& qweight, const at::Tensor& w_scales, int64_t m, at::ScalarType out_dtype, bool fp8, bool quant) {
   const int64_t n = qweight.size(0), k = qweight.size(1);
   if (m < 1 || m > (quant ? kMaxQuantM : kMaxDynM) || k % 64 != 0 || n < 1 || n * k >= (int64_t(1) << 31)) return false;
   if (out_dtype != at::kBFloat16 && out_dtype != at::kHalf) return false;
   if (!qweight.is_contiguous() || !aligned16(qweight.data_ptr())) return false;
   if (w_scales.scalar_type() != at::kFloat || !w_scales.is_contiguous()) return false;
-  if (bias.has_value() && bias->device() != qweight.device()) return false;
   if (quant && m * (k + 16) > device::attr<cudaDevAttrMaxSharedMemoryPerBlockOptin>() - 1024) return false;
   return !fp8 || device::capability() >= 89;
 }
@@ -88,8 +86,8 @@ at::Tensor dynamic_cuda(const at::Tensor& x, const at::Tensor& qweight, const at
   check_dynamic(x, qweight, w_scales, bias, FP8);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const int64_t k = qweight.size(1), m = x.numel() / std::max<int64_t>(k, 1);
-  if (x.scalar_type() != at::kFloat && x.device() == qweight.device() && w_scales.device() == x.device() &&
-      kernel_fits(qweight, w_scales, bias, m, x.scalar_type(), FP8, true)) {
+  if (x.scalar_type() != at::kFloat &&  // (check_dynamic put every tensor on x's device)
+      kernel_fits(qweight, w_scales, m, x.scalar_type(), FP8, true)) {
     at::Tensor x2 = rows16(x, k);
     return shaped(run<FP8, true>(x2, x2, qweight, w_scales, bias, x.scalar_type(), FP8 && !per_row), x);
   }
@@ -102,8 +100,7 @@ at::Tensor prequant_cuda(const at::Tensor& xq, const at::Tensor& x_scales, const
   check_prequant(xq, x_scales, qweight, w_scales, bias, out_dtype, FP8);
   const c10::cuda::OptionalCUDAGuard guard(xq.device());
   const int64_t k = qweight.size(1), m = xq.numel() / std::max<int64_t>(k, 1);
-  if (xq.device() == qweight.device() && x_scales.device() == xq.device() && w_scales.device() == xq.device() &&
-      kernel_fits(qweight, w_scales, bias, m, out_dtype, FP8, false)) {
+  if (kernel_fits(qweight, w_scales, m, out_dtype, FP8, false)) {
     at::Tensor xs = x_scales.reshape({-1}).contiguous();
     return shaped(run<FP8, false>(rows16(xq, k), xs, qweight, w_scales, bias, out_dtype, false), xq);
   }

@@ -277,11 +277,11 @@ void launch_shape(const Args& a, int warps) {
 }
 
 template <bool FP8, int NT, int RT, bool QUANT, typename T>
-const void* kernel_ptr_u(int u) {
+void launch_u(const Args& a, int warps, int u) {  // U = 2 is built for NT = 1 only (registers)
   if constexpr (NT == 1) {
-    if (u == 2) return kernel_ptr<FP8, NT, RT, 2, QUANT, T>();
+    if (u == 2) return launch_shape<FP8, NT, RT, 2, QUANT, T>(a, warps);
   }
-  return kernel_ptr<FP8, NT, RT, 1, QUANT, T>();
+  launch_shape<FP8, NT, RT, 1, QUANT, T>(a, warps);
 }
 
 template <bool FP8, int NT, bool QUANT, typename T>
@@ -290,17 +290,16 @@ void launch_nt(const Args& a) {
   static constexpr Shape kMore[] = {{2, 16, 0}, {2, 8, 0}, {2, 4, 0}};
   const Shape* list = NT == 1 ? kOne : kMore;
   const int count = NT == 1 ? 4 : 3;
-  const int u = 1;
   Shape s = list[count - 1];
   for (int i = 0; i < count; ++i) {
-    const int warps = std::min(list[i].warps, a.K / (64 * u)), blocks = (a.N + 16 * list[i].rt - 1) / (16 * list[i].rt);
-    const void* k = list[i].rt == 1 ? kernel_ptr_u<FP8, NT, 1, QUANT, T>(u) : kernel_ptr_u<FP8, NT, 2, QUANT, T>(u);
+    const int warps = std::min(list[i].warps, a.K / 64), blocks = (a.N + 16 * list[i].rt - 1) / (16 * list[i].rt);
+    const void* k = list[i].rt == 1 ? kernel_ptr<FP8, NT, 1, 1, QUANT, T>() : kernel_ptr<FP8, NT, 2, 1, QUANT, T>();
     if (blocks <= blocks_per_sm(k, warps * 32, smem_bytes(a, QUANT, list[i].rt, NT, warps)) * device::sm_count()) {
       s = list[i];
       break;
     }
   }
-  s.u = u;
+  s.u = 1;
   if (const char* e = std::getenv("FXQUANT_CXX_DYN_VARIANT")) {  // exactly "RT,WARPS,U", else ignored
     Shape o{0, 0, 0};
     int used = 0;
@@ -310,13 +309,8 @@ void launch_nt(const Args& a) {
       s = o;
   }
   const int warps = std::max(1, std::min(s.warps, a.K / (64 * s.u)));
-  if (s.rt == 1) {
-    if (NT == 1 && s.u == 2) launch_shape<FP8, NT, 1, NT == 1 ? 2 : 1, QUANT, T>(a, warps);
-    else launch_shape<FP8, NT, 1, 1, QUANT, T>(a, warps);
-  } else {
-    if (NT == 1 && s.u == 2) launch_shape<FP8, NT, 2, NT == 1 ? 2 : 1, QUANT, T>(a, warps);
-    else launch_shape<FP8, NT, 2, 1, QUANT, T>(a, warps);
-  }
+  if (s.rt == 1) launch_u<FP8, NT, 1, QUANT, T>(a, warps, s.u);
+  else launch_u<FP8, NT, 2, QUANT, T>(a, warps, s.u);
 }
 
 // The launcher of one scheme (FP8), form (QUANT: x quantized here, M <= kMaxQuantM) and output

@@ -35,6 +35,13 @@ void check_bias(const std::optional<at::Tensor>& bias, int64_t n, const char* op
   }
 }
 
+void check_w_scales(const at::Tensor& w_scales, int64_t n, const char* op) {
+  TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.dim() == 1 &&
+                  (w_scales.size(0) == n || w_scales.size(0) == 1),
+              "fxquant.", op, ": w_scales must be float32 [", num(n), "] or [1], got ", w_scales.scalar_type(), " ",
+              dims(w_scales.sizes()));
+}
+
 at::Tensor finish(const at::Tensor& out2d, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
   at::Tensor out = bias.has_value() ? out2d + bias->to(out2d.scalar_type()) : out2d;
   auto shape = x.sizes().vec();
@@ -105,10 +112,7 @@ void check_dynamic(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
               fp8 ? "float8_e4m3fn" : "int8", " [N, K], got ", qweight.scalar_type(), " ", dims(qweight.sizes()));
   check_x(x, qweight.size(1), op);
   const int64_t n = qweight.size(0);
-  TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.dim() == 1 &&
-                  (w_scales.size(0) == n || w_scales.size(0) == 1),
-              "fxquant.", op, ": w_scales must be float32 [", num(n), "] or [1], got ", w_scales.scalar_type(), " ",
-              dims(w_scales.sizes()));
+  check_w_scales(w_scales, n, op);
   check_bias(bias, n, op);
   check_device(x, qweight, "qweight", op);
   check_device(x, w_scales, "w_scales", op);
@@ -130,10 +134,7 @@ void check_prequant(const at::Tensor& xq, const at::Tensor& x_scales, const at::
               "fxquant.", op, ": x_scales must be float32 [..., 1] with one scale per token of xq ",
               dims(xq.sizes()), ", got ", x_scales.scalar_type(), " ", dims(x_scales.sizes()));
   const int64_t n = qweight.size(0);
-  TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.dim() == 1 &&
-                  (w_scales.size(0) == n || w_scales.size(0) == 1),
-              "fxquant.", op, ": w_scales must be float32 [", num(n), "] or [1], got ", w_scales.scalar_type(), " ",
-              dims(w_scales.sizes()));
+  check_w_scales(w_scales, n, op);
   TORCH_CHECK(is_float(out_dtype), "fxquant.", op, ": out_dtype must be float32/float16/bfloat16, got ", out_dtype);
   check_bias(bias, n, op);
   check_device(xq, x_scales, "x_scales", op);
