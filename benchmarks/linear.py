@@ -24,7 +24,7 @@ on its first call per shape and M).
 
 Kernel variants (M <= dispatch.CXX_MAX_M: 32 for int4, 16 for int8): "<scheme>@cuda" forces the CUDA C++ GEMV (lowering/cuda/) and
 "<scheme>@triton" the best Triton choice, for the schemes in dispatch.CXX_SCHEMES and the fp8
-dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm; "w4a16_g128@cutlass" and "w8a16@cutlass"
+dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm; "w4a16_g128@cutlass", "w8a16@cutlass" and "fp8_wo@cutlass"
 (M >= 128) force the CUTLASS wgmma GEMM with its 128 x 256 tile (Hopper), "@cutlass_128x128" and
 "@cutlass_64x128" its other tiles, "@cutlass_streamk" the 128 x 256 tile with stream-K,
 "@cutlass_ping_128x128" / "@cutlass_ping_64x256" ping-pong tiles; "w8a8_int8@cutlass_i8_<tokens>x<rows>"
@@ -789,7 +789,7 @@ def main(argv=None) -> int:
             ap.error(f"unknown scheme {base!r}; known: {', '.join(SCHEMES)}")
         allowed = {"cuda": D.CXX_SCHEMES, "triton": D.CXX_SCHEMES + ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn"),
                    "scaled_mm": ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn")}
-        allowed.update({v: ("int8_dyn",) if v.startswith("cutlass_i8") else ("int4_wo", "int8_wo")
+        allowed.update({v: ("int8_dyn",) if v.startswith("cutlass_i8") else ("int4_wo", "int8_wo", "fp8_wo")
                         for v in VARIANTS if v.startswith("cutlass")})
         if variant and SCHEMES[base][0] not in allowed.get(variant, ()):
             ap.error(f"{name}: variant @{variant} does not apply to {base}")

@@ -57,6 +57,7 @@ FXQUANT_SCHEMES: dict[str, Callable[[], fxquant.QuantConfig]] = {
     "int8wo": lambda: fxquant.Int8WeightOnly(),
     "int8dyn": lambda: fxquant.Int8DynamicActivationInt8Weight(),
     "fp8row": lambda: fxquant.Float8DynamicActivationFloat8Weight(granularity="row"),
+    "fp8wo": lambda: fxquant.Float8WeightOnly(),
 }
 BASELINES = ("bf16-eager", "bf16-inductor")
 TORCHAO_SCHEMES = ("torchao-int4", "torchao-int8wo")

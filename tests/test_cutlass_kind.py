@@ -55,7 +55,7 @@ def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
             assert (e["bn"], e["bm"], e["split_k"], e["warps"], e.get("cluster", 1)) in cutlass.I8_VARIANTS, key
             assert e["fallback"]["kind"] == "gemm", key
             continue
-        assert key.split("|")[0] in ("int4_wo", "int8_wo") and (e["bn"], e["bm"], e["split_k"], e["warps"]) in cutlass.VARIANTS, key
+        assert key.split("|")[0] in ("int4_wo", "int8_wo", "fp8_wo") and (e["bn"], e["bm"], e["split_k"], e["warps"]) in cutlass.VARIANTS, key
         assert e["fallback"]["kind"] in ("gemm", "deq"), key
     monkeypatch.setattr(D, "_device_info", lambda device: ("h100", 132, (9, 0)))
     monkeypatch.setattr(D, "_table", lambda which: table if which == "shipped" else {})
@@ -71,6 +71,12 @@ def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
         got = D.get_config("int8_wo", 2048, n, k, 0, torch.bfloat16, cuda)
         assert got.kind == "cutlass" and (got.bn, got.bm) == (128, 256), (n, k)
         assert D.get_config("int8_wo", 2048, n, k, 0, torch.bfloat16, cuda, allow_cutlass=False).kind == "deq"
+    # fp8 weight-only: CUTLASS at M = 129-4096 on every shape (also shapes the table does not name);
+    # without it, the Triton GEMM or dequantize + cuBLAS the table had before
+    for n, k in ((4096, 4096), (28672, 4096), (5120, 8192)):
+        for m in (200, 512, 1000, 2048, 4096):
+            assert D.get_config("fp8_wo", m, n, k, 0, torch.bfloat16, cuda).kind == "cutlass", (n, k, m)
+            assert D.get_config("fp8_wo", m, n, k, 0, torch.bfloat16, cuda, allow_cutlass=False).kind in ("gemm", "deq")
     # int8 dynamic: CUTLASS from M = 65 (a 64 x 128 ping-pong tile), 2-CTA clusters of 256 x 128 from M = 1025
     for n, k in ((4096, 4096), (28672, 4096), (5120, 8192)):
         assert D.get_config("int8_dyn", 64, n, k, 0, torch.bfloat16, cuda).kind == "gemm", (n, k)
@@ -131,7 +137,7 @@ def test_int8_fits_only_on_hopper_cuda_bf16():
     qw = torch.zeros(64, 256, dtype=torch.int8)
     s = torch.ones(64, dtype=torch.bfloat16)
     assert not cutlass.fits("int8_wo", x, qw, s, None, 0, 128, 256)  # CPU tensors
-    assert not cutlass.fits("fp8_wo", x, qw, s, None, 0, 128, 256)  # no CUTLASS kernel for that scheme
+    assert not cutlass.fits("fp8_wo", x, qw, s, None, 0, 128, 256)  # CPU tensors, and not an e4m3 weight
 
 
 def test_the_backend_prepares_the_weights_its_graph_uses(monkeypatch):
@@ -230,3 +236,44 @@ def test_int8_dynamic_fits_refuses_what_the_kernel_cannot_take(monkeypatch):
     assert not cutlass.fits_int8_dynamic(x[:0], qw, s, b, *tile)  # M == 0
     with pytest.raises(ValueError, match="not a weight-only scheme"):
         cutlass.linear("int8_dyn", x, qw, s, b, 0, 128, 256)
+
+
+def test_float8_fits_refuses_what_the_kernel_cannot_take(monkeypatch):
+    # On a pretend Hopper GPU (CPU tensors stand in): every input rule of fits_float8, one at a time
+    monkeypatch.setattr(cutlass, "_hopper", lambda x: True)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    qw = torch.zeros(64, 256, dtype=torch.float8_e4m3fn)
+    s = torch.ones(64)
+    b = torch.zeros(64, dtype=torch.bfloat16)
+    for tile in cutlass.VARIANTS:
+        assert cutlass.fits("fp8_wo", x, qw, s, b, 0, *tile)
+    assert cutlass.fits("fp8_wo", x, qw, s, None, 0, 128, 256)
+    assert not cutlass.fits("fp8_wo", x, qw, s, b, 0, 96, 256)  # no such tile
+    assert not cutlass.fits("fp8_wo", x, qw, s, b, 0, 128, 256, 1, 0, 2)  # no clusters here
+    assert not cutlass.fits("fp8_wo", x.half(), qw, s, b.half(), 0, 128, 256)  # fp16
+    assert not cutlass.fits("fp8_wo", x, qw.view(torch.int8), s, b, 0, 128, 256)  # not e4m3
+    assert not cutlass.fits("fp8_wo", x[:, :96], qw[:, :96].contiguous(), s, b, 0, 128, 256)  # K % 64
+    assert not cutlass.fits("fp8_wo", x, qw[:60], s[:60], b[:60], 0, 128, 256)  # N % 8
+    assert not cutlass.fits("fp8_wo", x, qw, s[:1], b, 0, 128, 256)  # a per-tensor scale: Triton's
+    assert not cutlass.fits("fp8_wo", x, qw, s.bfloat16(), b, 0, 128, 256)  # scales not float32
+    assert not cutlass.fits("fp8_wo", x, qw, torch.ones(128)[::2], b, 0, 128, 256)  # strided scales
+    assert not cutlass.fits("fp8_wo", x, qw, s, b.float(), 0, 128, 256)  # bias not bf16
+    assert not cutlass.fits("fp8_wo", x, qw, s, torch.zeros(128, dtype=torch.bfloat16)[::2], 0, 128, 256)
+    assert not cutlass.fits("fp8_wo", x, qw.t().contiguous().t(), s, b, 0, 128, 256)  # weight not row-major
+    assert not cutlass.fits("fp8_wo", x.view(-1)[1:1 + 3 * 256].view(3, 256), qw, s, b, 0, 128, 256)  # misaligned x
+    assert not cutlass.fits("fp8_wo", x[:0], qw, s, b, 0, 128, 256)  # M == 0
+
+
+def test_weight_only_tiles_match_the_cuda_sources():
+    # cutlass.VARIANTS names each weight-only tile (bn, bm, split_k, warps) by the number that
+    # mixed_input_gemm.cuh's switch runs it under: read the switch and its aliases, check both agree.
+    import re
+    src = re.sub(r"\s+", " ", (build.CUTLASS_SRC / "mixed_input_gemm.cuh").read_text())
+    # (warps 0 is the tile's default schedule: ping-pong for 64 x 128, which has no cooperative form)
+    tiles = {alias: (int(bn), int(bm), 0 if streamk else 1, 4 if sched == "Ping" and (bn, bm) != ("64", "128") else 0)
+             for alias, bn, bm, sched, streamk in re.findall(
+                 r"using (\w+) = Config<Q, Md, Shape<_(\d+), _(\d+), _64>, One, (Coop|Ping), \w+"
+                 r"(, cutlass::gemm::StreamKScheduler)?>", src)}
+    cases = re.findall(r"case (\d+): return f\((\w+)<Q, Md>", src)
+    assert len(cases) == len(cutlass.VARIANTS) == len(tiles) == 6
+    assert {tiles[alias]: int(v) for v, alias in cases} == cutlass.VARIANTS

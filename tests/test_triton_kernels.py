@@ -251,18 +251,19 @@ def test_config_cache_roundtrip(tmp_path, monkeypatch):
 
 
 def test_missing_m_bucket_takes_its_nearest_measured_neighbour():
-    """Where the shipped H100 table has no M = 2048 bucket (fp8 weight-only: the benchmark does not
-    measure M = 2048), a 2048-token prefill must not fall to the untuned default (for weight-only schemes, a fused
-    GEMM measured ~0.6x of bf16 there) but take the nearest measured bucket."""
+    """Where a table has no bucket for an M (the shipped one once lacked fp8 weight-only M = 2048),
+    the M must not fall to the untuned default (for weight-only schemes, a fused GEMM measured ~0.6x
+    of bf16 at 2048) but take the nearest measured bucket."""
     h100 = D._table("shipped")["h100"]
-    scheme, group = "fp8_wo", 0
-    assert D.bucket_key(scheme, group, 2048) not in h100
-    near = D._nearest_bucket(h100, scheme, group, 2048)
-    assert near == h100[D.bucket_key(scheme, group, 4096)]  # 1024 and 4096 tie: the larger
-    # The weight-only schemes have measured M = 2048 buckets (the CUTLASS GEMMs, sessions 8-9), with
-    # dequantize + cuBLAS (what the nearest bucket gave before) as the fallback where the library is missing;
-    # int8 dynamic too (session 11), with the Triton GEMM as its fallback
-    for scheme, group, fallback in (("int4_wo", 128, "deq"), ("int8_wo", 0, "deq"), ("int8_dyn", 0, "gemm")):
+    table = {D.bucket_key("fp8_wo", 0, b): {"kind": "gemm", "bm": b} for b in (512, 1024, 4096, 8192)}
+    assert D._nearest_bucket(table, "fp8_wo", 0, 2048)["bm"] == 4096  # 1024 and 4096 tie: the larger
+    assert D._nearest_bucket(table, "fp8_wo", 0, 600)["bm"] == 1024  # bucket 1024 itself
+    assert D._nearest_bucket(table, "fp8_wo", 0, 100)["bm"] == 512
+    # The weight-only schemes have measured M = 2048 buckets (the CUTLASS GEMMs, sessions 8-9 and 13),
+    # with dequantize + cuBLAS (what the nearest bucket gave before) as the fallback where the library
+    # is missing; int8 dynamic too (session 11), with the Triton GEMM as its fallback
+    for scheme, group, fallback in (("int4_wo", 128, "deq"), ("int8_wo", 0, "deq"), ("fp8_wo", 0, "deq"),
+                                    ("int8_dyn", 0, "gemm")):
         entry = h100[D.bucket_key(scheme, group, 2048)]
         assert entry["kind"] == "cutlass" and entry["fallback"]["kind"] == fallback
     # A "cxx" entry never serves an M outside the C++ kernels' range, nor the reverse.

@@ -108,11 +108,11 @@ def test_cuda_graph_replay(split_k):
 
 
 
-@pytest.mark.parametrize("scheme", ["int4_wo", "int8_wo"])
+@pytest.mark.parametrize("scheme", ["int4_wo", "int8_wo", "fp8_wo"])
 def test_compiled_model_with_cuda_graphs_runs_it(scheme):
     """A model compiled with mode reduce-overhead and dynamic M: the shipped table's CUTLASS
-    entries (4096x4096; int4 M = 256-2048, int8 M = 512-2048) run inside cudagraph trees with no
-    skip and one graph, and match the plain (no CUDA graph) compile."""
+    entries (4096x4096; int4 M = 256-2048, int8 M = 512-2048, fp8 M = 129-4096) run inside cudagraph
+    trees with no skip and one graph, and match the plain (no CUDA graph) compile."""
     calls = []
     real = cutlass.linear
 
@@ -122,8 +122,9 @@ def test_compiled_model_with_cuda_graphs_runs_it(scheme):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 4096))
     model = model.to(torch.bfloat16).cuda().eval()
-    cfg = fxquant.Int4WeightOnly(group_size=128) if scheme == "int4_wo" else fxquant.Int8WeightOnly()
-    seqs = (150, 256, 512, 1000) if scheme == "int4_wo" else (256, 512, 1000)
+    cfg = {"int4_wo": fxquant.Int4WeightOnly(group_size=128), "int8_wo": fxquant.Int8WeightOnly(),
+           "fp8_wo": fxquant.Float8WeightOnly()}[scheme]
+    seqs = {"int4_wo": (150, 256, 512, 1000), "int8_wo": (256, 512, 1000), "fp8_wo": (70, 150, 256, 512, 1000)}[scheme]
     xs = [torch.randn(2, s, 4096, dtype=torch.bfloat16, device="cuda") for s in seqs]
     group = 128 if scheme == "int4_wo" else 0
     assert all(D.get_config(scheme, x.shape[0] * x.shape[1], 4096, 4096, group, x.dtype, x.device).kind

@@ -196,13 +196,13 @@ def cutlass_include_dir() -> Path:
 
 
 def load_cutlass(verbose: bool = False) -> Path:
-    """Builds (first use) and loads the CUTLASS GEMM library (int4 / int8 weight-only and int8 dynamic; Hopper,
+    """Builds (first use) and loads the CUTLASS GEMM library (int4 / int8 / fp8 weight-only and int8 dynamic; Hopper,
     sm_90, only); returns its path. Raises CxxUnavailable with the reason when it cannot; the failure is remembered.
     Its sources (csrc_cutlass/*.cu) compile in parallel in two to four minutes; cached like the main library."""
     return _load_once(_cutlass_state, _load_cutlass, "CUTLASS op library", verbose)
 
 
-CUTLASS_ABI_VERSION = 3  # csrc_cutlass's cutlass_abi_version(): 2 added the int8 op, 3 int8 dynamic
+CUTLASS_ABI_VERSION = 4  # csrc_cutlass's cutlass_abi_version(): 2 added the int8 op, 3 int8 dynamic, 4 fp8
 _CUTLASS_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG")
 
 
@@ -256,6 +256,11 @@ def _load_cutlass(verbose: bool) -> Path:
     @torch.library.register_fake("fxquant::cutlass_int8_weight_only_linear")
     def _(x, qweight, scales, bias, variant):
         ops._check_k(x, qweight.shape[1], "cutlass_int8_weight_only_linear")
+        return ops._out_like(x, qweight)
+
+    @torch.library.register_fake("fxquant::cutlass_float8_weight_only_linear")
+    def _(x, qweight, w_scales, bias, variant):
+        ops._check_k(x, qweight.shape[1], "cutlass_float8_weight_only_linear")
         return ops._out_like(x, qweight)
 
     @torch.library.register_fake("fxquant::cutlass_int8_dynamic_linear")

@@ -1,5 +1,5 @@
-"""The CUTLASS GEMMs as the dispatcher's kernel kind "cutlass": the weight-only ones
-(csrc_cutlass/mixed_input_gemm.cuh) and the W8A8 int8 dynamic one (csrc_cutlass/scaled_int8_gemm.cuh):
+"""The CUTLASS GEMMs as the dispatcher's kernel kind "cutlass": the weight-only ones (int4, int8,
+fp8; csrc_cutlass/mixed_input_gemm.cuh) and the W8A8 int8 dynamic one (csrc_cutlass/scaled_int8_gemm.cuh):
 which inputs they take, the int4 scale / zero arrays, and the call.
 
 A KernelConfig of kind "cutlass" names the CUTLASS tile by bn (weight rows) x bm (tokens):
@@ -19,6 +19,9 @@ Numerics:
   (q - 8) * scale + zero: 4.4e-3 relative error on the weights in tests/test_cutlass_kind.py, next
   to int4's own ~10 % (symmetric: zero' is exact and so are the weights).
 - int8: q * scale rounded to bf16, as numerics.dequantize_int8_per_channel.
+- fp8: e4m3 converted to bf16 (exact), the float32 per-row scale and the bias applied to the float32
+  accumulator, rounded once to bf16 (as the Triton kernel; the reference rounds q * scale to bf16
+  before the product instead).
 - int8 dynamic: the int32 product exactly, then (acc * w_scale) * x_scale + bias in float32,
   rounded once to bf16 (the reference multiplies the scales in the other order: float32 rounding).
 The GEMMs stay within the tests' 1e-2 bound against the reference (tests/gpu/test_gpu_cutlass.py).
@@ -44,7 +47,7 @@ VARIANTS = {(128, 128, 1, 0): 0, (128, 256, 1, 0): 1, (64, 128, 1, 0): 2, (128, 
 I8_VARIANTS = {(128, 128, 1, 0, 1): 0, (256, 128, 1, 0, 1): 1, (128, 256, 1, 0, 1): 2, (256, 128, 0, 0, 1): 3,
                (128, 128, 1, 4, 1): 4, (128, 64, 1, 4, 1): 5, (256, 64, 1, 4, 1): 6, (128, 128, 0, 0, 1): 7,
                (256, 128, 1, 0, 2): 8, (128, 256, 1, 0, 2): 9, (256, 128, 0, 0, 2): 10, (128, 128, 1, 4, 2): 11}
-SCHEMES = ("int4_wo", "int8_wo", "int8_dyn")
+SCHEMES = ("int4_wo", "int8_wo", "fp8_wo", "int8_dyn")
 
 
 def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
@@ -55,6 +58,8 @@ def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     (int4: group % 64; int8: its one group spans K, so K % 64)."""
     if scheme == "int8_dyn":
         return fits_int8_dynamic(x, qweight, scales, bias, bn, bm, split_k, warps, cluster)
+    if scheme == "fp8_wo":
+        return fits_float8(x, qweight, scales, bias, bn, bm, split_k, warps, cluster)
     if not (scheme in SCHEMES and x.dtype == torch.bfloat16 and scales.dtype == torch.bfloat16
             and (bn, bm, split_k, warps) in VARIANTS and cluster == 1 and _hopper(x)):
         return False
@@ -70,6 +75,24 @@ def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     if any(t is not None and t.device != x.device for t in (qweight, scales, bias)):
         return False
     if bias is not None and bias.dtype != torch.bfloat16:
+        return False
+    return qweight.is_contiguous() and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0
+
+
+def fits_float8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: torch.Tensor | None,
+                bn: int, bm: int, split_k: int = 1, warps: int = 0, cluster: int = 1) -> bool:
+    """fp8 weight-only: Hopper, bf16 x, an e4m3 [N, K] weight (16-byte aligned, K % 64), float32 per-row
+    scales [N] (per-tensor ones go to the Triton kernels), a bf16 [N] bias, N % 8, a known tile."""
+    if not (x.dtype == torch.bfloat16 and (bn, bm, split_k, warps) in VARIANTS and cluster == 1 and _hopper(x)):
+        return False
+    K, N = x.shape[-1], qweight.shape[0]
+    if (qweight.dtype != torch.float8_e4m3fn or qweight.shape[1] != K or K % 64 or N % 8 or N == 0
+            or x.numel() == 0 or w_scales.dtype != torch.float32 or w_scales.numel() != N
+            or not w_scales.is_contiguous()):
+        return False
+    if any(t is not None and t.device != x.device for t in (qweight, w_scales, bias)):
+        return False
+    if bias is not None and (bias.dtype != torch.bfloat16 or bias.numel() != N or not bias.is_contiguous()):
         return False
     return qweight.is_contiguous() and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0
 
@@ -165,12 +188,16 @@ def _int4_arrays(scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
            group: int, bn: int, bm: int, split_k: int = 1, warps: int = 0) -> torch.Tensor:
-    """scheme "int4_wo" (scales = fxquant's scales_zeros) or "int8_wo" (per-channel scales [N]); int8
-    dynamic goes through int8_dynamic_linear."""
-    if scheme not in ("int4_wo", "int8_wo"):
+    """scheme "int4_wo" (scales = fxquant's scales_zeros), "int8_wo" (per-channel bf16 scales [N]) or
+    "fp8_wo" (per-row float32 scales [N]); int8 dynamic goes through int8_dynamic_linear."""
+    if scheme not in ("int4_wo", "int8_wo", "fp8_wo"):
         raise ValueError(f"cutlass.linear: {scheme!r} is not a weight-only scheme (int8 dynamic: int8_dynamic_linear)")
     if scheme == "int8_wo":
         return torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qweight, scales, bias, VARIANTS[(bn, bm, split_k, warps)])
+    if scheme == "fp8_wo":
+        b = None if bias is None else bias.reshape(-1)
+        return torch.ops.fxquant.cutlass_float8_weight_only_linear(x, qweight, scales.reshape(-1), b,
+                                                                   VARIANTS[(bn, bm, split_k, warps)])
     s, z = _int4_arrays(scales)
     return torch.ops.fxquant.cutlass_int4_weight_only_linear(x, qweight, s, z, bias, group, VARIANTS[(bn, bm, split_k, warps)])
 

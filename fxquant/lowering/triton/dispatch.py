@@ -64,7 +64,7 @@ class KernelConfig:
     torch._int_mm, cuBLAS, plus a Triton pass for the scales, for int8 at M > 16) |
     "cxx" (the CUDA C++ kernels of lowering/cuda/, CXX_SCHEMES at M <= CXX_MAX_M only; a table entry of
     this kind carries the best Triton config as "fallback", for where the library is missing) |
-    "cutlass" (int4 / int8 weight-only and int8 dynamic on Hopper: the CUTLASS wgmma GEMMs of
+    "cutlass" (int4 / int8 / fp8 weight-only and int8 dynamic on Hopper: the CUTLASS wgmma GEMMs of
     lowering/cuda/csrc_cutlass, tile bn x bm, split_k 0 = stream-K, warps 4 = ping-pong; also carries
     a "fallback").
     gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size; tma: read x and
@@ -737,7 +737,7 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
     out = [c for c in out if not _known_bad(scheme, c)]
     if scheme in CXX_SCHEMES and m <= CXX_MAX_M[scheme] and torch.cuda.is_available() and _cxx_ready():
         out.append(G("cxx", bn=0, bk=0))
-    if (scheme in ("int4_wo", "int8_wo") and m >= 128 and group % 64 == 0 and torch.cuda.is_available()
+    if (scheme in ("int4_wo", "int8_wo", "fp8_wo") and m >= 128 and group % 64 == 0 and torch.cuda.is_available()
             and torch.cuda.get_device_capability() == (9, 0) and _cutlass_ready()):
         # (autotune skips the ones cutlass.fits refuses for its inputs: fp16, N % 8, alignment)
         from ..cuda.cutlass import VARIANTS

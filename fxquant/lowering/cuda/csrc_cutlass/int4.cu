@@ -7,11 +7,11 @@ at::Tensor cutlass_int4_linear(const at::Tensor& x, const at::Tensor& qweight, c
                                int64_t variant) {
   TORCH_CHECK(zeros.scalar_type() == at::kBFloat16 && zeros.is_contiguous(),
               "fxquant.cutlass_int4_weight_only_linear: bad zeros");
-  return fxq_wgmma::linear<cutlass::uint4b_t, true>("cutlass_int4_weight_only_linear", x, qweight,
-                                                    qweight.size(1) * 2, scales, &zeros, bias, group_size, variant);
+  return fxq_wgmma::linear<cutlass::uint4b_t, fxq_wgmma::kGroupScaleZero>(
+      "cutlass_int4_weight_only_linear", x, qweight, qweight.size(1) * 2, scales, &zeros, bias, group_size, variant);
 }
 
-int64_t cutlass_abi_version() { return 3; }  // 2: the int8 op (int8.cu); 3: int8 dynamic (int8_dyn.cu)
+int64_t cutlass_abi_version() { return 4; }  // 2: the int8 op (int8.cu); 3: int8 dynamic (int8_dyn.cu); 4: fp8 (fp8.cu)
 
 TORCH_LIBRARY_FRAGMENT(fxquant, m) {
   m.def("cutlass_int4_weight_only_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, "

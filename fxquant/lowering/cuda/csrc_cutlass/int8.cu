@@ -5,8 +5,9 @@
 at::Tensor cutlass_int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                const std::optional<at::Tensor>& bias, int64_t variant) {
   TORCH_CHECK(qweight.scalar_type() == at::kChar, "fxquant.cutlass_int8_weight_only_linear: bad qweight");
-  return fxq_wgmma::linear<int8_t, false>("cutlass_int8_weight_only_linear", x, qweight, qweight.size(1), scales,
-                                          nullptr, bias, qweight.size(1), variant);
+  return fxq_wgmma::linear<int8_t, fxq_wgmma::kGroupScale>("cutlass_int8_weight_only_linear", x, qweight,
+                                                           qweight.size(1), scales, nullptr, bias,
+                                                           qweight.size(1), variant);
 }
 
 TORCH_LIBRARY_FRAGMENT(fxquant, m) {

@@ -9,12 +9,16 @@
 // int8 (fxquant::cutlass_int8_weight_only_linear): the int8 [N, K] weight as it is, and its
 // per-channel scales [N] as one scale group spanning K (w = q * scale, rounded to bf16 as
 // numerics.dequantize_int8_per_channel does).
-// Both GEMMs are computed transposed: out^T [N, M] = W [N, K] x^T, so the weight is the operand
+// fp8 (fxquant::cutlass_float8_weight_only_linear): the e4m3 [N, K] weight converted to bf16 in
+// registers (exact: every e4m3 value is a bf16 value; CUTLASS's convert-only mode), its float32
+// per-row scales and the bias applied in the epilogue, as the Triton kernel does:
+// out = acc * scale[n] + bias[n] in float32, rounded once to bf16.
+// All GEMMs are computed transposed: out^T [N, M] = W [N, K] x^T, so the weight is the operand
 // that goes through registers and out [M, N] row-major is out^T column-major.
 //
 // Built as its own library (fxquant/lowering/cuda/build.py, load_cutlass) only on sm_90 with the
-// CUTLASS headers present (CUDA only). int4.cu and int8.cu instantiate this header, one op each
-// (two translation units: ninja compiles them in parallel).
+// CUTLASS headers present (CUDA only). int4.cu, int8.cu and fp8.cu instantiate this header, one op each
+// (one translation unit per op: ninja compiles them in parallel).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,6 +31,7 @@
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
 #include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
@@ -45,19 +50,35 @@ inline int sm_count(int device) {
   return counts[device];
 }
 
-// Quant: the weight's element type; kZero: w = q * scale + zero (else q * scale); Scheduler: void
-// (persistent, one output tile per CTA turn) or cutlass::gemm::StreamKScheduler (tiles' K ranges
-// spread over all SMs, so a grid of few tiles still fills the GPU).
-template <class Quant, bool kZero, class TileShape, class Cluster, class KernelSchedule, class EpiSchedule,
+// How the weight is scaled: per K-group in the mainloop (q * scale, or q * scale + zero), or per
+// row in the epilogue (float32 scales and the bias; the mainloop only converts q).
+enum Mode : int { kGroupScale = 0, kGroupScaleZero = 1, kRowScaleEpilogue = 2 };
+
+// Quant: the weight's element type; kMode: see Mode; Scheduler: void (persistent, one output tile
+// per CTA turn) or cutlass::gemm::StreamKScheduler (tiles' K ranges spread over all SMs, so a grid
+// of few tiles still fills the GPU).
+template <class Quant, int kMode, class TileShape, class Cluster, class KernelSchedule, class EpiSchedule,
           class Scheduler = void>
 struct Config {
-  using WeightOperand = std::conditional_t<kZero, cute::tuple<Quant, Act, Act>, cute::tuple<Quant, Act>>;
+  static constexpr bool kZero = kMode == kGroupScaleZero;
+  static constexpr bool kEpi = kMode == kRowScaleEpilogue;
+  using WeightOperand = std::conditional_t<
+      kEpi, Quant, std::conditional_t<kZero, cute::tuple<Quant, Act, Act>, cute::tuple<Quant, Act>>>;
   static constexpr int kAlignW = 128 / cutlass::sizeof_bits<Quant>::value;  // 16-byte TMA rows
+  // kRowScaleEpilogue: acc * scale[n] + bias[n]; n is the transposed product's row, so both are
+  // column broadcasts. A null bias reads as 0.
+  using RowScale = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float>;
+  using RowBias = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, Act, float>;
+  using ScaleBias = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, Act, float,
+                                             cutlass::FloatRoundStyle::round_to_nearest>,
+      cutlass::epilogue::fusion::Sm90AccFetch, RowScale, RowBias>;
+  using Fusion = std::conditional_t<kEpi, ScaleBias, cutlass::epilogue::fusion::LinearCombination<Act, Acc, void, Acc>>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, Cluster,
       cutlass::epilogue::collective::EpilogueTileAuto, Acc, Acc,
       void, cutlass::layout::ColumnMajor, 8,  // no source tensor C
-      Act, cutlass::layout::ColumnMajor, 8, EpiSchedule>::CollectiveOp;
+      Act, cutlass::layout::ColumnMajor, 8, EpiSchedule, Fusion>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
       WeightOperand, cutlass::layout::RowMajor, kAlignW,           // the weight, K-major
@@ -68,36 +89,49 @@ struct Config {
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, Scheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-  static typename Gemm::Arguments args(const void* w, const void* x, const void* scale, const void* zero, void* out,
-                                       int M, int N, int K, int group) {
+  // scale / zero: the mainloop's bf16 [K / group, N] arrays (group modes); kRowScaleEpilogue: scale
+  // is float32 [N], zero unused, bias bf16 [N] or null (the group modes add the bias afterwards).
+  static typename Gemm::Arguments args(const void* w, const void* x, const void* scale, const void* zero,
+                                       const void* bias, void* out, int M, int N, int K, int group) {
     using StrideA = typename Kernel::StrideA;
     using StrideB = typename Kernel::StrideB;
     using StrideD = typename Kernel::StrideD;
     using StrideS = typename Mainloop::StrideScale;
-    const int scale_k = K / group;
     auto sa = cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(N, K, 1));
     auto sb = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(M, K, 1));
     auto sd = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(N, M, 1));
-    auto ss = cutlass::make_cute_packed_stride(StrideS{}, cute::make_shape(N, scale_k, 1));
-    typename Mainloop::Arguments mainloop;
-    if constexpr (kZero) {
-      mainloop = {static_cast<const Quant*>(w), sa, static_cast<const Act*>(x), sb, static_cast<const Act*>(scale),
-                  ss, group, static_cast<const Act*>(zero)};
+    typename Gemm::Arguments a{};
+    a.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+    a.problem_shape = {N, M, K, 1};
+    if constexpr (kEpi) {
+      a.mainloop = {static_cast<const Quant*>(w), sa, static_cast<const Act*>(x), sb};
+      a.epilogue.thread = {{}, {static_cast<const float*>(scale), 0.f, {}},
+                           {static_cast<const Act*>(bias), Act(0), {}}, {}};
     } else {
-      mainloop = {static_cast<const Quant*>(w), sa, static_cast<const Act*>(x), sb, static_cast<const Act*>(scale),
-                  ss, group};
+      auto ss = cutlass::make_cute_packed_stride(StrideS{}, cute::make_shape(N, K / group, 1));
+      if constexpr (kZero) {
+        a.mainloop = {static_cast<const Quant*>(w), sa, static_cast<const Act*>(x), sb,
+                      static_cast<const Act*>(scale), ss, group, static_cast<const Act*>(zero)};
+      } else {
+        a.mainloop = {static_cast<const Quant*>(w), sa, static_cast<const Act*>(x), sb,
+                      static_cast<const Act*>(scale), ss, group};
+      }
+      a.epilogue.thread = {1.f, 0.f};
     }
+    a.epilogue.ptr_C = nullptr;
+    a.epilogue.dC = sd;
+    a.epilogue.ptr_D = static_cast<Act*>(out);
+    a.epilogue.dD = sd;
     // The SM count sizes the persistent grid and stream-K's workspace (unset, CUTLASS asks per call).
     int device = 0;
     cudaGetDevice(&device);
-    cutlass::KernelHardwareInfo hw{device, sm_count(device)};
-    return typename Gemm::Arguments{cutlass::gemm::GemmUniversalMode::kGemm, {N, M, K, 1}, mainloop,
-                                    {{1.f, 0.f}, nullptr, sd, static_cast<Act*>(out), sd}, hw};
+    a.hw_info = cutlass::KernelHardwareInfo{device, sm_count(device)};
+    return a;
   }
 
-  static int run(const void* w, const void* x, const void* scale, const void* zero, void* out, int M, int N, int K,
-                 int group, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-    auto a = args(w, x, scale, zero, out, M, N, K, group);
+  static int run(const void* w, const void* x, const void* scale, const void* zero, const void* bias, void* out,
+                 int M, int N, int K, int group, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    auto a = args(w, x, scale, zero, bias, out, M, N, K, group);
     Gemm gemm;
     if (Gemm::get_workspace_size(a) > workspace_bytes) return 2;
     if (gemm.can_implement(a) != cutlass::Status::kSuccess) return 3;
@@ -106,7 +140,7 @@ struct Config {
   }
 
   static size_t workspace(int M, int N, int K, int group) {
-    return Gemm::get_workspace_size(args(nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, group));
+    return Gemm::get_workspace_size(args(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, group));
   }
 };
 
@@ -115,67 +149,80 @@ using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
 using Ping = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using PingEpi = cutlass::epilogue::TmaWarpSpecialized;
 using One = Shape<_1, _1, _1>;
-template <class Q, bool Z> using Coop128 = Config<Q, Z, Shape<_128, _128, _64>, One, Coop, CoopEpi>;
-template <class Q, bool Z> using Coop256 = Config<Q, Z, Shape<_128, _256, _64>, One, Coop, CoopEpi>;
-template <class Q, bool Z> using Ping64 = Config<Q, Z, Shape<_64, _128, _64>, One, Ping, PingEpi>;
-template <class Q, bool Z>
-using Coop256StreamK = Config<Q, Z, Shape<_128, _256, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
-template <class Q, bool Z> using Ping128 = Config<Q, Z, Shape<_128, _128, _64>, One, Ping, PingEpi>;
-template <class Q, bool Z> using Ping64x256 = Config<Q, Z, Shape<_64, _256, _64>, One, Ping, PingEpi>;
+template <class Q, int Md> using Coop128 = Config<Q, Md, Shape<_128, _128, _64>, One, Coop, CoopEpi>;
+template <class Q, int Md> using Coop256 = Config<Q, Md, Shape<_128, _256, _64>, One, Coop, CoopEpi>;
+template <class Q, int Md> using Ping64 = Config<Q, Md, Shape<_64, _128, _64>, One, Ping, PingEpi>;
+template <class Q, int Md>
+using Coop256StreamK = Config<Q, Md, Shape<_128, _256, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
+template <class Q, int Md> using Ping128 = Config<Q, Md, Shape<_128, _128, _64>, One, Ping, PingEpi>;
+template <class Q, int Md> using Ping64x256 = Config<Q, Md, Shape<_64, _256, _64>, One, Ping, PingEpi>;
 
-// variant: 0 = 128 (N) x 128 (M) cooperative, 1 = 128 x 256 cooperative, 2 = 64 x 128 ping-pong,
-// 3 = 128 x 256 cooperative with stream-K, 4 = 128 x 128 ping-pong, 5 = 64 x 256 ping-pong.
+// One GEMM's pointers and sizes (see Config::args).
+struct Problem {
+  const void *w, *x, *scale, *zero, *bias;
+  void* out;
+  int M, N, K, group;
+};
+
+// Calls f(Config) for variant: 0 = 128 (N) x 128 (M) cooperative, 1 = 128 x 256 cooperative,
+// 2 = 64 x 128 ping-pong, 3 = 128 x 256 cooperative with stream-K, 4 = 128 x 128 ping-pong,
+// 5 = 64 x 256 ping-pong; `otherwise` for an unknown variant.
+template <class Q, int Md, class F, class R>
+R with_variant(int variant, F f, R otherwise) {
+  switch (variant) {
+    case 0: return f(Coop128<Q, Md>{});
+    case 1: return f(Coop256<Q, Md>{});
+    case 2: return f(Ping64<Q, Md>{});
+    case 3: return f(Coop256StreamK<Q, Md>{});
+    case 4: return f(Ping128<Q, Md>{});
+    case 5: return f(Ping64x256<Q, Md>{});
+    default: return otherwise;
+  }
+}
+
 // Returns 0 on success; 1 unknown variant, 2 workspace too small, 3 shape not supported
 // (K % group, alignment), 4 initialization failed, 5 launch failed.
-template <class Q, bool Z>
-int run_variant(int variant, const void* w, const void* x, const void* scale, const void* zero, void* out, int M,
-                int N, int K, int group, void* workspace, size_t workspace_bytes, cudaStream_t s) {
-  switch (variant) {
-    case 0: return Coop128<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
-    case 1: return Coop256<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
-    case 2: return Ping64<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
-    case 3: return Coop256StreamK<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
-    case 4: return Ping128<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
-    case 5: return Ping64x256<Q, Z>::run(w, x, scale, zero, out, M, N, K, group, workspace, workspace_bytes, s);
-    default: return 1;
-  }
+template <class Q, int Md>
+int run_variant(int variant, const Problem& p, void* workspace, size_t workspace_bytes, cudaStream_t s) {
+  return with_variant<Q, Md>(variant, [&](auto c) {
+    return decltype(c)::run(p.w, p.x, p.scale, p.zero, p.bias, p.out, p.M, p.N, p.K, p.group, workspace,
+                            workspace_bytes, s);
+  }, 1);
 }
 
-template <class Q, bool Z>
+template <class Q, int Md>
 size_t workspace_bytes(int variant, int M, int N, int K, int group) {
-  switch (variant) {
-    case 0: return Coop128<Q, Z>::workspace(M, N, K, group);
-    case 1: return Coop256<Q, Z>::workspace(M, N, K, group);
-    case 2: return Ping64<Q, Z>::workspace(M, N, K, group);
-    case 3: return Coop256StreamK<Q, Z>::workspace(M, N, K, group);
-    case 4: return Ping128<Q, Z>::workspace(M, N, K, group);
-    case 5: return Ping64x256<Q, Z>::workspace(M, N, K, group);
-    default: return 0;
-  }
+  return with_variant<Q, Md>(variant, [&](auto c) { return decltype(c)::workspace(M, N, K, group); }, size_t{0});
 }
 
-// x [..., K] bf16 (rows contiguous after reshape), the weight, scales (and zeros) bf16 in
-// CUTLASS's layout. The Python caller checks everything (fxquant/lowering/cuda/cutlass.py: fits);
-// the checks here only guard direct calls.
-template <class Q, bool Z>
+// x [..., K] bf16 (rows contiguous after reshape), the weight, scales (and zeros) in CUTLASS's
+// layout (group modes: bf16 [K / group, N]; kRowScaleEpilogue: float32 [N]). The Python caller
+// checks everything (fxquant/lowering/cuda/cutlass.py: fits); the checks here only guard direct calls.
+template <class Q, int Md>
 at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& qweight, int64_t k, const at::Tensor& scales,
                   const at::Tensor* zeros, const std::optional<at::Tensor>& bias, int64_t group, int64_t variant) {
+  constexpr bool kEpi = Md == kRowScaleEpilogue;
   const c10::cuda::OptionalCUDAGuard guard(x.device());  // launch, stream and attributes on x's GPU
   const int64_t n = qweight.size(0);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.size(-1) == k, "fxquant.", op, ": bad x");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(), "fxquant.", op, ": bad scales");
+  TORCH_CHECK(scales.scalar_type() == (kEpi ? at::kFloat : at::kBFloat16) && scales.is_contiguous() &&
+                  (!kEpi || scales.numel() == n), "fxquant.", op, ": bad scales");
+  TORCH_CHECK(!kEpi || !bias.has_value() || (bias->scalar_type() == at::kBFloat16 && bias->numel() == n &&
+                                             bias->is_contiguous()), "fxquant.", op, ": bad bias");
   auto x2 = x.reshape({-1, k}).contiguous();
   const int64_t m = x2.size(0);
   auto out = at::empty({m, n}, x.options());
   if (m > 0) {
-    const size_t ws_bytes = workspace_bytes<Q, Z>(static_cast<int>(variant), m, n, k, group);
+    const size_t ws_bytes = workspace_bytes<Q, Md>(static_cast<int>(variant), m, n, k, group);
     auto ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, x.options().dtype(at::kByte));
-    const int rc = run_variant<Q, Z>(static_cast<int>(variant), qweight.data_ptr(), x2.data_ptr(),
-                                     scales.data_ptr(), zeros ? zeros->data_ptr() : nullptr, out.data_ptr(), m, n,
-                                     k, group, ws.data_ptr(), ws_bytes, c10::cuda::getCurrentCUDAStream().stream());
+    const Problem p{qweight.data_ptr(), x2.data_ptr(), scales.data_ptr(), zeros ? zeros->data_ptr() : nullptr,
+                    kEpi && bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(),
+                    static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(group)};
+    const int rc = run_variant<Q, Md>(static_cast<int>(variant), p, ws.data_ptr(), ws_bytes,
+                                      c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(rc == 0, "fxquant.", op, ": CUTLASS status ", std::to_string(rc));  // a string: see csrc/ops.h, num
   }
-  if (bias.has_value()) out.add_(*bias);
+  if (bias.has_value() && !kEpi) out.add_(*bias);
   auto shape = x.sizes().vec();
   shape.back() = n;
   return out.reshape(shape);
