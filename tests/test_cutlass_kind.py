@@ -238,30 +238,33 @@ def test_int8_dynamic_fits_refuses_what_the_kernel_cannot_take(monkeypatch):
         cutlass.linear("int8_dyn", x, qw, s, b, 0, 128, 256)
 
 
-def test_float8_fits_refuses_what_the_kernel_cannot_take(monkeypatch):
-    # On a pretend Hopper GPU (CPU tensors stand in): every input rule of fits_float8, one at a time
+@pytest.mark.parametrize("scheme,qdtype,sdtype", [("int8_wo", torch.int8, torch.bfloat16),
+                                                   ("fp8_wo", torch.float8_e4m3fn, torch.float32)])
+def test_row_scaled_fits_refuses_what_the_kernel_cannot_take(monkeypatch, scheme, qdtype, sdtype):
+    # On a pretend Hopper GPU (CPU tensors stand in): every input rule of fits_row_scaled, one at a time
     monkeypatch.setattr(cutlass, "_hopper", lambda x: True)
     x = torch.randn(4, 256, dtype=torch.bfloat16)
-    qw = torch.zeros(64, 256, dtype=torch.float8_e4m3fn)
-    s = torch.ones(64)
+    qw = torch.zeros(64, 256, dtype=qdtype)
+    s = torch.ones(64, dtype=sdtype)
     b = torch.zeros(64, dtype=torch.bfloat16)
+    other = torch.float32 if sdtype == torch.bfloat16 else torch.bfloat16
     for tile in cutlass.VARIANTS:
-        assert cutlass.fits("fp8_wo", x, qw, s, b, 0, *tile)
-    assert cutlass.fits("fp8_wo", x, qw, s, None, 0, 128, 256)
-    assert not cutlass.fits("fp8_wo", x, qw, s, b, 0, 96, 256)  # no such tile
-    assert not cutlass.fits("fp8_wo", x, qw, s, b, 0, 128, 256, 1, 0, 2)  # no clusters here
-    assert not cutlass.fits("fp8_wo", x.half(), qw, s, b.half(), 0, 128, 256)  # fp16
-    assert not cutlass.fits("fp8_wo", x, qw.view(torch.int8), s, b, 0, 128, 256)  # not e4m3
-    assert not cutlass.fits("fp8_wo", x[:, :96], qw[:, :96].contiguous(), s, b, 0, 128, 256)  # K % 64
-    assert not cutlass.fits("fp8_wo", x, qw[:60], s[:60], b[:60], 0, 128, 256)  # N % 8
-    assert not cutlass.fits("fp8_wo", x, qw, s[:1], b, 0, 128, 256)  # a per-tensor scale: Triton's
-    assert not cutlass.fits("fp8_wo", x, qw, s.bfloat16(), b, 0, 128, 256)  # scales not float32
-    assert not cutlass.fits("fp8_wo", x, qw, torch.ones(128)[::2], b, 0, 128, 256)  # strided scales
-    assert not cutlass.fits("fp8_wo", x, qw, s, b.float(), 0, 128, 256)  # bias not bf16
-    assert not cutlass.fits("fp8_wo", x, qw, s, torch.zeros(128, dtype=torch.bfloat16)[::2], 0, 128, 256)
-    assert not cutlass.fits("fp8_wo", x, qw.t().contiguous().t(), s, b, 0, 128, 256)  # weight not row-major
-    assert not cutlass.fits("fp8_wo", x.view(-1)[1:1 + 3 * 256].view(3, 256), qw, s, b, 0, 128, 256)  # misaligned x
-    assert not cutlass.fits("fp8_wo", x[:0], qw, s, b, 0, 128, 256)  # M == 0
+        assert cutlass.fits(scheme, x, qw, s, b, 0, *tile)
+    assert cutlass.fits(scheme, x, qw, s, None, 0, 128, 256)
+    assert not cutlass.fits(scheme, x, qw, s, b, 0, 96, 256)  # no such tile
+    assert not cutlass.fits(scheme, x, qw, s, b, 0, 128, 256, 1, 0, 2)  # no clusters here
+    assert not cutlass.fits(scheme, x.half(), qw, s, b.half(), 0, 128, 256)  # fp16
+    assert not cutlass.fits(scheme, x, qw.view(torch.uint8), s, b, 0, 128, 256)  # another weight dtype
+    assert not cutlass.fits(scheme, x[:, :96], qw[:, :96].contiguous(), s, b, 0, 128, 256)  # K % 64
+    assert not cutlass.fits(scheme, x, qw[:60], s[:60], b[:60], 0, 128, 256)  # N % 8
+    assert not cutlass.fits(scheme, x, qw, s[:1], b, 0, 128, 256)  # a per-tensor scale: Triton's
+    assert not cutlass.fits(scheme, x, qw, s.to(other), b, 0, 128, 256)  # scales of the other dtype
+    assert not cutlass.fits(scheme, x, qw, torch.ones(128, dtype=sdtype)[::2], b, 0, 128, 256)  # strided scales
+    assert not cutlass.fits(scheme, x, qw, s, b.float(), 0, 128, 256)  # bias not bf16
+    assert not cutlass.fits(scheme, x, qw, s, torch.zeros(128, dtype=torch.bfloat16)[::2], 0, 128, 256)
+    assert not cutlass.fits(scheme, x, qw.t().contiguous().t(), s, b, 0, 128, 256)  # weight not row-major
+    assert not cutlass.fits(scheme, x.view(-1)[1:1 + 3 * 256].view(3, 256), qw, s, b, 0, 128, 256)  # misaligned x
+    assert not cutlass.fits(scheme, x[:0], qw, s, b, 0, 128, 256)  # M == 0
 
 
 def test_weight_only_tiles_match_the_cuda_sources():

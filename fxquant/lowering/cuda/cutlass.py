@@ -18,10 +18,9 @@ Numerics:
   with asymmetric quantization about half the weights land one bf16 step away from numerics.py's
   (q - 8) * scale + zero: 4.4e-3 relative error on the weights in tests/test_cutlass_kind.py, next
   to int4's own ~10 % (symmetric: zero' is exact and so are the weights).
-- int8: q * scale rounded to bf16, as numerics.dequantize_int8_per_channel.
-- fp8: e4m3 converted to bf16 (exact), the float32 per-row scale and the bias applied to the float32
-  accumulator, rounded once to bf16 (as the Triton kernel; the reference rounds q * scale to bf16
-  before the product instead).
+- int8 and fp8: q converted to bf16 (exact), the per-row scale (int8: bf16, fp8: float32) and the bias
+  applied to the float32 accumulator, rounded once to bf16 (as the Triton kernels; the reference
+  rounds q * scale to bf16 before the product instead).
 - int8 dynamic: the int32 product exactly, then (acc * w_scale) * x_scale + bias in float32,
   rounded once to bf16 (the reference multiplies the scales in the other order: float32 rounding).
 The GEMMs stay within the tests' 1e-2 bound against the reference (tests/gpu/test_gpu_cutlass.py).
@@ -53,22 +52,18 @@ SCHEMES = ("int4_wo", "int8_wo", "fp8_wo", "int8_dyn")
 def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
          group: int, bn: int, bm: int, split_k: int = 1, warps: int = 0, cluster: int = 1) -> bool:
     """Hopper (sm_90, CUDA), bf16 x / scales / bias on x's device, a known tile, and what TMA and the
-    kernel need: 16-byte weight rows (int4: K % 32; int8: K % 16), N % 8 (16-byte output rows),
-    16-byte aligned x and weight, and a scale group that is a multiple of the 64-wide K tile
-    (int4: group % 64; int8: its one group spans K, so K % 64)."""
+    kernel need: 16-byte weight rows (int4: K % 32), N % 8 (16-byte output rows), 16-byte aligned x
+    and weight, and a scale group that is a multiple of the 64-wide K tile (int4: group % 64).
+    int8 / fp8 weight-only: see fits_row_scaled; int8 dynamic: fits_int8_dynamic."""
     if scheme == "int8_dyn":
         return fits_int8_dynamic(x, qweight, scales, bias, bn, bm, split_k, warps, cluster)
-    if scheme == "fp8_wo":
-        return fits_float8(x, qweight, scales, bias, bn, bm, split_k, warps, cluster)
-    if not (scheme in SCHEMES and x.dtype == torch.bfloat16 and scales.dtype == torch.bfloat16
+    if scheme in ("int8_wo", "fp8_wo"):
+        return fits_row_scaled(scheme, x, qweight, scales, bias, bn, bm, split_k, warps, cluster)
+    if not (scheme == "int4_wo" and x.dtype == torch.bfloat16 and scales.dtype == torch.bfloat16
             and (bn, bm, split_k, warps) in VARIANTS and cluster == 1 and _hopper(x)):
         return False
     K, N = x.shape[-1], qweight.shape[0]
-    if scheme == "int4_wo":
-        if qweight.dtype != torch.uint8 or K != qweight.shape[1] * 2 or group % 64 or K % group or K % 32:
-            return False
-    elif (qweight.dtype != torch.int8 or K != qweight.shape[1] or K % 64 or not scales.is_contiguous()
-          or scales.data_ptr() % 16):  # the scales are read through TMA too
+    if qweight.dtype != torch.uint8 or K != qweight.shape[1] * 2 or group % 64 or K % group or K % 32:
         return False
     if N % 8 or N == 0 or x.numel() == 0:
         return False
@@ -79,15 +74,19 @@ def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     return qweight.is_contiguous() and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0
 
 
-def fits_float8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: torch.Tensor | None,
-                bn: int, bm: int, split_k: int = 1, warps: int = 0, cluster: int = 1) -> bool:
-    """fp8 weight-only: Hopper, bf16 x, an e4m3 [N, K] weight (16-byte aligned, K % 64), float32 per-row
-    scales [N] (per-tensor ones go to the Triton kernels), a bf16 [N] bias, N % 8, a known tile."""
+def fits_row_scaled(scheme: str, x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                    bias: torch.Tensor | None, bn: int, bm: int, split_k: int = 1, warps: int = 0,
+                    cluster: int = 1) -> bool:
+    """int8 / fp8 weight-only (per-row scales and bias in the epilogue): Hopper, bf16 x, an int8 / e4m3
+    [N, K] weight (16-byte aligned; K % 64: the K tile, other K are not tested), per-row scales [N]
+    (int8: bf16, fp8: float32; per-tensor ones go to the Triton kernels), a bf16 [N] bias, N % 8, a
+    known tile."""
+    qdtype, sdtype = {"int8_wo": (torch.int8, torch.bfloat16), "fp8_wo": (torch.float8_e4m3fn, torch.float32)}[scheme]
     if not (x.dtype == torch.bfloat16 and (bn, bm, split_k, warps) in VARIANTS and cluster == 1 and _hopper(x)):
         return False
     K, N = x.shape[-1], qweight.shape[0]
-    if (qweight.dtype != torch.float8_e4m3fn or qweight.shape[1] != K or K % 64 or N % 8 or N == 0
-            or x.numel() == 0 or w_scales.dtype != torch.float32 or w_scales.numel() != N
+    if (qweight.dtype != qdtype or qweight.shape[1] != K or K % 64 or N % 8 or N == 0
+            or x.numel() == 0 or w_scales.dtype != sdtype or w_scales.numel() != N
             or not w_scales.is_contiguous()):
         return False
     if any(t is not None and t.device != x.device for t in (qweight, w_scales, bias)):
@@ -193,7 +192,8 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if scheme not in ("int4_wo", "int8_wo", "fp8_wo"):
         raise ValueError(f"cutlass.linear: {scheme!r} is not a weight-only scheme (int8 dynamic: int8_dynamic_linear)")
     if scheme == "int8_wo":
-        return torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qweight, scales, bias, VARIANTS[(bn, bm, split_k, warps)])
+        b = None if bias is None else bias.reshape(-1)
+        return torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qweight, scales, b, VARIANTS[(bn, bm, split_k, warps)])
     if scheme == "fp8_wo":
         b = None if bias is None else bias.reshape(-1)
         return torch.ops.fxquant.cutlass_float8_weight_only_linear(x, qweight, scales.reshape(-1), b,

@@ -6,13 +6,12 @@
 // first, are CUTLASS's K-major unsigned int4 [N, K]. CUTLASS computes w = q * scale + zero, so the
 // caller passes zero - 8 * scale for fxquant's (q - 8) * scale + zero, and both as [K / group, N]
 // arrays (N contiguous).
-// int8 (fxquant::cutlass_int8_weight_only_linear): the int8 [N, K] weight as it is, and its
-// per-channel scales [N] as one scale group spanning K (w = q * scale, rounded to bf16 as
-// numerics.dequantize_int8_per_channel does).
-// fp8 (fxquant::cutlass_float8_weight_only_linear): the e4m3 [N, K] weight converted to bf16 in
-// registers (exact: every e4m3 value is a bf16 value; CUTLASS's convert-only mode), its float32
-// per-row scales and the bias applied in the epilogue, as the Triton kernel does:
-// out = acc * scale[n] + bias[n] in float32, rounded once to bf16.
+// int8 and fp8 (fxquant::cutlass_int8_weight_only_linear, fxquant::cutlass_float8_weight_only_linear):
+// the int8 / e4m3 [N, K] weight converted to bf16 in registers (exact: every int8 and e4m3 value is
+// a bf16 value; CUTLASS's convert-only mode), its per-row scales (int8: bf16, fp8: float32) and the
+// bias applied in the epilogue, as the Triton kernels do: out = acc * scale[n] + bias[n] in float32,
+// rounded once to bf16. (int8 with its scale as a K-spanning group in the mainloop measured the
+// same, session 13, and needed the bias added afterwards.)
 // All GEMMs are computed transposed: out^T [N, M] = W [N, K] x^T, so the weight is the operand
 // that goes through registers and out [M, N] row-major is out^T column-major.
 //
@@ -50,9 +49,10 @@ inline int sm_count(int device) {
   return counts[device];
 }
 
-// How the weight is scaled: per K-group in the mainloop (q * scale, or q * scale + zero), or per
-// row in the epilogue (float32 scales and the bias; the mainloop only converts q).
-enum Mode : int { kGroupScale = 0, kGroupScaleZero = 1, kRowScaleEpilogue = 2 };
+// How the weight is scaled: per K-group in the mainloop (q * scale + zero), or per row in the
+// epilogue with the bias (float32 scales, or scales in the activation dtype; the mainloop only
+// converts q).
+enum Mode : int { kGroupScaleZero = 1, kRowScaleEpilogue = 2, kRowScaleEpilogueAct = 3 };
 
 // Quant: the weight's element type; kMode: see Mode; Scheduler: void (persistent, one output tile
 // per CTA turn) or cutlass::gemm::StreamKScheduler (tiles' K ranges spread over all SMs, so a grid
@@ -60,14 +60,13 @@ enum Mode : int { kGroupScale = 0, kGroupScaleZero = 1, kRowScaleEpilogue = 2 };
 template <class Quant, int kMode, class TileShape, class Cluster, class KernelSchedule, class EpiSchedule,
           class Scheduler = void>
 struct Config {
-  static constexpr bool kZero = kMode == kGroupScaleZero;
-  static constexpr bool kEpi = kMode == kRowScaleEpilogue;
-  using WeightOperand = std::conditional_t<
-      kEpi, Quant, std::conditional_t<kZero, cute::tuple<Quant, Act, Act>, cute::tuple<Quant, Act>>>;
+  static constexpr bool kEpi = kMode == kRowScaleEpilogue || kMode == kRowScaleEpilogueAct;
+  using ScaleT = std::conditional_t<kMode == kRowScaleEpilogueAct, Act, float>;  // epilogue scales' type
+  using WeightOperand = std::conditional_t<kEpi, Quant, cute::tuple<Quant, Act, Act>>;
   static constexpr int kAlignW = 128 / cutlass::sizeof_bits<Quant>::value;  // 16-byte TMA rows
   // kRowScaleEpilogue: acc * scale[n] + bias[n]; n is the transposed product's row, so both are
   // column broadcasts. A null bias reads as 0.
-  using RowScale = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float>;
+  using RowScale = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, ScaleT, float>;
   using RowBias = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, Act, float>;
   using ScaleBias = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, Act, float,
@@ -89,8 +88,8 @@ struct Config {
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, Scheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-  // scale / zero: the mainloop's bf16 [K / group, N] arrays (group modes); kRowScaleEpilogue: scale
-  // is float32 [N], zero unused, bias bf16 [N] or null (the group modes add the bias afterwards).
+  // scale / zero: the mainloop's bf16 [K / group, N] arrays (kGroupScaleZero: the caller adds the
+  // bias afterwards); the epilogue modes: scale [N], zero unused, bias bf16 [N] or null.
   static typename Gemm::Arguments args(const void* w, const void* x, const void* scale, const void* zero,
                                        const void* bias, void* out, int M, int N, int K, int group) {
     using StrideA = typename Kernel::StrideA;
@@ -105,17 +104,12 @@ struct Config {
     a.problem_shape = {N, M, K, 1};
     if constexpr (kEpi) {
       a.mainloop = {static_cast<const Quant*>(w), sa, static_cast<const Act*>(x), sb};
-      a.epilogue.thread = {{}, {static_cast<const float*>(scale), 0.f, {}},
+      a.epilogue.thread = {{}, {static_cast<const ScaleT*>(scale), ScaleT(0), {}},
                            {static_cast<const Act*>(bias), Act(0), {}}, {}};
     } else {
       auto ss = cutlass::make_cute_packed_stride(StrideS{}, cute::make_shape(N, K / group, 1));
-      if constexpr (kZero) {
-        a.mainloop = {static_cast<const Quant*>(w), sa, static_cast<const Act*>(x), sb,
-                      static_cast<const Act*>(scale), ss, group, static_cast<const Act*>(zero)};
-      } else {
-        a.mainloop = {static_cast<const Quant*>(w), sa, static_cast<const Act*>(x), sb,
-                      static_cast<const Act*>(scale), ss, group};
-      }
+      a.mainloop = {static_cast<const Quant*>(w), sa, static_cast<const Act*>(x), sb,
+                    static_cast<const Act*>(scale), ss, group, static_cast<const Act*>(zero)};
       a.epilogue.thread = {1.f, 0.f};
     }
     a.epilogue.ptr_C = nullptr;
@@ -196,16 +190,17 @@ size_t workspace_bytes(int variant, int M, int N, int K, int group) {
 }
 
 // x [..., K] bf16 (rows contiguous after reshape), the weight, scales (and zeros) in CUTLASS's
-// layout (group modes: bf16 [K / group, N]; kRowScaleEpilogue: float32 [N]). The Python caller
+// layout (kGroupScaleZero: bf16 [K / group, N]; kRowScaleEpilogue: float32 [N]; kRowScaleEpilogueAct:
+// bf16 [N]). The Python caller
 // checks everything (fxquant/lowering/cuda/cutlass.py: fits); the checks here only guard direct calls.
 template <class Q, int Md>
 at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& qweight, int64_t k, const at::Tensor& scales,
                   const at::Tensor* zeros, const std::optional<at::Tensor>& bias, int64_t group, int64_t variant) {
-  constexpr bool kEpi = Md == kRowScaleEpilogue;
+  constexpr bool kEpi = Md == kRowScaleEpilogue || Md == kRowScaleEpilogueAct;
   const c10::cuda::OptionalCUDAGuard guard(x.device());  // launch, stream and attributes on x's GPU
   const int64_t n = qweight.size(0);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.size(-1) == k, "fxquant.", op, ": bad x");
-  TORCH_CHECK(scales.scalar_type() == (kEpi ? at::kFloat : at::kBFloat16) && scales.is_contiguous() &&
+  TORCH_CHECK(scales.scalar_type() == (Md == kRowScaleEpilogue ? at::kFloat : at::kBFloat16) && scales.is_contiguous() &&
                   (!kEpi || scales.numel() == n), "fxquant.", op, ": bad scales");
   TORCH_CHECK(!kEpi || !bias.has_value() || (bias->scalar_type() == at::kBFloat16 && bias->numel() == n &&
                                              bias->is_contiguous()), "fxquant.", op, ": bad bias");
