@@ -71,10 +71,10 @@ def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
         got = D.get_config("int8_wo", 2048, n, k, 0, torch.bfloat16, cuda)
         assert got.kind == "cutlass" and (got.bn, got.bm) == (128, 256), (n, k)
         assert D.get_config("int8_wo", 2048, n, k, 0, torch.bfloat16, cuda, allow_cutlass=False).kind == "deq"
-    # fp8 weight-only: CUTLASS at M = 129-4096 on every shape (also shapes the table does not name);
+    # fp8 weight-only: CUTLASS at M = 65-4096 on these shapes (also one the table does not name);
     # without it, the Triton GEMM or dequantize + cuBLAS the table had before
     for n, k in ((4096, 4096), (28672, 4096), (5120, 8192)):
-        for m in (200, 512, 1000, 2048, 4096):
+        for m in (100, 200, 512, 1000, 2048, 4096):
             assert D.get_config("fp8_wo", m, n, k, 0, torch.bfloat16, cuda).kind == "cutlass", (n, k, m)
             assert D.get_config("fp8_wo", m, n, k, 0, torch.bfloat16, cuda, allow_cutlass=False).kind in ("gemm", "deq")
     # int8 dynamic: CUTLASS from M = 65 (a 64 x 128 ping-pong tile), 2-CTA clusters of 256 x 128 from M = 1025
@@ -262,6 +262,7 @@ def test_row_scaled_fits_refuses_what_the_kernel_cannot_take(monkeypatch, scheme
     assert not cutlass.fits(scheme, x, qw, torch.ones(128, dtype=sdtype)[::2], b, 0, 128, 256)  # strided scales
     assert not cutlass.fits(scheme, x, qw, s, b.float(), 0, 128, 256)  # bias not bf16
     assert not cutlass.fits(scheme, x, qw, s, torch.zeros(128, dtype=torch.bfloat16)[::2], 0, 128, 256)
+    assert not cutlass.fits(scheme, x, qw, s, b[:32], 0, 128, 256)  # a bias of the wrong length
     assert not cutlass.fits(scheme, x, qw.t().contiguous().t(), s, b, 0, 128, 256)  # weight not row-major
     assert not cutlass.fits(scheme, x.view(-1)[1:1 + 3 * 256].view(3, 256), qw, s, b, 0, 128, 256)  # misaligned x
     assert not cutlass.fits(scheme, x[:0], qw, s, b, 0, 128, 256)  # M == 0

@@ -23,7 +23,8 @@ Numerics:
   rounds q * scale to bf16 before the product instead).
 - int8 dynamic: the int32 product exactly, then (acc * w_scale) * x_scale + bias in float32,
   rounded once to bf16 (the reference multiplies the scales in the other order: float32 rounding).
-The GEMMs stay within the tests' 1e-2 bound against the reference (tests/gpu/test_gpu_cutlass.py).
+The GEMMs stay within the tests' 1e-2 bound against the reference (tests/gpu/test_gpu_cutlass.py,
+test_gpu_cutlass_fp8.py, test_gpu_cutlass_int8_dyn.py).
 
 The int4 scale / zero arrays are made once per packed weight at compile time (`prepare_int4`, called
 through ops.prepare_args by the backend for the op nodes of its final graph), outside any CUDA-graph
@@ -46,7 +47,6 @@ VARIANTS = {(128, 128, 1, 0): 0, (128, 256, 1, 0): 1, (64, 128, 1, 0): 2, (128, 
 I8_VARIANTS = {(128, 128, 1, 0, 1): 0, (256, 128, 1, 0, 1): 1, (128, 256, 1, 0, 1): 2, (256, 128, 0, 0, 1): 3,
                (128, 128, 1, 4, 1): 4, (128, 64, 1, 4, 1): 5, (256, 64, 1, 4, 1): 6, (128, 128, 0, 0, 1): 7,
                (256, 128, 1, 0, 2): 8, (128, 256, 1, 0, 2): 9, (256, 128, 0, 0, 2): 10, (128, 128, 1, 4, 2): 11}
-SCHEMES = ("int4_wo", "int8_wo", "fp8_wo", "int8_dyn")
 
 
 def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,

@@ -739,7 +739,8 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
         out.append(G("cxx", bn=0, bk=0))
     if (scheme in ("int4_wo", "int8_wo", "fp8_wo") and m >= 128 and group % 64 == 0 and torch.cuda.is_available()
             and torch.cuda.get_device_capability() == (9, 0) and _cutlass_ready()):
-        # (autotune skips the ones cutlass.fits refuses for its inputs: fp16, N % 8, alignment)
+        # (autotune skips the ones cutlass.fits refuses for its inputs: fp16, N % 8, K % 64 for int8 / fp8,
+        # per-tensor fp8 scales, alignment)
         from ..cuda.cutlass import VARIANTS
         out += [G("cutlass", bn=bn, bk=64, bm=bm, warps=w, split_k=sk) for bn, bm, sk, w in VARIANTS]
     if (scheme == "int8_dyn" and m >= 32 and torch.cuda.is_available()

@@ -64,7 +64,7 @@ struct Config {
   using ScaleT = std::conditional_t<kMode == kRowScaleEpilogueAct, Act, float>;  // epilogue scales' type
   using WeightOperand = std::conditional_t<kEpi, Quant, cute::tuple<Quant, Act, Act>>;
   static constexpr int kAlignW = 128 / cutlass::sizeof_bits<Quant>::value;  // 16-byte TMA rows
-  // kRowScaleEpilogue: acc * scale[n] + bias[n]; n is the transposed product's row, so both are
+  // The epilogue modes: acc * scale[n] + bias[n]; n is the transposed product's row, so both are
   // column broadcasts. A null bias reads as 0.
   using RowScale = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, ScaleT, float>;
   using RowBias = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, Act, float>;
@@ -189,10 +189,10 @@ size_t workspace_bytes(int variant, int M, int N, int K, int group) {
   return with_variant<Q, Md>(variant, [&](auto c) { return decltype(c)::workspace(M, N, K, group); }, size_t{0});
 }
 
-// x [..., K] bf16 (rows contiguous after reshape), the weight, scales (and zeros) in CUTLASS's
-// layout (kGroupScaleZero: bf16 [K / group, N]; kRowScaleEpilogue: float32 [N]; kRowScaleEpilogueAct:
-// bf16 [N]). The Python caller
-// checks everything (fxquant/lowering/cuda/cutlass.py: fits); the checks here only guard direct calls.
+// x [..., K] bf16 (rows contiguous after reshape), the weight, scales (and zeros) in CUTLASS's layout
+// (kGroupScaleZero: bf16 [K / group, N]; kRowScaleEpilogue: float32 [N]; kRowScaleEpilogueAct: bf16 [N]).
+// The Python caller checks everything (fxquant/lowering/cuda/cutlass.py: fits); the checks here only
+// guard direct calls.
 template <class Q, int Md>
 at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& qweight, int64_t k, const at::Tensor& scales,
                   const at::Tensor* zeros, const std::optional<at::Tensor>& bias, int64_t group, int64_t variant) {
