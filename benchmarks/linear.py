@@ -29,7 +29,9 @@ dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm; "w4a16_g128@cutlass",
 "@cutlass_64x128" its other tiles, "@cutlass_streamk" the 128 x 256 tile with stream-K,
 "@cutlass_ping_128x128" / "@cutlass_ping_64x256" ping-pong tiles; "w8a8_int8@cutlass_i8_<tokens>x<rows>"
 (M >= 32; "_ping": ping-pong, "_streamk": stream-K, "_cl2": 2-CTA clusters) force a tile of the CUTLASS
-int8 dynamic GEMM.
+int8 dynamic GEMM. "<scheme>@triton_op" (any scheme, every M) calls the scheme's triton_op
+(lowering/triton/triton_ops.py): the Triton-only kernels that embed_kernels=True and
+export(ops="triton") compile into the graph.
 The plain scheme row is what the dispatcher picks.
 """
 from __future__ import annotations
@@ -52,6 +54,7 @@ import fxquant.lowering  # noqa: E402,F401  (registers the ops and their CUDA ke
 from fxquant import configs as fc  # noqa: E402
 from fxquant import numerics as nq  # noqa: E402
 from fxquant.lowering.triton import dispatch as D  # noqa: E402
+from fxquant.lowering.triton.triton_ops import triton_target  # noqa: E402
 from fxquant.lowering.cuda.cutlass import I8_VARIANTS  # noqa: E402
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
@@ -67,7 +70,7 @@ SCHEMES = {
 }
 # name@variant: "cuda" (M <= CXX_MAX_M) and "scaled_mm" (fp8 dynamic) force that kind, "triton" the best Triton config
 VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "scaled_mm": D.KernelConfig("scaled_mm", bn=0, bk=0),
-            "cutlass": D.KernelConfig("cutlass", bn=128, bk=64, bm=256, warps=0), "triton": None,
+            "cutlass": D.KernelConfig("cutlass", bn=128, bk=64, bm=256, warps=0), "triton": None, "triton_op": None,
             # the other CUTLASS tiles (bn x bm), for choosing table entries
             "cutlass_128x128": D.KernelConfig("cutlass", bn=128, bk=64, bm=128, warps=0),
             "cutlass_64x128": D.KernelConfig("cutlass", bn=64, bk=64, bm=128, warps=0),
@@ -240,6 +243,9 @@ class Layer:
         p = self.copies[i]
         if self.scheme is None:
             return lambda: F.linear(x, p[0])
+        if self.variant == "triton_op" and cfg is None:  # what embed_kernels / export(ops="triton") run
+            op = triton_target(self.op)
+            return lambda: op(x, *p, None, *self.static)
         if cfg is None and self.variant:
             cfg = VARIANTS[self.variant] or D.get_config(self.scheme, x.shape[0], self.n, self.k, self.group,
                                                           x.dtype, x.device, allow_cxx=False,
@@ -505,6 +511,8 @@ def variant_runs(name: str, m: int) -> bool:
     the C++ kernels' M range; other variants (fp8's scaled_mm / triton) and plain rows always."""
     base, _, variant = name.partition("@")
     scheme = SCHEMES[base][0] if base in SCHEMES else None
+    if variant == "triton_op":
+        return True
     if variant.startswith("cutlass_i8"):
         return m >= CUTLASS_I8_MIN_M
     if variant.startswith("cutlass"):
@@ -788,7 +796,7 @@ def main(argv=None) -> int:
         if base not in SCHEMES:
             ap.error(f"unknown scheme {base!r}; known: {', '.join(SCHEMES)}")
         allowed = {"cuda": D.CXX_SCHEMES, "triton": D.CXX_SCHEMES + ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn"),
-                   "scaled_mm": ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn")}
+                   "scaled_mm": ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn"), "triton_op": D.SCHEMES}
         allowed.update({v: ("int8_dyn",) if v.startswith("cutlass_i8") else ("int4_wo", "int8_wo", "fp8_wo")
                         for v in VARIANTS if v.startswith("cutlass")})
         if variant and SCHEMES[base][0] not in allowed.get(variant, ()):

@@ -20,6 +20,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from .configs import Int8WeightOnly, QuantConfig
 from .passes import quantize as qpass
 from .passes.constants import PlaceholderConstants, dynamo_source_to_fqn
+from .passes.embed_triton import embed_triton_kernels
 from .passes.act_quant import inductor_patches as act_quant_patches
 from .passes.act_quant import split_activation_quant
 from .passes.horizontal import fuse_siblings
@@ -28,7 +29,7 @@ from .passes.rewrite import LayerFilter, RewriteContext, graph_fake_mode
 from .report import LinearRecord, format_report
 
 OPTIONS = ("config", "skip", "filter", "release_weights", "verbose", "inductor", "prepacked", "mode",
-           "fuse_siblings", "fuse_act_quant")
+           "fuse_siblings", "fuse_act_quant", "embed_kernels")
 
 
 class Backend:
@@ -42,7 +43,8 @@ class Backend:
     def __init__(self, config: QuantConfig | None = None, *, skip: Sequence[str] = (),
                  filter: LayerFilter | None = None, release_weights: bool = False,  # noqa: A002
                  verbose: bool = False, inductor: dict[str, Any] | None = None, prepacked: Any = None,
-                 mode: str | None = None, fuse_siblings: bool = True, fuse_act_quant: bool = True):
+                 mode: str | None = None, fuse_siblings: bool = True, fuse_act_quant: bool = True,
+                 embed_kernels: bool = False):
         config = _prepacked_config(config, prepacked)
         config = Int8WeightOnly() if config is None else config
         if not isinstance(config, QuantConfig):
@@ -70,6 +72,9 @@ class Backend:
         self.mode = mode
         self.fuse_siblings = bool(fuse_siblings)  # Q/K/V, gate/up: one op over concatenated weights
         self.fuse_act_quant = bool(fuse_act_quant)  # per-token activation quant fused into x's producer
+        # CUDA linears as their Triton kernels in Inductor's code (passes/embed_triton.py) rather
+        # than calls of the ops' run-time dispatcher (which also has CUTLASS / C++ / cuBLAS kernels).
+        self.embed_kernels = bool(embed_kernels)
         self._records: dict[str, LinearRecord] = {}
         self._report: list[LinearRecord] = []  # live list, updated in place after each compile
         self._pack_cache: dict = {}
@@ -193,7 +198,8 @@ class _QuantizeJointPass(CustomGraphPass):
         self.state["read"] = constants.read
         if b.fuse_siblings:
             fuse_siblings(graph, ctx)
-        qpass.prepare_kernels(graph)  # e.g. CUTLASS's int4 arrays, for the weights the graph now uses
+        if not b.embed_kernels:
+            qpass.prepare_kernels(graph)  # e.g. CUTLASS's int4 arrays, for the weights the graph now uses
         b.compiled_graphs.append(collections.Counter(
             str(n.target) for n in graph.nodes if n.op in ("call_function", "get_attr")
             and (n.op == "call_function" or n.target.startswith("_fxquant_"))))
@@ -202,6 +208,8 @@ class _QuantizeJointPass(CustomGraphPass):
             inline_cpu_float32(graph, fake)  # lowering, after the rewrite is recorded
         if b.fuse_act_quant and ctx.quantized_weights:
             split_activation_quant(graph)
+        if b.embed_kernels and fake is not None and ctx.quantized_weights:
+            embed_triton_kernels(graph, fake)
         if fake is not None and ctx.quantized_weights and not fake.allow_non_fake_inputs:
             # Inductor re-propagates fake values through the graph; our packed weights are real
             # get_attr constants, which this compile's fake mode must accept.
@@ -210,7 +218,7 @@ class _QuantizeJointPass(CustomGraphPass):
 
     def uuid(self) -> str:
         b = self.backend
-        return f"fxquant:{b.config.describe()}:{b.skip}:{b.fuse_siblings}:{b.fuse_act_quant}"
+        return f"fxquant:{b.config.describe()}:{b.skip}:{b.fuse_siblings}:{b.fuse_act_quant}:{b.embed_kernels}"
 
 
 def _prepacked_config(config: QuantConfig | None, prepacked: Any) -> QuantConfig | None:

@@ -12,12 +12,17 @@ With `ops="cxx"`, int8 / int4 weight-only linears stay single ops of fxquant's C
 (`fxquant::cxx_*`, lowering/cuda/: on a GPU the CUDA GEMV at decode sizes) instead of ATen code;
 the package then needs that library loaded before it is loaded (Python:
 `torch.ops.load_library(fxquant.lowering.cuda.library_path())`; C++: dlopen the same file).
+With `ops="triton"`, every linear on a CUDA input becomes fxquant's Triton kernels (traced from
+their `torch.library.triton_op`, lowering/triton/triton_ops.py), compiled into the package by
+AOTInductor: the package needs neither fxquant nor its library, and M is chosen among the
+kernels inside the package at run time.
 The packed tensors are the package's constants; their dequantization is code in the package that
 runs per call (Inductor does not fold it into float constants: AOTI's runtime constant folding is
 off by default, and the package-size test guards it).
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import shlex
@@ -34,7 +39,7 @@ from .lowering.decompose import fxquant_decompositions
 from .passes.rewrite import LayerFilter
 
 
-EXPORT_OPS = ("aten", "cxx")
+EXPORT_OPS = ("aten", "cxx", "triton")
 
 
 def _cxx_targets() -> dict:
@@ -52,9 +57,24 @@ def _cxx_targets() -> dict:
 
 def decompose_fxquant_ops(ep: ExportedProgram, ops: str = "aten") -> ExportedProgram:
     """`ep` with every Python `torch.ops.fxquant.*` node replaced by its ATen decomposition, or
-    (ops="cxx") by the C++ library's op of the same schema where one exists."""
+    (ops="cxx") by the C++ library's op of the same schema where one exists, or (ops="triton") by
+    fxquant's Triton kernels (lowering/triton/triton_ops.py), which AOTInductor then compiles into
+    the package: it loads without fxquant and runs quantized GEMMs on a CUDA GPU."""
     if ops not in EXPORT_OPS:
         raise ValueError(f"fxquant.export: ops must be one of {EXPORT_OPS}, got {ops!r}")
+    if ops == "triton":
+        from .lowering.triton.triton_ops import triton_target
+        for n in ep.graph.nodes:
+            target = triton_target(n.target) if n.op == "call_function" and isinstance(
+                n.target, torch._ops.OpOverload) else None
+            if target is not None:
+                n.target = target
+        ep.graph_module.recompile()
+        table = torch.export.default_decompositions()
+        table.update(fxquant_decompositions())  # ops without a Triton form (swiglu_quantize)
+        kw = ({"decompose_custom_triton_ops": True}  # torch >= 2.6 leaves triton_ops whole by default
+              if "decompose_custom_triton_ops" in inspect.signature(ep.run_decompositions).parameters else {})
+        return _no_fxquant_ops_left(ep.run_decompositions(table, **kw))
     if ops == "cxx":
         swap = _cxx_targets()
         for n in ep.graph.nodes:
@@ -63,7 +83,10 @@ def decompose_fxquant_ops(ep: ExportedProgram, ops: str = "aten") -> ExportedPro
         ep.graph_module.recompile()
     table = torch.export.default_decompositions()
     table.update(fxquant_decompositions())
-    out = ep.run_decompositions(table)
+    return _no_fxquant_ops_left(ep.run_decompositions(table))
+
+
+def _no_fxquant_ops_left(out: ExportedProgram) -> ExportedProgram:
     left = sorted({str(n.target) for n in out.graph.nodes
                    if n.op == "call_function" and getattr(n.target, "namespace", None) == "fxquant"
                    and not n.target.name().startswith("fxquant::cxx_")})
@@ -79,7 +102,8 @@ def export_program(model: torch.nn.Module, example_inputs: Sequence[Any], config
                    verbose: bool = False, prepacked: Any = None, strict: bool = False,
                    ops: str = "aten") -> ExportedProgram:
     """The quantized ExportedProgram that `export` hands to AOTInductor: free of fxquant's
-    Python ops (ops="aten"), or calling only its C++ library's ops (ops="cxx", see the module doc).
+    Python ops (ops="aten"), or calling only its C++ library's ops (ops="cxx"), or with its Triton
+    kernels as graph nodes (ops="triton"; see the module doc).
 
     Its `.fxquant_report` lists every linear. `prepacked` (fxquant.load) skips quantization."""
     ep = torch.export.export(model, tuple(example_inputs), kwargs=example_kwargs,

@@ -1,7 +1,9 @@
-"""Small models shared by the graph and backend tests."""
+"""Small models shared by the graph and backend tests; packing per kernel scheme for the kernel tests."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fxquant import numerics as nq
 
 # Start of a script run in a fresh interpreter where importing fxquant is an ImportError (an
 # exported package must load without it); it imports sys and torch.
@@ -97,3 +99,25 @@ def plain_then_cudagraphs(model, xs, cfg, between=None, rounds: int = 3):
         frames = counters["stats"]["unique_graphs"]
         skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
     return want, got, frames, skips
+
+
+def pack_weight(scheme: str, w: torch.Tensor, group: int = 0, symmetric: bool = False):
+    """w [N, K] float -> the packed tensors of the op of dispatch scheme `scheme`."""
+    if scheme == "int8_wo":
+        return nq.quantize_int8_per_channel(w)
+    if scheme == "int4_wo":
+        q, sz = nq.quantize_int4_groupwise(w, group, symmetric)
+        return nq.pack_int4(q), sz
+    if scheme == "int8_dyn":
+        return nq.quantize_int8_weight_for_dynamic(w)
+    if scheme == "fp8_dyn_tensor":
+        return nq.quantize_fp8_weight(w, per_row=False)
+    return nq.quantize_fp8_weight(w, per_row=True)  # fp8_dyn_row, fp8_wo
+
+
+def scheme_op(scheme: str, group: int = 0) -> tuple[str, tuple]:
+    """(name of the torch.ops.fxquant op of dispatch scheme `scheme`, its static args after bias)."""
+    return {"int8_wo": ("int8_weight_only_linear", ()), "int4_wo": ("int4_weight_only_linear", (group,)),
+            "fp8_wo": ("float8_weight_only_linear", ()), "int8_dyn": ("int8_dynamic_linear", ()),
+            "fp8_dyn_row": ("float8_dynamic_linear", (True,)),
+            "fp8_dyn_tensor": ("float8_dynamic_linear", (False,))}[scheme]

@@ -121,6 +121,23 @@ def test_string_backend_with_options():
         assert fxquant.sqnr(model(x), out) > 35
 
 
+def test_embed_kernels_leaves_cpu_graphs_to_the_cpu_ops():
+    """embed_kernels swaps only linears on CUDA inputs for their Triton kernels: a CPU compile
+    keeps its fxquant ops and gives the same output as without the option."""
+    from torch._inductor.utils import run_and_get_code
+    model, x = _mlp(dtype=torch.bfloat16), torch.randn(2, 256, dtype=torch.bfloat16)
+    outs = []
+    for embed in (False, True):
+        torch._dynamo.reset()
+        be = fxquant.backend(fxquant.Int8WeightOnly(), embed_kernels=embed)
+        with torch.no_grad():
+            out, code = run_and_get_code(torch.compile(model, backend=be), x)
+        outs.append(out)
+        assert be.embed_kernels is embed
+        assert "\n".join(code).count("= torch.ops.fxquant.int8_weight_only_linear.default(") == 2
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
 def test_fxquant_compile_report_and_verbose(capsys):
     torch._dynamo.reset()
     model = _mlp()

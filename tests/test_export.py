@@ -244,5 +244,5 @@ def test_cxx_ops_package_loads_with_the_library_only(mlp, tmp_path):
 
 
 def test_export_ops_must_be_known(mlp, tmp_path):
-    with pytest.raises(ValueError, match=r"ops must be one of \('aten', 'cxx'\), got 'cuda'"):
+    with pytest.raises(ValueError, match=r"ops must be one of \('aten', 'cxx', 'triton'\), got 'cuda'"):
         fxquant.export_program(mlp, (torch.randn(3, 8, D),), fxquant.Int8WeightOnly(), ops="cuda")

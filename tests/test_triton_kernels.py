@@ -22,6 +22,7 @@ pytest.importorskip("triton")
 
 from fxquant import numerics as nq  # noqa: E402
 import fxquant.lowering  # noqa: E402,F401  (registers torch.ops.fxquant.*)
+from helpers import pack_weight  # noqa: E402
 
 
 def _kernel_modules():
@@ -47,17 +48,7 @@ REF = {
 }
 
 
-def pack(scheme: str, w: torch.Tensor, group: int, symmetric: bool = False):
-    if scheme == "int8_wo":
-        return nq.quantize_int8_per_channel(w)
-    if scheme == "int4_wo":
-        q, sz = nq.quantize_int4_groupwise(w, group, symmetric)
-        return nq.pack_int4(q), sz
-    if scheme == "int8_dyn":
-        return nq.quantize_int8_weight_for_dynamic(w)
-    if scheme == "fp8_dyn_tensor":
-        return nq.quantize_fp8_weight(w, per_row=False)
-    return nq.quantize_fp8_weight(w, per_row=True)
+pack = pack_weight
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

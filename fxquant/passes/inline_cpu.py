@@ -26,25 +26,34 @@ def inline_cpu_float32(graph: fx.Graph, fake_mode) -> int:
         val = x.meta.get("val") if isinstance(x, fx.Node) else None
         if fn is None or val is None or val.device.type != "cpu" or val.dtype != torch.float32:
             continue
-        if any(isinstance(a, fx.Node) and "val" not in a.meta for a in node.args):
-            continue
-        tensor_pos = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node)]
-        consts = list(node.args)
-
-        def call(*tensors, _pos=tensor_pos, _consts=consts, _fn=fn):
-            args = list(_consts)
-            for i, t in zip(_pos, tensors):
-                args[i] = t
-            return _fn(*args)
-
-        with fake_mode:
-            sub = make_fx(call, decomposition_table=select_decomp_table(),
-                          tracing_mode="symbolic" if fake_mode.shape_env else "real")(
-                *[node.args[i].meta["val"] for i in tensor_pos])
-        with graph.inserting_before(node):
-            val_map = {ph: node.args[i] for ph, i in zip(sub.graph.find_nodes(op="placeholder"), tensor_pos)}
-            out = graph.graph_copy(sub.graph, val_map)
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
-        count += 1
+        if inline_node(graph, node, fn, fake_mode, select_decomp_table()):
+            count += 1
     return count
+
+
+def inline_node(graph: fx.Graph, node: fx.Node, fn, fake_mode, decomposition_table=None,
+                wrap=lambda trace: trace) -> bool:
+    """Replace `node` by the graph of `fn` (called with node's args) traced on its args' fake
+    values, with symbolic shapes where the graph has them. wrap(trace) may wrap the traced
+    callable (e.g. to functionalize it). False (nothing changed) where an arg has no fake value."""
+    if any(isinstance(a, fx.Node) and "val" not in a.meta for a in node.args):
+        return False
+    tensor_pos = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node)]
+    consts = list(node.args)
+
+    def call(*tensors):
+        args = list(consts)
+        for i, t in zip(tensor_pos, tensors):
+            args[i] = t
+        return fn(*args)
+
+    with fake_mode:
+        sub = make_fx(wrap(call), decomposition_table=decomposition_table,
+                      tracing_mode="symbolic" if fake_mode.shape_env else "real")(
+            *[node.args[i].meta["val"] for i in tensor_pos])
+    with graph.inserting_before(node):
+        val_map = {ph: node.args[i] for ph, i in zip(sub.graph.find_nodes(op="placeholder"), tensor_pos)}
+        out = graph.graph_copy(sub.graph, val_map)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return True

@@ -111,10 +111,11 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, K, stride_xm, stride_xk,
                 tl.store(qrow + k, quantize_values(xk, scale, FP8), mask=k < K)
 
 
-def quantize_activations(x2: torch.Tensor, fp8: bool, per_row: bool = True, pdl: bool = False
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations(x2: torch.Tensor, fp8: bool, per_row: bool = True, pdl: bool = False,
+                         wrap=lambda kernel: kernel) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] float (any strides), M > 0 -> (q [M, K] int8/e4m3 contiguous, scale fp32 [M] or [1]).
-    pdl: the next kernel is launched with programmatic dependent launch (sm_90+ only)."""
+    pdl: the next kernel is launched with programmatic dependent launch (sm_90+ only).
+    wrap: torch.library.wrap_triton where traced (triton_ops.py)."""
     M, K = x2.shape
     q = torch.empty((M, K), device=x2.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     one_pass = K <= ONE_PASS_MAX_K
@@ -124,12 +125,12 @@ def quantize_activations(x2: torch.Tensor, fp8: bool, per_row: bool = True, pdl:
     meta = dict(FP8=fp8, ONE_PASS=one_pass, BLOCK_K=block_k, PDL=pdl, num_warps=warps)
     if per_row:
         s = torch.empty((M,), device=x2.device, dtype=torch.float32)
-        act_quant_kernel[(M,)](x2, q, s, s, *args, MODE=0, **meta)
+        wrap(act_quant_kernel)[(M,)](x2, q, s, s, *args, MODE=0, **meta)
     else:
         s = torch.empty((1,), device=x2.device, dtype=torch.float32)
         amax = torch.zeros((1,), device=x2.device, dtype=torch.float32)
-        act_quant_kernel[(M,)](x2, q, s, amax, *args, MODE=1, **meta)
-        act_quant_kernel[(M,)](x2, q, s, amax, *args, MODE=2, **meta)
+        wrap(act_quant_kernel)[(M,)](x2, q, s, amax, *args, MODE=1, **meta)
+        wrap(act_quant_kernel)[(M,)](x2, q, s, amax, *args, MODE=2, **meta)
     return q, s
 
 

@@ -276,25 +276,38 @@ def _pdl(scheme: str, x: torch.Tensor, pre) -> bool:
             and _device_info(x.device)[2] >= (9, 0) and os.environ.get("FXQUANT_PDL", "1") != "0")
 
 
-def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
+def eager(kernel):
+    """Launch a kernel as it is (the `wrap` of the launchers below outside torch.library.triton_op)."""
+    return kernel
+
+
+def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None, *, wrap=eager, active=1,
+              block_m=None):
+    """wrap / active / block_m: for triton_ops.py, which traces this with a symbolic M: the kernel
+    wrapper (torch.library.wrap_triton), a 0/1 factor on the grid (0: the launch does nothing) and
+    BLOCK_M fixed for its M range."""
     M, K = x2.shape
     N = qweight.shape[0]
     wo = scheme in WEIGHT_ONLY
-    pdl = _pdl(scheme, x2, pre)
+    pdl = wrap is eager and _pdl(scheme, x2, pre)
     x2, xs, xs_mode = _activations(scheme, x2, scales, pre, pdl)
     ws_mode = _weight_scale_mode(scheme, scales, N)
     bk = _fix_bk(cfg.bk, scheme, group, K, "gemv")
-    gemv_kernel[(triton.cdiv(N, cfg.bn),)](
+    wrap(gemv_kernel)[(triton.cdiv(N, cfg.bn) * active,)](
         x2, xs, qweight, scales, bias if bias is not None else scales, out, M, N, K,
         x2.stride(0), x2.stride(1), out.stride(0),
         WKIND=_WKIND[scheme] if wo else _GEMV_WKIND[scheme], XS_MODE=xs_mode, WS_MODE=ws_mode,
         GROUP=group, HAS_BIAS=bias is not None, XK1=x2.stride(1) == 1,
-        BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=cfg.bn, BLOCK_K=bk, PDL=pdl,
+        BLOCK_M=block_m or max(1, triton.next_power_of_2(M)), BLOCK_N=cfg.bn, BLOCK_K=bk, PDL=pdl,
         num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
     return out
 
 
-def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
+def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None, *, wrap=eager, active=1,
+              rows=None):
+    """wrap / active: as for _run_gemv (there cfg.split_k is set and cfg.tma off: no Python
+    decision here may depend on M). rows: M, or there min(M, the range's top): what split-K's
+    buffers are sized for (bounded, and provably >= 1, so allocating them adds no guard)."""
     M, K = x2.shape
     N = qweight.shape[0]
     bk = _fix_bk(cfg.bk, scheme, group, K, "gemm")
@@ -302,7 +315,7 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
     k_tiles = triton.cdiv(K, bk)
     split = cfg.split_k or _auto_split(tiles, k_tiles, _device_info(x2.device)[1])
     split = max(1, min(split, k_tiles))
-    pdl = split == 1 and _pdl(scheme, x2, pre)  # split-K zeroes its counters in between
+    pdl = split == 1 and wrap is eager and _pdl(scheme, x2, pre)  # split-K zeroes its counters in between
     x2, xs, xs_mode = _activations(scheme, x2, scales, pre, pdl)
     ws_mode = _weight_scale_mode(scheme, scales, N)
     descs = _tma_descriptors(scheme, x2, qweight, cfg, bk)
@@ -310,10 +323,13 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None):
     if split > 1:
         # One arrival counter per output tile, zeroed per call: a buffer kept across calls would
         # be shared between streams, and CUDA-graph trees would count it as a leaked allocation.
+        # Both flat, the counters with one spare: sizes a symbolic trace can prove > 1 (no guard).
         reduce = REDUCE_FIXUP
-        cnt = torch.zeros(tiles, device=out.device, dtype=torch.int32)
-        ws = torch.empty((split, M, N), device=out.device, dtype=torch.float32)  # no fill needed
-    gemm_kernel[(tiles, split)](
+        rows = M if rows is None else rows
+        cnt = torch.zeros(triton.cdiv(rows, cfg.bm) * triton.cdiv(N, cfg.bn) + 1, device=out.device,
+                          dtype=torch.int32)
+        ws = torch.empty(split * rows * N, device=out.device, dtype=torch.float32)  # no fill needed
+    wrap(gemm_kernel)[(tiles * active, split)](
         x2, qweight, scales, xs, bias if bias is not None else scales, out, ws, cnt,
         *(descs or (None, None)), M, N, K,
         x2.stride(0), x2.stride(1), out.stride(0), split,

@@ -1,0 +1,172 @@
+"""The triton_op forms of the fxquant ops (lowering/triton/triton_ops.py), on CPU.
+
+The kernels run under TRITON_INTERPRET=1 against the CPU reference ops, with a synthetic table
+that gives every kernel family an M range (GEMV, swapped split-K GEMM, plain GEMM), so one call
+launches all of them and only the one whose range holds M may write. The property that makes
+the ops traceable without recompiles is checked on a symbolic trace: no guard on M, and grids
+that are 0 outside their range. Graph-level use (torch.compile, torch.export, AOTInductor) needs
+a GPU: tests/gpu/test_gpu_triton_ops.py.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+pytest.importorskip("triton")
+
+from fxquant import numerics as nq  # noqa: E402
+import fxquant.lowering  # noqa: E402,F401
+from fxquant.lowering.triton import triton_ops as T  # noqa: E402
+from helpers import pack_weight, scheme_op  # noqa: E402
+
+D = T.D
+KC = D.KernelConfig
+CPU = torch.device("cpu")
+GEMV = KC("gemv", bn=8, bk=64)
+SWAP_SPLIT = KC("gemm", bm=16, bn=32, bk=32, warps=4, stages=2, split_k=2, swap=True)
+PLAIN = KC("gemm", bm=32, bn=32, bk=32, warps=4, stages=2, split_k=1)
+
+
+def _table(scheme: str, group: int) -> dict:
+    """m1-m4: GEMV; m8-m16: swapped split-K; m32+: plain GEMM (and one CUTLASS entry, whose
+    Triton fallback must be used)."""
+    t = {D.bucket_key(scheme, group, b): GEMV.to_json() for b in (1, 2, 4)}
+    t.update({D.bucket_key(scheme, group, b): SWAP_SPLIT.to_json() for b in (8, 16)})
+    t.update({D.bucket_key(scheme, group, b): PLAIN.to_json() for b in D.M_BUCKETS if b >= 32})
+    t[D.bucket_key(scheme, group, 64)] = {"kind": "cutlass", "bn": 128, "bk": 64, "bm": 128,
+                                          "fallback": PLAIN.to_json()}
+    return t
+
+
+@pytest.fixture
+def table(monkeypatch):
+    def use(scheme: str, group: int = 0):
+        monkeypatch.setitem(D._tables, "cache", {})
+        monkeypatch.setitem(D._tables, "shipped", {"cpu": _table(scheme, group)})
+        T.m_ranges.cache_clear()
+    yield use
+    T.m_ranges.cache_clear()
+
+
+def test_ranges_merge_equal_buckets_and_replace_other_kinds(table):
+    table("int8_wo")
+    r = T.m_ranges("int8_wo", 40, 96, 0, torch.bfloat16, CPU)
+    kinds = [(x.lo, x.hi, x.cfg.kind, x.cfg.bm, x.cfg.split_k) for x in r]
+    # GEMV buckets stay apart (BLOCK_M differs); the CUTLASS m64 entry became its fallback,
+    # equal to its neighbours, so m32..last is one open-ended range.
+    assert kinds == [(0, 1, "gemv", 1, 1), (1, 2, "gemv", 2, 1), (2, 4, "gemv", 4, 1),
+                     (4, 16, "gemm", 16, 2), (16, None, "gemm", 32, 1)]
+    assert all(not x.cfg.tma for x in r)
+
+
+def test_in_range_is_one_exactly_inside():
+    r = T.MRange(4, 16, GEMV)
+    assert [T.in_range(m, r) for m in (0, 4, 5, 16, 17, 10_000)] == [0, 0, 1, 1, 0, 0]
+    assert [T.in_range(m, T.MRange(16, None, GEMV)) for m in (16, 17, 1 << 20)] == [0, 1, 1]
+
+
+SCHEMES = ["int8_wo", "int4_wo", "fp8_wo", "int8_dyn", "fp8_dyn_row", "fp8_dyn_tensor"]
+
+
+def _rel(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_triton_op_matches_reference_in_every_range(scheme, table):
+    """One op call per M range (and M = 0): the result is the CPU reference op's (relative error
+    <= 1e-2 in bf16, as for the kernels themselves), so no inactive launch wrote into it."""
+    group = 32 if scheme == "int4_wo" else 0
+    name, static = scheme_op(scheme, group)
+    table("fp8_dyn_row" if scheme == "fp8_dyn_tensor" else scheme, group)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 96, generator=g)
+    packed = pack_weight(scheme, w, group)
+    bias = torch.randn(40, generator=g).bfloat16()
+    op = getattr(torch.ops.fxquant, f"triton_{name}")
+    ref_op = getattr(torch.ops.fxquant, name)
+    for m in (0, 1, 3, 11, 40):
+        x = torch.randn(m, 96, generator=g).bfloat16()
+        out = op(x, *packed, bias, *static)
+        ref = ref_op(x, *packed, bias, *static)
+        assert out.shape == ref.shape == (m, 40) and out.dtype == torch.bfloat16
+        if m:
+            assert _rel(out, ref) <= 1e-2, (scheme, m)
+
+
+def test_prequant_and_3d_input(table):
+    table("int8_dyn")
+    g = torch.Generator().manual_seed(2)
+    qw, ws = nq.quantize_int8_weight_for_dynamic(torch.randn(40, 96, generator=g))
+    x = torch.randn(2, 5, 96, generator=g).bfloat16()
+    xq, xs = nq.quantize_int8_per_token(x)
+    out = torch.ops.fxquant.triton_int8_dynamic_linear_prequant(xq, xs, qw, ws, None, torch.float16)
+    ref = torch.ops.fxquant.int8_dynamic_linear_prequant(xq, xs, qw, ws, None, torch.float16)
+    assert out.shape == (2, 5, 40) and out.dtype == torch.float16
+    assert _rel(out, ref) <= 2e-3
+    qw8, s8 = nq.quantize_int8_per_channel(torch.randn(40, 96, generator=g))
+    xt = torch.randn(96, 6, generator=g).bfloat16().t()  # non-contiguous
+    ref = torch.ops.fxquant.int8_weight_only_linear(xt, qw8, s8, None)
+    assert _rel(torch.ops.fxquant.triton_int8_weight_only_linear(xt, qw8, s8, None), ref) <= 1e-2
+
+
+def test_errors_name_the_op():
+    qw, s = nq.quantize_int8_per_channel(torch.randn(8, 32))
+    with pytest.raises(RuntimeError, match="triton_int8_weight_only_linear: x has K=16 but the weight has K=32"):
+        torch.ops.fxquant.triton_int8_weight_only_linear(torch.randn(2, 16), qw, s, None)
+    assert T.triton_target(torch.ops.fxquant.int4_weight_only_linear.default) \
+        == torch.ops.fxquant.triton_int4_weight_only_linear.default
+    assert T.triton_target(torch.ops.fxquant.swiglu_quantize.default) is None
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(2, 5000))
+def test_symbolic_trace_has_no_guard_on_m_and_exactly_one_live_launch(m):
+    """Traced with a symbolic M (as torch.compile / torch.export trace the op; symbolic sizes are
+    >= 2, 0 and 1 being specialized), the body adds no guard on M, and its grids, evaluated at
+    any M, leave exactly one GEMM/GEMV launch non-empty: the one whose range holds M."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    D._tables["shipped"] = {"cpu": _table("int8_wo", 0)}
+    D._tables["cache"] = {}
+    T.m_ranges.cache_clear()
+    grids = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: grids.append((self.kernel, grid))
+
+    qw, s = nq.quantize_int8_per_channel(torch.randn(40, 96))
+    try:
+        orig = T.wrap_triton
+        T.wrap_triton = Recorder
+        gm = make_fx(lambda x: T.linear_body("int8_wo", x, qw, s, None), tracing_mode="symbolic")(
+            torch.randn(7, 96).bfloat16())
+        n_ranges = len(T.m_ranges("int8_wo", 40, 96, 0, torch.bfloat16, CPU))
+    finally:
+        T.wrap_triton = orig
+        D._tables.pop("shipped", None)
+        D._tables.pop("cache", None)
+        T.m_ranges.cache_clear()
+    m_node = next(n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder").shape[0].node
+    sym = m_node.expr
+    on_m = [str(g.expr) for g in m_node.shape_env.guards if sym in g.expr.free_symbols]
+    assert not on_m  # (make_fx made K symbolic too: the op's K check guards K, as it should)
+    live = []
+    for kernel, grid in grids:
+        size = 1
+        for d in grid:
+            size *= int(d.node.expr.subs(sym, m)) if isinstance(d, torch.SymInt) else d
+        if size:
+            live.append(kernel)
+    assert len(grids) == n_ranges == 5  # one launch per range
+    assert len(live) == 1
+    assert live[0] is (D.gemv_kernel if m <= 4 else D.gemm_kernel)

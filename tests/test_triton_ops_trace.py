@@ -1,0 +1,181 @@
+"""The graphs that torch.export and the backend's embed_kernels build from the triton_ops, on CPU.
+
+No GPU is needed to *trace* them: Triton's frontend lowers each kernel to TTIR (which torch reads
+to learn which arguments a kernel writes) for a target we name, sm_90. So a fresh process without
+TRITON_INTERPRET (the kernels must be JIT functions, not interpreted ones) installs a stand-in
+driver that names that target and looks configs up in the shipped H100 table. Checked: no
+fxquant op is left; every kernel writes only buffers allocated in the graph (a packed weight
+written would be a wrong mutation analysis, and torch.export refuses it); the exported program
+keeps the batch and sequence ranges asked for (no guard narrowed them); the launches per linear
+are one per M range of the H100 table. The same for the backend's embed pass, followed by
+Inductor's reinplacing (no copy of any buffer). Running the kernels needs a GPU:
+tests/gpu/test_gpu_triton_ops.py and test_gpu_export.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent(r"""
+    import json, os, sys
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    class StandInDriver:  # only what TTIR generation asks of a driver
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    triton.runtime.driver.set_active(StandInDriver())
+    import fxquant
+    from fxquant.lowering.triton import dispatch as D, triton_ops as T
+    D._device_info = lambda device: ("h100", 132, (9, 0))  # the shipped H100 table
+    T._check_device = lambda t, op: None  # CPU example tensors: traced only, never launched
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.SiLU(),
+                                torch.nn.Linear(1024, 384)).to(torch.bfloat16)
+    x = torch.randn(3, 8, 512, dtype=torch.bfloat16)
+    dims = ({0: Dim("batch", min=1, max=64), 1: Dim("seq", min=1, max=512)},)
+    configs = {"int8_wo": fxquant.Int8WeightOnly(), "int4_wo": fxquant.Int4WeightOnly(group_size=128),
+               "int8_dyn": fxquant.Int8DynamicActivationInt8Weight(),
+               "fp8_dyn_row": fxquant.Float8DynamicActivationFloat8Weight("row"),
+               "fp8_dyn_tensor": fxquant.Float8DynamicActivationFloat8Weight("tensor"),
+               "fp8_wo": fxquant.Float8WeightOnly()}
+    result = {}
+    for scheme, cfg in configs.items():
+        ep = fxquant.export_program(model, (x,), cfg, dims, ops="triton")
+        inputs = {s.arg.name for s in ep.graph_signature.input_specs}
+        nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
+        hops = [n for n in nodes if "triton_kernel_wrapper" in str(n.target)]
+        written_inputs = sorted({n.kwargs["kwargs"][a].name for n in hops for a in n.kwargs["tensors_to_clone"]
+                                 if n.kwargs["kwargs"][a].name in inputs})
+        ranges = [(T.m_ranges(scheme, n, k, 128 if scheme == "int4_wo" else 0, torch.bfloat16,
+                              torch.device("cpu"))) for n, k in ((1024, 512), (384, 1024))]
+        result[scheme] = {
+            "fxquant_ops": [str(n.target) for n in nodes if "fxquant" in str(n.target)],
+            "launches": len(hops), "ranges": sum(len(r) for r in ranges),
+            "written_inputs": written_inputs,
+            "range_constraints": sorted(f"{v.lower}..{v.upper}" for v in ep.range_constraints.values()),
+        }
+    print("RESULT" + json.dumps(result))
+""")
+
+
+# The backend's embed pass (passes/embed_triton.py) on a graph with a symbolic M and fake CUDA
+# tensors, then Inductor's own reinplacing and decomposition of the functional launches.
+EMBED_SCRIPT = textwrap.dedent(r"""
+    import json
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    class StandInDriver:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    triton.runtime.driver.set_active(StandInDriver())
+    import fxquant.lowering
+    from fxquant.lowering.triton import dispatch as D, triton_ops as T
+    from fxquant.passes.embed_triton import embed_triton_kernels
+    D._device_info = lambda device: ("h100", 132, (9, 0))
+    from torch._dynamo.source import ConstantSource
+    from torch._inductor.fx_passes.post_grad import decompose_triton_kernel_wrapper_functional
+    from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops
+    from torch._inductor.fx_utils import FakeTensorUpdater
+    from torch._inductor.virtualized import V
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    N, K = 1000, 1024
+    f8, bf = torch.float8_e4m3fn, torch.bfloat16
+    CASES = {  # op -> (scheme, packed tensors (dtype, shape), static args, prequant)
+        "int8_weight_only_linear": ("int8_wo", [(torch.int8, (N, K)), (bf, (N,))], (), False),
+        "int4_weight_only_linear": ("int4_wo", [(torch.uint8, (N, K // 2)), (bf, (K // 128, N, 2))], (128,), False),
+        "float8_weight_only_linear": ("fp8_wo", [(f8, (N, K)), (torch.float32, (N,))], (), False),
+        "int8_dynamic_linear": ("int8_dyn", [(torch.int8, (N, K)), (torch.float32, (N,))], (), False),
+        "float8_dynamic_linear": ("fp8_dyn_tensor", [(f8, (N, K)), (torch.float32, (1,))], (False,), False),
+        "int8_dynamic_linear_prequant": ("int8_dyn", [(torch.int8, (N, K)), (torch.float32, (N,))], (bf,), True),
+        "float8_dynamic_linear_prequant": ("fp8_dyn_row", [(f8, (N, K)), (torch.float32, (N,))], (bf,), True),
+    }
+    result = {}
+    for name, (scheme, packed, static, pre) in CASES.items():
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        with mode:
+            se = mode.shape_env
+            m = se.create_symintnode(se.create_symbol(37, ConstantSource("m")), hint=37)
+            ts = [torch.empty((m, K), dtype=packed[0][0] if pre else bf, device="cuda")]
+            if pre:
+                ts.append(torch.empty((m, 1), dtype=torch.float32, device="cuda"))
+            ts += [torch.empty(shape, dtype=dt, device="cuda") for dt, shape in packed]
+            ts.append(torch.empty(N, dtype=bf, device="cuda"))  # bias
+        op = getattr(torch.ops.fxquant, name)
+        gm = make_fx(lambda *a: op(*a, *static).relu(), tracing_mode="real")(*ts)
+        embedded = embed_triton_kernels(gm.graph, mode)
+        with V.set_fake_mode(mode):
+            reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
+            decompose_triton_kernel_wrapper_functional(gm.graph)
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        ranges = T.m_ranges(scheme, N, K, 128 if scheme == "int4_wo" else 0, bf, torch.device("cuda"))
+        result[name] = {"embedded": embedded, "launches": targets.count("triton_kernel_wrapper_mutation"),
+                        "ranges": len(ranges), "fxquant": [t for t in targets if "fxquant" in t],
+                        "copies": [t for t in targets if "clone" in t or "copy" in t],
+                        "guards": [str(g.expr) for g in mode.shape_env.guards]}
+    print("RESULT" + json.dumps(result))
+""")
+
+
+def _run(script: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, env=env)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
+    assert line is not None, r.stderr[-4000:]
+    return json.loads(line[len("RESULT"):])
+
+
+@pytest.fixture(scope="module")
+def traced():
+    return _run(SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return _run(EMBED_SCRIPT)
+
+
+@pytest.mark.parametrize("op", ["int8_weight_only_linear", "int4_weight_only_linear", "float8_weight_only_linear",
+                                "int8_dynamic_linear", "float8_dynamic_linear", "int8_dynamic_linear_prequant",
+                                "float8_dynamic_linear_prequant"])
+def test_embed_pass_graph(embedded, op):
+    """One launch per M range of the H100 table (plus the activation quantization: one pass, two
+    for a per-tensor scale), all writing into buffers of their own (Inductor's reinplacing leaves
+    no copy), no fxquant op left, and no guard on the symbolic M."""
+    r = embedded[op]
+    quant = {"int8_dynamic_linear": 1, "float8_dynamic_linear": 2}.get(op, 0)
+    assert r["embedded"] == 1 and r["fxquant"] == [] and r["copies"] == [] and r["guards"] == []
+    assert r["ranges"] >= 4 and r["launches"] == r["ranges"] + quant
+
+
+SCHEMES = ["int8_wo", "int4_wo", "int8_dyn", "fp8_dyn_row", "fp8_dyn_tensor", "fp8_wo"]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_export_triton_graph(traced, scheme):
+    r = traced[scheme]
+    assert r["fxquant_ops"] == []
+    quant = {"int8_dyn": 1, "fp8_dyn_row": 1, "fp8_dyn_tensor": 2}.get(scheme, 0)  # activation passes
+    assert r["launches"] == r["ranges"] + 2 * quant  # one launch per M range, per linear
+    assert r["ranges"] >= 2 * 4  # the H100 table: GEMV, small-M and large-M GEMMs at least
+    assert r["written_inputs"] == []  # no packed weight, scale, bias or input is written
+    assert r["range_constraints"] == ["1..512", "1..64"]
