@@ -64,11 +64,14 @@ def decompose_fxquant_ops(ep: ExportedProgram, ops: str = "aten") -> ExportedPro
         raise ValueError(f"fxquant.export: ops must be one of {EXPORT_OPS}, got {ops!r}")
     if ops == "triton":
         from .lowering.triton.triton_ops import triton_target
-        for n in ep.graph.nodes:
-            target = triton_target(n.target) if n.op == "call_function" and isinstance(
-                n.target, torch._ops.OpOverload) else None
-            if target is not None:
-                n.target = target
+        linears = [(n, triton_target(n.target)) for n in ep.graph.nodes if n.op == "call_function"
+                   and isinstance(n.target, torch._ops.OpOverload) and triton_target(n.target) is not None]
+        on_cuda = [(n, t) for n, t in linears if _on_cuda(n)]
+        if linears and not on_cuda:
+            raise ValueError("fxquant.export(ops='triton'): the Triton kernels run on CUDA tensors; export "
+                             "the model with CUDA weights and example inputs, or use ops='aten' for the CPU")
+        for n, target in on_cuda:  # CPU linears (if any) get the ATen decomposition below
+            n.target = target
         ep.graph_module.recompile()
         table = torch.export.default_decompositions()
         table.update(fxquant_decompositions())  # ops without a Triton form (swiglu_quantize)
@@ -84,6 +87,10 @@ def decompose_fxquant_ops(ep: ExportedProgram, ops: str = "aten") -> ExportedPro
     table = torch.export.default_decompositions()
     table.update(fxquant_decompositions())
     return _no_fxquant_ops_left(ep.run_decompositions(table))
+
+
+def _on_cuda(node: torch.fx.Node) -> bool:
+    return bool(getattr(node.args[0].meta.get("val"), "is_cuda", False))
 
 
 def _no_fxquant_ops_left(out: ExportedProgram) -> ExportedProgram:

@@ -243,6 +243,11 @@ def test_cxx_ops_package_loads_with_the_library_only(mlp, tmp_path):
                 assert isinstance(outs, str) and "cxx_" in outs, outs
 
 
+def test_export_triton_ops_need_cuda(mlp):
+    with pytest.raises(ValueError, match=r"ops='triton'\): the Triton kernels run on CUDA tensors"):
+        fxquant.export_program(mlp, (torch.randn(3, 8, D),), fxquant.Int8WeightOnly(), ops="triton")
+
+
 def test_export_ops_must_be_known(mlp, tmp_path):
     with pytest.raises(ValueError, match=r"ops must be one of \('aten', 'cxx', 'triton'\), got 'cuda'"):
         fxquant.export_program(mlp, (torch.randn(3, 8, D),), fxquant.Int8WeightOnly(), ops="cuda")

@@ -38,6 +38,7 @@ SCRIPT = textwrap.dedent(r"""
     from fxquant.lowering.triton import dispatch as D, triton_ops as T
     D._device_info = lambda device: ("h100", 132, (9, 0))  # the shipped H100 table
     T._check_device = lambda t, op: None  # CPU example tensors: traced only, never launched
+    sys.modules["fxquant.export"]._on_cuda = lambda node: True  # (fxquant.export is the function)
     from torch.export import Dim
 
     torch.manual_seed(0)
