@@ -24,6 +24,7 @@ so what is timed is explicit. All logits are of the last position only (`logits_
   python benchmarks/llm.py --schemes bf16-inductor,int4 --batches 1 --out out/llm
   python benchmarks/llm.py --layers 8 --repeats 1               # quicker: 8 of the 32 layers
   python benchmarks/llm.py --tiny --device cpu                  # a 2-layer float32 model (tests)
+  python benchmarks/llm.py --schemes bf16-inductor,int4,int4+embed  # the Triton kernels in the graph
 
 Writes llm.json (after every scheme, so a run cut short keeps what finished) and llm.png to
 --out, and prints a table. bf16-* are the unquantized baselines (float32 with --tiny).
@@ -62,6 +63,11 @@ FXQUANT_SCHEMES: dict[str, Callable[[], fxquant.QuantConfig]] = {
 BASELINES = ("bf16-eager", "bf16-inductor")
 TORCHAO_SCHEMES = ("torchao-int4", "torchao-int8wo")
 ALL_SCHEMES = BASELINES + tuple(FXQUANT_SCHEMES) + TORCHAO_SCHEMES
+EMBED = "+embed"  # "<fxquant scheme>+embed": the backend's embed_kernels=True (Triton kernels in Inductor's graph)
+
+
+def known_scheme(name: str) -> bool:
+    return name in ALL_SCHEMES or (name.endswith(EMBED) and name.removesuffix(EMBED) in FXQUANT_SCHEMES)
 CHECK_TOKENS = 32  # greedy tokens compared with the reference
 WARMUP_ROUNDS = 2  # round 1 compiles, round 2 records CUDA graphs (reduce-overhead) off the clock
 # `cache_position` was dropped from HF forward signatures in 5.x; pass it only where it exists.
@@ -274,8 +280,9 @@ def prepare(name: str, args: argparse.Namespace, cfg: transformers.LlamaConfig, 
             cache = make_cache(cfg, 1, ref_prompt.shape[1] + n_check, dtype, device)
             return generate(model, cache, ref_prompt, n_check, keep_logits=n_check)
 
-    if name in FXQUANT_SCHEMES:
-        config = FXQUANT_SCHEMES[name]()
+    base = name.removesuffix(EMBED)
+    if base in FXQUANT_SCHEMES:
+        config = FXQUANT_SCHEMES[base]()
         # The reference: fxquant.quantize_weights packs what the backend packs (config.pack of
         # the same seeded weights), run eagerly through the ops' plain-ATen decompositions.
         ref_model = build_model(cfg, device, dtype, args.seed)
@@ -290,7 +297,7 @@ def prepare(name: str, args: argparse.Namespace, cfg: transformers.LlamaConfig, 
         reset_peak(device)  # the reference's memory is not the scheme's
         model = build_model(cfg, device, dtype, args.seed)
         ref["same_weights"] = weights_fingerprint(model) == fingerprint
-        be = fxquant.backend(config, release_weights=True)
+        be = fxquant.backend(config, release_weights=True, embed_kernels=name.endswith(EMBED))
         # torch.compile passes mode= on to a callable backend; fxquant.Backend applies its Inductor options.
         compiled = torch.compile(model, backend=be, **compile_kw)
         notes["config"] = config.describe()
@@ -505,7 +512,9 @@ def plot(results: list[dict], batches: list[int], path: Path, title: str) -> Non
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--schemes", default=",".join(ALL_SCHEMES), help=f"comma list from {', '.join(ALL_SCHEMES)}")
+    p.add_argument("--schemes", default=",".join(ALL_SCHEMES),
+                   help=f"comma list from {', '.join(ALL_SCHEMES)}; an fxquant scheme + '{EMBED}' compiles "
+                        f"with embed_kernels=True")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 32, or 2 with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a tiny float32 model (hidden 64, vocab 256) for tests")
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
@@ -521,7 +530,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="out/llm", help="folder for llm.json and llm.png")
     args = p.parse_args(argv)
     args.schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
-    unknown = [s for s in args.schemes if s not in ALL_SCHEMES]
+    unknown = [s for s in args.schemes if not known_scheme(s)]
     if unknown:
         p.error(f"unknown scheme(s) {unknown}; choose from {', '.join(ALL_SCHEMES)}")
     args.batches = [int(b) for b in args.batches.split(",")]
