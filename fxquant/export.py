@@ -74,7 +74,7 @@ def decompose_fxquant_ops(ep: ExportedProgram, ops: str = "aten") -> ExportedPro
             n.target = target
         ep.graph_module.recompile()
         table = torch.export.default_decompositions()
-        table.update(fxquant_decompositions())  # ops without a Triton form (swiglu_quantize)
+        table.update(fxquant_decompositions())  # fxquant ops on CPU inputs, if any
         kw = ({"decompose_custom_triton_ops": True}  # torch >= 2.6 leaves triton_ops whole by default
               if "decompose_custom_triton_ops" in inspect.signature(ep.run_decompositions).parameters else {})
         return _no_fxquant_ops_left(ep.run_decompositions(table, **kw))

@@ -116,13 +116,28 @@ def test_prequant_and_3d_input(table):
     assert _rel(torch.ops.fxquant.triton_int8_weight_only_linear(xt, qw8, s8, None), ref) <= 1e-2
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_swiglu_quantize_twin_is_the_same_kernel(fp8):
+    """triton_swiglu_quantize (3-D gate / up) gives exactly what the CUDA op's launcher gives."""
+    from fxquant.lowering.triton.act_quant import quantize_swiglu
+    g = torch.Generator().manual_seed(3)
+    gate, up = (torch.randn(2, 3, 80, generator=g).bfloat16() for _ in range(2))
+    q, s = torch.ops.fxquant.triton_swiglu_quantize(gate, up, fp8)
+    q_ref, s_ref = quantize_swiglu(gate.reshape(6, 80), up.reshape(6, 80), fp8)
+    assert q.shape == (2, 3, 80) and s.shape == (2, 3, 1)
+    assert torch.equal(q.reshape(6, 80).view(torch.int8), q_ref.view(torch.int8))
+    assert torch.equal(s.reshape(6), s_ref)
+
+
 def test_errors_name_the_op():
     qw, s = nq.quantize_int8_per_channel(torch.randn(8, 32))
     with pytest.raises(RuntimeError, match="triton_int8_weight_only_linear: x has K=16 but the weight has K=32"):
         torch.ops.fxquant.triton_int8_weight_only_linear(torch.randn(2, 16), qw, s, None)
     assert T.triton_target(torch.ops.fxquant.int4_weight_only_linear.default) \
         == torch.ops.fxquant.triton_int4_weight_only_linear.default
-    assert T.triton_target(torch.ops.fxquant.swiglu_quantize.default) is None
+    assert T.triton_target(torch.ops.fxquant.swiglu_quantize.default) \
+        == torch.ops.fxquant.triton_swiglu_quantize.default
+    assert T.triton_target(torch.ops.aten.mm.default) is None
 
 
 @settings(max_examples=25, deadline=None)

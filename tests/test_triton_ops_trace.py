@@ -131,6 +131,23 @@ EMBED_SCRIPT = textwrap.dedent(r"""
                         "ranges": len(ranges), "fxquant": [t for t in targets if "fxquant" in t],
                         "copies": [t for t in targets if "clone" in t or "copy" in t],
                         "guards": [str(g.expr) for g in mode.shape_env.guards]}
+    mode = FakeTensorMode(shape_env=ShapeEnv())  # the gated MLP's fused activation quantization
+    with mode:
+        se = mode.shape_env
+        m = se.create_symintnode(se.create_symbol(37, ConstantSource("m")), hint=37)
+        gate, up = (torch.empty((m, 2048), dtype=bf, device="cuda") for _ in range(2))
+    gm = make_fx(lambda g, u: [t.relu() if t.is_floating_point() else t
+                              for t in torch.ops.fxquant.swiglu_quantize(g, u, True)], tracing_mode="real")(gate, up)
+    embedded = embed_triton_kernels(gm.graph, mode)
+    gm.graph.lint()
+    with V.set_fake_mode(mode):
+        reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
+        decompose_triton_kernel_wrapper_functional(gm.graph)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    result["swiglu_quantize"] = {"embedded": embedded, "launches": targets.count("triton_kernel_wrapper_mutation"),
+                                 "ranges": 1, "fxquant": [t for t in targets if "fxquant" in t],
+                                 "copies": [t for t in targets if "clone" in t or "copy" in t],
+                                 "guards": [str(g.expr) for g in mode.shape_env.guards]}
     print("RESULT" + json.dumps(result))
 """)
 
@@ -157,7 +174,7 @@ def embedded():
 
 @pytest.mark.parametrize("op", ["int8_weight_only_linear", "int4_weight_only_linear", "float8_weight_only_linear",
                                 "int8_dynamic_linear", "float8_dynamic_linear", "int8_dynamic_linear_prequant",
-                                "float8_dynamic_linear_prequant"])
+                                "float8_dynamic_linear_prequant", "swiglu_quantize"])
 def test_embed_pass_graph(embedded, op):
     """One launch per M range of the H100 table (plus the activation quantization: one pass, two
     for a per-tensor scale), all writing into buffers of their own (Inductor's reinplacing leaves
@@ -165,7 +182,8 @@ def test_embed_pass_graph(embedded, op):
     r = embedded[op]
     quant = {"int8_dynamic_linear": 1, "float8_dynamic_linear": 2}.get(op, 0)
     assert r["embedded"] == 1 and r["fxquant"] == [] and r["copies"] == [] and r["guards"] == []
-    assert r["ranges"] >= 4 and r["launches"] == r["ranges"] + quant
+    assert r["launches"] == r["ranges"] + quant
+    assert r["ranges"] >= 4 or op == "swiglu_quantize"  # one kernel for every M
 
 
 SCHEMES = ["int8_wo", "int4_wo", "int8_dyn", "fp8_dyn_row", "fp8_dyn_tensor", "fp8_wo"]

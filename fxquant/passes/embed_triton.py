@@ -1,4 +1,4 @@
-"""Lowering for `embed_kernels=True`: each CUDA fxquant linear node becomes its Triton kernels,
+"""Lowering for `embed_kernels=True`: each CUDA fxquant op node becomes its Triton kernels,
 traced from the op's `torch.library.triton_op` (lowering/triton/triton_ops.py), so Inductor
 compiles and launches them itself (and AOTInductor embeds them) instead of calling the op's
 Python launcher.
@@ -17,7 +17,8 @@ from .inline_cpu import inline_node
 
 
 def embed_triton_kernels(graph: fx.Graph, fake_mode) -> int:
-    """Replace every fxquant linear node whose input is a CUDA tensor. Returns how many."""
+    """Replace every fxquant op node with a triton_op twin (the linears, swiglu_quantize) whose
+    first input is a CUDA tensor. Returns how many."""
     from ..lowering.triton.triton_ops import triton_target
     count = 0
     for node in list(graph.nodes):

@@ -54,6 +54,11 @@ def inline_node(graph: fx.Graph, node: fx.Node, fn, fake_mode, decomposition_tab
     with graph.inserting_before(node):
         val_map = {ph: node.args[i] for ph, i in zip(sub.graph.find_nodes(op="placeholder"), tensor_pos)}
         out = graph.graph_copy(sub.graph, val_map)
-    node.replace_all_uses_with(out)
+    if isinstance(out, (tuple, list)):  # a multi-output op: its users are getitem nodes
+        for user in list(node.users):
+            user.replace_all_uses_with(out[user.args[1]])
+            graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(out)
     graph.erase_node(node)
     return True

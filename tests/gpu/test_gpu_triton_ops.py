@@ -106,3 +106,37 @@ def test_embedded_kernels_under_cuda_graphs(cfg):
     for got in rounds:
         for w, g in zip(want, got):
             assert fxquant.sqnr(w.float(), g.float()) >= 40
+
+
+class GatedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up = nn.Linear(512, 1024, bias=False), nn.Linear(512, 1024, bias=False)
+        self.down = nn.Linear(1024, 512, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("cfg", [fxquant.Int8DynamicActivationInt8Weight(),
+                                 fxquant.Float8DynamicActivationFloat8Weight(granularity="row")],
+                         ids=lambda c: c.describe())
+def test_embedded_gated_mlp_has_no_opaque_op(cfg):
+    """A gated MLP with a dynamic scheme: sibling fusion (gate/up), the fused SwiGLU quantization
+    (swiglu_quantize) and the prequant down projection all become Triton launches in Inductor's
+    code; outputs match the dispatcher's compile."""
+    from torch._inductor.utils import run_and_get_code
+    torch.manual_seed(0)
+    model = GatedMLP().to(torch.bfloat16).cuda()
+    xs = [torch.randn(b, s, 512, dtype=torch.bfloat16, device="cuda") for b, s in SHAPES]
+    with torch.no_grad():
+        torch._dynamo.reset()
+        want = [w.clone() for w in map(torch.compile(model, backend=fxquant.backend(cfg), dynamic=True), xs)]
+        torch._dynamo.reset()
+        f = torch.compile(model, backend=fxquant.backend(cfg, embed_kernels=True), dynamic=True)
+        first, code = run_and_get_code(f, xs[0])
+        got = [first] + [f(x) for x in xs[1:]]
+    src = "\n".join(code)
+    assert "torch.ops.fxquant" not in src and "swiglu_quant_kernel" in src
+    for w, g in zip(want, got):
+        assert fxquant.sqnr(w.float(), g.float()) >= 30

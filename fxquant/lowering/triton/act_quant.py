@@ -203,8 +203,8 @@ def swiglu_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, I, stride_gm, stride_um,
 
 
 def quantize_swiglu(gate2: torch.Tensor, up2: torch.Tensor, fp8: bool, *, one_pass: bool | None = None,
-                    block: int | None = None, warps: int | None = None, fast: bool | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    block: int | None = None, warps: int | None = None, fast: bool | None = None,
+                    wrap=lambda kernel: kernel) -> tuple[torch.Tensor, torch.Tensor]:
     """gate2, up2 [M, I] (same dtype; any row stride), M > 0 -> (q [M, I] int8/e4m3 contiguous,
     scale float32 [M]): numerics.quantize_swiglu_per_token in one kernel. The keywords override
     the launch shape (benchmarks/swiglu_quant.py sweeps them).
@@ -212,7 +212,7 @@ def quantize_swiglu(gate2: torch.Tensor, up2: torch.Tensor, fp8: bool, *, one_pa
     Defaults, measured on an H100 at M = 2048, I = 14336 (BENCHMARKS.md S8): one pass with 16 warps,
     fast silu math for bfloat16 inputs (68 us against 134 us with libdevice exp and IEEE division,
     and not one quantized value different in 29M). float16 (8x finer rounding, not measured) and
-    float32 keep the precise math."""
+    float32 keep the precise math. wrap: torch.library.wrap_triton where traced (triton_ops.py)."""
     gate2 = gate2 if gate2.stride(1) == 1 else gate2.contiguous()
     up2 = up2 if up2.stride(1) == 1 else up2.contiguous()
     M, I = gate2.shape
@@ -224,6 +224,6 @@ def quantize_swiglu(gate2: torch.Tensor, up2: torch.Tensor, fp8: bool, *, one_pa
         raise ValueError(f"quantize_swiglu: a one-pass block of {block} cannot hold a row of {I}")
     warps = warps or max(1, min(16, block // 1024))
     fast = gate2.dtype == torch.bfloat16 if fast is None else fast
-    swiglu_quant_kernel[(M,)](gate2, up2, q, s, I, gate2.stride(0), up2.stride(0), FP8=fp8,
+    wrap(swiglu_quant_kernel)[(M,)](gate2, up2, q, s, I, gate2.stride(0), up2.stride(0), FP8=fp8,
                               ONE_PASS=one_pass, BLOCK=block, FAST=fast, num_warps=warps)
     return q, s

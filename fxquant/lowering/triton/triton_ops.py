@@ -28,7 +28,7 @@ from torch.library import triton_op, wrap_triton
 from .. import ops
 from . import common as C
 from . import dispatch as D
-from .act_quant import quantize_activations
+from .act_quant import quantize_activations, quantize_swiglu
 
 # The Python op (lowering/ops.py) each triton_op mirrors -> its dispatch scheme.
 SCHEME_OF_OP = {"int8_weight_only_linear": "int8_wo", "int4_weight_only_linear": "int4_wo",
@@ -182,9 +182,21 @@ def triton_float8_dynamic_linear_prequant(xq: torch.Tensor, x_scales: torch.Tens
                        op="triton_float8_dynamic_linear_prequant")
 
 
+@triton_op("fxquant::triton_swiglu_quantize", mutates_args=())
+def triton_swiglu_quantize(gate: torch.Tensor, up: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_device(gate, "triton_swiglu_quantize")
+    ops._check_swiglu(gate, up)
+    I = gate.shape[-1]
+    q, s = quantize_swiglu(gate.reshape(-1, I), up.reshape(-1, I), fp8, wrap=wrap_triton)  # M = 0: empty grid
+    return q.reshape(gate.shape), s.reshape(*gate.shape[:-1], 1)
+
+
+TWINS = (*SCHEME_OF_OP, "swiglu_quantize")  # the ops of lowering/ops.py that have a triton_op here
+
+
 def triton_target(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
-    """The triton_op with `op`'s schema (a torch.ops.fxquant.* linear), or None."""
+    """The triton_op with `op`'s schema (a torch.ops.fxquant.* op), or None."""
     name = op.name().removeprefix("fxquant::")
-    if name not in SCHEME_OF_OP:
+    if name not in TWINS:
         return None
     return getattr(torch.ops.fxquant, f"triton_{name}").default
