@@ -35,3 +35,12 @@ def test_a_malformed_setting_is_refused_by_name(variants, bad, capsys):
     with pytest.raises(SystemExit) as e:  # the command line says which --env, before any GPU work
         variants.main(["--env", bad])
     assert e.value.code == 2 and repr(bad) in capsys.readouterr().err
+
+
+def test_triton_op_rows_run_at_every_m_for_every_scheme(variants):
+    """linear.py's <scheme>@triton_op rows (the embedded / exported kernels) are measured at every M,
+    unlike the @cuda rows, which stop at the C++ kernels' M range."""
+    lb = variants.LB
+    for base in lb.SCHEMES:
+        assert all(lb.variant_runs(f"{base}@triton_op", m) for m in (1, 16, 33, 4096))
+    assert not lb.variant_runs("w4a16_g128@cuda", 4096)
