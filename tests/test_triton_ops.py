@@ -15,7 +15,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 pytest.importorskip("triton")
@@ -78,10 +78,18 @@ def _rel(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
 
 
+@pytest.mark.parametrize("launch_all", [False, True], ids=["live_range_only", "every_range"])
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_triton_op_matches_reference_in_every_range(scheme, table):
-    """One op call per M range (and M = 0): the result is the CPU reference op's (relative error
-    <= 1e-2 in bf16, as for the kernels themselves), so no inactive launch wrote into it."""
+def test_triton_op_matches_reference_in_every_range(scheme, launch_all, table, monkeypatch):
+    """M at both ends of every range (and 0): the result is the CPU reference op's (relative error
+    <= 1e-2 in bf16, as for the kernels themselves). every_range: the 0/1 factors are not plain
+    ints, so every range launches as in a traced graph (the inactive ones with an empty grid) and
+    the split-K ranges share one buffer pair sized by those factors. (Every kernel computes the
+    same function, so numbers cannot show an extra launch: the symbolic test below counts them.)"""
+    import numpy as np
+    if launch_all:
+        in_range = T.in_range
+        monkeypatch.setattr(T, "in_range", lambda m, r: np.int64(in_range(m, r)))
     group = 32 if scheme == "int4_wo" else 0
     name, static = scheme_op(scheme, group)
     table("fp8_dyn_row" if scheme == "fp8_dyn_tensor" else scheme, group)
@@ -91,7 +99,11 @@ def test_triton_op_matches_reference_in_every_range(scheme, table):
     bias = torch.randn(40, generator=g).bfloat16()
     op = getattr(torch.ops.fxquant, f"triton_{name}")
     ref_op = getattr(torch.ops.fxquant, name)
-    for m in (0, 1, 3, 11, 40):
+    ranges = T.m_ranges("fp8_dyn_row" if scheme == "fp8_dyn_tensor" else scheme, 40, 96, group,
+                        torch.bfloat16, CPU)
+    ms = sorted({0, *(r.lo + 1 for r in ranges), *(r.hi for r in ranges if r.hi)})
+    assert ms == [0, 1, 2, 3, 4, 5, 16, 17]
+    for m in ms:
         x = torch.randn(m, 96, generator=g).bfloat16()
         out = op(x, *packed, bias, *static)
         ref = ref_op(x, *packed, bias, *static)
@@ -142,6 +154,11 @@ def test_errors_name_the_op():
 
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(2, 5000))
+@example(m=2)
+@example(m=4)
+@example(m=5)
+@example(m=16)
+@example(m=17)
 def test_symbolic_trace_has_no_guard_on_m_and_exactly_one_live_launch(m):
     """Traced with a symbolic M (as torch.compile / torch.export trace the op; symbolic sizes are
     >= 2, 0 and 1 being specialized), the body adds no guard on M, and its grids, evaluated at
@@ -157,7 +174,7 @@ def test_symbolic_trace_has_no_guard_on_m_and_exactly_one_live_launch(m):
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            return lambda *a, **k: grids.append((self.kernel, grid))
+            return lambda *a, **k: grids.append((self.kernel, grid, k.get("BLOCK_M", k.get("BM"))))
 
     qw, s = nq.quantize_int8_per_channel(torch.randn(40, 96))
     try:
@@ -165,23 +182,28 @@ def test_symbolic_trace_has_no_guard_on_m_and_exactly_one_live_launch(m):
         T.wrap_triton = Recorder
         gm = make_fx(lambda x: T.linear_body("int8_wo", x, qw, s, None), tracing_mode="symbolic")(
             torch.randn(7, 96).bfloat16())
-        n_ranges = len(T.m_ranges("int8_wo", 40, 96, 0, torch.bfloat16, CPU))
+        ranges = T.m_ranges("int8_wo", 40, 96, 0, torch.bfloat16, CPU)
+        n_ranges = len(ranges)
     finally:
         T.wrap_triton = orig
         D._tables.pop("shipped", None)
         D._tables.pop("cache", None)
         T.m_ranges.cache_clear()
+    zeros = sum(n.target is torch.ops.aten.zeros.default for n in gm.graph.nodes)
     m_node = next(n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder").shape[0].node
     sym = m_node.expr
     on_m = [str(g.expr) for g in m_node.shape_env.guards if sym in g.expr.free_symbols]
     assert not on_m  # (make_fx made K symbolic too: the op's K check guards K, as it should)
     live = []
-    for kernel, grid in grids:
+    for i, (kernel, grid, block_m) in enumerate(grids):
         size = 1
         for d in grid:
             size *= int(d.node.expr.subs(sym, m)) if isinstance(d, torch.SymInt) else d
         if size:
-            live.append(kernel)
-    assert len(grids) == n_ranges == 5  # one launch per range
-    assert len(live) == 1
-    assert live[0] is (D.gemv_kernel if m <= 4 else D.gemm_kernel)
+            live.append((i, kernel, block_m))
+    assert len(grids) == n_ranges == 5  # one launch per range, in range order
+    want = next(i for i, r in enumerate(ranges) if r.lo < m and (r.hi is None or m <= r.hi))
+    assert [i for i, _, _ in live] == [want]
+    assert live[0][1] is (D.gemv_kernel if m <= 4 else D.gemm_kernel)
+    assert live[0][2] == ranges[want].cfg.bm
+    assert zeros == 1  # one zeroed counter buffer, shared by the split-K ranges

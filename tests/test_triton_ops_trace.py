@@ -64,6 +64,7 @@ SCRIPT = textwrap.dedent(r"""
         result[scheme] = {
             "fxquant_ops": [str(n.target) for n in nodes if "fxquant" in str(n.target)],
             "launches": len(hops), "ranges": sum(len(r) for r in ranges),
+            "zeros": sum(n.target in (torch.ops.aten.zeros.default, torch.ops.aten.full.default) for n in nodes),
             "written_inputs": written_inputs,
             "range_constraints": sorted(f"{v.lower}..{v.upper}" for v in ep.range_constraints.values()),
         }
@@ -128,6 +129,7 @@ EMBED_SCRIPT = textwrap.dedent(r"""
         targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
         ranges = T.m_ranges(scheme, N, K, 128 if scheme == "int4_wo" else 0, bf, torch.device("cuda"))
         result[name] = {"embedded": embedded, "launches": targets.count("triton_kernel_wrapper_mutation"),
+                        "zeros": targets.count("aten.zeros.default") + targets.count("aten.full.default"),
                         "ranges": len(ranges), "fxquant": [t for t in targets if "fxquant" in t],
                         "copies": [t for t in targets if "clone" in t or "copy" in t],
                         "guards": [str(g.expr) for g in mode.shape_env.guards]}
@@ -184,6 +186,7 @@ def test_embed_pass_graph(embedded, op):
     assert r["embedded"] == 1 and r["fxquant"] == [] and r["copies"] == [] and r["guards"] == []
     assert r["launches"] == r["ranges"] + quant
     assert r["ranges"] >= 4 or op == "swiglu_quantize"  # one kernel for every M
+    assert r.get("zeros", 0) <= 1 + (op == "float8_dynamic_linear")  # one split-K counter buffer (+ amax)
 
 
 SCHEMES = ["int8_wo", "int4_wo", "int8_dyn", "fp8_dyn_row", "fp8_dyn_tensor", "fp8_wo"]
@@ -197,4 +200,6 @@ def test_export_triton_graph(traced, scheme):
     assert r["launches"] == r["ranges"] + 2 * quant  # one launch per M range, per linear
     assert r["ranges"] >= 2 * 4  # the H100 table: GEMV, small-M and large-M GEMMs at least
     assert r["written_inputs"] == []  # no packed weight, scale, bias or input is written
+    # zeroed buffers: at most one split-K counter buffer per linear, plus fp8 per-tensor's amax
+    assert r["zeros"] <= 2 * (1 + (scheme == "fp8_dyn_tensor"))
     assert r["range_constraints"] == ["1..512", "1..64"]

@@ -12,7 +12,7 @@ from helpers import pack_weight, scheme_op
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 SCHEMES = ["int8_wo", "int4_wo", "fp8_wo", "int8_dyn", "fp8_dyn_row", "fp8_dyn_tensor"]
-MS = (1, 2, 5, 16, 33, 100, 300, 1100, 4100)  # GEMV, split-K and tiled ranges of the H100 table
+MS = (1, 2, 5, 16, 33, 100, 300, 1100, 4100)  # with both ends of every range of the H100 table
 
 
 def _rel(out, ref):
@@ -34,7 +34,8 @@ def test_triton_op_matches_cpu_reference_at_every_range(scheme):
     ranges = T.m_ranges(scheme, n, k, static[0] if scheme == "int4_wo" else 0, torch.bfloat16,
                         torch.device("cuda", torch.cuda.current_device()))
     assert len(ranges) >= 3 and ranges[0].cfg.kind == "gemv"
-    for m in MS:
+    ms = sorted({*MS, *(r.lo + 1 for r in ranges), *(r.hi for r in ranges if r.hi)})  # both ends of each
+    for m in ms:
         x = torch.randn(m, k, generator=g).bfloat16()
         out = op(x.cuda(), *dev, bias.cuda(), *static)
         ref = ref_op(x, *packed, bias, *static)
@@ -86,8 +87,8 @@ def test_embedded_kernels_one_dynamic_compile(cfg, floor):
 @pytest.mark.parametrize("cfg", [fxquant.Int4WeightOnly(group_size=128), fxquant.Int8DynamicActivationInt8Weight()],
                          ids=lambda c: c.describe())
 def test_embedded_kernels_under_cuda_graphs(cfg):
-    """mode reduce-overhead with embed_kernels: replays match the plain embedded compile's outputs
-    (inactive launches have empty grids and are not captured), no CUDA-graph skips, one graph."""
+    """mode reduce-overhead with embed_kernels: replays match the plain embedded compile's outputs,
+    no CUDA-graph skips, one graph for every M."""
     from torch._dynamo.utils import counters
     model = _mlp()
     xs = [torch.randn(b, s, 512, dtype=torch.bfloat16, device="cuda") for b, s in SHAPES]

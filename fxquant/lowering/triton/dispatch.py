@@ -304,10 +304,10 @@ def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None, *, w
 
 
 def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None, *, wrap=eager, active=1,
-              rows=None):
+              splitk_buffers=None):
     """wrap / active: as for _run_gemv (there cfg.split_k is set and cfg.tma off: no Python
-    decision here may depend on M). rows: M, or there min(M, the range's top): what split-K's
-    buffers are sized for (bounded, and provably >= 1, so allocating them adds no guard)."""
+    decision here may depend on M). splitk_buffers: (workspace, zeroed counters) given by the
+    caller (triton_ops.py shares one pair between its M ranges), large enough for this launch."""
     M, K = x2.shape
     N = qweight.shape[0]
     bk = _fix_bk(cfg.bk, scheme, group, K, "gemm")
@@ -323,12 +323,8 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None, *, w
     if split > 1:
         # One arrival counter per output tile, zeroed per call: a buffer kept across calls would
         # be shared between streams, and CUDA-graph trees would count it as a leaked allocation.
-        # Both flat, the counters with one spare: sizes a symbolic trace can prove > 1 (no guard).
         reduce = REDUCE_FIXUP
-        rows = M if rows is None else rows
-        cnt = torch.zeros(triton.cdiv(rows, cfg.bm) * triton.cdiv(N, cfg.bn) + 1, device=out.device,
-                          dtype=torch.int32)
-        ws = torch.empty(split * rows * N, device=out.device, dtype=torch.float32)  # no fill needed
+        ws, cnt = splitk_buffers or splitk_buffers_for(M, N, [(cfg, split, 1)], out.device)
     wrap(gemm_kernel)[(tiles * active, split)](
         x2, qweight, scales, xs, bias if bias is not None else scales, out, ws, cnt,
         *(descs or (None, None)), M, N, K,
@@ -340,6 +336,16 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None, *, w
         FP8_ACC=_fp8_acc(bk) if _WKIND[scheme] == C.WK_FP8_MMA else 0, PDL=pdl, TMA=descs is not None,
         num_warps=cfg.warps, num_stages=cfg.stages, **({"launch_pdl": True} if pdl else {}))
     return out
+
+
+def splitk_buffers_for(M, N: int, launches, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 workspace, zeroed int32 arrival counters) for split-K launches [(cfg, split, 0/1
+    factor)] of which at most one has a factor of 1: sized for that one (sums of size x factor),
+    flat and with two spare elements, so that a symbolic M needs no guard to allocate them."""
+    ws = sum(split * M * N * f for _, split, f in launches) + 2
+    cnt = sum(triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn) * f for cfg, _, f in launches) + 2
+    return (torch.empty(ws, device=device, dtype=torch.float32),  # no fill needed
+            torch.zeros(cnt, device=device, dtype=torch.int32))
 
 
 def _tma_descriptors(scheme, x2, qweight, cfg, bk):

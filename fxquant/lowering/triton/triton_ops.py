@@ -61,7 +61,7 @@ def _triton_config(scheme: str, bucket: int, n: int, k: int, group: int, dtype: 
     bk = D._fix_bk(cfg.bk, scheme, group, k, "gemm")
     split = cfg.split_k or D._auto_split(triton.cdiv(bucket, cfg.bm) * triton.cdiv(n, cfg.bn),
                                          triton.cdiv(k, bk), D._device_info(device)[1])
-    return dataclasses.replace(cfg, split_k=max(1, split), tma=False)
+    return dataclasses.replace(cfg, split_k=max(1, min(split, triton.cdiv(k, bk))), tma=False)  # as _run_gemm
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,15 +120,17 @@ def linear_body(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: tor
         else:
             pre = (x2, pre[1].reshape(-1))
     scales = scales if scales.is_contiguous() else scales.contiguous()
-    for r in m_ranges(scheme, N, K, group, dtype, x.device):
-        active = in_range(M, r)
-        if type(active) is int and active == 0:  # a concrete M (eager, or a static shape): skip
-            continue
-        run = D._run_gemv if r.cfg.kind == "gemv" else D._run_gemm
-        kw = ({"block_m": r.cfg.bm} if r.cfg.kind == "gemv"
-              else {"rows": M if r.hi is None else torch.sym_min(M, r.hi)})
-        run(scheme, x2, qweight, scales, bias, group, r.cfg, out, pre, wrap=wrap_triton,
-            active=active, **kw)
+    live = [(r, in_range(M, r)) for r in m_ranges(scheme, N, K, group, dtype, x.device)]
+    live = [(r, a) for r, a in live if not (type(a) is int and a == 0)]  # concrete M: its range only
+    split = [(r.cfg, r.cfg.split_k, a) for r, a in live if r.cfg.kind == "gemm" and r.cfg.split_k > 1]
+    buffers = D.splitk_buffers_for(M, N, split, x.device) if split else None  # one pair, for all ranges
+    for r, active in live:
+        if r.cfg.kind == "gemv":
+            D._run_gemv(scheme, x2, qweight, scales, bias, group, r.cfg, out, pre, wrap=wrap_triton,
+                        active=active, block_m=r.cfg.bm)
+        else:
+            D._run_gemm(scheme, x2, qweight, scales, bias, group, r.cfg, out, pre, wrap=wrap_triton,
+                        active=active, splitk_buffers=buffers)
     return out.reshape(*x.shape[:-1], N)
 
 
