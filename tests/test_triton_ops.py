@@ -65,6 +65,37 @@ def test_ranges_merge_equal_buckets_and_replace_other_kinds(table):
     assert all(not x.cfg.tma for x in r)
 
 
+_ENTRY = st.sampled_from([GEMV.to_json(), SWAP_SPLIT.to_json(), PLAIN.to_json(), {"kind": "deq", "bn": 64, "bk": 128},
+                          {"kind": "cutlass", "bn": 128, "bk": 64, "bm": 128, "fallback": PLAIN.to_json()},
+                          {"kind": "cxx", "bn": 0, "bk": 0, "fallback": GEMV.to_json()}])
+
+
+@settings(max_examples=40, deadline=None)
+@given(entries=st.dictionaries(st.sampled_from(D.M_BUCKETS), _ENTRY), n=st.integers(1, 300), k=st.integers(16, 600))
+def test_ranges_tile_all_m_with_runnable_triton_kernels(entries, n, k):
+    """Whatever the table holds: the ranges are contiguous from 0 to open-ended, neighbours differ,
+    every config is a Triton GEMV (only up to GEMV_MAX_M, BLOCK_M covering its range) or GEMM
+    (split-K within the K tiles, no TMA), never deq / cutlass / cxx."""
+    D._tables["shipped"] = {"cpu": {D.bucket_key("int8_wo", 0, b): e for b, e in entries.items()}}
+    D._tables["cache"] = {}
+    T.m_ranges.cache_clear()
+    try:
+        r = T.m_ranges("int8_wo", n, k, 0, torch.bfloat16, CPU)
+    finally:
+        D._tables.pop("shipped", None)
+        D._tables.pop("cache", None)
+        T.m_ranges.cache_clear()
+    assert r[0].lo == 0 and r[-1].hi is None
+    assert all(a.hi == b.lo and a.lo < a.hi for a, b in zip(r, r[1:]))
+    assert all(a.cfg != b.cfg for a, b in zip(r, r[1:]))
+    for x in r:
+        assert x.cfg.kind in ("gemv", "gemm") and not x.cfg.tma
+        if x.cfg.kind == "gemv":
+            assert x.hi is not None and x.hi <= D.GEMV_MAX_M and x.cfg.bm >= x.hi
+        else:
+            assert 1 <= x.cfg.split_k <= max(1, -(-k // D._fix_bk(x.cfg.bk, "int8_wo", 0, k, "gemm")))
+
+
 def test_in_range_is_one_exactly_inside():
     r = T.MRange(4, 16, GEMV)
     assert [T.in_range(m, r) for m in (0, 4, 5, 16, 17, 10_000)] == [0, 0, 1, 1, 0, 0]
