@@ -44,3 +44,13 @@ def test_triton_op_rows_run_at_every_m_for_every_scheme(variants):
     for base in lb.SCHEMES:
         assert all(lb.variant_runs(f"{base}@triton_op", m) for m in (1, 16, 33, 4096))
     assert not lb.variant_runs("w4a16_g128@cuda", 4096)
+
+
+@pytest.mark.parametrize("scheme", ["w4a16_g128", "w8a16", "w8a8_int8", "fp8_row", "fp8_tensor", "fp8_wo"])
+def test_triton_op_rows_pass_the_command_line(variants, scheme, monkeypatch):
+    """--schemes <scheme>@triton_op is accepted for every scheme and reaches the work (stubbed)."""
+    lb = variants.LB
+    seen = []
+    monkeypatch.setattr(lb, "warm", lambda args: seen.append(args.schemes))
+    assert lb.main(["--warm-only", "--peers", "none", "--schemes", f"{scheme}@triton_op", "--ms", "1"]) == 0
+    assert seen == [[f"{scheme}@triton_op"]]
