@@ -64,8 +64,9 @@ def decompose_fxquant_ops(ep: ExportedProgram, ops: str = "aten") -> ExportedPro
         raise ValueError(f"fxquant.export: ops must be one of {EXPORT_OPS}, got {ops!r}")
     if ops == "triton":
         from .lowering.triton.triton_ops import triton_target
-        linears = [(n, triton_target(n.target)) for n in ep.graph.nodes if n.op == "call_function"
-                   and isinstance(n.target, torch._ops.OpOverload) and triton_target(n.target) is not None]
+        calls = [(n, triton_target(n.target)) for n in ep.graph.nodes
+                 if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]
+        linears = [(n, t) for n, t in calls if t is not None]
         on_cuda = [(n, t) for n, t in linears if _on_cuda(n)]
         if linears and not on_cuda:
             raise ValueError("fxquant.export(ops='triton'): the Triton kernels run on CUDA tensors; export "

@@ -12,7 +12,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents
 
-from .common import INTERPRETED
+from .common import INTERPRETED, eager
 
 FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(float32).tiny
 # Rows up to this many elements are held in registers (one read of x); longer rows take two passes.
@@ -112,7 +112,7 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, K, stride_xm, stride_xk,
 
 
 def quantize_activations(x2: torch.Tensor, fp8: bool, per_row: bool = True, pdl: bool = False,
-                         wrap=lambda kernel: kernel) -> tuple[torch.Tensor, torch.Tensor]:
+                         wrap=eager) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] float (any strides), M > 0 -> (q [M, K] int8/e4m3 contiguous, scale fp32 [M] or [1]).
     pdl: the next kernel is launched with programmatic dependent launch (sm_90+ only).
     wrap: torch.library.wrap_triton where traced (triton_ops.py)."""
@@ -204,7 +204,7 @@ def swiglu_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, I, stride_gm, stride_um,
 
 def quantize_swiglu(gate2: torch.Tensor, up2: torch.Tensor, fp8: bool, *, one_pass: bool | None = None,
                     block: int | None = None, warps: int | None = None, fast: bool | None = None,
-                    wrap=lambda kernel: kernel) -> tuple[torch.Tensor, torch.Tensor]:
+                    wrap=eager) -> tuple[torch.Tensor, torch.Tensor]:
     """gate2, up2 [M, I] (same dtype; any row stride), M > 0 -> (q [M, I] int8/e4m3 contiguous,
     scale float32 [M]): numerics.quantize_swiglu_per_token in one kernel. The keywords override
     the launch shape (benchmarks/swiglu_quant.py sweeps them).

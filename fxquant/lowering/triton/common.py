@@ -3,6 +3,12 @@ import os
 
 import triton.language as tl
 
+
+def eager(kernel):
+    """Launch a kernel as it is: the launchers' default `wrap` (triton_ops.py passes wrap_triton)."""
+    return kernel
+
+
 # Running under TRITON_INTERPRET=1 (CPU tests): a few interpreter bugs are worked around.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 

@@ -276,20 +276,15 @@ def _pdl(scheme: str, x: torch.Tensor, pre) -> bool:
             and _device_info(x.device)[2] >= (9, 0) and os.environ.get("FXQUANT_PDL", "1") != "0")
 
 
-def eager(kernel):
-    """Launch a kernel as it is (the `wrap` of the launchers below outside torch.library.triton_op)."""
-    return kernel
-
-
-def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None, *, wrap=eager, active=1,
-              block_m=None):
+def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None, *, wrap=C.eager,
+              active=1, block_m=None):
     """wrap / active / block_m: for triton_ops.py, which traces this with a symbolic M: the kernel
     wrapper (torch.library.wrap_triton), a 0/1 factor on the grid (0: the launch does nothing) and
     BLOCK_M fixed for its M range."""
     M, K = x2.shape
     N = qweight.shape[0]
     wo = scheme in WEIGHT_ONLY
-    pdl = wrap is eager and _pdl(scheme, x2, pre)
+    pdl = wrap is C.eager and _pdl(scheme, x2, pre)
     x2, xs, xs_mode = _activations(scheme, x2, scales, pre, pdl)
     ws_mode = _weight_scale_mode(scheme, scales, N)
     bk = _fix_bk(cfg.bk, scheme, group, K, "gemv")
@@ -303,8 +298,8 @@ def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None, *, w
     return out
 
 
-def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None, *, wrap=eager, active=1,
-              splitk_buffers=None):
+def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None, *, wrap=C.eager,
+              active=1, splitk_buffers=None):
     """wrap / active: as for _run_gemv (there cfg.split_k is set and cfg.tma off: no Python
     decision here may depend on M). splitk_buffers: (workspace, zeroed counters) given by the
     caller (triton_ops.py shares one pair between its M ranges), large enough for this launch."""
@@ -315,7 +310,7 @@ def _run_gemm(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None, *, w
     k_tiles = triton.cdiv(K, bk)
     split = cfg.split_k or _auto_split(tiles, k_tiles, _device_info(x2.device)[1])
     split = max(1, min(split, k_tiles))
-    pdl = split == 1 and wrap is eager and _pdl(scheme, x2, pre)  # split-K zeroes its counters in between
+    pdl = split == 1 and wrap is C.eager and _pdl(scheme, x2, pre)  # split-K zeroes its counters in between
     x2, xs, xs_mode = _activations(scheme, x2, scales, pre, pdl)
     ws_mode = _weight_scale_mode(scheme, scales, N)
     descs = _tma_descriptors(scheme, x2, qweight, cfg, bk)

@@ -30,11 +30,6 @@ from . import common as C
 from . import dispatch as D
 from .act_quant import quantize_activations, quantize_swiglu
 
-# The Python op (lowering/ops.py) each triton_op mirrors -> its dispatch scheme.
-SCHEME_OF_OP = {"int8_weight_only_linear": "int8_wo", "int4_weight_only_linear": "int4_wo",
-                "int8_dynamic_linear": "int8_dyn", "float8_dynamic_linear": "fp8_dyn",
-                "float8_weight_only_linear": "fp8_wo",
-                "int8_dynamic_linear_prequant": "int8_dyn", "float8_dynamic_linear_prequant": "fp8_dyn_row"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +188,10 @@ def triton_swiglu_quantize(gate: torch.Tensor, up: torch.Tensor, fp8: bool) -> t
     return q.reshape(gate.shape), s.reshape(*gate.shape[:-1], 1)
 
 
-TWINS = (*SCHEME_OF_OP, "swiglu_quantize")  # the ops of lowering/ops.py that have a triton_op here
+# The ops of lowering/ops.py that have a triton_op here (named "triton_" + theirs).
+TWINS = ("int8_weight_only_linear", "int4_weight_only_linear", "int8_dynamic_linear", "float8_dynamic_linear",
+         "float8_weight_only_linear", "int8_dynamic_linear_prequant", "float8_dynamic_linear_prequant",
+         "swiglu_quantize")
 
 
 def triton_target(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
