@@ -18,6 +18,7 @@ on its first call per shape and M).
 
   python benchmarks/linear.py --out DIR                 # measure, print table, write JSON + PNG
   python benchmarks/linear.py --tune --out DIR          # autotune every (scheme, shape, M) first
+  python benchmarks/linear.py --tune --triton-only ...  # the same, Triton kernels only (triton_op path)
   python benchmarks/linear.py --warm-only --shard 3/12  # compile only (run shards in parallel)
   python benchmarks/linear.py --peers none              # fxquant schemes only
   python benchmarks/linear.py --peers torchao,gemlite_w4a16_g128  # libraries and/or peer schemes
@@ -37,6 +38,7 @@ The plain scheme row is what the dispatcher picks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -548,7 +550,7 @@ def warm(args):
             if L is None:
                 continue
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            cands = D.candidate_configs(L.scheme, m, L.group) if args.tune and not L.peer else []
+            cands = tune_candidates(args, L.scheme, m, L.group) if args.tune and not L.peer else []
             for cfg in cands + [None]:
                 try:
                     L.fn(x, 0, cfg)()
@@ -560,6 +562,15 @@ def warm(args):
     log("warm done")
 
 
+def tune_candidates(args, scheme: str, m: int, group: int) -> list:
+    """The tuner's candidates; --triton-only: its Triton GEMMs/GEMVs only, without TMA (as
+    lowering/triton/triton_ops.py launches them)."""
+    cands = D.candidate_configs(scheme, m, group)
+    if not args.triton_only:
+        return cands
+    return list(dict.fromkeys(dataclasses.replace(c, tma=False) for c in cands if c.kind in ("gemm", "gemv")))
+
+
 def tune(args, out_dir: Path) -> dict:
     """Time every candidate per (scheme, shape, M); best per shape + best per M-bucket overall."""
     dev = D._device_info(torch.device("cuda"))[0]
@@ -569,7 +580,9 @@ def tune(args, out_dir: Path) -> dict:
     log_rows = []
     t_end = time.time() + args.tune_budget
     for name in args.schemes:
-        if name == "fp8_tensor" or "@" in name:  # fp8_tensor: same kernels as fp8_row; variants: fixed  # same kernels as fp8_row: dispatch falls back to its configs
+        if args.triton_only and name.endswith("@triton_op"):
+            pass  # tuned (Triton kernels only) for its triton_op rows
+        elif name == "fp8_tensor" or "@" in name:  # fp8_tensor: fp8_row's kernels; variants: fixed
             continue
         for n, k in args.shapes:
             L = Layer(name, n, k)
@@ -581,7 +594,7 @@ def tune(args, out_dir: Path) -> dict:
                 nc = n_copies(len(L.copies), m)
                 graphs = {}
                 ref = L.reference(x)
-                for cfg in D.candidate_configs(L.scheme, m, L.group):
+                for cfg in tune_candidates(args, L.scheme, m, L.group):
                     try:
                         err = rel_err(L.fn(x, 0, cfg)(), ref)
                         if not err <= L.tol:  # a miscompiled tile shape must not win (NaN too)
@@ -620,6 +633,10 @@ def tune(args, out_dir: Path) -> dict:
         triton = [c for c in full if c.kind not in D.CONDITIONAL_KINDS]
         if best.kind in D.CONDITIONAL_KINDS and triton:
             fallback[D.bucket_key(scheme, group, m)] = min(triton, key=score)
+    if args.triton_only:  # kept apart from the dispatcher's own choices
+        exact = {D.TRITON_ONLY + key: c for key, c in exact.items()}
+        generic = {D.TRITON_ONLY + key: c for key, c in generic.items()}
+        fallback = {}
     D.save_tuned(dev, {**exact, **generic})
     shipped = {dev: {key: {**c.to_json(), **({"fallback": fallback[key].to_json()} if key in fallback else {})}
                      for key, c in sorted({**exact, **generic}.items())}}
@@ -775,6 +792,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=0.05, help="seconds of replays per measurement")
     ap.add_argument("--rounds", type=int, default=5, help="round-robin rounds per (shape, M)")
     ap.add_argument("--tune", action="store_true", help="autotune (and cache) before measuring")
+    ap.add_argument("--triton-only", action="store_true",
+                    help="with --tune: tune the Triton kernels alone, for the triton_op path (\"triton|\" keys)")
     ap.add_argument("--tune-budget", type=float, default=200.0, help="seconds of tuning at most")
     ap.add_argument("--tune-rounds", type=int, default=2, help="round-robin rounds per tuned point")
     ap.add_argument("--tune-round-s", type=float, default=0.003,
@@ -803,6 +822,8 @@ def main(argv=None) -> int:
             ap.error(f"{name}: variant @{variant} does not apply to {base}")
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     args.ms = [int(m) for m in args.ms.split(",")]
+    if args.triton_only and not args.tune:
+        ap.error("--triton-only tunes: give --tune too")
     try:
         requested = parse_peers(args.peers)
     except ValueError as e:

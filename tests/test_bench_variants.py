@@ -54,3 +54,20 @@ def test_triton_op_rows_pass_the_command_line(variants, scheme, monkeypatch):
     monkeypatch.setattr(lb, "warm", lambda args: seen.append(args.schemes))
     assert lb.main(["--warm-only", "--peers", "none", "--schemes", f"{scheme}@triton_op", "--ms", "1"]) == 0
     assert seen == [[f"{scheme}@triton_op"]]
+
+
+def test_triton_only_tuning_offers_triton_kernels_without_tma(variants):
+    """--tune --triton-only (for the triton_op path) times only Triton GEMMs/GEMVs, as triton_ops.py
+    launches them (no TMA), and refuses to run without --tune."""
+    import argparse
+    lb = variants.LB
+    for scheme, group in (("int8_wo", 0), ("int4_wo", 128), ("fp8_dyn_row", 0)):
+        for m in (1, 64, 4096):
+            every = lb.tune_candidates(argparse.Namespace(triton_only=False), scheme, m, group)
+            only = lb.tune_candidates(argparse.Namespace(triton_only=True), scheme, m, group)
+            assert only and all(c.kind in ("gemm", "gemv") and not c.tma for c in only)
+            assert len(set(only)) == len(only)
+            assert m < 4096 or {c.kind for c in every} - {"gemm", "gemv"}  # others (deq, scaled_mm) dropped
+    with pytest.raises(SystemExit) as e:
+        lb.main(["--triton-only", "--warm-only", "--peers", "none"])
+    assert e.value.code == 2

@@ -9,6 +9,8 @@ a GPU: tests/gpu/test_gpu_triton_ops.py.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -63,6 +65,32 @@ def test_ranges_merge_equal_buckets_and_replace_other_kinds(table):
     assert kinds == [(0, 1, "gemv", 1, 1), (1, 2, "gemv", 2, 1), (2, 4, "gemv", 4, 1),
                      (4, 16, "gemm", 16, 2), (16, None, "gemm", 32, 1)]
     assert all(not x.cfg.tma for x in r)
+
+
+def test_deq_and_cutlass_buckets_take_the_measured_triton_only_kernel(table):
+    """Where the table's choice and its fallback are not Triton kernels (deq: dequantize + cuBLAS),
+    the "triton|" entry tuned by `linear.py --tune --triton-only` is used; the exact shape's entry
+    before the M bucket's; without one, the default GEMM."""
+    table("int8_wo")
+    t = D._tables["shipped"]["cpu"]
+    for b in (256, 512, 1024, 2048, 4096, 8192):
+        t[D.bucket_key("int8_wo", 0, b)] = {"kind": "cutlass", "bn": 128, "bk": 64, "bm": 256,
+                                            "fallback": {"kind": "deq", "bn": 64, "bk": 128}}
+    tuned = KC("gemm", bm=64, bn=64, bk=32, warps=4, stages=3, split_k=1, swap=True)
+    exact = KC("gemm", bm=128, bn=64, bk=32, warps=8, stages=3, split_k=1)
+    t[D.TRITON_ONLY + D.bucket_key("int8_wo", 0, 1024)] = tuned.to_json()
+    t[D.TRITON_ONLY + D.config_key("int8_wo", torch.bfloat16, 40, 96, 0, 4096)] = exact.to_json()
+    t[D.TRITON_ONLY + D.bucket_key("int8_wo", 0, 4096)] = tuned.to_json()  # the exact key wins
+    r = T.m_ranges("int8_wo", 40, 96, 0, torch.bfloat16, CPU)
+    by_hi = {x.hi: x.cfg for x in r}
+    default = KC("gemm", bm=128, bn=128, bk=64, warps=8, stages=3)
+    assert [(x.lo, x.hi) for x in r if x.lo >= 128] == [(128, 256), (256, 512), (512, 1024), (1024, 2048),
+                                                        (2048, 4096), (4096, None)]
+    assert by_hi[1024] == tuned and by_hi[4096] == exact
+    assert by_hi[512] == dataclasses.replace(default, split_k=1)
+    assert D.triton_only_config("int8_wo", 4096, 40, 96, 0, torch.bfloat16, CPU) == exact
+    assert D.triton_only_config("int8_wo", 4096, 48, 96, 0, torch.bfloat16, CPU) == tuned  # another shape
+    assert D.triton_only_config("int8_wo", 64, 40, 96, 0, torch.bfloat16, CPU) is None
 
 
 _ENTRY = st.sampled_from([GEMV.to_json(), SWAP_SPLIT.to_json(), PLAIN.to_json(), {"kind": "deq", "bn": 64, "bk": 128},

@@ -23,8 +23,9 @@ import pytest
 
 pytest.importorskip("triton")
 
-SCRIPT = textwrap.dedent(r"""
-    import json, os, sys
+# What both scripts need first: a stand-in driver that names an sm_90 target (TTIR generation
+# asks nothing else of it), and a record of what torch's reading of each launch reports.
+PRELUDE = textwrap.dedent(r"""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -34,6 +35,24 @@ SCRIPT = textwrap.dedent(r"""
             return GPUTarget("cuda", 90, 32)
 
     triton.runtime.driver.set_active(StandInDriver())
+
+    import logging
+    import torch._higher_order_ops.triton_kernel_wrap as twk
+    analysis_failures = []  # torch assumes every input written when its TTIR analysis fails
+    class Failures(logging.Handler):
+        def emit(self, record):
+            analysis_failures.append(str(record.exc_info[1] if record.exc_info else record.getMessage())[-300:])
+    logging.getLogger(twk.__name__).addHandler(Failures(logging.WARNING))
+    constexpr_args = set()  # tl.constexpr objects given to a launch: Inductor's code would hold their repr
+    def note_constexpr_args(graph):
+        for n in graph.nodes:
+            if "triton_kernel_wrapper" in str(n.target):
+                args = {**n.kwargs["kwargs"], **twk.kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"])}
+                constexpr_args.update(k for k, v in args.items() if isinstance(v, triton.language.constexpr))
+""")
+
+SCRIPT = PRELUDE + textwrap.dedent(r"""
+    import json, os, sys
     import fxquant
     from fxquant.lowering.triton import dispatch as D, triton_ops as T
     D._device_info = lambda device: ("h100", 132, (9, 0))  # the shipped H100 table
@@ -54,6 +73,7 @@ SCRIPT = textwrap.dedent(r"""
     result = {}
     for scheme, cfg in configs.items():
         ep = fxquant.export_program(model, (x,), cfg, dims, ops="triton")
+        note_constexpr_args(ep.graph)
         inputs = {s.arg.name for s in ep.graph_signature.input_specs}
         nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
         hops = [n for n in nodes if "triton_kernel_wrapper" in str(n.target)]
@@ -68,23 +88,16 @@ SCRIPT = textwrap.dedent(r"""
             "written_inputs": written_inputs,
             "range_constraints": sorted(f"{v.lower}..{v.upper}" for v in ep.range_constraints.values()),
         }
+    result["analysis_failures"] = analysis_failures
+    result["constexpr_args"] = sorted(constexpr_args)
     print("RESULT" + json.dumps(result))
 """)
 
 
 # The backend's embed pass (passes/embed_triton.py) on a graph with a symbolic M and fake CUDA
 # tensors, then Inductor's own reinplacing and decomposition of the functional launches.
-EMBED_SCRIPT = textwrap.dedent(r"""
+EMBED_SCRIPT = PRELUDE + textwrap.dedent(r"""
     import json
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    class StandInDriver:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    triton.runtime.driver.set_active(StandInDriver())
     import fxquant.lowering
     from fxquant.lowering.triton import dispatch as D, triton_ops as T
     from fxquant.passes.embed_triton import embed_triton_kernels
@@ -93,11 +106,14 @@ EMBED_SCRIPT = textwrap.dedent(r"""
     from torch._inductor.fx_passes.post_grad import decompose_triton_kernel_wrapper_functional
     from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops
     from torch._inductor.fx_utils import FakeTensorUpdater
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.lowering import lowerings
     from torch._inductor.virtualized import V
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+    decomps = select_decomp_table()  # Inductor refuses an op it has a decomposition but no lowering for
     N, K = 1000, 1024
     f8, bf = torch.float8_e4m3fn, torch.bfloat16
     CASES = {  # op -> (scheme, packed tensors (dtype, shape), static args, prequant)
@@ -126,13 +142,16 @@ EMBED_SCRIPT = textwrap.dedent(r"""
         with V.set_fake_mode(mode):
             reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
             decompose_triton_kernel_wrapper_functional(gm.graph)
+        note_constexpr_args(gm.graph)
         targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
         ranges = T.m_ranges(scheme, N, K, 128 if scheme == "int4_wo" else 0, bf, torch.device("cuda"))
         result[name] = {"embedded": embedded, "launches": targets.count("triton_kernel_wrapper_mutation"),
                         "zeros": targets.count("aten.zeros.default") + targets.count("aten.full.default"),
                         "ranges": len(ranges), "fxquant": [t for t in targets if "fxquant" in t],
                         "copies": [t for t in targets if "clone" in t or "copy" in t],
-                        "guards": [str(g.expr) for g in mode.shape_env.guards]}
+                        "guards": [str(g.expr) for g in mode.shape_env.guards],
+                        "decomposable": sorted({str(n.target) for n in gm.graph.nodes
+                                                 if n.target in decomps and n.target not in lowerings})}
     mode = FakeTensorMode(shape_env=ShapeEnv())  # the gated MLP's fused activation quantization
     with mode:
         se = mode.shape_env
@@ -142,6 +161,7 @@ EMBED_SCRIPT = textwrap.dedent(r"""
                               for t in torch.ops.fxquant.swiglu_quantize(g, u, True)], tracing_mode="real")(gate, up)
     embedded = embed_triton_kernels(gm.graph, mode)
     gm.graph.lint()
+    note_constexpr_args(gm.graph)
     with V.set_fake_mode(mode):
         reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
         decompose_triton_kernel_wrapper_functional(gm.graph)
@@ -150,6 +170,8 @@ EMBED_SCRIPT = textwrap.dedent(r"""
                                  "ranges": 1, "fxquant": [t for t in targets if "fxquant" in t],
                                  "copies": [t for t in targets if "clone" in t or "copy" in t],
                                  "guards": [str(g.expr) for g in mode.shape_env.guards]}
+    result["analysis_failures"] = analysis_failures
+    result["constexpr_args"] = sorted(constexpr_args)
     print("RESULT" + json.dumps(result))
 """)
 
@@ -184,6 +206,7 @@ def test_embed_pass_graph(embedded, op):
     r = embedded[op]
     quant = {"int8_dynamic_linear": 1, "float8_dynamic_linear": 2}.get(op, 0)
     assert r["embedded"] == 1 and r["fxquant"] == [] and r["copies"] == [] and r["guards"] == []
+    assert r.get("decomposable", []) == []  # e.g. aten.zeros: "both a fallback and a decomp" (torch 2.11)
     assert r["launches"] == r["ranges"] + quant
     assert r["ranges"] >= 4 or op == "swiglu_quantize"  # one kernel for every M
     assert r.get("zeros", 0) <= 1 + (op == "float8_dynamic_linear")  # one split-K counter buffer (+ amax)
@@ -203,3 +226,38 @@ def test_export_triton_graph(traced, scheme):
     # zeroed buffers: at most one split-K counter buffer per linear, plus fp8 per-tensor's amax
     assert r["zeros"] <= 2 * (1 + (scheme == "fp8_dyn_tensor"))
     assert r["range_constraints"] == ["1..512", "1..64"]
+
+
+@pytest.mark.parametrize("fixture", ["traced", "embedded"])
+def test_kernel_write_analysis_succeeds(fixture, request):
+    """torch reads each launch's TTIR to learn what it writes; if that fails it assumes every
+    input is written, and torch.export refuses the packed weights as mutated constants."""
+    assert request.getfixturevalue(fixture)["analysis_failures"] == []
+
+
+@pytest.mark.parametrize("fixture", ["traced", "embedded"])
+def test_launches_pass_plain_values_for_constexprs(fixture, request):
+    """Inductor and AOTInductor write each constant launch argument's repr into their code:
+    a tl.constexpr object there reads `constexpr[0]`, a NameError (torch 2.11, session 15)."""
+    assert request.getfixturevalue(fixture)["constexpr_args"] == []
+
+
+def test_kernels_use_no_method_of_a_scalar_argument():
+    """torch 2.11 (the GPU machine) lowers a launch to TTIR with every scalar argument as a
+    constexpr, a Python int: `M.to(tl.int64)` then fails there (seen in session 15: export refused,
+    "Constant ... is mutated"). tl.cast(M, ...) works either way."""
+    import ast
+    import glob
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fxquant", "lowering")
+    found = []
+    for path in glob.glob(os.path.join(root, "**", "*.py"), recursive=True):
+        for fn in ast.walk(ast.parse(open(path).read())):
+            if not (isinstance(fn, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in fn.decorator_list)
+                    and any(a.arg.endswith("_ptr") for a in fn.args.args)):  # kernels; helpers take tensors
+                continue
+            constexpr = {a.arg for a in fn.args.args if a.annotation is not None and "constexpr" in ast.unparse(a.annotation)}
+            scalars = {a.arg for a in fn.args.args if not a.arg.endswith(("_ptr", "_desc")) and a.arg not in constexpr}
+            found += [f"{os.path.basename(path)}:{n.lineno} {fn.name}: {n.value.id}.{n.attr}" for n in ast.walk(fn)
+                      if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in scalars
+                      and n.attr == "to"]
+    assert found == []

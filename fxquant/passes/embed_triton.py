@@ -19,7 +19,12 @@ from .inline_cpu import inline_node
 def embed_triton_kernels(graph: fx.Graph, fake_mode) -> int:
     """Replace every fxquant op node with a triton_op twin (the linears, swiglu_quantize) whose
     first input is a CUDA tensor. Returns how many."""
+    from torch._inductor.decomposition import select_decomp_table
+
     from ..lowering.triton.triton_ops import triton_target
+    # Inductor's own decompositions: the graph has been decomposed already, and Inductor refuses
+    # an op it decomposes but does not lower (aten.zeros, from a split-K counter buffer).
+    decomps = select_decomp_table()
     count = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
@@ -29,6 +34,6 @@ def embed_triton_kernels(graph: fx.Graph, fake_mode) -> int:
         val = x.meta.get("val") if isinstance(x, fx.Node) else None
         if target is None or val is None or not val.is_cuda:
             continue
-        if inline_node(graph, node, target, fake_mode, wrap=dispatch_functionalize):
+        if inline_node(graph, node, target, fake_mode, decomps, wrap=dispatch_functionalize):
             count += 1
     return count

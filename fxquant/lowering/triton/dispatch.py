@@ -220,6 +220,27 @@ def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dty
     return default_config(scheme, m, n, k, group)
 
 
+TRITON_ONLY = "triton|"  # key prefix: the best Triton kernel where the best overall is another kind
+
+
+def triton_only_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dtype,
+                       device: torch.device) -> KernelConfig | None:
+    """The measured best Triton GEMM/GEMV (tuned with `linear.py --tune --triton-only`) for a
+    point where the table's choice is not a Triton kernel, or None. Read by triton_ops.py, whose
+    ops may launch only Triton kernels."""
+    dev = _device_info(device)[0]
+    devs = [d for d in (dev, "h100" if dev == "h200" else None) if d]
+    keys = (TRITON_ONLY + config_key(scheme, dtype, n, k, group, m), TRITON_ONLY + bucket_key(scheme, group, m))
+    for key in keys:
+        for which in ("cache", "shipped"):
+            for d in devs:
+                if (entry := _table(which).get(d, {}).get(key)) is not None:
+                    return KernelConfig.from_json(entry)
+    if scheme == "fp8_dyn_tensor":
+        return triton_only_config("fp8_dyn_row", m, n, k, group, dtype, device)
+    return None
+
+
 def _nearest_bucket(table: dict, scheme: str, group: int, m: int) -> dict | None:
     """The table's bucket entry for (scheme, group) whose M-bucket is nearest to m's (in powers of
     two; the larger one on a tie), for buckets the tuner did not measure. Never crosses the

@@ -180,7 +180,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, x_
         # ws [split_k, M, N] fp32. Barrier, then a gpu-scope acq_rel atomic: this program's
         # partial is visible before its arrival is counted (and the others' before we read them).
         wsp = ws_ptr + om.to(tl.int64) * N + on
-        MN = M.to(tl.int64) * N
+        MN = tl.cast(M, tl.int64) * N  # not M.to(): torch 2.11 traces scalar args as Python ints
         tl.store(wsp + pid_k * MN, out, mask=mask)
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")

@@ -12,9 +12,10 @@ recompile per M range). So it launches the kernel of *every* M range of the ship
 with its grid multiplied by a 0/1 factor that is 1 only where M falls in that range: the launches
 outside it have an empty grid and do nothing. The ranges merge adjacent table buckets that
 choose the same kernel. Only Triton kernels take part: table entries of another kind (CUTLASS,
-CUDA C++, cuBLAS through "deq" / "scaled_mm") are replaced by their Triton fallback, or by the
-default Triton GEMM, so this path is slower than the run-time dispatcher where those win
-(BENCHMARKS.md).
+CUDA C++, cuBLAS through "deq" / "scaled_mm") are replaced by their Triton fallback, else by the
+best Triton kernel measured for that point ("triton|" entries of the table, tuned with
+`benchmarks/linear.py --tune --triton-only`), else by a default Triton GEMM; so this path is
+slower than the run-time dispatcher where those win (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def _triton_config(scheme: str, bucket: int, n: int, k: int, group: int, dtype: 
     BLOCK_M (in .bm) for the bucket's top, a GEMM its split-K count and no TMA."""
     cfg = D.get_config(scheme, bucket, n, k, group, dtype, device, allow_cxx=False, allow_scaled_mm=False,
                        allow_cutlass=False)
+    if cfg.kind not in ("gemv", "gemm"):  # "deq" (the other kinds' fallback): a tuned Triton kernel, if any
+        cfg = D.triton_only_config(scheme, bucket, n, k, group, dtype, device) or cfg
     if (cfg.kind not in ("gemv", "gemm") or D._known_bad(scheme, cfg)
             or (cfg.kind == "gemv" and bucket > D.GEMV_MAX_M)):
         cfg = D.default_config(scheme, max(bucket, 17), n, k, group)
@@ -85,6 +88,23 @@ def in_range(m, r: MRange):
     return above * torch.sym_min(torch.sym_max(r.hi + 1 - m, 0), 1)
 
 
+def _plain(v):
+    return v.value if isinstance(v, triton.language.constexpr) else v
+
+
+class _Traced:
+    """wrap_triton(kernel), launched with tl.constexpr values (our mode constants, common.py)
+    passed as plain Python values: Inductor writes each constant argument's repr into the code it
+    generates, where `constexpr[0]` is a NameError (seen on torch 2.11)."""
+
+    def __init__(self, kernel):
+        self.run = wrap_triton(kernel)
+
+    def __getitem__(self, grid):
+        launch = self.run[grid]
+        return lambda *a, **k: launch(*map(_plain, a), **{n: _plain(v) for n, v in k.items()})
+
+
 def _check_device(t: torch.Tensor, op: str) -> None:
     if not (t.is_cuda or t.device.type == "meta" or (bool(C.INTERPRETED) and t.device.type == "cpu")):
         raise RuntimeError(f"fxquant.{op}: the Triton ops take CUDA tensors (CPU tensors only under "
@@ -111,7 +131,7 @@ def linear_body(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: tor
     if scheme in D.DYNAMIC:
         if pre is None:
             pre = quantize_activations(x2, fp8=scheme != "int8_dyn", per_row=scheme != "fp8_dyn_tensor",
-                                       wrap=wrap_triton)
+                                       wrap=_Traced)
         else:
             pre = (x2, pre[1].reshape(-1))
     scales = scales if scales.is_contiguous() else scales.contiguous()
@@ -121,10 +141,10 @@ def linear_body(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: tor
     buffers = D.splitk_buffers_for(M, N, split, x.device) if split else None  # one pair, for all ranges
     for r, active in live:
         if r.cfg.kind == "gemv":
-            D._run_gemv(scheme, x2, qweight, scales, bias, group, r.cfg, out, pre, wrap=wrap_triton,
+            D._run_gemv(scheme, x2, qweight, scales, bias, group, r.cfg, out, pre, wrap=_Traced,
                         active=active, block_m=r.cfg.bm)
         else:
-            D._run_gemm(scheme, x2, qweight, scales, bias, group, r.cfg, out, pre, wrap=wrap_triton,
+            D._run_gemm(scheme, x2, qweight, scales, bias, group, r.cfg, out, pre, wrap=_Traced,
                         active=active, splitk_buffers=buffers)
     return out.reshape(*x.shape[:-1], N)
 
@@ -184,7 +204,7 @@ def triton_swiglu_quantize(gate: torch.Tensor, up: torch.Tensor, fp8: bool) -> t
     _check_device(gate, "triton_swiglu_quantize")
     ops._check_swiglu(gate, up)
     I = gate.shape[-1]
-    q, s = quantize_swiglu(gate.reshape(-1, I), up.reshape(-1, I), fp8, wrap=wrap_triton)  # M = 0: empty grid
+    q, s = quantize_swiglu(gate.reshape(-1, I), up.reshape(-1, I), fp8, wrap=_Traced)  # M = 0: empty grid
     return q.reshape(gate.shape), s.reshape(*gate.shape[:-1], 1)
 
 
