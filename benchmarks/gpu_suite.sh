@@ -43,10 +43,12 @@ fi
 # $FXQUANT_CACHE_DIR), not by every test process of phase 1 at once. The CUTLASS one needs its
 # headers: carry .whl/nvidia_cutlass-*.whl (installed above); on Hopper without them
 # tests/gpu/test_gpu_cutlass.py fails by design.
-for lib in load load_cutlass; do
-  $PY -c "from fxquant.lowering.cuda import build; build.$lib()" > "$LOGS/prebuild_$lib.log" 2>&1 \
-    || echo "prebuild $lib: $(tail -1 "$LOGS/prebuild_$lib.log")"
+for lib in load load_cutlass; do  # the two builds in parallel
+  { $PY -c "from fxquant.lowering.cuda import build; build.$lib()" > "$LOGS/prebuild_$lib.log" 2>&1 \
+    || echo "prebuild $lib: $(tail -1 "$LOGS/prebuild_$lib.log")"; } &
 done
+wait
+echo "library builds done at $(( $(date +%s) - T0 )) s"
 
 # ---- phase 1: tests + benchmark compile warmers, all in parallel. The kernel tests are split
 # into shards; every other tests/gpu file runs in a process of its own, so a crash there (a
