@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU call that checks the triton_op path (lowering/triton/triton_ops.py) and measures it beside
-# the run-time dispatcher. Written in session 14, which had no GPU: not run yet.
+# the run-time dispatcher. Written in session 14; first run in session 15 (BENCHMARKS.md S15).
 #
 # Phase A (parallel): build the C++ and CUTLASS libraries (the dispatcher's rows need them);
 # tests/gpu/test_gpu_triton_ops.py in 3 shards and the triton tests of test_gpu_export.py (these
