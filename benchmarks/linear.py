@@ -568,7 +568,8 @@ def tune_candidates(args, scheme: str, m: int, group: int) -> list:
     cands = D.candidate_configs(scheme, m, group)
     if not args.triton_only:
         return cands
-    return list(dict.fromkeys(dataclasses.replace(c, tma=False) for c in cands if c.kind in ("gemm", "gemv")))
+    return list(dict.fromkeys(dataclasses.replace(c, tma=False) for c in cands
+                              if c.kind in ("gemm", "gemv", "deqgemm")))
 
 
 def tune(args, out_dir: Path) -> dict:

@@ -65,9 +65,9 @@ def test_triton_only_tuning_offers_triton_kernels_without_tma(variants):
         for m in (1, 64, 4096):
             every = lb.tune_candidates(argparse.Namespace(triton_only=False), scheme, m, group)
             only = lb.tune_candidates(argparse.Namespace(triton_only=True), scheme, m, group)
-            assert only and all(c.kind in ("gemm", "gemv") and not c.tma for c in only)
+            assert only and all(c.kind in ("gemm", "gemv", "deqgemm") and not c.tma for c in only)
             assert len(set(only)) == len(only)
-            assert m < 4096 or {c.kind for c in every} - {"gemm", "gemv"}  # others (deq, scaled_mm) dropped
+            assert m < 4096 or {c.kind for c in every} - {"gemm", "gemv", "deqgemm"}  # deq, scaled_mm dropped
     with pytest.raises(SystemExit) as e:
         lb.main(["--triton-only", "--warm-only", "--peers", "none"])
     assert e.value.code == 2

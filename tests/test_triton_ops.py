@@ -171,6 +171,42 @@ def test_triton_op_matches_reference_in_every_range(scheme, launch_all, table, m
             assert _rel(out, ref) <= 1e-2, (scheme, m)
 
 
+DEQGEMM = KC("deqgemm", bm=16, bn=32, bk=32, warps=4, stages=2)
+
+
+@pytest.mark.parametrize("launch_all", [False, True], ids=["live_range_only", "every_range"])
+@pytest.mark.parametrize("scheme", ["int8_wo", "int4_wo", "fp8_wo"])
+def test_dequantize_then_gemm_range_matches_reference(scheme, launch_all, table, monkeypatch):
+    """A "deqgemm" range (our dequantize kernel, then our GEMM on the plain weight), as tuned for
+    weight-only M >= 256 by `linear.py --tune --triton-only`: the twin at M in and out of that range,
+    and the dispatcher forced to it, equal the CPU reference op (every_range: its scratch and grids
+    scaled by a 0/1 factor that is not a plain int, as when traced)."""
+    import numpy as np
+    if launch_all:
+        in_range = T.in_range
+        monkeypatch.setattr(T, "in_range", lambda m, r: np.int64(in_range(m, r)))
+    group = 32 if scheme == "int4_wo" else 0
+    name, static = scheme_op(scheme, group)
+    table(scheme, group)
+    D._tables["shipped"]["cpu"][D.TRITON_ONLY + D.bucket_key(scheme, group, 32)] = DEQGEMM.to_json()
+    for b in D.M_BUCKETS:
+        if b >= 32:
+            D._tables["shipped"]["cpu"][D.bucket_key(scheme, group, b)] = {"kind": "deq", "bn": 64, "bk": 128}
+    r = T.m_ranges(scheme, 40, 96, group, torch.bfloat16, CPU)
+    assert [(x.lo, x.hi) for x in r if x.cfg.kind == "deqgemm"] == [(16, 32)]
+    assert {x.cfg.kind for x in r if x.lo >= 32} == {"gemm"}  # deq buckets without a tuned entry
+    g = torch.Generator().manual_seed(3)
+    packed = pack_weight(scheme, torch.randn(40, 96, generator=g), group)
+    bias = torch.randn(40, generator=g).bfloat16()
+    op = getattr(torch.ops.fxquant, f"triton_{name}")
+    ref_op = getattr(torch.ops.fxquant, name)
+    for m in (16, 17, 32, 33):
+        x = torch.randn(m, 96, generator=g).bfloat16()
+        ref = ref_op(x, *packed, bias, *static)
+        assert _rel(op(x, *packed, bias, *static), ref) <= 1e-2, (scheme, m)
+        assert _rel(D.linear(scheme, x, packed[0], packed[1], bias, group, DEQGEMM), ref) <= 1e-2
+
+
 def test_prequant_and_3d_input(table):
     table("int8_dyn")
     g = torch.Generator().manual_seed(2)

@@ -84,6 +84,7 @@ SCRIPT = PRELUDE + textwrap.dedent(r"""
         result[scheme] = {
             "fxquant_ops": [str(n.target) for n in nodes if "fxquant" in str(n.target)],
             "launches": len(hops), "ranges": sum(len(r) for r in ranges),
+            "deqgemm": sum(x.cfg.kind == "deqgemm" for r in ranges for x in r),  # two launches each
             "zeros": sum(n.target in (torch.ops.aten.zeros.default, torch.ops.aten.full.default) for n in nodes),
             "written_inputs": written_inputs,
             "range_constraints": sorted(f"{v.lower}..{v.upper}" for v in ep.range_constraints.values()),
@@ -113,6 +114,9 @@ EMBED_SCRIPT = PRELUDE + textwrap.dedent(r"""
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+    for scheme, group in (("int8_wo", 0), ("int4_wo", 128), ("fp8_wo", 0)):  # a dequantize-then-GEMM range
+        D._table("shipped")["h100"][D.TRITON_ONLY + D.bucket_key(scheme, group, 8192)] = D.KernelConfig(
+            "deqgemm", bm=128, bn=256, bk=64, warps=8).to_json()
     decomps = select_decomp_table()  # Inductor refuses an op it has a decomposition but no lowering for
     N, K = 1000, 1024
     f8, bf = torch.float8_e4m3fn, torch.bfloat16
@@ -148,6 +152,7 @@ EMBED_SCRIPT = PRELUDE + textwrap.dedent(r"""
         result[name] = {"embedded": embedded, "launches": targets.count("triton_kernel_wrapper_mutation"),
                         "zeros": targets.count("aten.zeros.default") + targets.count("aten.full.default"),
                         "ranges": len(ranges), "fxquant": [t for t in targets if "fxquant" in t],
+                        "deqgemm": sum(x.cfg.kind == "deqgemm" for x in ranges),
                         "copies": [t for t in targets if "clone" in t or "copy" in t],
                         "guards": [str(g.expr) for g in mode.shape_env.guards],
                         "decomposable": sorted({str(n.target) for n in gm.graph.nodes
@@ -207,7 +212,9 @@ def test_embed_pass_graph(embedded, op):
     quant = {"int8_dynamic_linear": 1, "float8_dynamic_linear": 2}.get(op, 0)
     assert r["embedded"] == 1 and r["fxquant"] == [] and r["copies"] == [] and r["guards"] == []
     assert r.get("decomposable", []) == []  # e.g. aten.zeros: "both a fallback and a decomp" (torch 2.11)
-    assert r["launches"] == r["ranges"] + quant
+    assert r["launches"] == r["ranges"] + r.get("deqgemm", 0) + quant
+    assert r.get("deqgemm", 0) == (op in ("int8_weight_only_linear", "int4_weight_only_linear",
+                                          "float8_weight_only_linear"))  # the table entry put in above
     assert r["ranges"] >= 4 or op == "swiglu_quantize"  # one kernel for every M
     assert r.get("zeros", 0) <= 1 + (op == "float8_dynamic_linear")  # one split-K counter buffer (+ amax)
 
@@ -220,7 +227,7 @@ def test_export_triton_graph(traced, scheme):
     r = traced[scheme]
     assert r["fxquant_ops"] == []
     quant = {"int8_dyn": 1, "fp8_dyn_row": 1, "fp8_dyn_tensor": 2}.get(scheme, 0)  # activation passes
-    assert r["launches"] == r["ranges"] + 2 * quant  # one launch per M range, per linear
+    assert r["launches"] == r["ranges"] + r["deqgemm"] + 2 * quant  # one per M range (deqgemm: two)
     assert r["ranges"] >= 2 * 4  # the H100 table: GEMV, small-M and large-M GEMMs at least
     assert r["written_inputs"] == []  # no packed weight, scale, bias or input is written
     # zeroed buffers: at most one split-K counter buffer per linear, plus fp8 per-tensor's amax

@@ -18,6 +18,7 @@ WK_INT4 = tl.constexpr(1)      # uint8 [N, K//2] + scales_zeros [K//gs, N, 2] (w
 WK_FP8 = tl.constexpr(2)       # e4m3 [N, K], converted to x's dtype (weight-only)
 WK_INT8_MMA = tl.constexpr(3)  # int8 weight x int8 activations, int32 accumulate
 WK_FP8_MMA = tl.constexpr(4)   # e4m3 weight x e4m3 activations, fp32 accumulate
+WK_PLAIN = tl.constexpr(5)     # [N, K] in x's dtype, dequantized beforehand (kind "deqgemm")
 
 # Scale vectors (XS_MODE / WS_MODE): none, one per row/column, one for the whole tensor.
 SC_NONE = tl.constexpr(0)

@@ -64,11 +64,14 @@ class KernelConfig:
     torch._int_mm, cuBLAS, plus a Triton pass for the scales, for int8 at M > 16) |
     "cxx" (the CUDA C++ kernels of lowering/cuda/, CXX_SCHEMES at M <= CXX_MAX_M only; a table entry of
     this kind carries the best Triton config as "fallback", for where the library is missing) |
+    "deqgemm" (weight-only: our dequantize kernel, then our GEMM on that plain weight; all Triton,
+    so the triton_op path can use it at large M where the weight-converting GEMM is slow) |
     "cutlass" (int4 / int8 / fp8 weight-only and int8 dynamic on Hopper: the CUTLASS wgmma GEMMs of
     lowering/cuda/csrc_cutlass, tile bn x bm, split_k 0 = stream-K, warps 4 = ping-pong; also carries
     a "fallback").
     gemv uses bn/bk/warps; gemm all fields (split_k 0 = pick from the grid size; tma: read x and
     the weight through Hopper TMA descriptors where the tensors allow it); deq bn/bk/warps;
+    deqgemm the GEMM's bm/bn/bk/warps/stages/group_m (no split-K, no TMA);
     cxx and scaled_mm none."""
     kind: str
     bn: int
@@ -423,6 +426,28 @@ def _run_deq(scheme, x2, qweight, scales, bias, group, cfg, out):
         out.add_(bias.to(out.dtype))
 
 
+def _run_deqgemm(scheme, x2, qweight, scales, bias, group, cfg, out, *, wrap=C.eager, active=1):
+    """Kind "deqgemm": the packed weight dequantized into a scratch [N, K] in x's dtype, then the
+    GEMM on it as a plain operand (the bf16 MMA pipeline, which converting in the main loop loses).
+    active: triton_ops' 0/1 range factor, on both grids and the scratch size (flat: no guard)."""
+    M, K = x2.shape
+    N = qweight.shape[0]
+    w = torch.empty(N * K * active + 2, device=x2.device, dtype=x2.dtype)  # >= 2: no size guard
+    dbk = _fix_bk(128, scheme, group, K, "deq")
+    wrap(dequant_kernel)[(triton.cdiv(N, 64) * active, triton.cdiv(K, dbk))](
+        qweight, scales, w, N, K, WKIND=_WKIND[scheme], WS_MODE=_weight_scale_mode(scheme, scales, N),
+        GROUP=group, BN=64, BK=dbk, num_warps=4)
+    bk = min(cfg.bk, max(32, triton.next_power_of_2(K)))
+    wrap(gemm_kernel)[(triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn) * active, 1)](
+        x2, w, w, w, bias if bias is not None else w, out, out, out, None, None, M, N, K,
+        x2.stride(0), x2.stride(1), out.stride(0), 1,
+        WKIND=C.WK_PLAIN, XS_MODE=C.SC_NONE, WS_MODE=C.SC_NONE, GROUP=0, HAS_BIAS=bias is not None,
+        REDUCE=REDUCE_NONE, SWAP=False, IEEE=out.dtype == torch.float32, XK1=x2.stride(1) == 1,
+        BM=cfg.bm, BN=cfg.bn, BK=bk, GROUP_M=cfg.group_m, FP8_ACC=0, PDL=False, TMA=False,
+        num_warps=cfg.warps, num_stages=cfg.stages)
+    return out
+
+
 def scaled_mm_fits(scheme: str, N: int, K: int, out_dtype: torch.dtype, w_scale_numel: int | None = None,
                    M: int | None = None) -> bool:
     """Whether the vendor GEMM of kind "scaled_mm" takes these inputs. int8 dynamic
@@ -526,7 +551,7 @@ def _runnable(cfg: KernelConfig, scheme: str, M: int, N: int, K: int, group: int
     if _known_bad(scheme, cfg):  # an autotune cache written before they were dropped may name them
         return default_config(scheme, max(M, 17), N, K, group)
     if (cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M)
-            or (cfg.kind == "deq" and scheme in WEIGHT_ONLY)
+            or (cfg.kind in ("deq", "deqgemm") and scheme in WEIGHT_ONLY)
             or (cfg.kind == "scaled_mm" and scaled_mm_ok)):
         return cfg
     return default_config(scheme, max(M, 17), N, K, group)
@@ -572,6 +597,8 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out)
     elif cfg.kind == "deq":
         _run_deq(scheme, x2, qweight, scales, bias, group, cfg, out)
+    elif cfg.kind == "deqgemm":
+        _run_deqgemm(scheme, x2, qweight, scales, bias, group, cfg, out)
     elif cfg.kind == "scaled_mm":
         _run_scaled_mm(scheme, x2, qweight, scales, bias, out)
     else:
@@ -768,6 +795,9 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
                 for bn, bk, st, sk in ((64, 128, 4, 1), (64, 128, 3, 1), (64, 64, 4, 0))]
     if not mma and m >= 128:
         out.append(G("deq", bn=64, bk=128, warps=4))
+    if not mma and m >= 256:  # all-Triton dequantize + plain GEMM (the triton_op path's large M)
+        out += [G("deqgemm", bm=bm, bn=bn, bk=bk, warps=w, stages=st)
+                for bm, bn, bk, w, st in ((128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4))]
     if (scheme in ("fp8_dyn_row", "fp8_dyn_tensor") and m >= 16) or (scheme == "int8_dyn" and m >= 32):
         out.append(G("scaled_mm", bn=0, bk=0))
     if m >= 64:  # each GEMM again with TMA loads (Hopper; elsewhere they run as plain loads)

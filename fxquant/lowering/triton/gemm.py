@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from .common import (INTERPRETED, MAGIC_BITS, MAGIC_Q8, SC_ROW, SC_TENSOR, WK_INT4, WK_INT8_MMA,
-                     WK_FP8_MMA)
+                     WK_FP8_MMA, WK_PLAIN)
 
 
 @triton.jit
@@ -49,6 +49,9 @@ def weight_tile(w_ptr, w_desc, s_ptr, rn, n0, kt, N, K, WKIND: tl.constexpr, GRO
             zp = tl.load(szp + 1, mask=gm, other=0.0).to(tl.float32)
             w = tl.reshape(tl.reshape(q, (BN, NG, GROUP)) * sc[:, :, None] + zp[:, :, None], (BN, BK))
         return w.to(DT)
+    elif WKIND == WK_PLAIN:  # already dequantized: a plain GEMM operand (no TMA for it)
+        k = kt * BK + tl.arange(0, BK)
+        return tl.load(w_ptr + rn[:, None] * K + k[None, :], mask=k[None, :] < K, other=0.0).to(DT)
     elif TMA:
         w = w_desc.load([n0, kt * BK])
         if WKIND == WK_FP8_MMA or WKIND == WK_INT8_MMA:
@@ -126,7 +129,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, x_
             a = x_desc.load([pid_m * BM, kt * BK])
         elif WKIND == WK_FP8_MMA and not INTERPRETED:  # as e4m3: see weight_tile
             a = tl.load(x_ptr + xoff, mask=k[None, :] < K, other=0.0)
-        elif WKIND >= WK_INT8_MMA:  # 8-bit activations: load raw bytes so masked lanes are 0
+        elif WKIND == WK_INT8_MMA or WKIND == WK_FP8_MMA:  # 8-bit x: raw bytes, so masked lanes are 0
             a = tl.load(x_ptr.to(tl.pointer_type(tl.int8)) + xoff, mask=k[None, :] < K, other=0)
             a = a.to(DT, bitcast=True)
         else:

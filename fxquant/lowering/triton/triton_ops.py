@@ -33,9 +33,12 @@ from .act_quant import quantize_activations, quantize_swiglu
 
 
 
+TRITON_KINDS = ("gemv", "gemm", "deqgemm")  # the kinds whose kernels are all ours, in Triton
+
+
 @dataclasses.dataclass(frozen=True)
 class MRange:
-    """Rows lo < M <= hi (hi None: no upper end) run `cfg` (kind "gemv" or "gemm")."""
+    """Rows lo < M <= hi (hi None: no upper end) run `cfg` (one of TRITON_KINDS)."""
     lo: int
     hi: int | None
     cfg: D.KernelConfig
@@ -47,8 +50,10 @@ def _triton_config(scheme: str, bucket: int, n: int, k: int, group: int, dtype: 
     BLOCK_M (in .bm) for the bucket's top, a GEMM its split-K count and no TMA."""
     cfg = D.get_config(scheme, bucket, n, k, group, dtype, device, allow_cxx=False, allow_scaled_mm=False,
                        allow_cutlass=False)
-    if cfg.kind not in ("gemv", "gemm"):  # "deq" (the other kinds' fallback): a tuned Triton kernel, if any
+    if cfg.kind not in TRITON_KINDS:  # "deq" (the other kinds' fallback): a tuned Triton kernel, if any
         cfg = D.triton_only_config(scheme, bucket, n, k, group, dtype, device) or cfg
+    if cfg.kind == "deqgemm" and scheme in D.WEIGHT_ONLY:
+        return cfg
     if (cfg.kind not in ("gemv", "gemm") or D._known_bad(scheme, cfg)
             or (cfg.kind == "gemv" and bucket > D.GEMV_MAX_M)):
         cfg = D.default_config(scheme, max(bucket, 17), n, k, group)
@@ -143,6 +148,8 @@ def linear_body(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: tor
         if r.cfg.kind == "gemv":
             D._run_gemv(scheme, x2, qweight, scales, bias, group, r.cfg, out, pre, wrap=_Traced,
                         active=active, block_m=r.cfg.bm)
+        elif r.cfg.kind == "deqgemm":
+            D._run_deqgemm(scheme, x2, qweight, scales, bias, group, r.cfg, out, wrap=_Traced, active=active)
         else:
             D._run_gemm(scheme, x2, qweight, scales, bias, group, r.cfg, out, pre, wrap=_Traced,
                         active=active, splitk_buffers=buffers)
