@@ -213,8 +213,8 @@ def test_embed_pass_graph(embedded, op):
     assert r["embedded"] == 1 and r["fxquant"] == [] and r["copies"] == [] and r["guards"] == []
     assert r.get("decomposable", []) == []  # e.g. aten.zeros: "both a fallback and a decomp" (torch 2.11)
     assert r["launches"] == r["ranges"] + r.get("deqgemm", 0) + quant
-    assert r.get("deqgemm", 0) == (op in ("int8_weight_only_linear", "int4_weight_only_linear",
-                                          "float8_weight_only_linear"))  # the table entry put in above
+    assert (r.get("deqgemm", 0) >= 1) == (op in ("int8_weight_only_linear", "int4_weight_only_linear",
+                                                 "float8_weight_only_linear"))  # weight-only large M
     assert r["ranges"] >= 4 or op == "swiglu_quantize"  # one kernel for every M
     assert r.get("zeros", 0) <= 1 + (op == "float8_dynamic_linear")  # one split-K counter buffer (+ amax)
 
