@@ -190,12 +190,17 @@ def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelCon
     return KernelConfig("gemm", bm=128, bn=128, bk=128, warps=8, stages=3)
 
 
+def _table_devices(device: torch.device) -> list[str]:
+    """The table sections to read for device: its own, then the H100's for an H200."""
+    dev = _device_info(device)[0]
+    return [d for d in (dev, "h100" if dev == "h200" else None) if d]
+
+
 def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dtype,
                device: torch.device, allow_cxx: bool = True, allow_scaled_mm: bool = True,
                allow_cutlass: bool = True) -> KernelConfig:
     """allow_cxx / allow_scaled_mm / allow_cutlass False: an entry of that kind gives its
     "fallback" (the best other choice the tuner saw beside it)."""
-    dev = _device_info(device)[0]
     exact = config_key(scheme, dtype, n, k, group, m)
     barred = {k for k, ok in (("cxx", allow_cxx), ("scaled_mm", allow_scaled_mm), ("cutlass", allow_cutlass))
               if not ok}
@@ -205,7 +210,7 @@ def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dty
             return entry
         return entry.get("fallback")
 
-    devs = [d for d in (dev, "h100" if dev == "h200" else None) if d]
+    devs = _table_devices(device)
     for which in ("cache", "shipped"):
         tab = _table(which)
         for d in devs:
@@ -231,8 +236,7 @@ def triton_only_config(scheme: str, m: int, n: int, k: int, group: int, dtype: t
     """The measured best Triton GEMM/GEMV (tuned with `linear.py --tune --triton-only`) for a
     point where the table's choice is not a Triton kernel, or None. Read by triton_ops.py, whose
     ops may launch only Triton kernels."""
-    dev = _device_info(device)[0]
-    devs = [d for d in (dev, "h100" if dev == "h200" else None) if d]
+    devs = _table_devices(device)
     keys = (TRITON_ONLY + config_key(scheme, dtype, n, k, group, m), TRITON_ONLY + bucket_key(scheme, group, m))
     for key in keys:
         for which in ("cache", "shipped"):
@@ -433,10 +437,7 @@ def _run_deqgemm(scheme, x2, qweight, scales, bias, group, cfg, out, *, wrap=C.e
     M, K = x2.shape
     N = qweight.shape[0]
     w = torch.empty(N * K * active + 2, device=x2.device, dtype=x2.dtype)  # >= 2: no size guard
-    dbk = _fix_bk(128, scheme, group, K, "deq")
-    wrap(dequant_kernel)[(triton.cdiv(N, 64) * active, triton.cdiv(K, dbk))](
-        qweight, scales, w, N, K, WKIND=_WKIND[scheme], WS_MODE=_weight_scale_mode(scheme, scales, N),
-        GROUP=group, BN=64, BK=dbk, num_warps=4)
+    _dequantize_into(scheme, qweight, scales, group, w, wrap=wrap, active=active)
     bk = min(cfg.bk, max(32, triton.next_power_of_2(K)))
     wrap(gemm_kernel)[(triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn) * active, 1)](
         x2, w, w, w, bias if bias is not None else w, out, out, out, None, None, M, N, K,
@@ -517,14 +518,20 @@ def _run_cxx_dynamic(scheme, x, x2, qweight, scales, bias):
 def dequantize_weight(scheme: str, qweight: torch.Tensor, scales: torch.Tensor, group: int,
                       dtype: torch.dtype, bn: int = 64, bk: int = 128, warps: int = 4) -> torch.Tensor:
     """Packed weight -> [N, K] in `dtype` (the same values as numerics.dequantize_*)."""
+    K = qweight.shape[1] * (2 if scheme == "int4_wo" else 1)
+    w = torch.empty((qweight.shape[0], K), device=qweight.device, dtype=dtype)
+    return _dequantize_into(scheme, qweight, scales, group, w, bn, bk, warps)
+
+
+def _dequantize_into(scheme, qweight, scales, group, w, bn=64, bk=128, warps=4, *, wrap=C.eager, active=1):
+    """The dequantize kernel writing [N, K] row-major into w (any shape with room for it);
+    wrap / active as for _run_gemv."""
     N = qweight.shape[0]
     K = qweight.shape[1] * (2 if scheme == "int4_wo" else 1)
-    w = torch.empty((N, K), device=qweight.device, dtype=dtype)
-    ws_mode = _weight_scale_mode(scheme, scales, N)
     bk = _fix_bk(bk, scheme, group, K, "deq")
-    dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
-        qweight, scales, w, N, K, WKIND=_WKIND[scheme], WS_MODE=ws_mode, GROUP=group, BN=bn, BK=bk,
-        num_warps=warps)
+    wrap(dequant_kernel)[(triton.cdiv(N, bn) * active, triton.cdiv(K, bk))](
+        qweight, scales, w, N, K, WKIND=_WKIND[scheme], WS_MODE=_weight_scale_mode(scheme, scales, N),
+        GROUP=group, BN=bn, BK=bk, num_warps=warps)
     return w
 
 
