@@ -1,62 +1,149 @@
-"""Hardware counters of fxquant's decode kernels (and bf16 cuBLAS) under Nsight Compute.
+"""Hardware counters of every kernel one linear launches (any linear.py row), under Nsight Compute.
 
-Runs each (shape, M) once between cudaProfilerStart / Stop, after a warm-up outside that range,
-so that `ncu --profile-from-start off` sees exactly one launch per point:
+Runs each (row, shape, M) once between cudaProfilerStart / Stop, after a warm-up outside that range,
+with one marker kernel (`torch.cuda._sleep`, "spin_kernel") before each point, so the profile can be
+cut back into points whatever number of kernels an op launches (activation quantization + GEMM,
+split-K reduce, ...):
 
-  ncu --clock-control none --profile-from-start off --section SpeedOfLight \\
-      --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \\
-      python benchmarks/ncu_kernels.py --kinds int4,bf16 --ms 1,16,32
+  ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \\
+      --section LaunchStats -o prof python benchmarks/ncu_kernels.py --rows w8a8_int8,bf16 --ms 1,16 > points.txt
+  ncu --import prof.ncu-rep --csv --page details > prof.csv
+  python benchmarks/ncu_kernels.py --parse prof.csv --points points.txt
 
+Rows are linear.py's names: a scheme (what the dispatcher picks), "<scheme>@<variant>", or bf16.
 ncu flushes the caches before each profiled launch by default, so the weight comes from HBM as in
-the rotated-copy benchmark. NVTX-free: the points run in the printed order, one kernel each (the
-C++ int4 op launches one kernel at M <= 32 when x is contiguous bf16 and there is no bias).
+the rotated-copy benchmark. The table gives, per point, each kernel's time and counters, the
+op's total, the weight bytes per total time, and for M >= 256 the op's TFLOP/s (2 M N K / total).
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import re
 import sys
+from collections import defaultdict
 from pathlib import Path
 
-import torch
+MARKER = "spin_kernel"
+POINT = re.compile(r"^point (\d+): (\S+) (\d+)x(\d+) M=(\d+) weight_bytes=(\d+)$")
+METRICS = {  # ncu "details" metric name -> column
+    "Duration": "us", "DRAM Throughput": "dram%", "Compute (SM) Throughput": "sm%",
+    "Registers Per Thread": "regs", "Achieved Occupancy": "occ%", "Grid Size": "grid",
+}
+TIME_UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fxquant import numerics as nq  # noqa: E402
-from fxquant.lowering import cuda as cxx  # noqa: E402
 
+def run(argv) -> int:
+    import torch
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kinds", default="int4,bf16", help="int4 (C++ int4 op, g128), int8 (C++ int8 op), bf16")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import linear  # noqa: E402  (the benchmark's Layer: packed weight + the op call, as measured there)
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="w4a16_g128,w8a16,w8a8_int8,fp8_row,bf16")
     ap.add_argument("--ms", default="1,16,32")
-    ap.add_argument("--shapes", default="4096x4096,4096x14336,28672x4096")
+    ap.add_argument("--shapes", default="6144x4096,4096x4096,28672x4096,4096x14336")
     args = ap.parse_args(argv)
-    cxx.load(verbose=False)
-    ops = torch.ops.fxquant
     points = []
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-        q4, sz = nq.quantize_int4_groupwise(w, 128)
-        q4 = nq.pack_int4(q4)
-        q8, s8 = nq.quantize_int8_per_channel(w)
+        layers = [linear.make_layer(r, n, k, copies=1) for r in args.rows.split(",")]
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            for kind in args.kinds.split(","):
-                # (every tensor bound now: a closure would see the last shape's weights)
-                fn = {"int4": lambda x=x, q=q4, s=sz: ops.cxx_int4_weight_only_linear(x, q, s, None, 128),
-                      "int8": lambda x=x, q=q8, s=s8: ops.cxx_int8_weight_only_linear(x, q, s, None),
-                      "bf16": lambda x=x, w=w: torch.nn.functional.linear(x, w)}[kind]
-                fn()  # warm-up (library load, cuBLAS handle) outside the profiled range
-                points.append((kind, n, k, m, fn))
+            for layer in layers:
+                fn = layer.fn(x, 0)
+                fn()  # warm-up outside the profiled range (compile, library load, cuBLAS handle)
+                points.append((layer.name, n, k, m, layer.bytes, fn))
     torch.cuda.synchronize()
-    for i, (kind, n, k, m, _) in enumerate(points):
-        print(f"point {i}: {kind} {n}x{k} M={m}", flush=True)
+    for i, (name, n, k, m, nbytes, _) in enumerate(points):
+        print(f"point {i}: {name} {n}x{k} M={m} weight_bytes={nbytes}", flush=True)
     torch.cuda.profiler.start()
     for *_, fn in points:
+        torch.cuda._sleep(1000)
         fn()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
     return 0
+
+
+def _number(value: str) -> float:
+    return float(value.replace(",", ""))
+
+
+def read_kernels(csv_path: Path) -> list[dict]:
+    """One dict per profiled kernel, in launch order, from `ncu --csv --page details`."""
+    lines = [line for line in csv_path.read_text().splitlines() if line.startswith('"')]
+    kernels: dict[str, dict] = {}
+    for row in csv.DictReader(lines):
+        kid = row["ID"]
+        kern = kernels.setdefault(kid, {"name": row["Kernel Name"]})
+        col = METRICS.get(row["Metric Name"])
+        if col is None:
+            continue
+        if col == "us":
+            kern[col] = _number(row["Metric Value"]) * TIME_UNITS.get(row["Metric Unit"], float("nan"))
+        elif col == "grid":
+            kern[col] = row["Metric Value"]
+        else:
+            kern[col] = _number(row["Metric Value"])
+    return [kernels[k] for k in sorted(kernels, key=int)]
+
+
+def read_points(points_path: Path) -> list[tuple]:
+    out = []
+    for line in points_path.read_text().splitlines():
+        hit = POINT.match(line.strip())
+        if hit:
+            i, name, n, k, m, nbytes = hit.groups()
+            out.append((name, int(n), int(k), int(m), int(nbytes)))
+    return out
+
+
+def split_points(kernels: list[dict], points: list[tuple]) -> list[list[dict]]:
+    groups: list[list[dict]] = []
+    for kern in kernels:
+        if MARKER in kern["name"]:
+            groups.append([])
+        elif groups:
+            groups[-1].append(kern)
+    if len(groups) != len(points):
+        raise SystemExit(f"{len(groups)} marker kernels in the profile but {len(points)} points listed")
+    return groups
+
+
+def report(kernels: list[dict], points: list[tuple]) -> str:
+    groups = split_points(kernels, points)
+    bf16_us = {(n, k, m): sum(kern.get("us", 0.0) for kern in g)
+               for (name, n, k, m, _), g in zip(points, groups) if name == "bf16"}
+    out = ["| row | N x K | M | kernel | us | DRAM % | SM % | regs | occupancy % | grid |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    totals = ["| row | N x K | M | kernels | total us | weight TB/s | TFLOP/s | bf16 us / total us |",
+              "|---|---|---|---|---|---|---|---|"]
+    for (name, n, k, m, nbytes), group in zip(points, groups):
+        for kern in group:
+            out.append(f"| {name} | {n}x{k} | {m} | {kern['name'][:48]} | {kern.get('us', float('nan')):.2f} | "
+                       f"{kern.get('dram%', float('nan')):.1f} | {kern.get('sm%', float('nan')):.1f} | "
+                       f"{kern.get('regs', float('nan')):.0f} | {kern.get('occ%', float('nan')):.1f} | "
+                       f"{kern.get('grid', '')} |")
+        total = sum(kern.get("us", 0.0) for kern in group)
+        tflops = f"{2 * m * n * k / total / 1e6:.0f}" if m >= 256 and total else ""
+        ref = bf16_us.get((n, k, m))
+        ratio = f"{ref / total:.2f}" if ref and total and name != "bf16" else ""
+        totals.append(f"| {name} | {n}x{k} | {m} | {len(group)} | {total:.2f} | "
+                      f"{nbytes / total / 1e6 if total else float('nan'):.2f} | {tflops} | {ratio} |")
+    return "\n".join(out) + "\n\n" + "\n".join(totals)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--parse" in argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--parse", type=Path, required=True, help="ncu --csv --page details output")
+        ap.add_argument("--points", type=Path, required=True, help="this script's stdout from the profiled run")
+        args = ap.parse_args(argv)
+        print(report(read_kernels(args.parse), read_points(args.points)))
+        return 0
+    return run(argv)
 
 
 if __name__ == "__main__":

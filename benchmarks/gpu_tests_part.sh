@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Part of the GPU test suite in one call: each argument is "tests/gpu/FILE[:SHARDS]" (several files
+# joined by "+" share the shards: "a.py+b.py:8"); every entry's shards run as parallel pytest processes.
+# Used when the whole suite does not fit one call's 600 s: split the files over two calls.
+#   FXQ_BUILD=1   build the C++ and CUTLASS libraries first (cached under FXQUANT_CACHE_DIR)
+#   FXQ_TEST_S    per-process limit in seconds (default 330)
+# Writes $OUT/gpu_tests_part.log (every process's log) and prints a summary last.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu_tests_part}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 FXQUANT_CACHE_DIR=${FXQUANT_CACHE_DIR:-$PWD/.devrun/fxquant_cache}
+T0=$(date +%s)
+LOGS=$(mktemp -d)
+if ls .whl/*.whl >/dev/null 2>&1; then  # CUTLASS headers (nvidia_cutlass wheel), tqdm: carried in .whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ "${FXQ_BUILD:-0}" = 1 ]; then
+  for lib in load load_cutlass; do
+    { python3 -c "from fxquant.lowering.cuda import build; build.$lib()" > "$LOGS/build_$lib.log" 2>&1 \
+      || echo "build $lib failed: $(tail -1 "$LOGS/build_$lib.log")"; } &
+  done
+  wait
+  echo "library builds done at $(( $(date +%s) - T0 )) s"
+fi
+NP=0
+for entry in "$@"; do
+  files=${entry%%:*}; shards=1
+  [ "$files" != "$entry" ] && shards=${entry##*:}
+  for i in $(seq 0 $((shards - 1))); do
+    FXQUANT_TEST_SHARD="$i/$shards" timeout -s INT -k 15 "${FXQ_TEST_S:-330}" \
+      python3 -m pytest ${files//+/ } -q -rfE -p no:cacheprovider > "$LOGS/test_$NP.log" 2>&1 \
+      || echo "(exit code $?)" >> "$LOGS/test_$NP.log" &
+    echo "$entry shard $i/$shards" > "$LOGS/name_$NP"
+    NP=$((NP + 1))
+  done
+done
+wait
+for i in $(seq 0 $((NP - 1))); do echo "==== $(cat "$LOGS/name_$i")"; cat "$LOGS/test_$i.log"; done \
+  > "$OUT/gpu_tests_part.log"
+echo "================ GPU tests ($(( $(date +%s) - T0 )) s, $NP processes)"
+for i in $(seq 0 $((NP - 1))); do
+  echo "$(cat "$LOGS/name_$i"): $(grep -hE "[0-9]+ (passed|failed|error)" "$LOGS/test_$i.log" | tail -1) \
+$(grep -h "exit code" "$LOGS/test_$i.log")"
+done
+for w in passed failed error skipped xfailed; do
+  echo -n "$w $(grep -hoE "[0-9]+ ${w}s?\b" "$OUT/gpu_tests_part.log" | awk '{s+=$1} END {print s+0}')  "
+done; echo
+grep -hE "^(FAILED|ERROR) " "$OUT/gpu_tests_part.log" | cut -c1-220 | head -15
+rm -rf "$LOGS"

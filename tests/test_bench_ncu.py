@@ -1,0 +1,54 @@
+"""benchmarks/ncu_kernels.py's parser: ncu's CSV cut back into points at the marker kernels."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+          '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+
+
+@pytest.fixture(scope="module")
+def ncu():
+    spec = importlib.util.spec_from_file_location("fxq_bench_ncu", BENCH / "ncu_kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(kid, name, metric, unit, value):
+    return (f'"{kid}","1","python","h","{name}","1","7","(128, 1, 1)","(4, 1, 1)","0","9.0",'
+            f'"GPU Speed Of Light Throughput","{metric}","{unit}","{value}"')
+
+
+def _profile(tmp_path, kernels):
+    lines = ["==PROF== Disconnected from process 1", HEADER]
+    for kid, (name, us_value, unit) in enumerate(kernels):
+        lines += [_row(kid, name, "Duration", unit, us_value), _row(kid, name, "DRAM Throughput", "%", "50.5")]
+    path = tmp_path / "prof.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_points_split_at_markers_with_units_and_ratio_to_bf16(ncu, tmp_path):
+    prof = _profile(tmp_path, [("spin_kernel(long)", "1.00", "us"), ("quant_kernel", "1,500.00", "nsecond"),
+                               ("gemm_kernel", "6.5", "usecond"),
+                               ("(anonymous namespace)::spin_kernel(long)", "1", "us"),
+                               ("nvjet_sm90", "0.016", "msecond")])
+    points = tmp_path / "points.txt"
+    points.write_text("warm-up noise\npoint 0: w8a8_int8 4096x4096 M=16 weight_bytes=16000000\n"
+                      "point 1: bf16 4096x4096 M=16 weight_bytes=32000000\n")
+    text = ncu.report(ncu.read_kernels(prof), ncu.read_points(points))
+    assert "| w8a8_int8 | 4096x4096 | 16 | quant_kernel | 1.50 | 50.5 |" in text
+    assert "| w8a8_int8 | 4096x4096 | 16 | 2 | 8.00 | 2.00 |  | 2.00 |" in text  # 16 us bf16 / 8 us
+    assert "| bf16 | 4096x4096 | 16 | 1 | 16.00 | 2.00 |  |  |" in text
+    assert "spin" not in text
+
+
+def test_a_profile_that_does_not_match_the_points_is_refused(ncu, tmp_path):
+    prof = _profile(tmp_path, [("spin_kernel", "1", "us"), ("gemm_kernel", "2", "us")])
+    points = tmp_path / "points.txt"
+    points.write_text("point 0: bf16 64x64 M=1 weight_bytes=8192\npoint 1: bf16 64x64 M=2 weight_bytes=8192\n")
+    with pytest.raises(SystemExit, match="1 marker kernels in the profile but 2 points"):
+        ncu.report(ncu.read_kernels(prof), ncu.read_points(points))
