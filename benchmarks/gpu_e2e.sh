@@ -10,10 +10,7 @@ OUT=${OUT:-out/gpu_e2e}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 FXQUANT_CACHE_DIR=${FXQUANT_CACHE_DIR:-/tmp/fxquant_cache}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+. benchmarks/device_wheels.sh  # carried in .whl
 T0=$(date +%s)
 if [ "${FXQ_SKIP_TESTS:-0}" != 1 ]; then
   timeout 200 $PY -m pytest tests/gpu/test_gpu_backend.py -q -rfE -p no:cacheprovider -k reduce_overhead \

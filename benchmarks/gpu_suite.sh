@@ -26,11 +26,7 @@ TUNE=""
 [ "${FXQ_TUNE:-0}" = 1 ] && TUNE="--tune"
 T0=$(date +%s)
 LOGS=$(mktemp -d)
-# Peers (torchao wheel, gemlite source) travel in .whl when the run call carries it.
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD/.whl/gemlite_src${PYTHONPATH:+:$PYTHONPATH}
-fi
+. benchmarks/device_wheels.sh  # CUTLASS headers, peers: carried in .whl
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem \

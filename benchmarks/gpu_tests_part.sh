@@ -12,10 +12,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FXQUANT_CACHE_DIR=${FXQUANT_CACHE_DIR:-$PWD/.devrun/fxquant_cache}
 T0=$(date +%s)
 LOGS=$(mktemp -d)
-if ls .whl/*.whl >/dev/null 2>&1; then  # CUTLASS headers (nvidia_cutlass wheel), tqdm: carried in .whl
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+. benchmarks/device_wheels.sh  # CUTLASS headers, peers: carried in .whl
 if [ "${FXQ_BUILD:-0}" = 1 ]; then
   for lib in load load_cutlass; do
     { python3 -c "from fxquant.lowering.cuda import build; build.$lib()" > "$LOGS/build_$lib.log" 2>&1 \
