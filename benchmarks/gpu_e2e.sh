@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_e2e}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 FXQUANT_CACHE_DIR=${FXQUANT_CACHE_DIR:-/tmp/fxquant_cache}
-. benchmarks/device_wheels.sh  # carried in .whl
+export PYTHONUNBUFFERED=1
+. benchmarks/device_env.sh  # carried in .whl
 T0=$(date +%s)
 if [ "${FXQ_SKIP_TESTS:-0}" != 1 ]; then
   timeout 200 $PY -m pytest tests/gpu/test_gpu_backend.py -q -rfE -p no:cacheprovider -k reduce_overhead \

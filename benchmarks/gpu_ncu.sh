@@ -6,8 +6,8 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_ncu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 FXQUANT_CACHE_DIR=${FXQUANT_CACHE_DIR:-$PWD/.devrun/fxquant_cache}
-. benchmarks/device_wheels.sh  # the CUTLASS headers: without them the dispatcher runs other kernels
+export PYTHONUNBUFFERED=1
+. benchmarks/device_env.sh  # the CUTLASS headers: without them the dispatcher runs other kernels
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 REP=$(mktemp -d)/prof
 T0=$(date +%s)

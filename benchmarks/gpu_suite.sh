@@ -13,20 +13,23 @@
 #      FXQ_BENCH_ARGS (extra linear.py args), FXQ_SHARDS / FXQ_WARMERS (8 / 8),
 #      FXQ_PHASE1_TIMEOUT / FXQ_BENCH_TIMEOUT (seconds: 200 / 320), PYTHON (python3),
 #      FXQ_SKIP_TESTS (space-separated tests/gpu file names to leave out, e.g. "test_gpu_export.py").
+#      FXQ_SAVE_LIBS=1 (pack the built op libraries into $OUT/fxq_libs.tgz: carried back as
+#      .devrun/fxq_libs.tgz, a later call skips their build; see benchmarks/device_env.sh; with
+#      FXQ_TUNE=1 too that is a ninth file under $OUT, one more than comes back).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_suite}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-export FXQUANT_CACHE_DIR=${FXQUANT_CACHE_DIR:-/tmp/fxquant_cache}
+# FXQUANT_CACHE_DIR: set by benchmarks/device_env.sh (sourced below)
 SHARDS=${FXQ_SHARDS:-8}
 WARMERS=${FXQ_WARMERS:-8}
 TUNE=""
 [ "${FXQ_TUNE:-0}" = 1 ] && TUNE="--tune"
 T0=$(date +%s)
 LOGS=$(mktemp -d)
-. benchmarks/device_wheels.sh  # CUTLASS headers, peers: carried in .whl
+. benchmarks/device_env.sh  # CUTLASS headers, peers: carried in .whl
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem \
@@ -45,6 +48,7 @@ for lib in load load_cutlass; do  # the two builds in parallel
 done
 wait
 echo "library builds done at $(( $(date +%s) - T0 )) s"
+[ "${FXQ_SAVE_LIBS:-0}" = 1 ] && save_libs "$OUT"  # for .devrun/ in later calls' carry
 
 # ---- phase 1: tests + benchmark compile warmers, all in parallel. The kernel tests are split
 # into shards; every other tests/gpu file runs in a process of its own, so a crash there (a

@@ -2,17 +2,19 @@
 # Part of the GPU test suite in one call: each argument is "tests/gpu/FILE[:SHARDS]" (several files
 # joined by "+" share the shards: "a.py+b.py:8"); every entry's shards run as parallel pytest processes.
 # Used when the whole suite does not fit one call's 600 s: split the files over two calls.
-#   FXQ_BUILD=1   build the C++ and CUTLASS libraries first (cached under FXQUANT_CACHE_DIR)
+#   FXQ_BUILD=1   build the C++ and CUTLASS libraries first (cached under FXQUANT_CACHE_DIR; none to
+#                 build when the call carries .devrun/fxq_libs.tgz from the same sources: device_env.sh)
+#   FXQ_SAVE_LIBS=1  then pack the built libraries into $OUT/fxq_libs.tgz (put it in .devrun/ and carry it)
 #   FXQ_TEST_S    per-process limit in seconds (default 330)
 # Writes $OUT/gpu_tests_part.log (every process's log) and prints a summary last.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_tests_part}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 FXQUANT_CACHE_DIR=${FXQUANT_CACHE_DIR:-$PWD/.devrun/fxquant_cache}
+export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 LOGS=$(mktemp -d)
-. benchmarks/device_wheels.sh  # CUTLASS headers, peers: carried in .whl
+. benchmarks/device_env.sh  # CUTLASS headers, peers: carried in .whl
 if [ "${FXQ_BUILD:-0}" = 1 ]; then
   for lib in load load_cutlass; do
     { python3 -c "from fxquant.lowering.cuda import build; build.$lib()" > "$LOGS/build_$lib.log" 2>&1 \
@@ -20,6 +22,7 @@ if [ "${FXQ_BUILD:-0}" = 1 ]; then
   done
   wait
   echo "library builds done at $(( $(date +%s) - T0 )) s"
+  [ "${FXQ_SAVE_LIBS:-0}" = 1 ] && save_libs "$OUT"
 fi
 NP=0
 for entry in "$@"; do

@@ -11,9 +11,9 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_triton_tune}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 FXQUANT_CACHE_DIR=${FXQUANT_CACHE_DIR:-/tmp/fxquant_cache} FXQUANT_CXX=0
+export PYTHONUNBUFFERED=1 FXQUANT_CXX=0
 T0=$(date +%s)
-. benchmarks/device_wheels.sh  # carried in .whl
+. benchmarks/device_env.sh  # carried in .whl
 { nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   date -u; } > "$OUT/env.txt" 2>&1

@@ -1,0 +1,23 @@
+# Sourced by the gpu_*.sh scripts, from the repository root, at the start of a GPU-machine call.
+# 1. Installs the wheels the call carries in .whl (nvidia_cutlass for the CUTLASS headers, tqdm,
+#    peers) into /tmp/site and puts it (and gemlite's source) on PYTHONPATH. Without the CUTLASS
+#    headers the dispatcher warns and runs other kernels where CUTLASS would win.
+# 2. Sets FXQUANT_CACHE_DIR (default .devrun/fxquant_cache) and, when the call carries
+#    .devrun/fxq_libs.tgz (the built op libraries an earlier call saved with FXQ_SAVE_LIBS=1),
+#    unpacks it there: the libraries then load at once instead of building for 3-4 minutes. A
+#    library built from other sources, torch or CUTLASS has another cache tag and is rebuilt.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  ${PYTHON:-python3} -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/.whl/gemlite_src${PYTHONPATH:+:$PYTHONPATH}
+fi
+export FXQUANT_CACHE_DIR=${FXQUANT_CACHE_DIR:-$PWD/.devrun/fxquant_cache}
+if [ -f .devrun/fxq_libs.tgz ]; then
+  mkdir -p "$FXQUANT_CACHE_DIR" && tar -xzf .devrun/fxq_libs.tgz -C "$FXQUANT_CACHE_DIR" \
+    && echo "device_env: carried libraries $(tar -tzf .devrun/fxq_libs.tgz | tr '\n' ' ')"
+fi
+
+# save_libs DIR: the built op libraries into DIR/fxq_libs.tgz (for .devrun/ in later calls' carry).
+save_libs() {
+  (cd "$FXQUANT_CACHE_DIR" && ls cxx/*/*.so >/dev/null 2>&1 && tar -czf "$1/fxq_libs.tgz" cxx/*/*.so) \
+    && echo "saved $(du -h "$1/fxq_libs.tgz" | cut -f1) of libraries to $1/fxq_libs.tgz"
+}
