@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nsight Compute counters of every kernel of the given linear.py rows (benchmarks/ncu_kernels.py),
-# one launch per (row, shape, M), caches flushed before each: $OUT/ncu_points.txt, ncu.csv, ncu_table.md.
+# one launch per (row, shape, M), caches flushed before each: $OUT/ncu_points.txt, ncu.csv, ncu_table.md, ncu_kernels.png.
 #   FXQ_NCU_ROWS, FXQ_NCU_MS, FXQ_NCU_SHAPES: ncu_kernels.py's --rows / --ms / --shapes
 set -u
 cd "$(dirname "$0")/.."
@@ -17,6 +17,7 @@ $NCU --clock-control none --profile-from-start off --section SpeedOfLight --sect
   --shapes "${FXQ_NCU_SHAPES:-6144x4096,4096x4096,28672x4096,4096x14336}" > "$OUT/ncu_points.txt" 2>&1
 echo "ncu run rc $? in $(( $(date +%s) - T0 )) s"
 $NCU --import "$REP.ncu-rep" --csv --page details > "$OUT/ncu.csv" 2>&1
-python3 benchmarks/ncu_kernels.py --parse "$OUT/ncu.csv" --points "$OUT/ncu_points.txt" > "$OUT/ncu_table.md" 2>&1
+python3 benchmarks/ncu_kernels.py --parse "$OUT/ncu.csv" --points "$OUT/ncu_points.txt" --plot "$OUT/ncu_kernels.png" \
+  > "$OUT/ncu_table.md" 2>&1
 echo "parse rc $?"
 grep -A200 "total us" "$OUT/ncu_table.md" | head -120

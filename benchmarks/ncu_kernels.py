@@ -8,12 +8,15 @@ split-K reduce, ...):
   ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \\
       --section LaunchStats -o prof python benchmarks/ncu_kernels.py --rows w8a8_int8,bf16 --ms 1,16 > points.txt
   ncu --import prof.ncu-rep --csv --page details > prof.csv
-  python benchmarks/ncu_kernels.py --parse prof.csv --points points.txt
+  python benchmarks/ncu_kernels.py --parse prof.csv --points points.txt [--plot kernels.png]
 
 Rows are linear.py's names: a scheme (what the dispatcher picks), "<scheme>@<variant>", or bf16.
 ncu flushes the caches before each profiled launch by default, so the weight comes from HBM as in
 the rotated-copy benchmark. The table gives, per point, each kernel's time and counters, the
 op's total, the weight bytes per total time, and for M >= 256 the op's TFLOP/s (2 M N K / total).
+The plot stacks each op's kernel times by kind (GEMM, activation quantization, dequantization,
+split-K memset / reduce) as a fraction of bf16's time: where a target is missed, it shows which
+kernel the time goes to.
 """
 from __future__ import annotations
 
@@ -134,14 +137,90 @@ def report(kernels: list[dict], points: list[tuple]) -> str:
     return "\n".join(out) + "\n\n" + "\n".join(totals)
 
 
+CATEGORIES = (  # (label, substrings of the kernel name), first match wins; the rest is "GEMM"
+    ("activation quantization", ("act_quant", "swiglu_quant")),
+    ("weight dequantization", ("dequant_kernel",)),
+    ("split-K counter memset", ("vectorized_elementwise", "FillFunctor", "memset")),
+    ("split-K reduce", ("splitKreduce",)),
+)
+COLORS = {"GEMM": "#4c72b0", "activation quantization": "#dd8452", "weight dequantization": "#55a868",
+          "split-K counter memset": "#c44e52", "split-K reduce": "#8172b3"}
+
+
+# Issue 3's speedup targets over bf16: (M = 1, M = 16, M = 4096, every other M), drawn as ticks at 1 / target.
+TARGETS = {"w4a16_g128": (3.0, 2.5, 0.9, 0.9), "w8a16": (1.8, 1.6, 0.9, 0.9),
+           "w8a8_int8": (1.8, 1.6, 1.5, 1.0), "fp8_row": (1.8, 1.6, 1.5, 1.0)}
+
+
+def target(row: str, m: int) -> float | None:
+    t = TARGETS.get(row)
+    return None if t is None else t[{1: 0, 16: 1, 4096: 2}.get(m, 3)]
+
+
+def category(kernel_name: str) -> str:
+    return next((label for label, keys in CATEGORIES if any(k in kernel_name for k in keys)), "GEMM")
+
+
+def plot(kernels: list[dict], points: list[tuple], path: Path) -> bool:
+    """One panel per shape: for each M and row, its kernels' times stacked by category, as a
+    fraction of bf16's time at the same (shape, M) (1.0 = as slow as bf16; a 2x speedup = 0.5)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return False
+    groups = split_points(kernels, points)
+    bf16 = {(n, k, m): sum(kern.get("us", 0.0) for kern in g)
+            for (name, n, k, m, _), g in zip(points, groups) if name == "bf16"}
+    shapes = list(dict.fromkeys((n, k) for _, n, k, _, _ in points))
+    rows = [r for r in dict.fromkeys(p[0] for p in points) if r != "bf16"]
+    ms = sorted({p[3] for p in points})
+    fig, axes = plt.subplots(len(shapes), 1, figsize=(max(8, 0.5 * len(ms) * len(rows)), 3.2 * len(shapes)),
+                             squeeze=False)
+    width = 0.8 / max(1, len(rows))
+    for ax, (n, k) in zip(axes[:, 0], shapes):
+        for (name, pn, pk, m, _), group in zip(points, groups):
+            if (pn, pk) != (n, k) or name == "bf16" or not bf16.get((n, k, m)):
+                continue
+            x = ms.index(m) + (rows.index(name) - (len(rows) - 1) / 2) * width
+            by_cat = defaultdict(float)
+            for kern in group:
+                by_cat[category(kern["name"])] += kern.get("us", 0.0) / bf16[(n, k, m)]
+            bottom = 0.0
+            for label in COLORS:
+                if by_cat[label]:
+                    ax.bar(x, by_cat[label], width * 0.9, bottom=bottom, color=COLORS[label])
+                    bottom += by_cat[label]
+            ax.text(x, bottom, name.split("_")[0], rotation=90, ha="center", va="bottom", fontsize=6)
+            if target(name, m):  # a bar above its tick misses the target
+                ax.hlines(1 / target(name, m), x - width / 2, x + width / 2, color="black", linewidth=1.5)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(ms)), [f"M={m}" for m in ms])
+        ax.set_ylabel("time / bf16 time")
+        ax.set_title(f"N x K = {n}x{k}", fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
+    handles.append(plt.Line2D([0], [0], color="black", linewidth=1.5))
+    fig.legend(handles, [*COLORS, "issue 3 target (1 / speedup)"], loc="upper center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--parse" in argv:
         ap = argparse.ArgumentParser()
         ap.add_argument("--parse", type=Path, required=True, help="ncu --csv --page details output")
         ap.add_argument("--points", type=Path, required=True, help="this script's stdout from the profiled run")
+        ap.add_argument("--plot", type=Path, help="also a PNG: each op's kernel time by kind, relative to bf16")
         args = ap.parse_args(argv)
-        print(report(read_kernels(args.parse), read_points(args.points)))
+        kernels, points = read_kernels(args.parse), read_points(args.points)
+        print(report(kernels, points))
+        if args.plot and plot(kernels, points, args.plot):
+            print(f"wrote {args.plot}")
         return 0
     return run(argv)
 

@@ -52,3 +52,22 @@ def test_a_profile_that_does_not_match_the_points_is_refused(ncu, tmp_path):
     points.write_text("point 0: bf16 64x64 M=1 weight_bytes=8192\npoint 1: bf16 64x64 M=2 weight_bytes=8192\n")
     with pytest.raises(SystemExit, match="1 marker kernels in the profile but 2 points"):
         ncu.report(ncu.read_kernels(prof), ncu.read_points(points))
+
+
+def test_kernels_are_grouped_by_kind_and_plotted(ncu, tmp_path):
+    assert ncu.category("act_quant_kernel") == "activation quantization"
+    assert ncu.category("void at::native::vectorized_elementwise_kernel<4, FillFunctor<int>>") == \
+        "split-K counter memset"
+    assert ncu.category("void cublasLt::splitKreduce_kernel<32, 16>") == "split-K reduce"
+    assert ncu.category("dequant_kernel") == "weight dequantization"
+    assert ncu.category("void cutlass::device_kernel<GemmUniversal>") == "GEMM"
+    assert ncu.target("w4a16_g128", 1) == 3.0 and ncu.target("w8a8_int8", 4096) == 1.5
+    assert ncu.target("fp8_row", 128) == 1.0 and ncu.target("bf16", 1) is None
+    pytest.importorskip("matplotlib")
+    prof = _profile(tmp_path, [("spin_kernel", "1", "us"), ("act_quant_kernel", "2", "us"), ("gemm_kernel", "6", "us"),
+                               ("spin_kernel", "1", "us"), ("nvjet", "16", "us")])
+    points = tmp_path / "points.txt"
+    points.write_text("point 0: w8a8_int8 64x64 M=16 weight_bytes=4096\npoint 1: bf16 64x64 M=16 weight_bytes=8192\n")
+    png = tmp_path / "k.png"
+    assert ncu.main(["--parse", str(prof), "--points", str(points), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
