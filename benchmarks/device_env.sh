@@ -11,6 +11,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/.whl/gemlite_src${PYTHONPATH:+:$PYTHONPATH}
 fi
 export FXQUANT_CACHE_DIR=${FXQUANT_CACHE_DIR:-$PWD/.devrun/fxquant_cache}
+# A build killed by an earlier call's time limit leaves its lock: the loader would wait on it forever.
+for lock in "$FXQUANT_CACHE_DIR"/cxx/*/lock; do [ -e "$lock" ] && rm -rf "${lock%/lock}"; done
 if [ -f .devrun/fxq_libs.tgz ]; then
   mkdir -p "$FXQUANT_CACHE_DIR" && tar -xzf .devrun/fxq_libs.tgz -C "$FXQUANT_CACHE_DIR" \
     && echo "device_env: carried libraries $(tar -tzf .devrun/fxq_libs.tgz | tr '\n' ' ')"
@@ -18,6 +20,21 @@ fi
 
 # save_libs DIR: the built op libraries into DIR/fxq_libs.tgz (for .devrun/ in later calls' carry).
 save_libs() {
-  (cd "$FXQUANT_CACHE_DIR" && ls cxx/*/*.so >/dev/null 2>&1 && tar -czf "$1/fxq_libs.tgz" cxx/*/*.so) \
-    && echo "saved $(du -h "$1/fxq_libs.tgz" | cut -f1) of libraries to $1/fxq_libs.tgz"
+  local dest
+  dest=$(cd "$1" && pwd) || return
+  (cd "$FXQUANT_CACHE_DIR" && ls cxx/*/*.so >/dev/null 2>&1 && tar -czf "$dest/fxq_libs.tgz" cxx/*/*.so) \
+    && echo "saved $(du -h "$dest/fxq_libs.tgz" | cut -f1) of libraries to $dest/fxq_libs.tgz"
+}
+
+# pytest_totals LOG...: "passed N  failed N  error N  skipped N  xfailed N" from each log's last
+# pytest summary line only (tracebacks and captured output in the logs hold look-alike lines).
+PYTEST_FINAL='^(=+ )?(no tests ran|[0-9]+ [a-z]+(, [0-9]+ [a-z]+)*) in [0-9.]+s( \([0-9:]+\))?( =+)?$'
+pytest_final() { grep -E "$PYTEST_FINAL" "$1" | tail -1; }
+pytest_totals() {
+  local f w finals
+  finals=$(for f in "$@"; do pytest_final "$f"; done)
+  for w in passed failed error skipped xfailed; do
+    echo -n "$w $(grep -oE "(^|, |=+ )[0-9]+ ${w}s?\b" <<< "$finals" | grep -oE '[0-9]+' | awk '{s+=$1} END {print s+0}')  "
+  done
+  echo
 }

@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
 # Nsight Compute counters of every kernel of the given linear.py rows (benchmarks/ncu_kernels.py),
-# one launch per (row, shape, M), caches flushed before each: $OUT/ncu_points.txt, ncu.csv, ncu_table.md, ncu_kernels.png.
+# one launch per (row, shape, M), caches flushed before each: $OUT/ncu_points.txt, ncu.csv,
+# ncu_table.md, ncu_kernels.png.
 #   FXQ_NCU_ROWS, FXQ_NCU_MS, FXQ_NCU_SHAPES: ncu_kernels.py's --rows / --ms / --shapes
+#   FXQ_NCU_S: seconds for the profiled points (default 300); points left then are not profiled,
+#              and what was profiled is still parsed
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_ncu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-. benchmarks/device_env.sh  # the CUTLASS headers: without them the dispatcher runs other kernels
+. benchmarks/device_env.sh  # the CUTLASS headers (without them the dispatcher runs other kernels), carried libraries
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 REP=$(mktemp -d)/prof
 T0=$(date +%s)
-$NCU --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
-  --section LaunchStats -o "$REP" -f python3 benchmarks/ncu_kernels.py \
+# The libraries are built (or unpacked) here, not inside the profiled process.
+python3 -c "from fxquant.lowering.cuda import build; build.load(); build.load_cutlass()" > "$OUT/ncu_points.txt" 2>&1 \
+  || echo "library build failed: $(tail -1 "$OUT/ncu_points.txt")"
+echo "libraries ready at $(( $(date +%s) - T0 )) s"
+$NCU --clock-control none --profile-from-start off --target-processes application-only --section SpeedOfLight \
+  --section Occupancy --section LaunchStats -o "$REP" -f python3 benchmarks/ncu_kernels.py \
   --rows "${FXQ_NCU_ROWS:-w4a16_g128,w8a16,w8a8_int8,fp8_row,bf16}" --ms "${FXQ_NCU_MS:-1,16,128,512,4096}" \
-  --shapes "${FXQ_NCU_SHAPES:-6144x4096,4096x4096,28672x4096,4096x14336}" > "$OUT/ncu_points.txt" 2>&1
+  --shapes "${FXQ_NCU_SHAPES:-6144x4096,4096x4096,28672x4096,4096x14336}" --budget-s "${FXQ_NCU_S:-300}" \
+  >> "$OUT/ncu_points.txt" 2>&1
 echo "ncu run rc $? in $(( $(date +%s) - T0 )) s"
 $NCU --import "$REP.ncu-rep" --csv --page details > "$OUT/ncu.csv" 2>&1
 python3 benchmarks/ncu_kernels.py --parse "$OUT/ncu.csv" --points "$OUT/ncu_points.txt" --plot "$OUT/ncu_kernels.png" \

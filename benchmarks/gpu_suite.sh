@@ -56,7 +56,8 @@ echo "library builds done at $(( $(date +%s) - T0 )) s"
 SHARDED="tests/gpu/test_gpu_kernels.py tests/gpu/test_gpu_tma.py"  # the long kernel-correctness files
 for i in $(seq 0 $((SHARDS - 1))); do
   FXQUANT_TEST_SHARD="$i/$SHARDS" timeout -s INT -k 15 "${FXQ_PHASE1_TIMEOUT:-200}" \
-    $PY -m pytest $SHARDED -q -rfE -p no:cacheprovider > "$LOGS/test_$i.log" 2>&1 &
+    $PY -m pytest $SHARDED -q -rfE -p no:cacheprovider > "$LOGS/test_$i.log" 2>&1 \
+    || echo "(pytest shard $i/$SHARDS exit code $?)" >> "$LOGS/test_$i.log" &
 done
 NT=$SHARDS
 for f in tests/gpu/test_*.py; do
@@ -117,12 +118,9 @@ echo "================ fxquant GPU suite summary ($((T2 - T0)) s; phase 2 $((T2 
 head -3 "$OUT/env.txt"
 grep -A7 "phase-2 samples" "$OUT/env.txt"
 grep -h "^ceilings" "$OUT/bench.log"
-PASSED=$(grep -hoE "[0-9]+ passed" "$OUT/gpu_tests.log" | awk '{s+=$1} END {print s+0}')
-FAILED=$(grep -hoE "[0-9]+ failed" "$OUT/gpu_tests.log" | awk '{s+=$1} END {print s+0}')
-ERRORS=$(grep -hoE "[0-9]+ errors?" "$OUT/gpu_tests.log" | awk '{s+=$1} END {print s+0}')
-SKIPPED=$(grep -hoE "[0-9]+ skipped" "$OUT/gpu_tests.log" | awk '{s+=$1} END {print s+0}')
-DONE=$(grep -cE "[0-9]+ (passed|failed)" "$OUT/gpu_tests.log")
-echo "GPU tests: $PASSED passed, $FAILED failed, $ERRORS errors, $SKIPPED skipped ($DONE/$NT pytest processes finished)"
+# counted from each process's last pytest summary line only (pytest_totals, device_env.sh)
+DONE=$(for i in $(seq 0 $((NT - 1))); do pytest_final "$LOGS/test_$i.log"; done | grep -c .)
+echo "GPU tests: $(pytest_totals "$LOGS"/test_*.log)($DONE/$NT pytest processes printed a summary; non-zero exit codes below)"
 grep -h "exit code" "$OUT/gpu_tests.log"
 grep -hE "^(FAILED|ERROR) " "$OUT/gpu_tests.log" | cut -c1-220 | head -15
 grep -hE "^(warm|tune) .*(Error|error)" "$OUT/bench.log" | cut -c1-220 | head -8

@@ -26,8 +26,8 @@ if [ "${FXQ_BUILD:-0}" = 1 ]; then
 fi
 NP=0
 for entry in "$@"; do
-  files=${entry%%:*}; shards=1
-  [ "$files" != "$entry" ] && shards=${entry##*:}
+  files=$entry; shards=1
+  if [[ $entry =~ ^(.*):([0-9]+)$ ]]; then files=${BASH_REMATCH[1]}; shards=${BASH_REMATCH[2]}; fi
   for i in $(seq 0 $((shards - 1))); do
     FXQUANT_TEST_SHARD="$i/$shards" timeout -s INT -k 15 "${FXQ_TEST_S:-330}" \
       python3 -m pytest ${files//+/ } -q -rfE -p no:cacheprovider > "$LOGS/test_$NP.log" 2>&1 \
@@ -40,12 +40,9 @@ wait
 for i in $(seq 0 $((NP - 1))); do echo "==== $(cat "$LOGS/name_$i")"; cat "$LOGS/test_$i.log"; done \
   > "$OUT/gpu_tests_part.log"
 echo "================ GPU tests ($(( $(date +%s) - T0 )) s, $NP processes)"
-for i in $(seq 0 $((NP - 1))); do
-  echo "$(cat "$LOGS/name_$i"): $(grep -hE "[0-9]+ (passed|failed|error)" "$LOGS/test_$i.log" | tail -1) \
-$(grep -h "exit code" "$LOGS/test_$i.log")"
+for i in $(seq 0 $((NP - 1))); do  # (exit code 124: cut by FXQ_TEST_S; 5: no test in that shard)
+  echo "$(cat "$LOGS/name_$i"): $(pytest_final "$LOGS/test_$i.log") $(grep -h "^(exit code" "$LOGS/test_$i.log")"
 done
-for w in passed failed error skipped xfailed; do
-  echo -n "$w $(grep -hoE "[0-9]+ ${w}s?\b" "$OUT/gpu_tests_part.log" | awk '{s+=$1} END {print s+0}')  "
-done; echo
+[ "$NP" -gt 0 ] && pytest_totals "$LOGS"/test_*.log
 grep -hE "^(FAILED|ERROR) " "$OUT/gpu_tests_part.log" | cut -c1-220 | head -15
 rm -rf "$LOGS"

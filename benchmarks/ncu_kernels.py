@@ -24,6 +24,7 @@ import argparse
 import csv
 import re
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,7 +34,8 @@ METRICS = {  # ncu "details" metric name -> column
     "Duration": "us", "DRAM Throughput": "dram%", "Compute (SM) Throughput": "sm%",
     "Registers Per Thread": "regs", "Achieved Occupancy": "occ%", "Grid Size": "grid",
 }
-TIME_UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
+TIME_UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
+              "second": 1e6, "s": 1e6}
 
 
 def run(argv) -> int:
@@ -46,6 +48,8 @@ def run(argv) -> int:
     ap.add_argument("--rows", default="w4a16_g128,w8a16,w8a8_int8,fp8_row,bf16")
     ap.add_argument("--ms", default="1,16,32")
     ap.add_argument("--shapes", default="6144x4096,4096x4096,28672x4096,4096x14336")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="stop profiling points after this many seconds (the rest are not launched)")
     args = ap.parse_args(argv)
     points = []
     for shape in args.shapes.split(","):
@@ -61,16 +65,24 @@ def run(argv) -> int:
     for i, (name, n, k, m, nbytes, _) in enumerate(points):
         print(f"point {i}: {name} {n}x{k} M={m} weight_bytes={nbytes}", flush=True)
     torch.cuda.profiler.start()
+    t0, done = time.monotonic(), 0
     for *_, fn in points:
+        if time.monotonic() - t0 > args.budget_s:
+            break
         torch.cuda._sleep(1000)
         fn()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()  # (under ncu each launch is replayed before the next: the clock sees it)
+        done += 1
     torch.cuda.profiler.stop()
+    print(f"profiled {done} of {len(points)} points in {time.monotonic() - t0:.0f} s", flush=True)
     return 0
 
 
 def _number(value: str) -> float:
-    return float(value.replace(",", ""))
+    try:
+        return float(value.replace(",", ""))
+    except ValueError:  # "n/a" and the like
+        return float("nan")
 
 
 def read_kernels(csv_path: Path) -> list[dict]:
@@ -109,8 +121,12 @@ def split_points(kernels: list[dict], points: list[tuple]) -> list[list[dict]]:
             groups.append([])
         elif groups:
             groups[-1].append(kern)
-    if len(groups) != len(points):
+    if len(groups) > len(points):
         raise SystemExit(f"{len(groups)} marker kernels in the profile but {len(points)} points listed")
+    if len(groups) < len(points):  # a --budget-s run, or one cut short: the first points only
+        print(f"ncu_kernels: {len(groups)} of {len(points)} points were profiled; the table has those",
+              file=sys.stderr)
+        del points[len(groups):]
     return groups
 
 
@@ -137,13 +153,13 @@ def report(kernels: list[dict], points: list[tuple]) -> str:
     return "\n".join(out) + "\n\n" + "\n".join(totals)
 
 
-CATEGORIES = (  # (label, substrings of the kernel name), first match wins; the rest is "GEMM"
+CATEGORIES = (  # (label, substrings of the kernel name), first match wins; the rest is "GEMM / other"
     ("activation quantization", ("act_quant", "swiglu_quant")),
     ("weight dequantization", ("dequant_kernel",)),
-    ("split-K counter memset", ("vectorized_elementwise", "FillFunctor", "memset")),
+    ("split-K counter memset", ("FillFunctor", "memset")),  # torch.zeros of the arrival counters
     ("split-K reduce", ("splitKreduce",)),
 )
-COLORS = {"GEMM": "#4c72b0", "activation quantization": "#dd8452", "weight dequantization": "#55a868",
+COLORS = {"GEMM / other": "#4c72b0", "activation quantization": "#dd8452", "weight dequantization": "#55a868",
           "split-K counter memset": "#c44e52", "split-K reduce": "#8172b3"}
 
 
@@ -158,7 +174,7 @@ def target(row: str, m: int) -> float | None:
 
 
 def category(kernel_name: str) -> str:
-    return next((label for label, keys in CATEGORIES if any(k in kernel_name for k in keys)), "GEMM")
+    return next((label for label, keys in CATEGORIES if any(k in kernel_name for k in keys)), "GEMM / other")
 
 
 def plot(kernels: list[dict], points: list[tuple], path: Path) -> bool:
@@ -172,6 +188,9 @@ def plot(kernels: list[dict], points: list[tuple], path: Path) -> bool:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return False
     groups = split_points(kernels, points)
+    if not groups:
+        print("no profiled point: no plot", file=sys.stderr)
+        return False
     bf16 = {(n, k, m): sum(kern.get("us", 0.0) for kern in g)
             for (name, n, k, m, _), g in zip(points, groups) if name == "bf16"}
     shapes = list(dict.fromkeys((n, k) for _, n, k, _, _ in points))

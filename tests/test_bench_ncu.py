@@ -46,21 +46,36 @@ def test_points_split_at_markers_with_units_and_ratio_to_bf16(ncu, tmp_path):
     assert "spin" not in text
 
 
-def test_a_profile_that_does_not_match_the_points_is_refused(ncu, tmp_path):
+def test_a_partial_profile_gives_its_points_and_an_overfull_one_is_refused(ncu, tmp_path, capsys):
     prof = _profile(tmp_path, [("spin_kernel", "1", "us"), ("gemm_kernel", "2", "us")])
     points = tmp_path / "points.txt"
     points.write_text("point 0: bf16 64x64 M=1 weight_bytes=8192\npoint 1: bf16 64x64 M=2 weight_bytes=8192\n")
-    with pytest.raises(SystemExit, match="1 marker kernels in the profile but 2 points"):
+    text = ncu.report(ncu.read_kernels(prof), ncu.read_points(points))  # a --budget-s run: point 0 only
+    assert "| bf16 | 64x64 | 1 | 1 | 2.00 |" in text and "| 64x64 | 2 |" not in text
+    assert "1 of 2 points were profiled" in capsys.readouterr().err
+    points.write_text("point 0: bf16 64x64 M=1 weight_bytes=8192\n")
+    prof = _profile(tmp_path, [("spin_kernel", "1", "us"), ("gemm_kernel", "2", "us"), ("spin_kernel", "1", "us")])
+    with pytest.raises(SystemExit, match="2 marker kernels in the profile but 1 points"):
         ncu.report(ncu.read_kernels(prof), ncu.read_points(points))
+
+
+def test_odd_metric_values_do_not_stop_the_parse(ncu, tmp_path):
+    prof = _profile(tmp_path, [("spin_kernel", "1", "us"), ("gemm_kernel", "n/a", "us"),
+                               ("spin_kernel", "1", "us"), ("gemm_kernel", "0.000002", "second")])
+    points = tmp_path / "points.txt"
+    points.write_text("point 0: w8a16 64x64 M=1 weight_bytes=4096\npoint 1: bf16 64x64 M=1 weight_bytes=8192\n")
+    text = ncu.report(ncu.read_kernels(prof), ncu.read_points(points))
+    assert "| w8a16 | 64x64 | 1 | gemm_kernel | nan |" in text and "| bf16 | 64x64 | 1 | 1 | 2.00 |" in text
 
 
 def test_kernels_are_grouped_by_kind_and_plotted(ncu, tmp_path):
     assert ncu.category("act_quant_kernel") == "activation quantization"
     assert ncu.category("void at::native::vectorized_elementwise_kernel<4, FillFunctor<int>>") == \
         "split-K counter memset"
+    assert ncu.category("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>") == "GEMM / other"
     assert ncu.category("void cublasLt::splitKreduce_kernel<32, 16>") == "split-K reduce"
     assert ncu.category("dequant_kernel") == "weight dequantization"
-    assert ncu.category("void cutlass::device_kernel<GemmUniversal>") == "GEMM"
+    assert ncu.category("void cutlass::device_kernel<GemmUniversal>") == "GEMM / other"
     assert ncu.target("w4a16_g128", 1) == 3.0 and ncu.target("w8a8_int8", 4096) == 1.5
     assert ncu.target("fp8_row", 128) == 1.0 and ncu.target("bf16", 1) is None
     pytest.importorskip("matplotlib")
