@@ -304,6 +304,14 @@ def _pdl(scheme: str, x: torch.Tensor, pre) -> bool:
             and _device_info(x.device)[2] >= (9, 0) and os.environ.get("FXQUANT_PDL", "1") != "0")
 
 
+def _cxx_pdl(x: torch.Tensor) -> bool:
+    """FXQUANT_CXX_PDL=1 (an experiment, off by default; csrc/dynamic_mma.cu reads the same variable):
+    the C++ prequant kernel is launched with programmatic dependent launch and fetches weights while
+    our activation quantization before it still runs, so that quantization triggers its dependents."""
+    return (os.environ.get("FXQUANT_CXX_PDL") == "1" and x.is_cuda and not C.INTERPRETED
+            and torch.version.hip is None and _device_info(x.device)[2] >= (9, 0))
+
+
 def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None, *, wrap=C.eager,
               active=1, block_m=None):
     """wrap / active / block_m: for triton_ops.py, which traces this with a symbolic M: the kernel
@@ -508,7 +516,7 @@ def _run_cxx_dynamic(scheme, x, x2, qweight, scales, bias):
         if fp8:
             return torch.ops.fxquant.cxx_float8_dynamic_linear(x, qweight, scales, bias, scheme == "fp8_dyn_row")
         return torch.ops.fxquant.cxx_int8_dynamic_linear(x, qweight, scales, bias)
-    q, xs = quantize_activations(x2, fp8=fp8, per_row=scheme != "fp8_dyn_tensor")
+    q, xs = quantize_activations(x2, fp8=fp8, per_row=scheme != "fp8_dyn_tensor", pdl=_cxx_pdl(x2))
     xs = xs.reshape(-1, 1).expand(x2.shape[0], 1)  # a per-tensor scale, once per token
     op = (torch.ops.fxquant.cxx_float8_dynamic_linear_prequant if fp8
           else torch.ops.fxquant.cxx_int8_dynamic_linear_prequant)

@@ -39,6 +39,14 @@ using dyn::launch;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// FXQUANT_CXX_PDL=1 (experiment, off by default): the prequant kernel is launched with programmatic
+// dependent launch on sm_90+, so it can start, and fetch weights, while the activation quantization
+// before it runs (dispatch.py then launches that quantization with PDL too). Read at every call.
+bool cxx_pdl() {
+  const char* e = std::getenv("FXQUANT_CXX_PDL");
+  return e != nullptr && e[0] == '1' && e[1] == '\0' && device::capability() >= 90;
+}
+
 // What the kernels take; anything else runs the ATen reference (ops.cpp).
 bool kernel_fits(const at::Tensor& qweight, const at::Tensor& w_scales, int64_t m, at::ScalarType out_dtype, bool fp8, bool quant) {
   const int64_t n = qweight.size(0), k = qweight.size(1);
@@ -68,7 +76,7 @@ at::Tensor run(const at::Tensor& x2, const at::Tensor& x_scales, const at::Tenso
   Args a{x2.data_ptr(), x2.stride(0) /* elements: T, or bytes */, QUANT ? nullptr : x_scales.data_ptr<float>(),
          static_cast<const uint8_t*>(qweight.data_ptr()), w_scales.data_ptr<float>(), w_scales.numel() == 1 ? 0 : 1,
          b.has_value() ? b->data_ptr() : nullptr, out.data_ptr(), out.stride(0), static_cast<int>(m),
-         static_cast<int>(n), static_cast<int>(qweight.size(1)), x_per_tensor};
+         static_cast<int>(n), static_cast<int>(qweight.size(1)), x_per_tensor, !QUANT && cxx_pdl()};
   if (out_dtype == at::kBFloat16) launch<FP8, QUANT, __nv_bfloat16>(a);
   else launch<FP8, QUANT, __half>(a);
   return out;

@@ -74,6 +74,7 @@ struct Args {
   int64_t out_stride;
   int M, N, K;
   bool x_per_tensor;     // quantizing: one scale for all of x (fp8 per tensor)
+  bool pdl;              // prequant, launched with programmatic dependent launch: x comes from the kernel before
 };
 
 // NT 8-token tiles (M <= 8 * NT), RT 16-row tiles per block, U 64-k pieces per warp step (1 or 2); QUANT: x is T and quantized here.
@@ -105,7 +106,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32) dynamic_mma_kernel(const Args 
         wb[r][u] = load_stream(a.w + (int64_t)rb[r] * K + (step * U + u) * 64 + 16 * t);
       }
   };
-  if (warp < steps) load_w(warp);  // in flight while x is quantized
+  if (warp < steps) load_w(warp);  // in flight while x is quantized (or, with PDL, still being quantized)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Only weights (constant) were read so far; x, its scales, the bias and out wait for the kernel before.
+  if (!QUANT && a.pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 
   if constexpr (QUANT) {
     // Token scales: amax over K (over all of x for a per-tensor scale), then max(amax / QMAX, tiny).
@@ -272,7 +277,21 @@ void launch_shape(const Args& a, int warps) {
   const int smem = smem_bytes(a, QUANT, RT, NT, warps);
   kernel_ptr<FP8, NT, RT, U, QUANT, T>();
   const dim3 grid((a.N + 16 * RT - 1) / (16 * RT));
-  dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T><<<grid, warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
+  if (!QUANT && a.pdl) {  // may start while the kernel before runs; waits (griddepcontrol.wait) before reading x
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(warps * 32);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = c10::cuda::getCurrentCUDAStream();
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T>, a));
+  } else {
+    dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T><<<grid, warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
