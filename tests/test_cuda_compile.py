@@ -23,15 +23,15 @@ def compiled(tmp_path_factory) -> dict:
     stub = tmp / "stub" / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    flags = ["-std=c++17", "-O3", "-arch=sm_90", "--expt-relaxed-constexpr", "-DNDEBUG",
+    flags = [*ext.COMMON_NVCC_FLAGS, "-std=c++17", "-O3", "-arch=sm_90", "-DNDEBUG",  # as build.py's JIT build
              *(f"-I{p}" for p in ext.include_paths()), f"-I{sysconfig.get_paths()['include']}", f"-I{tmp / 'stub'}"]
 
     def build(src: Path):
-        obj = subprocess.run([NVCC, *flags, "-c", str(src), "-o", str(tmp / f"{src.stem}.o")],
+        keep = tmp / src.stem
+        keep.mkdir()
+        obj = subprocess.run([NVCC, *flags, "--keep", f"--keep-dir={keep}", "-c", str(src), "-o", str(keep / "x.o")],
                              capture_output=True, text=True)
-        ptx = subprocess.run([NVCC, *flags, "-ptx", str(src), "-o", str(tmp / f"{src.stem}.ptx")],
-                             capture_output=True, text=True)
-        text = (tmp / f"{src.stem}.ptx").read_text() if ptx.returncode == 0 else ""
+        text = "".join(p.read_text() for p in keep.glob("*.ptx"))
         return src.name, (obj.returncode, obj.stdout + obj.stderr, text)
 
     with ThreadPoolExecutor(max_workers=2) as pool:

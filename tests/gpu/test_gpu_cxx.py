@@ -154,12 +154,12 @@ def test_int4_mma_variants(variant, n, k, monkeypatch):
                torch.bfloat16, f"variant {variant} {n}x{k} M={m}")
 
 
-@pytest.mark.parametrize("per_row", ["0", "64", "1024", "100000", "bogus"])
+@pytest.mark.parametrize("per_row", ["0", "8", "64", "100", "1024", "100000", "bogus"])
 def test_int4_l2_prefetch_experiment_gives_the_same_bits(per_row, monkeypatch):
     """FXQUANT_CXX_L2_PREFETCH (bytes of each weight row a block prefetches into L2; experiment) is
     a hint only: the int4 kernel's outputs are bitwise those without it, for any value."""
-    if torch.cuda.get_device_capability() < (8, 0) or os.environ.get("FXQUANT_CXX_INT4_MMA") == "0":
-        pytest.skip("the int4 tensor-core kernel does not run here (needs sm_80+, FXQUANT_CXX_INT4_MMA not 0)")
+    if torch.cuda.get_device_capability() < (9, 0) or os.environ.get("FXQUANT_CXX_INT4_MMA") == "0":
+        pytest.skip("the prefetch is built for sm_90+ only (and the int4 kernel needs FXQUANT_CXX_INT4_MMA not 0)")
     g = torch.Generator().manual_seed(5)
     w = (torch.randn(4104, 2048, generator=g) / 45).bfloat16()  # N not a multiple of the block's rows
     packed, static = _pack("int4_wo", w, 128)

@@ -15,9 +15,13 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from triton.language.extra.cuda import gdc_launch_dependents  # noqa: E402
 
 import fxquant.lowering  # noqa: E402,F401
 from fxquant import numerics as nq  # noqa: E402
@@ -239,6 +243,7 @@ def test_programmatic_dependent_launch_gives_the_same_bits(scheme, monkeypatch):
     q, s = q.cuda(), s.cuda()
     cfg = D.KernelConfig("cxx", bn=0, bk=0)
     xs = [torch.randn(m, k, generator=g).bfloat16().cuda() * 4 for m in (5, 16, 32)]
+    assert all(D.cxx_fits(scheme, x, q, s, None, 0) and x.shape[0] > D._cxx_quant_max_m(scheme) for x in xs)
     plain = [D.linear(scheme, x, q, s, None, 0, cfg) for x in xs]
     monkeypatch.setenv("FXQUANT_CXX_PDL", "1")
     assert D._cxx_pdl(xs[0])
@@ -258,3 +263,47 @@ def test_programmatic_dependent_launch_gives_the_same_bits(scheme, monkeypatch):
         torch.cuda.synchronize()
         for o, want in zip(outs, plain):
             assert torch.equal(o, want)
+
+
+@triton.jit
+def _late_copy_kernel(src, dst, n, sink, SPIN: tl.constexpr, BLOCK: tl.constexpr):
+    """Lets its dependents start at once, spins, and only then copies src to dst (bytes)."""
+    gdc_launch_dependents()
+    acc = tl.program_id(0).to(tl.float32)
+    for _ in range(SPIN):
+        acc = acc * 0.999 + 1.0
+    tl.store(sink + tl.program_id(0), acc)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_programmatic_dependent_launch_waits_for_the_kernel_before(fp8, monkeypatch):
+    """A kernel right before the PDL-launched prequant kernel triggers it first and writes xq and its
+    scales only ~50 us later: without its griddepcontrol.wait the prequant kernel would read the
+    zeros that were there; with it, the outputs equal those of a plain launch on the data."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    if fp8 and not FP8_OK:
+        pytest.skip("e4m3 needs sm_89+")
+    m, n, k = 16, 4096, 4096
+    q, s, g = _weights("fp8_row" if fp8 else "int8", n, k, 23)
+    q, s = q.cuda(), s.cuda()
+    x = torch.randn(m, k, generator=g) * 3
+    xq, xs = nq.quantize_fp8(x, True) if fp8 else nq.quantize_int8_per_token(x)
+    src = torch.zeros(m * k + 4096, dtype=torch.uint8)  # xq's bytes, then the scales' at a 16-byte offset
+    src[: m * k] = xq.view(torch.uint8).reshape(-1)
+    src[m * k: m * k + 4 * m] = xs.reshape(-1).view(torch.uint8)
+    src = src.cuda()
+    op = OPS.cxx_float8_dynamic_linear_prequant if fp8 else OPS.cxx_int8_dynamic_linear_prequant
+    views = lambda buf: (buf[: m * k].view(xq.dtype).view(m, k), buf[m * k: m * k + 4 * m].view(torch.float32).view(m, 1))
+    want = op(*views(src), q, s, None, torch.bfloat16)
+    monkeypatch.setenv("FXQUANT_CXX_PDL", "1")
+    sink = torch.empty(1024, device="cuda")
+    for _ in range(3):
+        dst = torch.zeros_like(src)
+        torch.cuda.synchronize()
+        _late_copy_kernel[(triton.cdiv(src.numel(), 1024),)](src, dst, src.numel(), sink, SPIN=20000, BLOCK=1024)
+        got = op(*views(dst), q, s, None, torch.bfloat16)  # launched right behind it, with PDL
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)

@@ -639,6 +639,7 @@ def linear_prequant(scheme: str, xq: torch.Tensor, x_scales: torch.Tensor, qweig
         xq2 = xq2.contiguous() if xq2.stride(1) != 1 else xq2.clone()
     xs = x_scales.reshape(-1)
     xs = xs if xs.is_contiguous() else xs.contiguous()
+    given = qweight
     qweight, scales = _kernel_ready(qweight, scales)
     smm = scaled_mm_fits(scheme, N, K, out_dtype, scales.numel(), M)
     cfg = get_config(scheme, M, N, K, 0, out_dtype, xq.device, allow_scaled_mm=smm)
@@ -647,7 +648,9 @@ def linear_prequant(scheme: str, xq: torch.Tensor, x_scales: torch.Tensor, qweig
         x_f = (xq2.float() * xs.reshape(-1, 1)).to(out_dtype)
         cfg = _maybe_autotune(scheme, x_f, qweight, scales, bias, 0, cfg)
     if cfg.kind == "cxx":
-        if (cxx_prequant_fits(scheme, xq2, xs, qweight, scales, bias, out_dtype) and _cxx_ready()):
+        # (FXQUANT_CXX_PDL: the kernel reads the weight before it waits for the kernel before, here a copy)
+        if (cxx_prequant_fits(scheme, xq2, xs, qweight, scales, bias, out_dtype) and _cxx_ready()
+                and not (qweight is not given and _cxx_pdl(xq2))):
             op = (torch.ops.fxquant.cxx_int8_dynamic_linear_prequant if scheme == "int8_dyn"
                   else torch.ops.fxquant.cxx_float8_dynamic_linear_prequant)
             return op(xq2, xs.reshape(-1, 1), qweight, scales, bias, out_dtype).reshape(*xq.shape[:-1], N)

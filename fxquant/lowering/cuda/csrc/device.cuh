@@ -18,17 +18,19 @@ __device__ __forceinline__ void from_f(float v, __nv_bfloat16* p) { *p = __float
 __device__ __forceinline__ void from_f(float v, __half* p) { *p = __float2half(v); }
 
 // Experiment (FXQUANT_CXX_L2_PREFETCH, read per launch by l2_prefetch_bytes(); default 0 = off): at
-// its start a block asks L2 for the first `per_row` bytes of each of its weight rows with one bulk
-// prefetch per row (sm_90+; a no-op below). The bytes a kernel keeps in flight are otherwise bounded
-// by its registers and occupancy (Nsight Compute: 33-67 % of DRAM peak for the int4 decode kernel at
-// M = 1, BENCHMARKS.md S10 / S16); a prefetch holds no registers and no shared memory.
+// its start a block asks L2 for `per_row` bytes of each of its weight rows, from byte `offset` on (the
+// block's first loads already ask for the bytes before it), with one bulk prefetch per row from one
+// thread each (sm_90+; a no-op below). The bytes a kernel keeps in flight are otherwise bounded by its
+// registers and occupancy (Nsight Compute: 33-67 % of DRAM peak for the int4 decode kernel at M = 1,
+// BENCHMARKS.md S10 / S16); a prefetch holds no registers and no shared memory.
 __device__ __forceinline__ void prefetch_rows_l2(const uint8_t* w, int64_t row_bytes, int row0, int rows, int n,
-                                                 uint32_t per_row) {
+                                                 uint32_t per_row, int64_t offset) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (per_row == 0 || threadIdx.x >= 32) return;
-  const uint32_t bytes = static_cast<uint32_t>(std::min<int64_t>(per_row, row_bytes)) & ~15u;  // 16-byte units
-  for (int r = threadIdx.x; r < rows && row0 + r < n && bytes > 0; r += 32)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(w + (row0 + r) * row_bytes), "r"(bytes)
+  if (per_row == 0 || offset >= row_bytes) return;
+  // the instruction takes a multiple of 16 bytes, at most 1048560
+  const uint32_t bytes = static_cast<uint32_t>(std::min<int64_t>({per_row, row_bytes - offset, 1048560})) & ~15u;
+  for (int r = threadIdx.x; r < rows && row0 + r < n && bytes > 0; r += blockDim.x)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(w + (row0 + r) * row_bytes + offset), "r"(bytes)
                  : "memory");
 #endif
 }

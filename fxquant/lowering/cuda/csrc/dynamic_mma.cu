@@ -39,9 +39,11 @@ using dyn::launch;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// FXQUANT_CXX_PDL=1 (experiment, off by default): the prequant kernel is launched with programmatic
-// dependent launch on sm_90+, so it can start, and fetch weights, while the activation quantization
-// before it runs (dispatch.py then launches that quantization with PDL too). Read at every call.
+// FXQUANT_CXX_PDL=1 (experiment, off by default; read at every call): on sm_90+ the prequant kernel is
+// launched with programmatic dependent launch, so it can start, and load its first weights, while the
+// activation quantization before it runs (dispatch.py then launches that quantization with PDL too).
+// It assumes the packed weight was not written by the kernel right before: fxquant's are constants,
+// and dispatch.linear_prequant does not take this kernel where it had to copy the weight first.
 bool cxx_pdl() {
   const char* e = std::getenv("FXQUANT_CXX_PDL");
   return e != nullptr && e[0] == '1' && e[1] == '\0' && device::capability() >= 90;

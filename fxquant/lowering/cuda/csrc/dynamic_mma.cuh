@@ -74,11 +74,15 @@ struct Args {
   int64_t out_stride;
   int M, N, K;
   bool x_per_tensor;     // quantizing: one scale for all of x (fp8 per tensor)
-  bool pdl;              // prequant, launched with programmatic dependent launch: x comes from the kernel before
+  bool pdl;              // prequant: launch with programmatic dependent launch (FXQUANT_CXX_PDL experiment)
 };
 
 // NT 8-token tiles (M <= 8 * NT), RT 16-row tiles per block, U 64-k pieces per warp step (1 or 2); QUANT: x is T and quantized here.
-template <bool FP8, int NT, int RT, int U, bool QUANT, typename T>
+// PDL (prequant, FXQUANT_CXX_PDL experiment): launched with programmatic dependent launch; the first
+// weights are loaded, then griddepcontrol.wait before x, its scales, the bias and out are touched (so
+// the packed weight must not be written by the kernel right before). A separate instantiation: the
+// shipped kernels (PDL false) compile exactly as before.
+template <bool FP8, int NT, int RT, int U, bool QUANT, typename T, bool PDL = false>
 __global__ void __launch_bounds__(kMaxWarps * 32) dynamic_mma_kernel(const Args a) {
   using Acc = std::conditional_t<FP8, float, int>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -106,11 +110,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32) dynamic_mma_kernel(const Args 
         wb[r][u] = load_stream(a.w + (int64_t)rb[r] * K + (step * U + u) * 64 + 16 * t);
       }
   };
-  if (warp < steps) load_w(warp);  // in flight while x is quantized (or, with PDL, still being quantized)
+  if (warp < steps) load_w(warp);  // in flight while x is quantized (PDL: while the kernel before runs)
+  if constexpr (PDL) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Only weights (constant) were read so far; x, its scales, the bias and out wait for the kernel before.
-  if (!QUANT && a.pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+  }
 
   if constexpr (QUANT) {
     // Token scales: amax over K (over all of x for a per-tensor scale), then max(amax / QMAX, tiny).
@@ -176,7 +181,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32) dynamic_mma_kernel(const Args 
         uint4 xv = make_uint4(0, 0, 0, 0);
         if (m < M) {
           if constexpr (QUANT) xv = *reinterpret_cast<const uint4*>(smem + m * xq_stride + k0);
-          else xv = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(a.x) + m * a.x_stride + k0));
+          else {
+            const uint4* p = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(a.x) + m * a.x_stride + k0);
+            if constexpr (PDL) xv = *p;  // x was written while this kernel ran: not a read-only (.nc) load
+            else xv = __ldg(p);
+          }
         }
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
@@ -252,9 +261,9 @@ inline int blocks_per_sm(const void* kernel, int threads, int smem) {
   return cache[key] = std::max(b, 1);
 }
 
-template <bool FP8, int NT, int RT, int U, bool QUANT, typename T>
+template <bool FP8, int NT, int RT, int U, bool QUANT, typename T, bool PDL = false>
 const void* kernel_ptr() {
-  auto k = dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T>;
+  auto k = dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T, PDL>;
   static std::atomic<bool> opted[64];  // once per device: allow up to the opt-in shared memory
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
@@ -272,12 +281,12 @@ inline int smem_bytes(const Args& a, bool quant, int rt, int nt, int warps) {
   return std::max(quant ? a.M * (a.K + 16) : 0, std::min(warps, red_slots(tile)) * tile * 4);
 }
 
-template <bool FP8, int NT, int RT, int U, bool QUANT, typename T>
+template <bool FP8, int NT, int RT, int U, bool QUANT, typename T, bool PDL>
 void launch_shape(const Args& a, int warps) {
   const int smem = smem_bytes(a, QUANT, RT, NT, warps);
-  kernel_ptr<FP8, NT, RT, U, QUANT, T>();
+  kernel_ptr<FP8, NT, RT, U, QUANT, T, PDL>();
   const dim3 grid((a.N + 16 * RT - 1) / (16 * RT));
-  if (!QUANT && a.pdl) {  // may start while the kernel before runs; waits (griddepcontrol.wait) before reading x
+  if constexpr (PDL) {  // may start while the kernel before runs; waits (griddepcontrol.wait) before reading x
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(warps * 32);
@@ -288,19 +297,27 @@ void launch_shape(const Args& a, int warps) {
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T>, a));
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T, PDL>, a));
   } else {
     dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T><<<grid, warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <bool FP8, int NT, int RT, bool QUANT, typename T>
-void launch_u(const Args& a, int warps, int u) {  // U = 2 is built for NT = 1 only (registers)
+template <bool FP8, int NT, int RT, bool QUANT, typename T, bool PDL>
+void launch_pdl(const Args& a, int warps, int u) {  // U = 2 is built for NT = 1 only (registers)
   if constexpr (NT == 1) {
-    if (u == 2) return launch_shape<FP8, NT, RT, 2, QUANT, T>(a, warps);
+    if (u == 2) return launch_shape<FP8, NT, RT, 2, QUANT, T, PDL>(a, warps);
   }
-  launch_shape<FP8, NT, RT, 1, QUANT, T>(a, warps);
+  launch_shape<FP8, NT, RT, 1, QUANT, T, PDL>(a, warps);
+}
+
+template <bool FP8, int NT, int RT, bool QUANT, typename T>
+void launch_u(const Args& a, int warps, int u) {
+  if constexpr (!QUANT) {
+    if (a.pdl) return launch_pdl<FP8, NT, RT, QUANT, T, true>(a, warps, u);
+  }
+  launch_pdl<FP8, NT, RT, QUANT, T, false>(a, warps, u);
 }
 
 template <bool FP8, int NT, bool QUANT, typename T>

@@ -310,7 +310,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * 16 * RT;
-  device::prefetch_rows_l2(w, K / 2, row0, 16 * RT, N, l2_prefetch);  // experiment; 0 = off
+  // experiment (0 = off); warp i's first load reads bytes [64 i, 64 i + 64) of each row
+  device::prefetch_rows_l2(w, K / 2, row0, 16 * RT, N, l2_prefetch, 64 * nwarps);
   int ra[RT], rb[RT];
 #pragma unroll
   for (int r = 0; r < RT; ++r) {  // rows past N repeat the last one: never stored
