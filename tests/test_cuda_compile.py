@@ -46,7 +46,8 @@ def test_every_cuda_source_compiles_for_sm90(compiled):
 
 def test_the_experiment_switches_reach_the_kernels(compiled):
     """FXQUANT_CXX_PDL's wait is in the 8-bit kernels, FXQUANT_CXX_L2_PREFETCH's bulk prefetch in
-    the int4 kernel: both compiled into instructions, not dropped."""
-    assert "griddepcontrol.wait" in compiled["dynamic_mma_int8.cu"][2]
-    assert "griddepcontrol.wait" in compiled["dynamic_mma_fp8.cu"][2]
+    the int4 and the 8-bit kernels: compiled into instructions, not dropped."""
+    for name in ("dynamic_mma_int8.cu", "dynamic_mma_fp8.cu"):
+        assert "griddepcontrol.wait" in compiled[name][2], name
+        assert "cp.async.bulk.prefetch.L2.global" in compiled[name][2], name
     assert "cp.async.bulk.prefetch.L2.global" in compiled["gemv.cu"][2]

@@ -307,3 +307,22 @@ def test_programmatic_dependent_launch_waits_for_the_kernel_before(fp8, monkeypa
         got = op(*views(dst), q, s, None, torch.bfloat16)  # launched right behind it, with PDL
         torch.cuda.synchronize()
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8_row", "fp8_tensor"])
+@pytest.mark.parametrize("per_row", ["8", "512", "100000"])
+def test_l2_prefetch_experiment_gives_the_same_bits(scheme, per_row, monkeypatch):
+    """FXQUANT_CXX_L2_PREFETCH (experiment) in the kernel that quantizes x itself (M <= 4): a hint,
+    so the outputs are bitwise those of the shipped kernel."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the prefetch is built for sm_90+ only")
+    if scheme != "int8" and not FP8_OK:
+        pytest.skip("e4m3 needs sm_89+")
+    q, s, g = _weights(scheme, 4104, 2048, 29)  # N past the last full block of rows
+    q, s = q.cuda(), s.cuda()
+    xs = [torch.randn(m, 2048, generator=g).bfloat16().cuda() for m in (1, 2, 4)]
+    monkeypatch.delenv("FXQUANT_CXX_L2_PREFETCH", raising=False)
+    want = [_plain(scheme, x, q, s, None)[0] for x in xs]
+    monkeypatch.setenv("FXQUANT_CXX_L2_PREFETCH", per_row)
+    for x, w in zip(xs, want):
+        assert torch.equal(_plain(scheme, x, q, s, None)[0], w)

@@ -78,7 +78,8 @@ at::Tensor run(const at::Tensor& x2, const at::Tensor& x_scales, const at::Tenso
   Args a{x2.data_ptr(), x2.stride(0) /* elements: T, or bytes */, QUANT ? nullptr : x_scales.data_ptr<float>(),
          static_cast<const uint8_t*>(qweight.data_ptr()), w_scales.data_ptr<float>(), w_scales.numel() == 1 ? 0 : 1,
          b.has_value() ? b->data_ptr() : nullptr, out.data_ptr(), out.stride(0), static_cast<int>(m),
-         static_cast<int>(n), static_cast<int>(qweight.size(1)), x_per_tensor, !QUANT && cxx_pdl()};
+         static_cast<int>(n), static_cast<int>(qweight.size(1)), x_per_tensor, !QUANT && cxx_pdl(),
+         QUANT ? device::l2_prefetch_bytes() : 0u};
   if (out_dtype == at::kBFloat16) launch<FP8, QUANT, __nv_bfloat16>(a);
   else launch<FP8, QUANT, __half>(a);
   return out;
