@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the two kernel experiments of BENCHMARKS.md S16 (FXQUANT_CXX_L2_PREFETCH,
-# FXQUANT_CXX_PDL; both off by default): builds the op libraries (saved to $OUT/fxq_libs.tgz for
-# later calls' carry), runs benchmarks/variants.py for each experiment against the shipped kernels, in
-# one round-robin per scheme, then the experiments' same-bits GPU tests (column labels are the values: 0 = the shipped kernels, 512 / 2048 / 4096 =
-# L2 prefetch bytes per row, 1 = PDL). Carry .whl (CUTLASS headers). Prints the tables last. Not yet
-# run; estimated 9 minutes (about 4 of them the library build).
+# FXQUANT_CXX_PDL; both off by default). It builds the op libraries (saved to $OUT/fxq_libs.tgz for
+# later calls' carry), runs benchmarks/variants.py for each experiment against the shipped kernels
+# (one round-robin per scheme; the column labels are the values: 0 = the shipped kernels,
+# 512 / 2048 / 4096 = L2 prefetch bytes per row, 1 = PDL), then the experiments' same-bits GPU tests.
+# Carry .whl (CUTLASS headers). Prints the tables last. Not yet run; estimated 9 minutes, about 4 of
+# them the library build.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_prefetch_pdl}
