@@ -135,11 +135,11 @@ def test_dispatch_takes_the_cxx_kernel_and_falls_back_above_its_m():
     assert all(c.kind != "cxx" for c in D.candidate_configs("int8_dyn", D.CXX_MAX_M["int8_dyn"] + 1, 0))
 
 
-@pytest.mark.parametrize("variant", ["1,16", "2,16", "1,8", "2,8", "2,4", "2,1", "bogus", ""])
+@pytest.mark.parametrize("variant", ["1,16", "2,16", "1,8", "2,8", "2,4", "2,1", "4,4", "4,8", "bogus", ""])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (100, 256), (40, 2304)])
 def test_int4_mma_variants(variant, n, k, monkeypatch):
-    """Every (row tiles, warps) shape of the tensor-core kernel gives the reference's result; an
-    unparsable setting keeps the default choice."""
+    """Every (row tiles, warps) shape of the tensor-core kernel gives the reference's result (4 row
+    tiles: only at M <= 16, the default above); an unparsable setting keeps the default choice."""
     if torch.cuda.get_device_capability() < (8, 0) or os.environ.get("FXQUANT_CXX_INT4_MMA") == "0":
         pytest.skip("the int4 tensor-core kernel does not run here (needs sm_80+, FXQUANT_CXX_INT4_MMA not 0)")
     monkeypatch.setenv("FXQUANT_CXX_INT4_VARIANT", variant)

@@ -427,7 +427,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
 // best shapes were: M <= 8 (NT = 1) 1x8 / 1x16 / 2x4 / 1x16 (2.36 / 2.45 / 3.14 / 2.71 at M = 1);
 // M <= 16 2x8 / 2x16 / 2x4 / 2x16 (1.87 / 2.10 / 2.42 / 2.47); M <= 32 2x8 / 2x16 / 2x4 / 2x16
 // (1.29 / 1.30 / 1.66 / 1.54) -- the rule below picks each of them.
-// FXQUANT_CXX_INT4_VARIANT="RT,WARPS" (e.g. "2,8") overrides the choice, for experiments; it is
+// FXQUANT_CXX_INT4_VARIANT="RT,WARPS" (e.g. "2,8"; RT 4 at M <= 16 too) overrides the choice, for experiments; it is
 // read at every call (a getenv is cheap next to a launch; a CUDA graph keeps what capture saw).
 struct MmaShape {
   int rt, warps;
@@ -452,8 +452,8 @@ MmaShape mma_shape(int n, int k) {
   if (const char* e = std::getenv("FXQUANT_CXX_INT4_VARIANT")) {  // exactly "RT,WARPS", else ignored
     MmaShape o{0, 0};
     int used = 0;
-    if (std::sscanf(e, "%d,%d%n", &o.rt, &o.warps, &used) == 2 && e[used] == '\0' && o.rt >= 1 && o.rt <= 2 &&
-        o.warps >= 1 && o.warps <= kMmaWarps)
+    if (std::sscanf(e, "%d,%d%n", &o.rt, &o.warps, &used) == 2 && e[used] == '\0' &&
+        (o.rt == 1 || o.rt == 2 || (o.rt == 4 && NT <= 2)) && o.warps >= 1 && o.warps <= kMmaWarps)
       s = o;
   }
   return s;
@@ -476,6 +476,10 @@ template <typename T, int NT>
 void launch_mma_nt(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales, const T* b,
                    at::Tensor& out, int group) {
   const MmaShape s = mma_shape<T, NT>(qweight.size(0), x2.size(1));
+  if constexpr (NT <= 2) {  // 64-row blocks: only by FXQUANT_CXX_INT4_VARIANT="4,WARPS" (experiment; S10
+    // measured 2.68x against 2.54x at M = 16 on 28672x4096, slower on the other shapes)
+    if (s.rt == 4) return launch_mma<T, NT, 4>(x2, qweight, scales, b, out, group, s.warps);
+  }
   if (s.rt == 1) launch_mma<T, NT, 1>(x2, qweight, scales, b, out, group, s.warps);
   else launch_mma<T, NT, 2>(x2, qweight, scales, b, out, group, s.warps);
 }
