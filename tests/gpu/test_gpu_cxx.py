@@ -161,10 +161,12 @@ def test_int4_l2_prefetch_experiment_gives_the_same_bits(per_row, monkeypatch):
     if torch.cuda.get_device_capability() < (9, 0) or os.environ.get("FXQUANT_CXX_INT4_MMA") == "0":
         pytest.skip("the prefetch is built for sm_90+ only (and the int4 kernel needs FXQUANT_CXX_INT4_MMA not 0)")
     g = torch.Generator().manual_seed(5)
-    w = (torch.randn(4104, 2048, generator=g) / 45).bfloat16()  # N not a multiple of the block's rows
+    # N not a multiple of the block's rows; K = 8192: 4 KB rows, more than the 1 KB the 16 warps'
+    # first loads read, so the prefetch has bytes to ask for
+    w = (torch.randn(4104, 8192, generator=g) / 90).bfloat16()
     packed, static = _pack("int4_wo", w, 128)
     packed = tuple(t.cuda() for t in packed)
-    xs = [torch.randn(m, 2048, generator=g).bfloat16().cuda() for m in (1, 9, 32)]
+    xs = [torch.randn(m, 8192, generator=g).bfloat16().cuda() for m in (1, 9, 32)]
     monkeypatch.delenv("FXQUANT_CXX_L2_PREFETCH", raising=False)
     want = [_op("int4_wo", x, packed, None, static) for x in xs]
     monkeypatch.setenv("FXQUANT_CXX_L2_PREFETCH", per_row)
