@@ -18,6 +18,18 @@ if [ -f .devrun/fxq_libs.tgz ]; then
     && echo "device_env: carried libraries $(tar -tzf .devrun/fxq_libs.tgz | tr '\n' ' ')"
 fi
 
+# build_libs LOGDIR: the C++ and CUTLASS op libraries built (or loaded from the cache) here, the two
+# builds in parallel, not by every test or benchmark process at once; each build's log in LOGDIR,
+# and a line for each that failed.
+build_libs() {
+  local lib
+  for lib in load load_cutlass; do
+    { ${PYTHON:-python3} -c "from fxquant.lowering.cuda import build; build.$lib()" > "$1/build_$lib.log" 2>&1 \
+      || echo "build $lib failed: $(tail -1 "$1/build_$lib.log")"; } &
+  done
+  wait
+}
+
 # save_libs DIR: the built op libraries into DIR/fxq_libs.tgz (for .devrun/ in later calls' carry).
 save_libs() {
   local dest

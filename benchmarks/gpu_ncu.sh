@@ -14,15 +14,13 @@ export PYTHONUNBUFFERED=1
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 REP=$(mktemp -d)/prof
 T0=$(date +%s)
-# The libraries are built (or unpacked) here, not inside the profiled process.
-python3 -c "from fxquant.lowering.cuda import build; build.load(); build.load_cutlass()" > "$OUT/ncu_points.txt" 2>&1 \
-  || echo "library build failed: $(tail -1 "$OUT/ncu_points.txt")"
+build_libs "$(dirname "$REP")"  # here, not inside the profiled process
 echo "libraries ready at $(( $(date +%s) - T0 )) s"
 $NCU --clock-control none --profile-from-start off --target-processes application-only --section SpeedOfLight \
   --section Occupancy --section LaunchStats -o "$REP" -f python3 benchmarks/ncu_kernels.py \
   --rows "${FXQ_NCU_ROWS:-w4a16_g128,w8a16,w8a8_int8,fp8_row,bf16}" --ms "${FXQ_NCU_MS:-1,16,128,512,4096}" \
   --shapes "${FXQ_NCU_SHAPES:-6144x4096,4096x4096,28672x4096,4096x14336}" --budget-s "${FXQ_NCU_S:-300}" \
-  >> "$OUT/ncu_points.txt" 2>&1
+  > "$OUT/ncu_points.txt" 2>&1
 echo "ncu run rc $? in $(( $(date +%s) - T0 )) s"
 $NCU --import "$REP.ncu-rep" --csv --page details > "$OUT/ncu.csv" 2>&1
 python3 benchmarks/ncu_kernels.py --parse "$OUT/ncu.csv" --points "$OUT/ncu_points.txt" --plot "$OUT/ncu_kernels.png" \

@@ -42,11 +42,7 @@ LOGS=$(mktemp -d)
 # $FXQUANT_CACHE_DIR), not by every test process of phase 1 at once. The CUTLASS one needs its
 # headers: carry .whl/nvidia_cutlass-*.whl (installed above); on Hopper without them
 # tests/gpu/test_gpu_cutlass.py fails by design.
-for lib in load load_cutlass; do  # the two builds in parallel
-  { $PY -c "from fxquant.lowering.cuda import build; build.$lib()" > "$LOGS/prebuild_$lib.log" 2>&1 \
-    || echo "prebuild $lib: $(tail -1 "$LOGS/prebuild_$lib.log")"; } &
-done
-wait
+build_libs "$LOGS"
 echo "library builds done at $(( $(date +%s) - T0 )) s"
 [ "${FXQ_SAVE_LIBS:-0}" = 1 ] && save_libs "$OUT"  # for .devrun/ in later calls' carry
 

@@ -16,11 +16,7 @@ T0=$(date +%s)
 LOGS=$(mktemp -d)
 . benchmarks/device_env.sh  # CUTLASS headers, peers: carried in .whl
 if [ "${FXQ_BUILD:-0}" = 1 ]; then
-  for lib in load load_cutlass; do
-    { python3 -c "from fxquant.lowering.cuda import build; build.$lib()" > "$LOGS/build_$lib.log" 2>&1 \
-      || echo "build $lib failed: $(tail -1 "$LOGS/build_$lib.log")"; } &
-  done
-  wait
+  build_libs "$LOGS"
   echo "library builds done at $(( $(date +%s) - T0 )) s"
   [ "${FXQ_SAVE_LIBS:-0}" = 1 ] && save_libs "$OUT"
 fi

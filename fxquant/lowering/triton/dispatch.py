@@ -300,16 +300,19 @@ def _pdl(scheme: str, x: torch.Tensor, pre) -> bool:
     """Programmatic dependent launch between our activation quantization and the GEMV / GEMM
     after it (it starts while the quantization runs): Hopper+, compiled (not interpreted)
     kernels, FXQUANT_PDL not 0."""
-    return (scheme in DYNAMIC and pre is None and x.is_cuda and not C.INTERPRETED and torch.version.hip is None
-            and _device_info(x.device)[2] >= (9, 0) and os.environ.get("FXQUANT_PDL", "1") != "0")
+    return (scheme in DYNAMIC and pre is None and os.environ.get("FXQUANT_PDL", "1") != "0" and _pdl_capable(x))
+
+
+def _pdl_capable(x: torch.Tensor) -> bool:
+    """Programmatic dependent launch can run here: compiled kernels on a CUDA (not ROCm) Hopper+ GPU."""
+    return x.is_cuda and not C.INTERPRETED and torch.version.hip is None and _device_info(x.device)[2] >= (9, 0)
 
 
 def _cxx_pdl(x: torch.Tensor) -> bool:
     """FXQUANT_CXX_PDL=1 (an experiment, off by default; csrc/dynamic_mma.cu reads the same variable):
     the C++ prequant kernel is launched with programmatic dependent launch and fetches weights while
     our activation quantization before it still runs, so that quantization triggers its dependents."""
-    return (os.environ.get("FXQUANT_CXX_PDL") == "1" and x.is_cuda and not C.INTERPRETED
-            and torch.version.hip is None and _device_info(x.device)[2] >= (9, 0))
+    return os.environ.get("FXQUANT_CXX_PDL") == "1" and _pdl_capable(x)
 
 
 def _run_gemv(scheme, x2, qweight, scales, bias, group, cfg, out, pre=None, *, wrap=C.eager,
