@@ -154,26 +154,6 @@ def test_int4_mma_variants(variant, n, k, monkeypatch):
                torch.bfloat16, f"variant {variant} {n}x{k} M={m}")
 
 
-@pytest.mark.parametrize("per_row", ["0", "8", "64", "100", "1024", "100000", "bogus"])
-def test_int4_l2_prefetch_experiment_gives_the_same_bits(per_row, monkeypatch):
-    """FXQUANT_CXX_L2_PREFETCH (bytes of each weight row a block prefetches into L2; experiment) is
-    a hint only: the int4 kernel's outputs are bitwise those without it, for any value."""
-    if torch.cuda.get_device_capability() < (9, 0) or os.environ.get("FXQUANT_CXX_INT4_MMA") == "0":
-        pytest.skip("the prefetch is built for sm_90+ only (and the int4 kernel needs FXQUANT_CXX_INT4_MMA not 0)")
-    g = torch.Generator().manual_seed(5)
-    # N not a multiple of the block's rows; K = 8192: 4 KB rows, more than the 1 KB the 16 warps'
-    # first loads read, so the prefetch has bytes to ask for
-    w = (torch.randn(4104, 8192, generator=g) / 90).bfloat16()
-    packed, static = _pack("int4_wo", w, 128)
-    packed = tuple(t.cuda() for t in packed)
-    xs = [torch.randn(m, 8192, generator=g).bfloat16().cuda() for m in (1, 9, 32)]
-    monkeypatch.delenv("FXQUANT_CXX_L2_PREFETCH", raising=False)
-    want = [_op("int4_wo", x, packed, None, static) for x in xs]
-    monkeypatch.setenv("FXQUANT_CXX_L2_PREFETCH", per_row)
-    for x, w_out in zip(xs, want):
-        assert torch.equal(_op("int4_wo", x, packed, None, static), w_out)
-
-
 def test_cuda_graph_capture():
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(512, 1024, generator=g) / 32).bfloat16()

@@ -232,8 +232,8 @@ def test_device_mismatch_is_a_clear_error():
 
 @pytest.mark.parametrize("scheme", ["int8_dyn", "fp8_dyn_row", "fp8_dyn_tensor"])
 def test_programmatic_dependent_launch_gives_the_same_bits(scheme, monkeypatch):
-    """FXQUANT_CXX_PDL=1 (experiment): the prequant kernel starts while our quantization runs and
-    waits before reading x; its outputs are bitwise those without it, eager and in a CUDA graph."""
+    """By default (sm_90+) the prequant kernel starts while our quantization runs and waits before
+    reading x; its outputs are bitwise those with FXQUANT_PDL=0, eager and in a CUDA graph."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90+")
     if scheme != "int8_dyn" and not FP8_OK:
@@ -244,8 +244,10 @@ def test_programmatic_dependent_launch_gives_the_same_bits(scheme, monkeypatch):
     cfg = D.KernelConfig("cxx", bn=0, bk=0)
     xs = [torch.randn(m, k, generator=g).bfloat16().cuda() * 4 for m in (5, 16, 32)]
     assert all(D.cxx_fits(scheme, x, q, s, None, 0) and x.shape[0] > D._cxx_quant_max_m(scheme) for x in xs)
+    monkeypatch.setenv("FXQUANT_PDL", "0")
+    assert not D._cxx_pdl(xs[0])
     plain = [D.linear(scheme, x, q, s, None, 0, cfg) for x in xs]
-    monkeypatch.setenv("FXQUANT_CXX_PDL", "1")
+    monkeypatch.delenv("FXQUANT_PDL")
     assert D._cxx_pdl(xs[0])
     for _ in range(3):  # a race would show as a difference on some repetition
         for x, want in zip(xs, plain):
@@ -298,31 +300,11 @@ def test_programmatic_dependent_launch_waits_for_the_kernel_before(fp8, monkeypa
     op = OPS.cxx_float8_dynamic_linear_prequant if fp8 else OPS.cxx_int8_dynamic_linear_prequant
     views = lambda buf: (buf[: m * k].view(xq.dtype).view(m, k), buf[m * k: m * k + 4 * m].view(torch.float32).view(m, 1))
     want = op(*views(src), q, s, None, torch.bfloat16)
-    monkeypatch.setenv("FXQUANT_CXX_PDL", "1")
     sink = torch.empty(1024, device="cuda")
     for _ in range(3):
         dst = torch.zeros_like(src)
         torch.cuda.synchronize()
         _late_copy_kernel[(triton.cdiv(src.numel(), 1024),)](src, dst, src.numel(), sink, SPIN=20000, BLOCK=1024)
-        got = op(*views(dst), q, s, None, torch.bfloat16)  # launched right behind it, with PDL
+        got = op(*views(dst), q, s, None, torch.bfloat16, True)  # launched right behind it, with PDL
         torch.cuda.synchronize()
         assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("scheme", ["int8", "fp8_row", "fp8_tensor"])
-@pytest.mark.parametrize("per_row", ["8", "512", "100000"])
-def test_l2_prefetch_experiment_gives_the_same_bits(scheme, per_row, monkeypatch):
-    """FXQUANT_CXX_L2_PREFETCH (experiment) in the kernel that quantizes x itself (M <= 4): a hint,
-    so the outputs are bitwise those of the shipped kernel."""
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the prefetch is built for sm_90+ only")
-    if scheme != "int8" and not FP8_OK:
-        pytest.skip("e4m3 needs sm_89+")
-    q, s, g = _weights(scheme, 4104, 2048, 29)  # N past the last full block of rows
-    q, s = q.cuda(), s.cuda()
-    xs = [torch.randn(m, 2048, generator=g).bfloat16().cuda() for m in (1, 2, 4)]
-    monkeypatch.delenv("FXQUANT_CXX_L2_PREFETCH", raising=False)
-    want = [_plain(scheme, x, q, s, None)[0] for x in xs]
-    monkeypatch.setenv("FXQUANT_CXX_L2_PREFETCH", per_row)
-    for x, w in zip(xs, want):
-        assert torch.equal(_plain(scheme, x, q, s, None)[0], w)

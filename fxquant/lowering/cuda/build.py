@@ -19,7 +19,7 @@ import torch
 from .. import ops
 from ..cache import cache_root
 
-ABI_VERSION = 2  # must equal fxquant::abi_version() in csrc/ops.cpp (2: the dynamic-activation ops)
+ABI_VERSION = 3  # must equal fxquant::abi_version() in csrc/ops.cpp (2: the dynamic-activation ops; 3: pdl)
 SRC = Path(__file__).with_name("csrc")
 CUTLASS_SRC = Path(__file__).with_name("csrc_cutlass")
 # One lock per library: the CUTLASS build (minutes) must not hold up the C++ library's loads.
@@ -77,7 +77,7 @@ def _register_fakes() -> None:
 
     for name, q_dtype in (("cxx_int8_dynamic_linear_prequant", torch.int8),
                           ("cxx_float8_dynamic_linear_prequant", torch.float8_e4m3fn)):
-        def fake(xq, x_scales, qweight, w_scales, bias, out_dtype, name=name, q_dtype=q_dtype):
+        def fake(xq, x_scales, qweight, w_scales, bias, out_dtype, pdl=False, name=name, q_dtype=q_dtype):
             ops._check_prequant(xq, x_scales, qweight, out_dtype, name, q_dtype)
             return xq.new_empty((*xq.shape[:-1], qweight.shape[0]), dtype=out_dtype)
         torch.library.register_fake(f"fxquant::{name}")(fake)

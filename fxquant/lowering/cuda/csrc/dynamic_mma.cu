@@ -39,16 +39,6 @@ using dyn::launch;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// FXQUANT_CXX_PDL=1 (experiment, off by default; read at every call): on sm_90+ the prequant kernel is
-// launched with programmatic dependent launch, so it can start, and load its first weights, while the
-// activation quantization before it runs (dispatch.py then launches that quantization with PDL too).
-// It assumes the packed weight was not written by the kernel right before: fxquant's are constants,
-// and dispatch.linear_prequant does not take this kernel where it had to copy the weight first.
-bool cxx_pdl() {
-  const char* e = std::getenv("FXQUANT_CXX_PDL");
-  return e != nullptr && e[0] == '1' && e[1] == '\0' && device::capability() >= 90;
-}
-
 // What the kernels take; anything else runs the ATen reference (ops.cpp).
 bool kernel_fits(const at::Tensor& qweight, const at::Tensor& w_scales, int64_t m, at::ScalarType out_dtype, bool fp8, bool quant) {
   const int64_t n = qweight.size(0), k = qweight.size(1);
@@ -70,7 +60,7 @@ at::Tensor rows16(const at::Tensor& x, int64_t k) {
 
 template <bool FP8, bool QUANT>
 at::Tensor run(const at::Tensor& x2, const at::Tensor& x_scales, const at::Tensor& qweight, const at::Tensor& w_scales,
-               const std::optional<at::Tensor>& bias, at::ScalarType out_dtype, bool x_per_tensor) {
+               const std::optional<at::Tensor>& bias, at::ScalarType out_dtype, bool x_per_tensor, bool pdl) {
   const int64_t m = x2.size(0), n = qweight.size(0);
   at::Tensor out = at::empty({m, n}, qweight.options().dtype(out_dtype));
   std::optional<at::Tensor> b;
@@ -78,8 +68,8 @@ at::Tensor run(const at::Tensor& x2, const at::Tensor& x_scales, const at::Tenso
   Args a{x2.data_ptr(), x2.stride(0) /* elements: T, or bytes */, QUANT ? nullptr : x_scales.data_ptr<float>(),
          static_cast<const uint8_t*>(qweight.data_ptr()), w_scales.data_ptr<float>(), w_scales.numel() == 1 ? 0 : 1,
          b.has_value() ? b->data_ptr() : nullptr, out.data_ptr(), out.stride(0), static_cast<int>(m),
-         static_cast<int>(n), static_cast<int>(qweight.size(1)), x_per_tensor, !QUANT && cxx_pdl(),
-         QUANT ? device::l2_prefetch_bytes() : 0u};
+         static_cast<int>(n), static_cast<int>(qweight.size(1)), x_per_tensor,
+         !QUANT && pdl && device::capability() >= 90};
   if (out_dtype == at::kBFloat16) launch<FP8, QUANT, __nv_bfloat16>(a);
   else launch<FP8, QUANT, __half>(a);
   return out;
@@ -100,20 +90,21 @@ at::Tensor dynamic_cuda(const at::Tensor& x, const at::Tensor& qweight, const at
   if (x.scalar_type() != at::kFloat &&  // (check_dynamic put every tensor on x's device)
       kernel_fits(qweight, w_scales, m, x.scalar_type(), FP8, true)) {
     at::Tensor x2 = rows16(x, k);
-    return shaped(run<FP8, true>(x2, x2, qweight, w_scales, bias, x.scalar_type(), FP8 && !per_row), x);
+    return shaped(run<FP8, true>(x2, x2, qweight, w_scales, bias, x.scalar_type(), FP8 && !per_row, false), x);
   }
   return dynamic_reference(x, qweight, w_scales, bias, FP8, per_row);
 }
 
 template <bool FP8>
 at::Tensor prequant_cuda(const at::Tensor& xq, const at::Tensor& x_scales, const at::Tensor& qweight,
-                         const at::Tensor& w_scales, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+                         const at::Tensor& w_scales, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                         bool pdl) {
   check_prequant(xq, x_scales, qweight, w_scales, bias, out_dtype, FP8);
   const c10::cuda::OptionalCUDAGuard guard(xq.device());
   const int64_t k = qweight.size(1), m = xq.numel() / std::max<int64_t>(k, 1);
   if (kernel_fits(qweight, w_scales, m, out_dtype, FP8, false)) {
     at::Tensor xs = x_scales.reshape({-1}).contiguous();
-    return shaped(run<FP8, false>(rows16(xq, k), xs, qweight, w_scales, bias, out_dtype, false), xq);
+    return shaped(run<FP8, false>(rows16(xq, k), xs, qweight, w_scales, bias, out_dtype, false, pdl), xq);
   }
   return prequant_reference(xq, x_scales, qweight, w_scales, bias, out_dtype, FP8);
 }
@@ -129,13 +120,15 @@ at::Tensor float8_dynamic(const at::Tensor& x, const at::Tensor& qweight, const 
 }
 
 at::Tensor int8_prequant(const at::Tensor& xq, const at::Tensor& x_scales, const at::Tensor& qweight,
-                         const at::Tensor& w_scales, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
-  return prequant_cuda<false>(xq, x_scales, qweight, w_scales, bias, out_dtype);
+                         const at::Tensor& w_scales, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                         bool pdl) {
+  return prequant_cuda<false>(xq, x_scales, qweight, w_scales, bias, out_dtype, pdl);
 }
 
 at::Tensor float8_prequant(const at::Tensor& xq, const at::Tensor& x_scales, const at::Tensor& qweight,
-                           const at::Tensor& w_scales, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
-  return prequant_cuda<true>(xq, x_scales, qweight, w_scales, bias, out_dtype);
+                           const at::Tensor& w_scales, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                           bool pdl) {
+  return prequant_cuda<true>(xq, x_scales, qweight, w_scales, bias, out_dtype, pdl);
 }
 
 }  // namespace

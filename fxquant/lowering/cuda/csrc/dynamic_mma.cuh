@@ -74,19 +74,14 @@ struct Args {
   int64_t out_stride;
   int M, N, K;
   bool x_per_tensor;     // quantizing: one scale for all of x (fp8 per tensor)
-  bool pdl;              // prequant: launch with programmatic dependent launch (FXQUANT_CXX_PDL experiment)
-  uint32_t l2_prefetch;  // quantizing: bytes of each weight row to prefetch into L2 (FXQUANT_CXX_L2_PREFETCH)
+  bool pdl;              // prequant: launch with programmatic dependent launch (the op's `pdl` argument)
 };
 
 // NT 8-token tiles (M <= 8 * NT), RT 16-row tiles per block, U 64-k pieces per warp step (1 or 2); QUANT: x is T and quantized here.
-// EXP: an experiment's instantiation; the shipped kernels (EXP 0) compile exactly as without them.
-// kPdl (prequant, FXQUANT_CXX_PDL): launched with programmatic dependent launch; the first weights are
-// loaded, then griddepcontrol.wait before x, its scales, the bias and out are touched (so the packed
-// weight must not be written by the kernel right before).
-// kL2Prefetch (quantizing, FXQUANT_CXX_L2_PREFETCH): the block asks L2 for its weight rows before it
-// quantizes x, so the weight streams in meanwhile.
-constexpr int kPdl = 1, kL2Prefetch = 2;
-template <bool FP8, int NT, int RT, int U, bool QUANT, typename T, int EXP = 0>
+// PDL (prequant only): launched with programmatic dependent launch; the first weights are loaded, then
+// griddepcontrol.wait before x, its scales, the bias and out are touched (so the packed weight must not
+// be written by the kernel right before). The kernels without it compile as before it existed.
+template <bool FP8, int NT, int RT, int U, bool QUANT, typename T, bool PDL = false>
 __global__ void __launch_bounds__(kMaxWarps * 32) dynamic_mma_kernel(const Args a) {
   using Acc = std::conditional_t<FP8, float, int>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -97,8 +92,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32) dynamic_mma_kernel(const Args 
   const int M = a.M, N = a.N, K = a.K, steps = K / (64 * U);
   const int row0 = blockIdx.x * 16 * RT;
   const int64_t xq_stride = K + 16;  // shared-memory rows, padded: tokens g fall in different banks
-  if constexpr (EXP == kL2Prefetch)  // (warp i's first load reads bytes [64 U i, 64 U (i + 1)) of each row)
-    device::prefetch_rows_l2(a.w, K, row0, 16 * RT, N, a.l2_prefetch, int64_t(64) * U * nwarps);
 
   int ra[RT], rb[RT];
 #pragma unroll
@@ -117,7 +110,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) dynamic_mma_kernel(const Args 
       }
   };
   if (warp < steps) load_w(warp);  // in flight while x is quantized (PDL: while the kernel before runs)
-  if constexpr (EXP == kPdl) {
+  if constexpr (PDL) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
@@ -189,7 +182,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) dynamic_mma_kernel(const Args 
           if constexpr (QUANT) xv = *reinterpret_cast<const uint4*>(smem + m * xq_stride + k0);
           else {
             const uint4* p = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(a.x) + m * a.x_stride + k0);
-            if constexpr (EXP == kPdl) xv = *p;  // x was written while this kernel ran: not a read-only (.nc) load
+            if constexpr (PDL) xv = *p;  // x was written while this kernel ran: not a read-only (.nc) load
             else xv = __ldg(p);
           }
         }
@@ -267,9 +260,9 @@ inline int blocks_per_sm(const void* kernel, int threads, int smem) {
   return cache[key] = std::max(b, 1);
 }
 
-template <bool FP8, int NT, int RT, int U, bool QUANT, typename T, int EXP = 0>
+template <bool FP8, int NT, int RT, int U, bool QUANT, typename T, bool PDL = false>
 const void* kernel_ptr() {
-  auto k = dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T, EXP>;
+  auto k = dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T, PDL>;
   static std::atomic<bool> opted[64];  // once per device: allow up to the opt-in shared memory
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
@@ -287,12 +280,12 @@ inline int smem_bytes(const Args& a, bool quant, int rt, int nt, int warps) {
   return std::max(quant ? a.M * (a.K + 16) : 0, std::min(warps, red_slots(tile)) * tile * 4);
 }
 
-template <bool FP8, int NT, int RT, int U, bool QUANT, typename T, int EXP>
+template <bool FP8, int NT, int RT, int U, bool QUANT, typename T, bool PDL>
 void launch_shape(const Args& a, int warps) {
   const int smem = smem_bytes(a, QUANT, RT, NT, warps);
-  kernel_ptr<FP8, NT, RT, U, QUANT, T, EXP>();
+  kernel_ptr<FP8, NT, RT, U, QUANT, T, PDL>();
   const dim3 grid((a.N + 16 * RT - 1) / (16 * RT));
-  if constexpr (EXP == kPdl) {  // may start while the kernel before runs; waits (griddepcontrol.wait) before reading x
+  if constexpr (PDL) {  // may start while the kernel before runs; waits (griddepcontrol.wait) before reading x
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(warps * 32);
@@ -303,29 +296,27 @@ void launch_shape(const Args& a, int warps) {
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T, EXP>, a));
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T, PDL>, a));
   } else {
-    dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T, EXP><<<grid, warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
+    dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T, PDL><<<grid, warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <bool FP8, int NT, int RT, bool QUANT, typename T, int EXP>
-void launch_exp(const Args& a, int warps, int u) {  // U = 2 is built for NT = 1 only (registers)
+template <bool FP8, int NT, int RT, bool QUANT, typename T, bool PDL>
+void launch_pdl(const Args& a, int warps, int u) {  // U = 2 is built for NT = 1 only (registers)
   if constexpr (NT == 1) {
-    if (u == 2) return launch_shape<FP8, NT, RT, 2, QUANT, T, EXP>(a, warps);
+    if (u == 2) return launch_shape<FP8, NT, RT, 2, QUANT, T, PDL>(a, warps);
   }
-  launch_shape<FP8, NT, RT, 1, QUANT, T, EXP>(a, warps);
+  launch_shape<FP8, NT, RT, 1, QUANT, T, PDL>(a, warps);
 }
 
 template <bool FP8, int NT, int RT, bool QUANT, typename T>
 void launch_u(const Args& a, int warps, int u) {
-  if constexpr (QUANT) {
-    if (a.l2_prefetch != 0) return launch_exp<FP8, NT, RT, QUANT, T, kL2Prefetch>(a, warps, u);
-  } else {
-    if (a.pdl) return launch_exp<FP8, NT, RT, QUANT, T, kPdl>(a, warps, u);
+  if constexpr (!QUANT) {
+    if (a.pdl) return launch_pdl<FP8, NT, RT, QUANT, T, true>(a, warps, u);
   }
-  launch_exp<FP8, NT, RT, QUANT, T, 0>(a, warps, u);
+  launch_pdl<FP8, NT, RT, QUANT, T, false>(a, warps, u);
 }
 
 template <bool FP8, int NT, bool QUANT, typename T>

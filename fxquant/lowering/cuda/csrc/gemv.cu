@@ -304,14 +304,11 @@ template <typename T, int NT, int RT>  // NT 8-token tiles (M <= 8 * NT), RT 16-
 __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __restrict__ x, int64_t x_stride,
                                                        const uint8_t* __restrict__ w, const T* __restrict__ sz,
                                                        const T* __restrict__ bias, T* __restrict__ out,
-                                                       int64_t out_stride, int M, int N, int K, int group,
-                                                       uint32_t l2_prefetch) {
+                                                       int64_t out_stride, int M, int N, int K, int group) {
   using T2 = typename Pair<T>::T2;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * 16 * RT;
-  // experiment (0 = off); warp i's first load reads bytes [64 i, 64 i + 64) of each row
-  device::prefetch_rows_l2(w, K / 2, row0, 16 * RT, N, l2_prefetch, 64 * nwarps);
   int ra[RT], rb[RT];
 #pragma unroll
   for (int r = 0; r < RT; ++r) {  // rows past N repeat the last one: never stored
@@ -468,7 +465,7 @@ void launch_mma(const at::Tensor& x2, const at::Tensor& qweight, const at::Tenso
   int4_mma_kernel<T, NT, RT><<<grid, warps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
       reinterpret_cast<const T*>(scales.data_ptr()), b, reinterpret_cast<T*>(out.data_ptr()), out.stride(0), M, N, K,
-      group, device::l2_prefetch_bytes());
+      group);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

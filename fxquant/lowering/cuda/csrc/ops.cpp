@@ -205,18 +205,18 @@ at::Tensor float8_dynamic_cpu(const at::Tensor& x, const at::Tensor& qweight, co
 }
 at::Tensor int8_prequant_cpu(const at::Tensor& xq, const at::Tensor& x_scales, const at::Tensor& qweight,
                              const at::Tensor& w_scales, const std::optional<at::Tensor>& bias,
-                             at::ScalarType out_dtype) {
+                             at::ScalarType out_dtype, bool /*pdl: CUDA only*/) {
   return prequant_reference(xq, x_scales, qweight, w_scales, bias, out_dtype, false);
 }
 at::Tensor float8_prequant_cpu(const at::Tensor& xq, const at::Tensor& x_scales, const at::Tensor& qweight,
                                const at::Tensor& w_scales, const std::optional<at::Tensor>& bias,
-                               at::ScalarType out_dtype) {
+                               at::ScalarType out_dtype, bool /*pdl: CUDA only*/) {
   return prequant_reference(xq, x_scales, qweight, w_scales, bias, out_dtype, true);
 }
 }  // namespace
 
 // Bumped whenever a schema or a kernel's contract changes; the Python loader checks it.
-int64_t abi_version() { return 2; }  // 2: the dynamic-activation ops
+int64_t abi_version() { return 3; }  // 2: the dynamic-activation ops; 3: the prequant ops' pdl
 
 }  // namespace fxquant
 
@@ -227,9 +227,9 @@ TORCH_LIBRARY_FRAGMENT(fxquant, m) {
   m.def("cxx_int8_dynamic_linear(Tensor x, Tensor qweight, Tensor w_scales, Tensor? bias) -> Tensor");
   m.def("cxx_float8_dynamic_linear(Tensor x, Tensor qweight, Tensor w_scales, Tensor? bias, bool per_row) -> Tensor");
   m.def("cxx_int8_dynamic_linear_prequant(Tensor xq, Tensor x_scales, Tensor qweight, Tensor w_scales, "
-        "Tensor? bias, ScalarType out_dtype) -> Tensor");
+        "Tensor? bias, ScalarType out_dtype, bool pdl=False) -> Tensor");
   m.def("cxx_float8_dynamic_linear_prequant(Tensor xq, Tensor x_scales, Tensor qweight, Tensor w_scales, "
-        "Tensor? bias, ScalarType out_dtype) -> Tensor");
+        "Tensor? bias, ScalarType out_dtype, bool pdl=False) -> Tensor");
   m.def("cxx_abi_version() -> int", &fxquant::abi_version);
 }
 
