@@ -9,6 +9,7 @@ compile time, and embedded as constants. Inductor compiles the rest of the graph
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import warnings
 import weakref
@@ -29,7 +30,7 @@ from .passes.rewrite import LayerFilter, RewriteContext, graph_fake_mode
 from .report import LinearRecord, format_report
 
 OPTIONS = ("config", "skip", "filter", "release_weights", "verbose", "inductor", "prepacked", "mode",
-           "fuse_siblings", "fuse_act_quant", "embed_kernels")
+           "fuse_siblings", "fuse_act_quant", "embed_kernels", "templates")
 
 
 class Backend:
@@ -44,7 +45,7 @@ class Backend:
                  filter: LayerFilter | None = None, release_weights: bool = False,  # noqa: A002
                  verbose: bool = False, inductor: dict[str, Any] | None = None, prepacked: Any = None,
                  mode: str | None = None, fuse_siblings: bool = True, fuse_act_quant: bool = True,
-                 embed_kernels: bool = False):
+                 embed_kernels: bool = False, templates: bool | str = False):
         config = _prepacked_config(config, prepacked)
         config = Int8WeightOnly() if config is None else config
         if not isinstance(config, QuantConfig):
@@ -75,6 +76,11 @@ class Backend:
         # CUDA linears as their Triton kernels in Inductor's code (passes/embed_triton.py) rather
         # than calls of the ops' run-time dispatcher (which also has CUTLASS / C++ / cuBLAS kernels).
         self.embed_kernels = bool(embed_kernels)
+        # GEMM ops as an Inductor template where M is static (lowering/templates.py): True picks
+        # it or the op by Inductor's benchmark at compile time, "always" takes it without one.
+        if templates not in (False, True, "always"):
+            raise ValueError(f"fxquant: options['templates'] must be False, True or 'always', got {templates!r}")
+        self.templates = templates
         self._records: dict[str, LinearRecord] = {}
         self._report: list[LinearRecord] = []  # live list, updated in place after each compile
         self._pack_cache: dict = {}
@@ -152,7 +158,7 @@ class Backend:
         from .inductor_choices import FxquantChoices
         with torch.no_grad(), torch._inductor.config.patch(patches), \
                 torch._functorch.config.patch(enable_autograd_cache=False), \
-                V.set_choices_handler(FxquantChoices()):
+                V.set_choices_handler(FxquantChoices()), _templates(self.templates):
             compiled = compile_fx(gm, example_inputs)
 
         if "restore_fake" in state:
@@ -218,7 +224,7 @@ class _QuantizeJointPass(CustomGraphPass):
 
     def uuid(self) -> str:
         b = self.backend
-        return f"fxquant:{b.config.describe()}:{b.skip}:{b.fuse_siblings}:{b.fuse_act_quant}:{b.embed_kernels}"
+        return f"fxquant:{b.config.describe()}:{b.skip}:{b.fuse_siblings}:{b.fuse_act_quant}:{b.embed_kernels}:{b.templates}"
 
 
 def _prepacked_config(config: QuantConfig | None, prepacked: Any) -> QuantConfig | None:
@@ -358,3 +364,10 @@ def _has_symbolic_inputs(gm: torch.fx.GraphModule) -> bool:
                 isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape)):
             return True
     return False
+
+
+def _templates(mode: bool | str):
+    if not mode:
+        return contextlib.nullcontext()
+    from .lowering.templates import template_lowerings
+    return template_lowerings(always=mode == "always")

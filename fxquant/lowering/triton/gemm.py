@@ -75,23 +75,11 @@ def weight_tile(w_ptr, w_desc, s_ptr, rn, n0, kt, N, K, WKIND: tl.constexpr, GRO
         return w.to(DT)
 
 
-REDUCE_NONE = tl.constexpr(0)
-REDUCE_FIXUP = tl.constexpr(1)
-
-
-@triton.jit(do_not_specialize=["M", "split_k"])
-def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, x_desc, w_desc, M, N, K,
-                stride_xm, stride_xk, stride_om, split_k,
-                WKIND: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr,
-                GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
-                SWAP: tl.constexpr, IEEE: tl.constexpr, XK1: tl.constexpr, BM: tl.constexpr,
-                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr,
-                PDL: tl.constexpr, TMA: tl.constexpr):
-    if PDL:  # launched with programmatic dependent launch: x comes from the kernel before
-        gdc_wait()
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
+@triton.jit
+def tile_of(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program pid's output tile in grouped order (GROUP_M row-tiles share each weight column-tile
+    while it is in L2): (pid_m, pid_n, offs_m, offs_n, rm, rn); rm / rn are the offsets wrapped
+    into range, so loads need no row mask (the store is masked)."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     width = GROUP_M * num_n
@@ -99,13 +87,22 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, x_
     gsz = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % gsz
     pid_n = (pid % width) // gsz
-
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    rm = (offs_m % M).to(tl.int64)  # wrapped: loads need no row mask, the store is masked
+    rm = (offs_m % M).to(tl.int64)
     rn = (offs_n % N).to(tl.int64)
-    offs_k = tl.arange(0, BK)
+    return pid_m, pid_n, offs_m, offs_n, rm, rn
 
+
+@triton.jit
+def gemm_tiles(x_ptr, w_ptr, s_ptr, x_desc, w_desc, rm, rn, pid_m, pid_n, pid_k, split_k, N, K, stride_xm,
+               stride_xk, WKIND: tl.constexpr, GROUP: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr,
+               XK1: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP8_ACC: tl.constexpr,
+               TMA: tl.constexpr):
+    """The main loop: x rows rm (wrapped, so no row mask) times weight rows rn over the K-tiles
+    pid_k, pid_k + split_k, ...; returns the raw accumulator, [BM, BN] ([BN, BM] if SWAP), int32
+    for int8 x int8, else float32. Shared by gemm_kernel and the Inductor template (templates.py)."""
+    offs_k = tl.arange(0, BK)
     if WKIND == WK_INT8_MMA:
         ACC: tl.constexpr = tl.int32
         DT: tl.constexpr = tl.int8
@@ -157,6 +154,45 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, x_
         else:
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=ACC)
 
+    return acc
+
+
+@triton.jit
+def scale_acc(acc, xs_ptr, s_ptr, mi, ni, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr):
+    """The accumulator in float32 times the activation scales (rows mi) and the weight scales
+    (columns ni), per row / per tensor / none."""
+    out = acc.to(tl.float32)
+    if XS_MODE == SC_ROW:
+        out = out * tl.load(xs_ptr + mi)
+    elif XS_MODE == SC_TENSOR:
+        out = out * tl.load(xs_ptr)
+    if WS_MODE == SC_ROW:
+        out = out * tl.load(s_ptr + ni).to(tl.float32)
+    elif WS_MODE == SC_TENSOR:
+        out = out * tl.load(s_ptr).to(tl.float32)
+    return out
+
+
+REDUCE_NONE = tl.constexpr(0)
+REDUCE_FIXUP = tl.constexpr(1)
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])
+def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, x_desc, w_desc, M, N, K,
+                stride_xm, stride_xk, stride_om, split_k,
+                WKIND: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr,
+                GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
+                SWAP: tl.constexpr, IEEE: tl.constexpr, XK1: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr,
+                PDL: tl.constexpr, TMA: tl.constexpr):
+    if PDL:  # launched with programmatic dependent launch: x comes from the kernel before
+        gdc_wait()
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m, pid_n, offs_m, offs_n, rm, rn = tile_of(pid, M, N, BM, BN, GROUP_M)
+    acc = gemm_tiles(x_ptr, w_ptr, s_ptr, x_desc, w_desc, rm, rn, pid_m, pid_n, pid_k, split_k, N, K, stride_xm,
+                     stride_xk, WKIND, GROUP, SWAP, IEEE, XK1, BM, BN, BK, FP8_ACC, TMA)
+
     # Epilogue in the accumulator's orientation.
     if SWAP:
         mi = rm[None, :]
@@ -168,15 +204,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, x_
         ni = rn[None, :]
         om = offs_m[:, None]
         on = offs_n[None, :]
-    out = acc.to(tl.float32)
-    if XS_MODE == SC_ROW:
-        out = out * tl.load(xs_ptr + mi)
-    elif XS_MODE == SC_TENSOR:
-        out = out * tl.load(xs_ptr)
-    if WS_MODE == SC_ROW:
-        out = out * tl.load(s_ptr + ni).to(tl.float32)
-    elif WS_MODE == SC_TENSOR:
-        out = out * tl.load(s_ptr).to(tl.float32)
+    out = scale_acc(acc, xs_ptr, s_ptr, mi, ni, XS_MODE, WS_MODE)
     mask = (om < M) & (on < N)
     ptrs = out_ptr + om.to(tl.int64) * stride_om + on
     if REDUCE == REDUCE_FIXUP:
