@@ -18,6 +18,9 @@ def backend(config: QuantConfig | None = None, **options: Any) -> Backend:
     return Backend(config, **options)
 
 
+_BACKEND_ONLY = ("inductor", "fuse_siblings", "fuse_act_quant", "embed_kernels", "templates")
+
+
 def compile(model: Any, config: QuantConfig | None = None, *, skip: Sequence[str] = (),  # noqa: A001
             filter: LayerFilter | None = None, release_weights: bool = False, verbose: bool = False,  # noqa: A002
             prepacked: Any = None, **torch_compile_kwargs: Any):
@@ -25,8 +28,10 @@ def compile(model: Any, config: QuantConfig | None = None, *, skip: Sequence[str
 
     The result has `.fxquant_report` (filled on the first call, when Dynamo compiles).
     `prepacked=fxquant.load(path)` uses saved packed weights instead of quantizing."""
+    # the backend's other options (fuse_siblings, templates, ...) by name; the rest is torch.compile's
+    mine = {k: torch_compile_kwargs.pop(k) for k in _BACKEND_ONLY if k in torch_compile_kwargs}
     be = Backend(config, skip=skip, filter=filter, release_weights=release_weights, verbose=verbose,
-                 prepacked=prepacked)
+                 prepacked=prepacked, **mine)
     compiled = torch.compile(model, backend=be, **torch_compile_kwargs)
     compiled.fxquant_backend = be
     compiled.fxquant_report = be.report  # the backend fills this list in place when it compiles

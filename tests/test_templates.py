@@ -25,6 +25,11 @@ class _Done(Exception):
     pass
 
 
+@pytest.fixture(autouse=True)
+def _cpu_triton(monkeypatch):
+    monkeypatch.setattr(T, "_CPU_TRITON_FOR_TESTS", True)
+
+
 def _codegen(cfg, m: int, templates="always") -> str:
     """The wrapper code Inductor generates for Block under fxquant (nothing is compiled or run)."""
     from torch._inductor import config as inductor_config
@@ -81,15 +86,28 @@ def test_small_m_keeps_the_op():
     assert "torch.ops.fxquant.int8_weight_only_linear.default(" in code.split("def call(")[-1]
 
 
-def test_the_lowerings_table_is_restored():
-    from torch._inductor.lowering import lowerings
+def test_the_lowerings_table_is_restored_with_the_ops_fallback():
+    """After the context, Inductor's own fallback for the op (with its layout constraint, as the
+    implicit fallback has) is what a compile without templates finds; also after an exception."""
+    from torch._inductor.lowering import lowerings, maybe_layout_constraints
     op = torch.ops.fxquant.int8_weight_only_linear.default
-    before = lowerings.get(op)
     with T.template_lowerings():
-        assert lowerings.get(op) is not before
-    assert lowerings.get(op) is before
+        inside = lowerings[op]
+    after = lowerings.get(op)
+    assert after is not None and after is not inside
+    assert maybe_layout_constraints(op) is not None
+    with pytest.raises(RuntimeError, match="boom"):
+        with T.template_lowerings():
+            assert lowerings[op] is not after
+            raise RuntimeError("boom")
+    assert lowerings.get(op) is after
 
 
 def test_bad_option_value_is_refused():
     with pytest.raises(ValueError, match=r"options\['templates'\] must be False, True or 'always', got 'yes'"):
         fxquant.backend(fxquant.Int8WeightOnly(), templates="yes")
+
+
+def test_compile_passes_the_backend_options_on():
+    c = fxquant.compile(torch.nn.Linear(64, 64), fxquant.Int8WeightOnly(), templates="always", fuse_siblings=False)
+    assert c.fxquant_backend.templates == "always" and c.fxquant_backend.fuse_siblings is False

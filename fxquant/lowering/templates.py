@@ -27,6 +27,7 @@ import torch
 from .triton import common as C
 
 TEMPLATE_MIN_M = 64
+_CPU_TRITON_FOR_TESTS = False  # tests/test_templates.py: lower for the CPU device's Triton backend too
 
 # op name -> (scheme, weight kind, activation-scale mode, is it a prequant op)
 _OPS = {
@@ -102,13 +103,10 @@ def _tiles(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dtype, 
     is not swapped), then the fixed ones (more under max-autotune). int4: BLOCK_K fits the group."""
     from .triton import dispatch as D
     out = []
-    try:
-        cfg = D.get_config(scheme, m, n, k, group, dtype, device, allow_cxx=False, allow_scaled_mm=False,
-                           allow_cutlass=False)
-        if cfg.kind == "gemm" and not cfg.swap:
-            out.append((cfg.bm, cfg.bn, cfg.bk, cfg.group_m, cfg.warps, cfg.stages))
-    except Exception:  # no table for this device: the fixed tiles only
-        pass
+    cfg = D.get_config(scheme, m, n, k, group, dtype, device, allow_cxx=False, allow_scaled_mm=False,
+                       allow_cutlass=False)
+    if cfg.kind == "gemm" and not cfg.swap:
+        out.append((cfg.bm, cfg.bn, cfg.bk, cfg.group_m, cfg.warps, cfg.stages))
     for bm, bn, bk, gm, w, s in _FIXED + (_AUTOTUNE if autotune else []):
         out.append((bm, bn, bk * 2 if eight_bit_x else bk, gm, w, s))
     ok = []
@@ -121,14 +119,14 @@ def _tiles(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dtype, 
     return ok
 
 
-def _lowering(name: str, always: bool):
+def _lowering(name: str, always: bool, fallback_lowering):
     scheme, wkind, xs_mode, prequant = _OPS[name]
     op = getattr(torch.ops.fxquant, name).default
 
     def lower(*args, **kwargs):
         from torch._inductor import config as inductor_config
         from torch._inductor import ir
-        from torch._inductor.lowering import fallback_handler, lowerings
+        from torch._inductor.lowering import lowerings
         from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
         from torch._inductor.utils import sympy_product
 
@@ -137,8 +135,8 @@ def _lowering(name: str, always: bool):
         vals = {a.name: (args[i] if i < len(args) else kwargs.get(a.name, a.default_value))
                 for i, a in enumerate(bound.arguments)}
 
-        def fallback():
-            return fallback_handler(op, add_to_fallback_set=False)(*args, **kwargs)
+        def fallback():  # what Inductor does with the op without this lowering
+            return fallback_lowering(*args, **kwargs)
 
         x = vals["xq" if prequant else "x"]
         qweight = vals["qweight"]
@@ -148,8 +146,8 @@ def _lowering(name: str, always: bool):
         group = int(vals.get("group_size") or 0)
         out_dtype = vals["out_dtype"] if prequant else x.get_dtype()
         device = x.get_device()
-        on_gpu = device is not None and (device.type == "cuda" or (  # (CPU-Triton: codegen tests)
-            device.type == "cpu" and inductor_config.cpu_backend == "triton"))
+        on_gpu = device is not None and (device.type == "cuda" or (
+            _CPU_TRITON_FOR_TESTS and device.type == "cpu" and inductor_config.cpu_backend == "triton"))
         if not on_gpu or out_dtype not in (torch.bfloat16, torch.float16):
             return fallback()
         if not prequant and x.get_dtype() != out_dtype:
@@ -180,14 +178,16 @@ def _lowering(name: str, always: bool):
             _extern(name).maybe_append_choice(choices, input_nodes=tuple(inputs), layout=layout, **extra)
         from .triton.dispatch import _fp8_acc
         for bm, bn, bk, gm, warps, stages in _tiles(scheme, m_int, n_int, k_int, group, out_dtype, device,
-                                                    prequant, autotune)[:1 if always else None]:
+                                                    prequant, autotune):
             err = _template(prequant, bias is not None).maybe_append_choice(
                 choices, input_nodes=tuple(inputs), layout=layout, num_stages=stages, num_warps=warps,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, WKIND=int(wkind.value),
                 GROUP=group, XS_MODE=int(xs_mode.value), WS_MODE=int(ws_mode.value),
                 FP8_ACC=_fp8_acc(bk) if wkind == C.WK_FP8_MMA else 0)
             if err is not None:
-                _warn_once(f"fxquant: the {name} template did not generate ({err}); the op stays")
+                _warn_once(f"fxquant: a {name} template config did not generate ({err})")
+            elif always:
+                break  # the first config that generates
         if not choices:
             return fallback()
         node = autotune_select_algorithm(f"fxquant_{name}", choices, inputs, layout)
@@ -195,6 +195,19 @@ def _lowering(name: str, always: bool):
         return lowerings[aten.view.default](node, [*lead, n_int])
 
     return lower
+
+
+def _fallback(op):
+    """Inductor's own lowering of `op` (an opaque call), made as its implicit fallback would be,
+    layout constraint included, if no compile has made it yet; it stays registered afterwards."""
+    from torch._inductor import lowering as L
+    if op not in L.lowerings:
+        try:
+            constraint = L.tag_to_layout_constraint(L.get_layout_constraint_tag(op, with_default=True))
+        except (AttributeError, TypeError):  # a torch without these helpers
+            constraint = None
+        L.make_fallback(op, layout_constraint=constraint, warn=False)
+    return L.lowerings[op]
 
 
 @contextlib.contextmanager
@@ -208,8 +221,9 @@ def template_lowerings(always: bool = False) -> Iterator[None]:
     saved = {}
     for name in _OPS:
         op = getattr(torch.ops.fxquant, name).default
+        fallback = _fallback(op)
         saved[op] = L.lowerings.get(op)
-        register_lowering(op, type_promotion_kind=None)(_lowering(name, always))
+        register_lowering(op, type_promotion_kind=None)(_lowering(name, always, fallback))
     try:
         yield
     finally:

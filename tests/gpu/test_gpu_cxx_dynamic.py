@@ -280,7 +280,7 @@ def _late_copy_kernel(src, dst, n, sink, SPIN: tl.constexpr, BLOCK: tl.constexpr
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-def test_programmatic_dependent_launch_waits_for_the_kernel_before(fp8, monkeypatch):
+def test_programmatic_dependent_launch_waits_for_the_kernel_before(fp8):
     """A kernel right before the PDL-launched prequant kernel triggers it first and writes xq and its
     scales only ~50 us later: without its griddepcontrol.wait the prequant kernel would read the
     zeros that were there; with it, the outputs equal those of a plain launch on the data."""

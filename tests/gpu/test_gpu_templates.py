@@ -66,6 +66,34 @@ def test_template_fuses_the_epilogue_and_equals_the_op(cfg):
     assert sqnr(plain, got.float()) > 15
 
 
+class NoBias(nn.Module):
+    """N = 200 and K = 384: neither a multiple of the tiles (K of the 8-bit tiles' 256); no bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(384, 200, bias=False)
+
+    def forward(self, x):
+        return self.fc(x).float() * 2
+
+
+@pytest.mark.parametrize("cfg", [SCHEMES[0], SCHEMES[1], SCHEMES[4], SCHEMES[5]], ids=lambda c: c.describe())
+def test_template_without_bias_on_ragged_shapes(cfg):
+    _skip_fp8(cfg)
+    torch.manual_seed(0)
+    model = NoBias().to(torch.bfloat16).cuda().eval()
+    x = torch.randn(3, 50, 384, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for templates in (False, "always"):
+        torch._dynamo.reset()
+        f = torch.compile(model, backend="fxquant", options={"config": cfg, "templates": templates})
+        with torch.no_grad():
+            out, code = run_and_get_code(f, x)
+        outs.append(out)
+    assert "triton_tem_fused" in "\n".join(code)
+    assert sqnr(outs[0], outs[1]) > 45, sqnr(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("cfg", [SCHEMES[0], SCHEMES[1], SCHEMES[4]], ids=lambda c: c.describe())
 def test_benchmarked_choice_runs(cfg):
     """templates=True: Inductor benchmarks the op against the template at compile time; either

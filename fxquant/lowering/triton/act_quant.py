@@ -114,7 +114,9 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, K, stride_xm, stride_xk,
 def quantize_activations(x2: torch.Tensor, fp8: bool, per_row: bool = True, pdl: bool = False,
                          wrap=eager) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] float (any strides), M > 0 -> (q [M, K] int8/e4m3 contiguous, scale fp32 [M] or [1]).
-    pdl: the next kernel is launched with programmatic dependent launch (sm_90+ only).
+    pdl: the next kernel is launched with programmatic dependent launch (sm_90+ only); this
+    kernel triggers it early but is itself launched plainly, which the C++ prequant kernel's
+    weight reads before its wait rely on (dispatch._run_cxx_dynamic).
     wrap: torch.library.wrap_triton where traced (triton_ops.py)."""
     M, K = x2.shape
     q = torch.empty((M, K), device=x2.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)

@@ -313,7 +313,8 @@ def _cxx_pdl(x: torch.Tensor) -> bool:
     dependent launch: it starts, and fetches its first weights, while that quantization still runs
     (which therefore triggers its dependents). FXQUANT_PDL=0 turns it off with the Triton PDL. Measured
     on an H100 at M = 16 (BENCHMARKS.md S17): w8a8 1.45 -> 1.66x over bf16 at 4096x4096, fp8 row
-    1.38 -> 1.57x; never slower."""
+    1.38 -> 1.57x; 3-14 % faster on three of four Llama shapes at M = 16 and 32, within the
+    call-to-call spread (+-4 %) on 28672x4096."""
     return os.environ.get("FXQUANT_PDL", "1") != "0" and _pdl_capable(x)
 
 
@@ -526,7 +527,9 @@ def _run_cxx_dynamic(scheme, x, x2, qweight, scales, bias):
     xs = xs.reshape(-1, 1).expand(x2.shape[0], 1)  # a per-tensor scale, once per token
     op = (torch.ops.fxquant.cxx_float8_dynamic_linear_prequant if fp8
           else torch.ops.fxquant.cxx_int8_dynamic_linear_prequant)
-    # pdl: the weight is a constant, read before the kernel waits for the quantization
+    # pdl: the kernel reads the weight before it waits. Safe because the quantization kernel right
+    # before it is launched plainly (it only triggers its dependents), so everything earlier on the
+    # stream, a _kernel_ready copy of the weight included, has finished when this kernel starts.
     return op(q, xs, qweight, scales, bias, x.dtype, pdl).reshape(*x.shape[:-1], qweight.shape[0])
 
 

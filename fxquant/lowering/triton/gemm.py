@@ -161,7 +161,7 @@ def gemm_tiles(x_ptr, w_ptr, s_ptr, x_desc, w_desc, rm, rn, pid_m, pid_n, pid_k,
 def scale_acc(acc, xs_ptr, s_ptr, mi, ni, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr):
     """The accumulator in float32 times the activation scales (rows mi) and the weight scales
     (columns ni), per row / per tensor / none."""
-    out = acc.to(tl.float32)
+    out = tl.cast(acc, tl.float32)
     if XS_MODE == SC_ROW:
         out = out * tl.load(xs_ptr + mi)
     elif XS_MODE == SC_TENSOR:
