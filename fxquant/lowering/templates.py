@@ -92,6 +92,17 @@ def _warn_once(msg: str) -> None:
     warnings.warn(msg, stacklevel=2)
 
 
+@functools.lru_cache(maxsize=None)
+def _graph_timing() -> dict[str, bool]:
+    """Time the op's choice in a CUDA graph where this torch's selector can: outside one, fxquant's
+    Python dispatch is on the clock and the template wins where it is slower (BENCHMARKS.md S17)."""
+    import inspect
+
+    from torch._inductor.select_algorithm import AlgorithmSelectorCache
+    ok = "benchmark_with_cudagraphs" in inspect.signature(AlgorithmSelectorCache.__call__).parameters
+    return {"benchmark_with_cudagraphs": True} if ok else {}
+
+
 def _static_int(v) -> int | None:
     v = sympy.sympify(v)
     return int(v) if v.is_Integer else None
@@ -190,7 +201,7 @@ def _lowering(name: str, always: bool, fallback_lowering):
                 break  # the first config that generates
         if not choices:
             return fallback()
-        node = autotune_select_algorithm(f"fxquant_{name}", choices, inputs, layout)
+        node = autotune_select_algorithm(f"fxquant_{name}", choices, inputs, layout, **_graph_timing())
         node = node[0] if isinstance(node, tuple) else node  # (node, choice) from torch 2.12 on
         return lowerings[aten.view.default](node, [*lead, n_int])
 
