@@ -17,8 +17,10 @@ TEMPLATE_MIN_M, or the op's inputs are not what the template reads, the op stays
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import functools
 import warnings
+from pathlib import Path
 from typing import Any, Iterator
 
 import sympy
@@ -71,7 +73,10 @@ def _template(prequant: bool, has_bias: bool):
     from torch._inductor.kernel.mm_common import mm_grid
     from torch._inductor.select_algorithm import TritonTemplate
     names = ["X"] + (["XS"] if prequant else []) + ["W", "S"] + (["B"] if has_bias else [])
-    source = (_SOURCE.replace("%ARGS%", ", ".join(f'"{a}"' for a in names))
+    # Inductor keys its caches on the template's text; the body lives in gemm.py, so name its hash
+    from .triton import gemm
+    body = hashlib.sha256(Path(gemm.__file__).read_bytes()).hexdigest()[:16]
+    source = (f"# gemm.py {body}\n" + _SOURCE.replace("%ARGS%", ", ".join(f'"{a}"' for a in names))
               .replace("%XS%", "XS" if prequant else "S")
               .replace("%BIAS%", "    out = out + tl.load(B + rn[None, :]).to(tl.float32)" if has_bias else ""))
     return TritonTemplate(name=f"fxquant_gemm{'_xs' if prequant else ''}{'_bias' if has_bias else ''}",
