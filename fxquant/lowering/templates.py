@@ -243,8 +243,4 @@ def template_lowerings(always: bool = False) -> Iterator[None]:
     try:
         yield
     finally:
-        for op, fn in saved.items():
-            if fn is None:
-                L.lowerings.pop(op, None)
-            else:
-                L.lowerings[op] = fn
+        L.lowerings.update(saved)  # (each op has Inductor's fallback by now: _fallback)
