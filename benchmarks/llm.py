@@ -64,10 +64,24 @@ BASELINES = ("bf16-eager", "bf16-inductor")
 TORCHAO_SCHEMES = ("torchao-int4", "torchao-int8wo")
 ALL_SCHEMES = BASELINES + tuple(FXQUANT_SCHEMES) + TORCHAO_SCHEMES
 EMBED = "+embed"  # "<fxquant scheme>+embed": the backend's embed_kernels=True (Triton kernels in Inductor's graph)
+NOFOLD = "+nofold"  # "<fxquant scheme>+nofold": the backend's fold_gqa=False (repeated K/V copied, as Inductor does)
+FOLD = "bf16-inductor+fold"  # Inductor bf16 with fxquant's grouped-query attention fold alone, no quantization
+FLAGS = {EMBED: {"embed_kernels": True}, NOFOLD: {"fold_gqa": False}}
+
+
+def split_scheme(name: str) -> tuple[str, dict[str, Any]]:
+    """"int4+embed+nofold" -> ("int4", {"embed_kernels": True, "fold_gqa": False})."""
+    base, options = name, {}
+    for flag, opts in FLAGS.items():
+        if flag in base:
+            base = base.replace(flag, "")
+            options.update(opts)
+    return base, options
 
 
 def known_scheme(name: str) -> bool:
-    return name in ALL_SCHEMES or (name.endswith(EMBED) and name.removesuffix(EMBED) in FXQUANT_SCHEMES)
+    base, options = split_scheme(name)
+    return name in ALL_SCHEMES or name == FOLD or (base in FXQUANT_SCHEMES and bool(options))
 CHECK_TOKENS = 32  # greedy tokens compared with the reference
 WARMUP_ROUNDS = 2  # round 1 compiles, round 2 records CUDA graphs (reduce-overhead) off the clock
 # `cache_position` was dropped from HF forward signatures in 5.x; pass it only where it exists.
@@ -267,6 +281,18 @@ class Unavailable(Exception):
     """The scheme's library is not installed here."""
 
 
+def inductor_with_gqa_fold(gm: torch.fx.GraphModule, example_inputs: list, mode: str | None = None,
+                           options: dict | None = None) -> Callable:
+    """Inductor, after fxquant's grouped-query attention fold (no quantization): shows how much of a
+    scheme's speedup the fold alone gives."""
+    from fxquant.passes.gqa_attention import fold_gqa_attention
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+    fold_gqa_attention(gm)
+    return compile_fx(gm, example_inputs, config_patches={**(list_mode_options(mode) if mode else {}),
+                                                          **(options or {})})
+
+
 def prepare(name: str, args: argparse.Namespace, cfg: transformers.LlamaConfig, dtype: torch.dtype,
             ref_prompt: torch.Tensor, n_check: int) -> tuple[Callable, dict | None, dict]:
     """The model to time for scheme `name` (compiled unless bf16-eager), the eager reference
@@ -280,7 +306,7 @@ def prepare(name: str, args: argparse.Namespace, cfg: transformers.LlamaConfig, 
             cache = make_cache(cfg, 1, ref_prompt.shape[1] + n_check, dtype, device)
             return generate(model, cache, ref_prompt, n_check, keep_logits=n_check)
 
-    base = name.removesuffix(EMBED)
+    base, flags = split_scheme(name)
     if base in FXQUANT_SCHEMES:
         config = FXQUANT_SCHEMES[base]()
         # The reference: fxquant.quantize_weights packs what the backend packs (config.pack of
@@ -297,7 +323,7 @@ def prepare(name: str, args: argparse.Namespace, cfg: transformers.LlamaConfig, 
         reset_peak(device)  # the reference's memory is not the scheme's
         model = build_model(cfg, device, dtype, args.seed)
         ref["same_weights"] = weights_fingerprint(model) == fingerprint
-        be = fxquant.backend(config, release_weights=True, embed_kernels=name.endswith(EMBED))
+        be = fxquant.backend(config, release_weights=True, **flags)
         # torch.compile passes mode= on to a callable backend; fxquant.Backend applies its Inductor options.
         compiled = torch.compile(model, backend=be, **compile_kw)
         notes["config"] = config.describe()
@@ -313,6 +339,9 @@ def prepare(name: str, args: argparse.Namespace, cfg: transformers.LlamaConfig, 
         return model, None, notes
     if name == "bf16-inductor":
         return torch.compile(model, **compile_kw), reference(model), notes  # reference: the same model, eager
+    if name == FOLD:
+        return torch.compile(model, backend=inductor_with_gqa_fold, dynamic=args.dynamic,
+                             **({"mode": args.mode} if args.mode else {})), reference(model), notes
     if name in TORCHAO_SCHEMES:
         ao_cfg = (Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
                   if name == "torchao-int4" else Int8WeightOnlyConfig())
@@ -513,8 +542,8 @@ def plot(results: list[dict], batches: list[int], path: Path, title: str) -> Non
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--schemes", default=",".join(ALL_SCHEMES),
-                   help=f"comma list from {', '.join(ALL_SCHEMES)}; an fxquant scheme + '{EMBED}' compiles "
-                        f"with embed_kernels=True")
+                   help=f"comma list from {', '.join(ALL_SCHEMES)}, {FOLD}; an fxquant scheme + '{EMBED}' "
+                        f"compiles with embed_kernels=True, + '{NOFOLD}' with fold_gqa=False")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 32, or 2 with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a tiny float32 model (hidden 64, vocab 256) for tests")
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
@@ -532,7 +561,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     unknown = [s for s in args.schemes if not known_scheme(s)]
     if unknown:
-        p.error(f"unknown scheme(s) {unknown}; choose from {', '.join(ALL_SCHEMES)}")
+        p.error(f"unknown scheme(s) {unknown}; choose from {', '.join(ALL_SCHEMES)}, {FOLD}, or an fxquant "
+                f"scheme with {' / '.join(FLAGS)}")
     args.batches = [int(b) for b in args.batches.split(",")]
     args.dynamic = {"none": None, "true": True, "false": False}[args.dynamic]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,6 +10,7 @@ it per scheme, and for one step at batch --batch (--tokens tokens per row; 1 = d
 
   python benchmarks/profile_step.py --schemes bf16-inductor,int4 --layers 8 --batch 1
   python benchmarks/profile_step.py --schemes int8dyn,int8dyn:nofuse --tokens 2048   # fuse_act_quant off
+  python benchmarks/profile_step.py --schemes bf16-inductor,bf16-inductor+fold,int4,int4:nofold --batch 32
 
 With --out DIR it writes profile.json (every kernel's ms per step) and profile.png (a stacked bar per
 scheme: ms per step by kernel group, and the gaps).
@@ -54,8 +55,11 @@ def build(name: str, cfg, dtype, mode: str):
     model = llm.build_model(cfg, device, dtype, seed=0)
     if name == "bf16-inductor":
         return torch.compile(model, mode=mode)
-    scheme, _, flags = name.partition(":")  # e.g. "int8dyn:nofuse" (fuse_act_quant=False)
-    options = {"fuse_act_quant": False} if flags == "nofuse" else {}
+    if name == llm.FOLD:
+        return torch.compile(model, backend=llm.inductor_with_gqa_fold, mode=mode)
+    scheme, _, flags = name.partition(":")  # e.g. "int8dyn:nofuse" (fuse_act_quant=False), "int4:nofold"
+    known = {"nofuse": ("fuse_act_quant", False), "nofold": ("fold_gqa", False)}
+    options = dict(known[f] for f in flags.split(",") if f)
     be = fxquant.backend(llm.FXQUANT_SCHEMES[scheme](), release_weights=True, **options)
     return torch.compile(model, backend=be, mode=mode)
 

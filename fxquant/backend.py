@@ -22,6 +22,7 @@ from .configs import Int8WeightOnly, QuantConfig
 from .passes import quantize as qpass
 from .passes.constants import PlaceholderConstants, dynamo_source_to_fqn
 from .passes.embed_triton import embed_triton_kernels
+from .passes.gqa_attention import fold_gqa_attention
 from .passes.act_quant import inductor_patches as act_quant_patches
 from .passes.act_quant import split_activation_quant
 from .passes.horizontal import fuse_siblings
@@ -30,7 +31,7 @@ from .passes.rewrite import LayerFilter, RewriteContext, graph_fake_mode
 from .report import LinearRecord, format_report
 
 OPTIONS = ("config", "skip", "filter", "release_weights", "verbose", "inductor", "prepacked", "mode",
-           "fuse_siblings", "fuse_act_quant", "embed_kernels", "templates")
+           "fuse_siblings", "fuse_act_quant", "embed_kernels", "templates", "fold_gqa")
 
 
 class Backend:
@@ -45,7 +46,7 @@ class Backend:
                  filter: LayerFilter | None = None, release_weights: bool = False,  # noqa: A002
                  verbose: bool = False, inductor: dict[str, Any] | None = None, prepacked: Any = None,
                  mode: str | None = None, fuse_siblings: bool = True, fuse_act_quant: bool = True,
-                 embed_kernels: bool = False, templates: bool | str = False):
+                 embed_kernels: bool = False, templates: bool | str = False, fold_gqa: bool = True):
         config = _prepacked_config(config, prepacked)
         config = Int8WeightOnly() if config is None else config
         if not isinstance(config, QuantConfig):
@@ -81,6 +82,9 @@ class Backend:
         if templates not in (False, True, "always"):
             raise ValueError(f"fxquant: options['templates'] must be False, True or 'always', got {templates!r}")
         self.templates = templates
+        # Grouped-query attention at few query rows without the repeated K/V copy (passes/gqa_attention.py).
+        self.fold_gqa = bool(fold_gqa)
+        self.gqa_folds: list[int] = []  # attentions folded, per captured graph
         self._records: dict[str, LinearRecord] = {}
         self._report: list[LinearRecord] = []  # live list, updated in place after each compile
         self._pack_cache: dict = {}
@@ -126,6 +130,10 @@ class Backend:
         if grad:
             self._warn_once("grad", "fxquant is inference-only: the graph is compiled under no_grad, its "
                             "weights are treated as constants and its outputs do not require grad.")
+        if self.fold_gqa:
+            self.gqa_folds.append(fold_gqa_attention(gm))
+            if self.verbose and self.gqa_folds[-1]:
+                print(f"fxquant: {self.gqa_folds[-1]} grouped-query attention(s) folded (no repeated K/V copy)")
         pristine = _copy_graph(gm)  # Inductor may edit gm; another set of weights compiles this copy
         compiled, read = self._compile(gm, example_inputs, mode, options)
         if read:

@@ -1,0 +1,111 @@
+"""Grouped-query attention without copying the K/V cache (backend option `fold_gqa`).
+
+HF's Llama (and gpt-fast) repeat each of Hkv key/value heads G times before
+`scaled_dot_product_attention` whenever a mask is passed, which a static KV cache always does.
+That is a copy of the whole cache, G times over, in every layer at every step: at batch 32 with
+a 384-position cache it is about 0.2 GB written and read again per layer of a Llama-3-8B shape.
+
+For few query rows (decode, speculative verification) this pass instead folds the G query heads
+that share a K/V head into the query-length dim:
+
+    q [B, Hkv*G, Lq, D] -> [B, Hkv, G*Lq, D]     (row g*Lq + i is query head kv*G + g, position i)
+    mask [Bm, 1 or Hkv*G, Lq, Lk] -> [Bm, 1 or Hkv, G*Lq, Lk] (the same rows)
+    out = sdpa(q, k, v, mask)                     (k, v: the cache itself, [B, Hkv, Lk, D])
+    out [B, Hkv, G*Lq, D] -> [B, Hkv*G, Lq, D]
+
+Each output row is the same softmax over the same keys as before; only which kernel tile it sits
+in changes. It runs on the Dynamo graph, before any lowering, so SDPA still picks its backend
+(and pads masks) for the folded shapes itself. Left alone: is_causal (its diagonal would move),
+dropout, enable_gqa, masks of other ranks, and more than MAX_QUERY_ROWS query positions (a
+prefill's mask copy would cost about what the K/V copy does).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..patterns.repeat_kv import example_value as _val
+from ..patterns.repeat_kv import match_repeat_kv
+
+MAX_QUERY_ROWS = 64
+_SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def _args(node: Node) -> dict | None:
+    if len(node.args) > len(_SDPA_ARGS) or set(node.kwargs) - set(_SDPA_ARGS):
+        return None
+    a = {**_DEFAULTS, **dict(zip(_SDPA_ARGS, node.args)), **node.kwargs}
+    return a if all(k in a for k in ("query", "key", "value")) else None
+
+
+def _fold(gm: GraphModule, node: Node) -> bool:
+    a = _args(node)
+    if a is None or a["dropout_p"] != 0.0 or a["is_causal"] is not False or a["enable_gqa"] is not False:
+        return False
+    k, v = match_repeat_kv(a["key"]), match_repeat_kv(a["value"])
+    if k is None or v is None or k[1] != v[1]:
+        return False
+    groups = k[1]
+    q, mask = _val(a["query"]), a["attn_mask"]
+    if q is None or q.dim() != 4 or not isinstance(q.shape[2], int) or q.shape[2] > MAX_QUERY_ROWS:
+        return False
+    heads, rows = q.shape[1], q.shape[2]
+    if not isinstance(heads, int) or heads % groups:
+        return False
+    hkv = heads // groups
+    m = _val(mask) if isinstance(mask, Node) else None
+    if mask is not None:
+        if m is None or m.dim() != 4 or not isinstance(m.shape[2], int) or m.shape[2] != rows \
+                or not isinstance(m.shape[1], int) or m.shape[1] not in (1, heads):
+            return False  # a float scalar mask, another rank, or one that broadcasts over queries
+    g = gm.graph
+    with g.inserting_before(node):
+        qf = g.call_method("flatten", (g.call_method("unflatten", (a["query"], 1, (hkv, groups))), 2, 3))
+        if mask is None:
+            mf = None
+        elif m.shape[1] == 1:  # one mask row per position, shared by every head: repeat it per group
+            mf = g.call_method("flatten", (g.call_method("expand", (
+                g.call_method("unsqueeze", (mask, 2)), -1, -1, groups, -1, -1)), 2, 3))
+        else:
+            mf = g.call_method("flatten", (g.call_method("unflatten", (mask, 1, (hkv, groups))), 2, 3))
+        out = g.call_function(node.target, (qf, k[0], v[0]),
+                              {"attn_mask": mf, "dropout_p": 0.0, "is_causal": False, "scale": a["scale"]})
+        unfolded = g.call_method("flatten", (g.call_method("unflatten", (out, 2, (groups, rows))), 1, 2))
+    node.replace_all_uses_with(unfolded)
+    _erase_unused(g, [node, a["key"], a["value"]])  # and what only fed them
+    return True
+
+
+def _erase_unused(g: torch.fx.Graph, nodes: list[Node]) -> None:
+    """Erase `nodes` and then their inputs, while each is unused and a pure view or copy step."""
+    stack, erased = list(nodes), set()
+    while stack:
+        n = stack.pop()
+        if n in erased or n.op not in ("call_function", "call_method") or n.users:
+            continue
+        if n.op == "call_method" and n.target not in ("reshape", "expand", "unsqueeze", "repeat_interleave"):
+            continue
+        if n.op == "call_function" and n.target not in (*_SDPA, torch.reshape, torch.unsqueeze,
+                                                         torch.repeat_interleave, operator.getitem):
+            continue
+        inputs = [i for i in n.all_input_nodes]
+        g.erase_node(n)
+        erased.add(n)
+        stack.extend(inputs)
+
+
+def fold_gqa_attention(gm: GraphModule) -> int:
+    """Fold every eligible grouped-query `scaled_dot_product_attention` of a Dynamo graph in place
+    (see the module docstring). Returns how many were folded."""
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _SDPA and _fold(gm, node):
+            folded += 1
+    if folded:
+        gm.graph.lint()
+        gm.recompile()
+    return folded
