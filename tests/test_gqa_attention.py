@@ -8,7 +8,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxquant
+from fxquant.passes import gqa_attention
 from fxquant.passes.gqa_attention import MAX_QUERY_ROWS, fold_gqa_attention
+
+
+@pytest.fixture(autouse=True)
+def fold_small_batches(request, monkeypatch):
+    """These tests use a few heads and rows; the batch-size rule has its own test below."""
+    if "real_batch_rule" not in request.node.name:
+        monkeypatch.setattr(gqa_attention, "MIN_KV_HEADS_IN_BATCH", 1)
 
 
 def _hf_repeat(x, g):  # transformers' repeat_kv
@@ -224,3 +232,26 @@ def test_dynamic_batch_one_graph():
         mask[..., 0] = True
         torch.testing.assert_close(fn(q, k, v, mask), attn(q, k, v, mask), rtol=1e-5, atol=1e-5)
     assert folds == [1, 1]
+
+
+def test_real_batch_rule():
+    """A static batch with too few K/V heads in all (B * Hkv) stays unfolded; a symbolic batch folds."""
+    g, hkv, lk, d = 4, 8, 16, 8
+    folds = []
+
+    def backend(gm, example_inputs):
+        folds.append(fold_gqa_attention(gm))
+        return gm.forward
+
+    def attn(q, k, v):
+        return F.scaled_dot_product_attention(q, _hf_repeat(k, g), _hf_repeat(v, g))
+
+    torch._dynamo.reset()
+    fn = torch.compile(attn, backend=backend)
+    small = gqa_attention.MIN_KV_HEADS_IN_BATCH // hkv - 1  # one batch row short
+    big = gqa_attention.MIN_KV_HEADS_IN_BATCH // hkv
+    for b in (small, big, big + 1):
+        q, k, v = torch.randn(b, hkv * g, 1, d), torch.randn(b, hkv, lk, d), torch.randn(b, hkv, lk, d)
+        torch.testing.assert_close(fn(q, k, v), attn(q, k, v), rtol=1e-5, atol=1e-5)
+    # static batch `small`: not folded; then the automatic-dynamic batch: folded
+    assert folds == [0, 1]

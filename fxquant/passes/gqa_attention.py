@@ -18,6 +18,14 @@ in changes. It runs on the Dynamo graph, before any lowering, so SDPA still pick
 (and pads masks) for the folded shapes itself. Left alone: is_causal (its diagonal would move),
 dropout, enable_gqa, masks of other ranks, and more than MAX_QUERY_ROWS query positions (a
 prefill's mask copy would cost about what the K/V copy does).
+
+Also left alone: a static batch with fewer than MIN_KV_HEADS_IN_BATCH K/V heads in all (B * Hkv).
+Folded, each (batch, K/V head) is one query tile that walks the whole cache, and that kernel's time
+hardly depends on the batch; unfolded, copy + attention grow with it. On an H100 with 8 layers of
+a Llama-3-8B shape and a 2304-position cache (BENCHMARKS.md S18), attention per step took 0.40 /
+0.42 ms folded at batch 1 / 8, against 0.27 / 1.94 ms unfolded; at batch 32 with 384 positions
+folding saved 1.1 ms. So batch 1 (8 K/V heads) stays unfolded and batch 2 and up fold. A symbolic
+batch (Dynamo's automatic dynamic batch; batch 1 then keeps its own static graph) is folded.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from ..patterns.repeat_kv import example_value as _val
 from ..patterns.repeat_kv import match_repeat_kv
 
 MAX_QUERY_ROWS = 64
+MIN_KV_HEADS_IN_BATCH = 16  # B * Hkv below this (B a number): not folded (see the docstring)
 _SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
@@ -57,6 +66,8 @@ def _fold(gm: GraphModule, node: Node) -> bool:
     if not isinstance(heads, int) or heads % groups:
         return False
     hkv = heads // groups
+    if isinstance(q.shape[0], int) and q.shape[0] * hkv < MIN_KV_HEADS_IN_BATCH:
+        return False
     m = _val(mask) if isinstance(mask, Node) else None
     if mask is not None:
         if m is None or m.dim() != 4 or not isinstance(m.shape[2], int) or m.shape[2] != rows \

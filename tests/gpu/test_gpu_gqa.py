@@ -8,9 +8,16 @@ import torch.nn.functional as F
 
 import fxquant
 from fxquant.numerics import sqnr
+from fxquant.passes import gqa_attention
 from fxquant.passes.gqa_attention import fold_gqa_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def fold_small_batches(monkeypatch):
+    """Numerics at every batch size, including those the pass leaves unfolded by default."""
+    monkeypatch.setattr(gqa_attention, "MIN_KV_HEADS_IN_BATCH", 1)
 
 
 def _repeat(x, g):  # transformers' repeat_kv
