@@ -83,7 +83,9 @@ class Backend:
             raise ValueError(f"fxquant: options['templates'] must be False, True or 'always', got {templates!r}")
         self.templates = templates
         # Grouped-query attention at few query rows without the repeated K/V copy (passes/gqa_attention.py).
-        self.fold_gqa = bool(fold_gqa)
+        if not isinstance(fold_gqa, bool):
+            raise TypeError(f"fxquant: options['fold_gqa'] must be True or False, got {fold_gqa!r}")
+        self.fold_gqa = fold_gqa
         self.gqa_folds: list[int] = []  # attentions folded, per captured graph
         self._records: dict[str, LinearRecord] = {}
         self._report: list[LinearRecord] = []  # live list, updated in place after each compile
@@ -232,7 +234,8 @@ class _QuantizeJointPass(CustomGraphPass):
 
     def uuid(self) -> str:
         b = self.backend
-        return f"fxquant:{b.config.describe()}:{b.skip}:{b.fuse_siblings}:{b.fuse_act_quant}:{b.embed_kernels}:{b.templates}"
+        return (f"fxquant:{b.config.describe()}:{b.skip}:{b.fuse_siblings}:{b.fuse_act_quant}:{b.embed_kernels}:"
+                f"{b.templates}:{b.fold_gqa}")
 
 
 def _prepacked_config(config: QuantConfig | None, prepacked: Any) -> QuantConfig | None:

@@ -1,6 +1,8 @@
 """The `fold_gqa` pass: grouped-query attention at few query rows reads the K/V cache as it is
 instead of a copy with every head repeated G times. Outputs equal the unfolded graph's; the graph
 has no repeat left; look-alikes and ineligible calls stay as they were."""
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,10 +87,12 @@ def test_fold_matches_unfolded(form, b, hkv, g, lq, lk, d, mask_kind, seed):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     if g > 1:
         (node,) = _sdpa_nodes(graph)
-        # the cache tensors themselves feed the attention; no repeat is left in the graph
-        assert node.args[1].op == "placeholder" and node.args[2].op == "placeholder"
-        assert not any(n.target in ("expand", "repeat_interleave") or n.target is torch.repeat_interleave
-                       for n in graph.nodes if n.args and n.args[0] in (node.args[1], node.args[2]))
+        # the cache tensors themselves feed the attention, and nothing else reads them
+        k_in, v_in = node.args[1], node.args[2]
+        assert k_in.op == "placeholder" and v_in.op == "placeholder"
+        assert list(k_in.users) == [node] and list(v_in.users) == [node]
+        # no repeat step is left anywhere in the graph
+        assert not [n for n in graph.nodes if n.target in ("reshape", "repeat_interleave", operator.getitem)]
 
 
 def test_fold_shapes_of_the_folded_call():
@@ -121,7 +125,7 @@ def test_fold_shapes_of_the_folded_call():
 
 
 @pytest.mark.parametrize("case", ["causal", "dropout", "enable_gqa", "too_many_rows", "interleave_dim2",
-                                  "heads_outer", "mask_broadcast_rows"])
+                                  "heads_outer", "mask_broadcast_rows", "cache_written_after_repeat"])
 def test_not_folded(case):
     """Calls the fold would change (or cannot express) stay as they were, with the same output."""
     torch.manual_seed(0)
@@ -140,7 +144,7 @@ def test_not_folded(case):
             return F.scaled_dot_product_attention(q, _hf_repeat(k, g), _hf_repeat(v, g), dropout_p=0.5)
     elif case == "enable_gqa":
         def fn(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, _hf_repeat(k, g), _hf_repeat(v, g), enable_gqa=True)
     elif case == "too_many_rows":
         def fn(q, k, v):
             return F.scaled_dot_product_attention(q, _hf_repeat(k, g), _hf_repeat(v, g))
@@ -162,6 +166,19 @@ def test_not_folded(case):
         def fn(q, k, v):
             return F.scaled_dot_product_attention(q, _hf_repeat(k, g), _hf_repeat(v, g), attn_mask=mask)
 
+    elif case == "cache_written_after_repeat":  # the repeat's copy predates the write: keep the copy
+        def fn(q, k, v):
+            kr, vr = _hf_repeat(k, g), _hf_repeat(v, g)
+            k.mul_(0.5)
+            v.add_(1.0)
+            return F.scaled_dot_product_attention(q, kr, vr)
+
+    if case == "cache_written_after_repeat":
+        ref = fn(q, k.clone(), v.clone())
+        out, folds, _ = _capture(fn, q, k, v)
+        assert folds == 0
+        torch.testing.assert_close(out, ref)
+        return
     if case == "dropout":
         out, folds, _ = _capture(fn, q, k, v)
         assert folds == 0
@@ -207,6 +224,8 @@ def test_option_validation_and_passthrough():
     assert fxquant.Backend.from_options({"fold_gqa": False}).fold_gqa is False
     compiled = fxquant.compile(torch.nn.Linear(8, 8), fxquant.Int8WeightOnly(), fold_gqa=False)
     assert compiled.fxquant_backend.fold_gqa is False
+    with pytest.raises(TypeError, match="fold_gqa.*must be True or False"):
+        fxquant.Backend.from_options({"fold_gqa": "false"})
 
 
 def test_dynamic_batch_one_graph():
@@ -255,3 +274,42 @@ def test_real_batch_rule():
         torch.testing.assert_close(fn(q, k, v), attn(q, k, v), rtol=1e-5, atol=1e-5)
     # static batch `small`: not folded; then the automatic-dynamic batch: folded
     assert folds == [0, 1]
+    q, k, v = torch.randn(big, hkv * g, 1, d), torch.randn(big, hkv, lk, d), torch.randn(big, hkv, lk, d)
+    _, static_folds, _ = _capture(attn, q, k, v)
+    assert static_folds == 1  # a static batch at the threshold folds
+
+
+class _ConfigGQA(torch.nn.Module):
+    """Attention with HF's repeat_kv, head counts from the module (a model's config)."""
+
+    def __init__(self, hkv, g, d):
+        super().__init__()
+        self.hkv, self.g, self.d = hkv, g, d
+
+    def forward(self, q, k, v, mask):
+        def rep(x):
+            b, _, L, _ = x.shape
+            return x[:, :, None, :, :].expand(b, self.hkv, self.g, L, self.d).reshape(b, self.hkv * self.g, L, self.d)
+        return F.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=mask)
+
+
+def test_dynamic_true_folds_fixed_dims():
+    """dynamic=True: dims that tracing fixed to a number (the head counts, from the module as a
+    model's config gives them) count as numbers; batch and cache length stay symbolic."""
+    g, hkv, d = 4, 2, 8
+    folds = []
+
+    def backend(gm, example_inputs):
+        folds.append(fold_gqa_attention(gm))
+        return gm.forward
+
+    attn = _ConfigGQA(hkv, g, d)
+    torch._dynamo.reset()
+    fn = torch.compile(attn, backend=backend, dynamic=True)
+    for b, lk in ((3, 24), (5, 40)):
+        q = torch.randn(b, hkv * g, 1, d)
+        k, v = torch.randn(b, hkv, lk, d), torch.randn(b, hkv, lk, d)
+        mask = torch.rand(b, 1, 1, lk) > 0.3
+        mask[..., 0] = True
+        torch.testing.assert_close(fn(q, k, v, mask), attn(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert folds == [1]

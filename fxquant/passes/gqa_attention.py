@@ -5,7 +5,8 @@ HF's Llama (and gpt-fast) repeat each of Hkv key/value heads G times before
 That is a copy of the whole cache, G times over, in every layer at every step: at batch 32 with
 a 384-position cache it is about 0.2 GB written and read again per layer of a Llama-3-8B shape.
 
-For few query rows (decode, speculative verification) this pass instead folds the G query heads
+For few query rows (decode; speculative verification when its length is a number in the graph)
+this pass instead folds the G query heads
 that share a K/V head into the query-length dim:
 
     q [B, Hkv*G, Lq, D] -> [B, Hkv, G*Lq, D]     (row g*Lq + i is query head kv*G + g, position i)
@@ -16,8 +17,11 @@ that share a K/V head into the query-length dim:
 Each output row is the same softmax over the same keys as before; only which kernel tile it sits
 in changes. It runs on the Dynamo graph, before any lowering, so SDPA still picks its backend
 (and pads masks) for the folded shapes itself. Left alone: is_causal (its diagonal would move),
-dropout, enable_gqa, masks of other ranks, and more than MAX_QUERY_ROWS query positions (a
-prefill's mask copy would cost about what the K/V copy does).
+dropout, enable_gqa, masks of other ranks or that broadcast over query rows, a K/V cache written
+between the repeat and the attention, head counts or a query length that are symbols in the graph
+(under Dynamo's automatic dynamic shapes a second query length > 1 makes it one, and that graph
+also serves long prefills), and more than MAX_QUERY_ROWS query positions (a prefill's mask copy
+would cost about what the K/V copy does).
 
 Also left alone: a static batch with fewer than MIN_KV_HEADS_IN_BATCH K/V heads in all (B * Hkv).
 Folded, each (batch, K/V head) is one query tile that walks the whole cache, and that kernel's time
@@ -25,7 +29,9 @@ hardly depends on the batch; unfolded, copy + attention grow with it. On an H100
 a Llama-3-8B shape and a 2304-position cache (BENCHMARKS.md S18), attention per step took 0.40 /
 0.42 ms folded at batch 1 / 8, against 0.27 / 1.94 ms unfolded; at batch 32 with 384 positions
 folding saved 1.1 ms. So batch 1 (8 K/V heads) stays unfolded and batch 2 and up fold. A symbolic
-batch (Dynamo's automatic dynamic batch; batch 1 then keeps its own static graph) is folded.
+batch (Dynamo's automatic dynamic batch; batch 1 then keeps its own static graph) is folded
+whatever sizes it later serves: a model with fewer K/V heads (e.g. 2) folds a static batch of 8
+but also the dynamic graph's batches 2-7. Measured only for 8 K/V heads.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..patterns.repeat_kv import example_value as _val
-from ..patterns.repeat_kv import match_repeat_kv
+from ..patterns.repeat_kv import match_repeat_kv, static_int
 
 MAX_QUERY_ROWS = 64
 MIN_KV_HEADS_IN_BATCH = 16  # B * Hkv below this (B a number): not folded (see the docstring)
@@ -60,25 +66,26 @@ def _fold(gm: GraphModule, node: Node) -> bool:
         return False
     groups = k[1]
     q, mask = _val(a["query"]), a["attn_mask"]
-    if q is None or q.dim() != 4 or not isinstance(q.shape[2], int) or q.shape[2] > MAX_QUERY_ROWS:
+    if q is None or q.dim() != 4:
         return False
-    heads, rows = q.shape[1], q.shape[2]
-    if not isinstance(heads, int) or heads % groups:
+    batch, heads, rows = (static_int(d) for d in q.shape[:3])
+    if rows is None or rows > MAX_QUERY_ROWS or heads is None or heads % groups:
         return False
     hkv = heads // groups
-    if isinstance(q.shape[0], int) and q.shape[0] * hkv < MIN_KV_HEADS_IN_BATCH:
+    if batch is not None and batch * hkv < MIN_KV_HEADS_IN_BATCH:
         return False
     m = _val(mask) if isinstance(mask, Node) else None
     if mask is not None:
-        if m is None or m.dim() != 4 or not isinstance(m.shape[2], int) or m.shape[2] != rows \
-                or not isinstance(m.shape[1], int) or m.shape[1] not in (1, heads):
+        if m is None or m.dim() != 4 or static_int(m.shape[2]) != rows or static_int(m.shape[1]) not in (1, heads):
             return False  # a float scalar mask, another rank, or one that broadcasts over queries
+    if _written_between(gm.graph, [a["key"], a["value"]], node):
+        return False  # the repeat copied K/V before a write that the cache itself would now show
     g = gm.graph
     with g.inserting_before(node):
         qf = g.call_method("flatten", (g.call_method("unflatten", (a["query"], 1, (hkv, groups))), 2, 3))
         if mask is None:
             mf = None
-        elif m.shape[1] == 1:  # one mask row per position, shared by every head: repeat it per group
+        elif static_int(m.shape[1]) == 1:  # one mask row per position, shared by every head: repeat it per group
             mf = g.call_method("flatten", (g.call_method("expand", (
                 g.call_method("unsqueeze", (mask, 2)), -1, -1, groups, -1, -1)), 2, 3))
         else:
@@ -86,9 +93,32 @@ def _fold(gm: GraphModule, node: Node) -> bool:
         out = g.call_function(node.target, (qf, k[0], v[0]),
                               {"attn_mask": mf, "dropout_p": 0.0, "is_causal": False, "scale": a["scale"]})
         unfolded = g.call_method("flatten", (g.call_method("unflatten", (out, 2, (groups, rows))), 1, 2))
+    for new in (qf, out, unfolded):  # where they came from, for profiles and error messages
+        new.meta.update({key: node.meta[key] for key in ("stack_trace", "nn_module_stack", "source_fn_stack")
+                         if key in node.meta})
     node.replace_all_uses_with(unfolded)
     _erase_unused(g, [node, a["key"], a["value"]])  # and what only fed them
     return True
+
+
+def _written_between(g: torch.fx.Graph, repeats: list[Node], sdpa: Node) -> bool:
+    """Whether any node from the first node of the repeats' chains up to `sdpa` may write a tensor
+    in place (an in-place method or op, setitem, or anything FX calls impure)."""
+    chain, stack = set(), list(repeats)
+    while stack:  # the repeat nodes and the view steps under them (not their sources)
+        n = stack.pop()
+        if n in chain or n.op not in ("call_function", "call_method"):
+            continue
+        chain.add(n)
+        stack.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    start = min(order[n] for n in chain)
+    for n in list(g.nodes)[start:order[sdpa]]:
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if n.op in ("call_function", "call_method") and (
+                name.endswith("_") and not name.startswith("_") or n.target is operator.setitem or n.is_impure()):
+            return True
+    return False
 
 
 def _erase_unused(g: torch.fx.Graph, nodes: list[Node]) -> None:

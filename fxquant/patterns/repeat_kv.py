@@ -24,6 +24,15 @@ def example_value(node) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
+def static_int(d) -> int | None:
+    """d as a number if it is one, or a symbol Dynamo has already fixed to one (no new guard)."""
+    if isinstance(d, int):
+        return d
+    if isinstance(d, torch.SymInt):
+        return d.node.maybe_as_int()
+    return None
+
+
 def _same(a, b) -> bool:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
     return bool(statically_known_true(a == b))
@@ -78,8 +87,8 @@ def match_repeat_kv(node) -> tuple[Node, int] | None:
     out, x = example_value(node), example_value(src)
     if src is None or out is None or x is None or out.dim() != 4 or x.dim() != 4:
         return None
-    hkv, h = x.shape[1], out.shape[1]
-    if not (isinstance(hkv, int) and isinstance(h, int)) or h % hkv or h == hkv:
+    hkv, h = static_int(x.shape[1]), static_int(out.shape[1])
+    if hkv is None or h is None or h % hkv or h == hkv:
         return None
     if not all(_same(out.shape[i], x.shape[i]) for i in (0, 2, 3)):
         return None
