@@ -25,6 +25,8 @@ so what is timed is explicit. All logits are of the last position only (`logits_
   python benchmarks/llm.py --layers 8 --repeats 1               # quicker: 8 of the 32 layers
   python benchmarks/llm.py --tiny --device cpu                  # a 2-layer float32 model (tests)
   python benchmarks/llm.py --schemes bf16-inductor,int4,int4+embed  # the Triton kernels in the graph
+  python benchmarks/llm.py --schemes bf16-inductor,bf16-inductor+fold,int4,int4+nofold --batches 1,32
+      # the grouped-query attention fold (backend option fold_gqa) alone, and int4 without it
 
 Writes llm.json (after every scheme, so a run cut short keeps what finished) and llm.png to
 --out, and prints a table. bf16-* are the unquantized baselines (float32 with --tiny).
