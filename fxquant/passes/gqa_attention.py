@@ -6,8 +6,7 @@ That is a copy of the whole cache, G times over, in every layer at every step: a
 a 384-position cache it is about 0.2 GB written and read again per layer of a Llama-3-8B shape.
 
 For few query rows (decode; speculative verification when its length is a number in the graph)
-this pass instead folds the G query heads
-that share a K/V head into the query-length dim:
+this pass instead folds the G query heads that share a K/V head into the query-length dim:
 
     q [B, Hkv*G, Lq, D] -> [B, Hkv, G*Lq, D]     (row g*Lq + i is query head kv*G + g, position i)
     mask [Bm, 1 or Hkv*G, Lq, Lk] -> [Bm, 1 or Hkv, G*Lq, Lk] (the same rows)
@@ -133,7 +132,7 @@ def _erase_unused(g: torch.fx.Graph, nodes: list[Node]) -> None:
         if n.op == "call_function" and n.target not in (*_SDPA, torch.reshape, torch.unsqueeze,
                                                          torch.repeat_interleave, operator.getitem):
             continue
-        inputs = [i for i in n.all_input_nodes]
+        inputs = list(n.all_input_nodes)
         g.erase_node(n)
         erased.add(n)
         stack.extend(inputs)
