@@ -25,8 +25,9 @@ so what is timed is explicit. All logits are of the last position only (`logits_
   python benchmarks/llm.py --layers 8 --repeats 1               # quicker: 8 of the 32 layers
   python benchmarks/llm.py --tiny --device cpu                  # a 2-layer float32 model (tests)
   python benchmarks/llm.py --schemes bf16-inductor,int4,int4+embed  # the Triton kernels in the graph
-  python benchmarks/llm.py --schemes bf16-inductor,bf16-inductor+fold,int4,int4+nofold --batches 1,32
-      # the grouped-query attention fold (backend option fold_gqa) alone, and int4 without it
+  python benchmarks/llm.py --schemes bf16-inductor,bf16-inductor+gqa,int4,int4+sdpafold,int4+nofold --batches 1,32
+      # the grouped-query attention kernel (backend options fold_gqa, gqa_kernel) alone, and int4 with
+      # the fold on SDPA instead (+sdpafold) or neither (+nofold); bf16-inductor+fold: the SDPA fold alone
 
 Writes llm.json (after every scheme, so a run cut short keeps what finished) and llm.png to
 --out, and prints a table. bf16-* are the unquantized baselines (float32 with --tiny).
@@ -67,8 +68,10 @@ TORCHAO_SCHEMES = ("torchao-int4", "torchao-int8wo")
 ALL_SCHEMES = BASELINES + tuple(FXQUANT_SCHEMES) + TORCHAO_SCHEMES
 EMBED = "+embed"  # "<fxquant scheme>+embed": the backend's embed_kernels=True (Triton kernels in Inductor's graph)
 NOFOLD = "+nofold"  # "<fxquant scheme>+nofold": the backend's fold_gqa=False (repeated K/V copied, as Inductor does)
-FOLD = "bf16-inductor+fold"  # Inductor bf16 with fxquant's grouped-query attention fold alone, no quantization
-FLAGS = {EMBED: {"embed_kernels": True}, NOFOLD: {"fold_gqa": False}}
+SDPA_FOLD = "+sdpafold"  # "<fxquant scheme>+sdpafold": gqa_kernel=False (the fold on SDPA, not fxquant's kernel)
+FOLD = "bf16-inductor+fold"  # Inductor bf16 with fxquant's grouped-query attention fold alone (SDPA), no quantization
+GQA = "bf16-inductor+gqa"  # Inductor bf16 with fxquant's grouped-query attention kernel alone, no quantization
+FLAGS = {EMBED: {"embed_kernels": True}, NOFOLD: {"fold_gqa": False}, SDPA_FOLD: {"gqa_kernel": False}}
 
 
 def split_scheme(name: str) -> tuple[str, dict[str, Any]]:
@@ -83,7 +86,7 @@ def split_scheme(name: str) -> tuple[str, dict[str, Any]]:
 
 def known_scheme(name: str) -> bool:
     base, options = split_scheme(name)
-    return name in ALL_SCHEMES or name == FOLD or (base in FXQUANT_SCHEMES and bool(options))
+    return name in ALL_SCHEMES or name in (FOLD, GQA) or (base in FXQUANT_SCHEMES and bool(options))
 CHECK_TOKENS = 32  # greedy tokens compared with the reference
 WARMUP_ROUNDS = 2  # round 1 compiles, round 2 records CUDA graphs (reduce-overhead) off the clock
 # `cache_position` was dropped from HF forward signatures in 5.x; pass it only where it exists.
@@ -284,15 +287,21 @@ class Unavailable(Exception):
 
 
 def inductor_with_gqa_fold(gm: torch.fx.GraphModule, example_inputs: list, mode: str | None = None,
-                           options: dict | None = None) -> Callable:
-    """Inductor, after fxquant's grouped-query attention fold (no quantization): shows how much of a
-    scheme's speedup the fold alone gives."""
+                           options: dict | None = None, kernel: bool = False) -> Callable:
+    """Inductor, after fxquant's grouped-query attention rewrite (no quantization): shows how much of
+    a scheme's speedup the rewrite alone gives. kernel: fxquant::gqa_attention (the backend's
+    default) rather than the fold on SDPA."""
     from fxquant.passes.gqa_attention import fold_gqa_attention
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
-    fold_gqa_attention(gm)
+    fold_gqa_attention(gm, kernel=kernel)
     return compile_fx(gm, example_inputs, config_patches={**(list_mode_options(mode) if mode else {}),
                                                           **(options or {})})
+
+
+def inductor_with_gqa_kernel(gm: torch.fx.GraphModule, example_inputs: list, mode: str | None = None,
+                             options: dict | None = None) -> Callable:
+    return inductor_with_gqa_fold(gm, example_inputs, mode, options, kernel=True)
 
 
 def prepare(name: str, args: argparse.Namespace, cfg: transformers.LlamaConfig, dtype: torch.dtype,
@@ -341,9 +350,9 @@ def prepare(name: str, args: argparse.Namespace, cfg: transformers.LlamaConfig, 
         return model, None, notes
     if name == "bf16-inductor":
         return torch.compile(model, **compile_kw), reference(model), notes  # reference: the same model, eager
-    if name == FOLD:
-        return torch.compile(model, backend=inductor_with_gqa_fold, dynamic=args.dynamic,
-                             **({"mode": args.mode} if args.mode else {})), reference(model), notes
+    if name in (FOLD, GQA):
+        return torch.compile(model, backend=inductor_with_gqa_fold if name == FOLD else inductor_with_gqa_kernel,
+                             dynamic=args.dynamic, **({"mode": args.mode} if args.mode else {})), reference(model), notes
     if name in TORCHAO_SCHEMES:
         ao_cfg = (Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
                   if name == "torchao-int4" else Int8WeightOnlyConfig())
@@ -544,8 +553,9 @@ def plot(results: list[dict], batches: list[int], path: Path, title: str) -> Non
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--schemes", default=",".join(ALL_SCHEMES),
-                   help=f"comma list from {', '.join(ALL_SCHEMES)}, {FOLD}; an fxquant scheme + '{EMBED}' "
-                        f"compiles with embed_kernels=True, + '{NOFOLD}' with fold_gqa=False")
+                   help=f"comma list from {', '.join(ALL_SCHEMES)}, {FOLD}, {GQA}; an fxquant scheme + '{EMBED}' "
+                        f"compiles with embed_kernels=True, + '{NOFOLD}' with fold_gqa=False, + '{SDPA_FOLD}' "
+                        f"with gqa_kernel=False")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 32, or 2 with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a tiny float32 model (hidden 64, vocab 256) for tests")
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
@@ -563,7 +573,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     unknown = [s for s in args.schemes if not known_scheme(s)]
     if unknown:
-        p.error(f"unknown scheme(s) {unknown}; choose from {', '.join(ALL_SCHEMES)}, {FOLD}, or an fxquant "
+        p.error(f"unknown scheme(s) {unknown}; choose from {', '.join(ALL_SCHEMES)}, {FOLD}, {GQA}, or an fxquant "
                 f"scheme with {' / '.join(FLAGS)}")
     args.batches = [int(b) for b in args.batches.split(",")]
     args.dynamic = {"none": None, "true": True, "false": False}[args.dynamic]

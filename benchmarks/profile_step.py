@@ -38,7 +38,7 @@ GROUPS = (  # (group, substrings of a kernel name), first match wins
     ("fxquant", ("gemv", "gemm_kernel", "int4_mma", "int8_gemv", "dequant_kernel", "act_quant",
                  "quantize_rows", "swiglu_quant")),
     ("cublas", ("nvjet", "sm90_xmma", "gemm", "cutlass", "splitKreduce")),
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "gqa_decode", "gqa_combine")),
     ("inductor", ("triton_",)),
 )
 
@@ -57,8 +57,10 @@ def build(name: str, cfg, dtype, mode: str):
         return torch.compile(model, mode=mode)
     if name == llm.FOLD:
         return torch.compile(model, backend=llm.inductor_with_gqa_fold, mode=mode)
+    if name == llm.GQA:
+        return torch.compile(model, backend=llm.inductor_with_gqa_kernel, mode=mode)
     scheme, _, flags = name.partition(":")  # e.g. "int8dyn:nofuse" (fuse_act_quant=False), "int4:nofold"
-    known = {"nofuse": ("fuse_act_quant", False), "nofold": ("fold_gqa", False)}
+    known = {"nofuse": ("fuse_act_quant", False), "nofold": ("fold_gqa", False), "sdpafold": ("gqa_kernel", False)}
     options = dict(known[f] for f in flags.split(",") if f)
     be = fxquant.backend(llm.FXQUANT_SCHEMES[scheme](), release_weights=True, **options)
     return torch.compile(model, backend=be, mode=mode)

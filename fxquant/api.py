@@ -18,7 +18,7 @@ def backend(config: QuantConfig | None = None, **options: Any) -> Backend:
     return Backend(config, **options)
 
 
-_BACKEND_ONLY = ("inductor", "fuse_siblings", "fuse_act_quant", "embed_kernels", "templates", "fold_gqa")
+_BACKEND_ONLY = ("inductor", "fuse_siblings", "fuse_act_quant", "embed_kernels", "templates", "fold_gqa", "gqa_kernel")
 
 
 def compile(model: Any, config: QuantConfig | None = None, *, skip: Sequence[str] = (),  # noqa: A001

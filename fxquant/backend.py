@@ -31,7 +31,7 @@ from .passes.rewrite import LayerFilter, RewriteContext, graph_fake_mode
 from .report import LinearRecord, format_report
 
 OPTIONS = ("config", "skip", "filter", "release_weights", "verbose", "inductor", "prepacked", "mode",
-           "fuse_siblings", "fuse_act_quant", "embed_kernels", "templates", "fold_gqa")
+           "fuse_siblings", "fuse_act_quant", "embed_kernels", "templates", "fold_gqa", "gqa_kernel")
 
 
 class Backend:
@@ -46,7 +46,8 @@ class Backend:
                  filter: LayerFilter | None = None, release_weights: bool = False,  # noqa: A002
                  verbose: bool = False, inductor: dict[str, Any] | None = None, prepacked: Any = None,
                  mode: str | None = None, fuse_siblings: bool = True, fuse_act_quant: bool = True,
-                 embed_kernels: bool = False, templates: bool | str = False, fold_gqa: bool = True):
+                 embed_kernels: bool = False, templates: bool | str = False, fold_gqa: bool = True,
+                 gqa_kernel: bool = True):
         config = _prepacked_config(config, prepacked)
         config = Int8WeightOnly() if config is None else config
         if not isinstance(config, QuantConfig):
@@ -85,7 +86,10 @@ class Backend:
         # Grouped-query attention at few query rows without the repeated K/V copy (passes/gqa_attention.py).
         if not isinstance(fold_gqa, bool):
             raise TypeError(f"fxquant: options['fold_gqa'] must be True or False, got {fold_gqa!r}")
+        if not isinstance(gqa_kernel, bool):
+            raise TypeError(f"fxquant: options['gqa_kernel'] must be True or False, got {gqa_kernel!r}")
         self.fold_gqa = fold_gqa
+        self.gqa_kernel = gqa_kernel  # with fold_gqa: fxquant::gqa_attention rather than a folded SDPA
         self.gqa_folds: list[int] = []  # attentions folded, per captured graph
         self._records: dict[str, LinearRecord] = {}
         self._report: list[LinearRecord] = []  # live list, updated in place after each compile
@@ -133,9 +137,10 @@ class Backend:
             self._warn_once("grad", "fxquant is inference-only: the graph is compiled under no_grad, its "
                             "weights are treated as constants and its outputs do not require grad.")
         if self.fold_gqa:
-            self.gqa_folds.append(fold_gqa_attention(gm))
+            self.gqa_folds.append(fold_gqa_attention(gm, kernel=self.gqa_kernel))
             if self.verbose and self.gqa_folds[-1]:
-                print(f"fxquant: {self.gqa_folds[-1]} grouped-query attention(s) folded (no repeated K/V copy)")
+                how = "on fxquant's kernel" if self.gqa_kernel else "folded"
+                print(f"fxquant: {self.gqa_folds[-1]} grouped-query attention(s) {how} (no repeated K/V copy)")
         pristine = _copy_graph(gm)  # Inductor may edit gm; another set of weights compiles this copy
         compiled, read = self._compile(gm, example_inputs, mode, options)
         if read:
@@ -235,7 +240,7 @@ class _QuantizeJointPass(CustomGraphPass):
     def uuid(self) -> str:
         b = self.backend
         return (f"fxquant:{b.config.describe()}:{b.skip}:{b.fuse_siblings}:{b.fuse_act_quant}:{b.embed_kernels}:"
-                f"{b.templates}:{b.fold_gqa}")
+                f"{b.templates}:{b.fold_gqa}:{b.gqa_kernel}")
 
 
 def _prepacked_config(config: QuantConfig | None, prepacked: Any) -> QuantConfig | None:

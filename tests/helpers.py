@@ -121,3 +121,18 @@ def scheme_op(scheme: str, group: int = 0) -> tuple[str, tuple]:
             "fp8_wo": ("float8_weight_only_linear", ()), "int8_dyn": ("int8_dynamic_linear", ()),
             "fp8_dyn_row": ("float8_dynamic_linear", (True,)),
             "fp8_dyn_tensor": ("float8_dynamic_linear", (False,))}[scheme]
+
+
+def repeat_kv(x: torch.Tensor, g: int) -> torch.Tensor:
+    """transformers' repeat_kv: [B, Hkv, L, D] -> [B, Hkv * g, L, D]."""
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, g, n, d).reshape(b, h * g, n, d)
+
+
+def attention_reference(q, k, v, mask, scale):
+    """Grouped-query attention in float64 (k, v with H / G heads; mask bool: True attends, float: added)."""
+    g = q.shape[1] // k.shape[1]
+    s = q.double() @ repeat_kv(k, g).double().transpose(-1, -2) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    return torch.softmax(s, -1) @ repeat_kv(v, g).double()

@@ -56,7 +56,7 @@ def _args(node: Node) -> dict | None:
     return a if all(k in a for k in ("query", "key", "value")) else None
 
 
-def _fold(gm: GraphModule, node: Node) -> bool:
+def _fold(gm: GraphModule, node: Node, kernel: bool) -> bool:
     a = _args(node)
     if a is None or a["dropout_p"] != 0.0 or a["is_causal"] is not False or a["enable_gqa"] is not False:
         return False
@@ -71,7 +71,8 @@ def _fold(gm: GraphModule, node: Node) -> bool:
     if rows is None or rows > MAX_QUERY_ROWS or heads is None or heads % groups:
         return False
     hkv = heads // groups
-    if batch is not None and batch * hkv < MIN_KV_HEADS_IN_BATCH:
+    kernel = kernel and not isinstance(a["scale"], Node)  # the op takes a number
+    if not kernel and batch is not None and batch * hkv < MIN_KV_HEADS_IN_BATCH:
         return False
     m = _val(mask) if isinstance(mask, Node) else None
     if mask is not None:
@@ -80,6 +81,15 @@ def _fold(gm: GraphModule, node: Node) -> bool:
     if _written_between(gm.graph, [a["key"], a["value"]], node):
         return False  # the repeat copied K/V before a write that the cache itself would now show
     g = gm.graph
+    if kernel:  # fxquant::gqa_attention on the cache itself (lowering/attention.py)
+        with g.inserting_before(node):
+            out = g.call_function(torch.ops.fxquant.gqa_attention.default,
+                                  (a["query"], k[0], v[0], mask, a["scale"]))
+        out.meta.update({key: node.meta[key] for key in ("stack_trace", "nn_module_stack", "source_fn_stack")
+                         if key in node.meta})
+        node.replace_all_uses_with(out)
+        _erase_unused(g, [node, a["key"], a["value"]])
+        return True
     with g.inserting_before(node):
         qf = g.call_method("flatten", (g.call_method("unflatten", (a["query"], 1, (hkv, groups))), 2, 3))
         if mask is None:
@@ -138,12 +148,14 @@ def _erase_unused(g: torch.fx.Graph, nodes: list[Node]) -> None:
         stack.extend(inputs)
 
 
-def fold_gqa_attention(gm: GraphModule) -> int:
+def fold_gqa_attention(gm: GraphModule, kernel: bool = False) -> int:
     """Fold every eligible grouped-query `scaled_dot_product_attention` of a Dynamo graph in place
-    (see the module docstring). Returns how many were folded."""
+    (see the module docstring); with `kernel`, replace it by fxquant::gqa_attention instead, at
+    any batch. Returns how many were rewritten."""
+    import fxquant.lowering  # noqa: F401  (registers torch.ops.fxquant.gqa_attention)
     folded = 0
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _SDPA and _fold(gm, node):
+        if node.op == "call_function" and node.target in _SDPA and _fold(gm, node, kernel):
             folded += 1
     if folded:
         gm.graph.lint()

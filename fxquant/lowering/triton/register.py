@@ -80,5 +80,7 @@ def register() -> bool:
                    (ops.swiglu_quantize, _swiglu_quantize)):
         op.register_kernel("cuda")(fn)
     ops.register_prepare("fxquant::int4_weight_only_linear", _prepare_int4)
+    from .. import attention
+    attention.register_cuda()
     _registered = True
     return True

@@ -1,0 +1,89 @@
+"""fxquant::gqa_attention: grouped-query attention on the K/V cache as it is.
+
+    out [B, H, Lq, D] = softmax(q k_h^T * scale + mask) v_h,  k_h = k[:, h // G], v_h = v[:, h // G]
+
+with q [B, H, Lq, D], k and v [B, H / G, Lk, D] (the cache, not repeated), mask None, bool (True:
+the key takes part) or float (added), of rank 4 with batch dim 1 or B, head dim 1 or H, and query
+and key dims Lq (or 1) and Lk (or 1). The output is contiguous in q's dtype. passes/gqa_attention.py
+puts it where a model repeats its K/V heads before scaled_dot_product_attention.
+
+Kernels: on CUDA, the split-KV Triton kernel of lowering/triton/attention.py where it fits (bf16 /
+fp16, G x Lq <= 64, head dim a power of two <= 128); elsewhere, and on the CPU, SDPA on the G query
+heads of each K/V head folded into the query dim (the same rows, no copy of K/V).
+A row no key is allowed for: zeros from the Triton kernel, whatever SDPA gives from the fallback.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LIB = "fxquant"
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+                 lambda: f"fxquant.gqa_attention: q, k, v must be [B, heads, len, D], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    torch._check(k.shape == v.shape, lambda: f"fxquant.gqa_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    torch._check(q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3],
+                 lambda: f"fxquant.gqa_attention: q {tuple(q.shape)} and k {tuple(k.shape)} need the same batch and D")
+    torch._check(q.shape[1] % k.shape[1] == 0,
+                 lambda: f"fxquant.gqa_attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} K/V heads")
+    torch._check(q.dtype == k.dtype == v.dtype and q.is_floating_point(),
+                 lambda: f"fxquant.gqa_attention: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if mask is not None:
+        want = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        torch._check(mask.dim() == 4 and all(mask.shape[i] in (1, want[i]) for i in range(4)),
+                     lambda: f"fxquant.gqa_attention: mask {tuple(mask.shape)} does not broadcast to {want}")
+        torch._check(mask.dtype == torch.bool or mask.is_floating_point(),
+                     lambda: f"fxquant.gqa_attention: mask must be bool or float, got {mask.dtype}")
+
+
+def sdpa_folded(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """SDPA with the G query heads of each K/V head as G x Lq query rows: [B, Hkv, G*Lq, D]."""
+    B, H, LQ, D = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g = H // hkv
+    qf = q.unflatten(1, (hkv, g)).flatten(2, 3)
+    mf = None
+    if mask is not None:
+        mask = mask.expand(mask.shape[0], mask.shape[1], LQ, lk)
+        if mask.shape[1] == 1:
+            mf = mask.unsqueeze(2).expand(-1, -1, g, -1, -1).flatten(2, 3)
+        else:
+            mf = mask.unflatten(1, (hkv, g)).flatten(2, 3)
+        if mf.is_floating_point() and mf.dtype != q.dtype:
+            mf = mf.to(q.dtype)
+    out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf, scale=scale)
+    return out.unflatten(2, (g, LQ)).flatten(1, 2).contiguous()
+
+
+def _scale(q: Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+@torch.library.custom_op(f"{LIB}::gqa_attention", mutates_args=(), device_types="cpu")
+def gqa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float | None) -> Tensor:
+    _check(q, k, v, attn_mask)
+    return sdpa_folded(q, k, v, attn_mask, _scale(q, scale))
+
+
+@gqa_attention.register_fake
+def _(q, k, v, attn_mask, scale):
+    _check(q, k, v, attn_mask)
+    return q.new_empty(q.shape)
+
+
+def _cuda(q, k, v, attn_mask, scale):
+    _check(q, k, v, attn_mask)
+    from .triton import attention as kernels  # imports triton: first CUDA call only
+    if kernels.fits(q, k, v, attn_mask):
+        return kernels.gqa_decode_attention(q, k, v, attn_mask, _scale(q, scale))
+    return sdpa_folded(q, k, v, attn_mask, _scale(q, scale))
+
+
+def register_cuda() -> None:
+    gqa_attention.register_kernel("cuda")(_cuda)

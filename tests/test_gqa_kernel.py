@@ -1,0 +1,202 @@
+"""fxquant::gqa_attention and its split-KV Triton kernel (backend option `gqa_kernel`, on by default
+with `fold_gqa`): the kernel under TRITON_INTERPRET=1 against an fp64 reference on every mask
+form, split count and awkward length; the op's checks and opcheck; the pass putting the op where a
+model repeats its K/V heads, at any batch; an HF Llama through the backend."""
+import math
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+pytest.importorskip("triton")
+
+import fxquant  # noqa: E402
+import fxquant.lowering  # noqa: E402,F401
+from fxquant.lowering.attention import sdpa_folded  # noqa: E402
+from fxquant.numerics import sqnr  # noqa: E402
+from helpers import attention_reference, repeat_kv  # noqa: E402
+from fxquant.passes.gqa_attention import fold_gqa_attention  # noqa: E402
+
+
+def _kernels():
+    import importlib
+
+    from triton.runtime.interpreter import InterpretedFunction
+    mod = importlib.import_module("fxquant.lowering.triton.attention")
+    if not isinstance(mod.gqa_decode_kernel, InterpretedFunction):
+        importlib.reload(importlib.import_module("fxquant.lowering.triton.common"))
+        mod = importlib.reload(mod)
+    return mod
+
+
+K = _kernels()
+
+
+
+def _mask(kind, b, h, lq, lk, gen):
+    if kind is None:
+        return None
+    if kind == "float":
+        return torch.randn(1, 1, lq, lk, generator=gen)
+    shape = {"bool": (b, 1, lq, lk), "per_head": (1, h, lq, lk), "rows": (b, 1, 1, lk)}[kind]
+    m = torch.rand(shape, generator=gen) > 0.5
+    m[..., 0] = True  # no fully masked row (the reference gives NaN there)
+    return m
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 2), hkv=st.integers(1, 3), g=st.integers(1, 4), lq=st.integers(1, 4),
+       lk=st.integers(1, 90), d=st.sampled_from([16, 32]), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       mask_kind=st.sampled_from([None, "bool", "per_head", "rows", "float"]),
+       splits=st.sampled_from([None, 1, 2, 3]), block_n=st.sampled_from([16, 32]), seed=st.integers(0, 2**16))
+def test_kernel_matchesattention_reference(b, hkv, g, lq, lk, d, dtype, mask_kind, splits, block_n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, lq, hkv * g, d, generator=gen).to(dtype).transpose(1, 2)  # HF's strided q
+    k, v = (torch.randn(b, hkv, lk, d, generator=gen).to(dtype) for _ in range(2))
+    mask = _mask(mask_kind, b, hkv * g, lq, lk, gen)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(dtype)
+    scale = 1 / math.sqrt(d)
+    assert K.fits(q, k, v, mask)
+    out = K.gqa_decode_attention(q, k, v, mask, scale, splits=splits, block_n=block_n)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    ref = attention_reference(q, k, v, mask, scale)
+    # the interpreter keeps p in fp32; only q, k, v and the output are rounded to 16 bits
+    assert sqnr(ref, out) > (40 if dtype == torch.bfloat16 else 55)
+
+
+def test_masked_tiles_are_not_read_and_empty_rows_are_zero():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 2, 16, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 2, 100, 16, generator=gen).bfloat16() for _ in range(2))
+    k[:, :, 48:], v[:, :, 48:] = float("nan"), float("nan")  # tiles 48.. are masked out entirely
+    mask = torch.zeros(1, 1, 2, 100, dtype=torch.bool)
+    mask[0, 0, 0, :33] = True  # row 1: nothing allowed
+    out = K.gqa_decode_attention(q, k, v, mask, 0.25, splits=3, block_n=16)
+    assert torch.isfinite(out).all() and (out[:, :, 1] == 0).all()
+    ref = attention_reference(q[:, :, :1], k[:, :, :33], v[:, :, :33], None, 0.25)
+    assert sqnr(ref, out[:, :, :1]) > 40
+
+
+def test_splits_cover_the_keys():
+    """The split count follows the program budget and never leaves a split without keys."""
+    for bh, lk, block_n in ((8, 384, 32), (256, 384, 32), (1, 5, 32), (3, 1000, 16)):
+        s = K._splits(bh, lk, block_n, torch.device("cpu"))
+        assert 1 <= s <= math.ceil(lk / block_n)
+    q = torch.randn(1, 2, 1, 16).bfloat16()
+    kv = torch.randn(1, 1, 0, 16).bfloat16()
+    assert (K.gqa_decode_attention(q, kv, kv, None, 0.25) == 0).all()  # no keys: zeros, no division by zero
+
+
+def test_fits():
+    q = torch.randn(1, 8, 1, 128).bfloat16()
+    k = torch.randn(1, 2, 10, 128).bfloat16()
+    assert K.fits(q, k, k, None) and K.fits(q, k, k, torch.ones(1, 1, 1, 10, dtype=torch.bool))
+    assert not K.fits(q.float(), k.float(), k.float(), None)  # fp32: SDPA
+    assert not K.fits(q[..., :96], k[..., :96], k[..., :96], None)  # head dim 96
+    assert not K.fits(torch.randn(1, 8, 17, 128).bfloat16(), k, k, None)  # 4 x 17 query rows > 64
+    assert not K.fits(q, k, k, torch.ones(1, 1, 1, 10, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_op_cpu_and_opcheck(mask_kind):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 6, 3, 8, generator=gen), torch.randn(2, 2, 9, 8, generator=gen), \
+        torch.randn(2, 2, 9, 8, generator=gen)
+    mask = _mask(mask_kind, 2, 6, 3, 9, gen)
+    out = torch.ops.fxquant.gqa_attention(q, k, v, mask, 0.3)
+    torch.testing.assert_close(out, attention_reference(q, k, v, mask, 0.3).float(), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.fxquant.gqa_attention.default, (q, k, v, mask, None))
+
+
+@pytest.mark.parametrize("args,match", [
+    (((1, 6, 1, 8), (1, 4, 5, 8), (1, 4, 5, 8), None), "not a multiple of 4 K/V heads"),
+    (((1, 4, 1, 8), (1, 2, 5, 8), (1, 2, 6, 8), None), "differ"),
+    (((1, 4, 1, 8), (1, 2, 5, 8), (1, 2, 5, 8), (1, 1, 1, 4)), r"does not broadcast to \(1, 4, 1, 5\)"),
+    (((1, 4, 1, 8), (2, 2, 5, 8), (2, 2, 5, 8), None), "same batch and D"),
+    (((4, 1, 8), (2, 5, 8), (2, 5, 8), None), r"must be \[B, heads, len, D\]"),
+])
+def test_op_errors(args, match):
+    q, k, v, m = (None if s is None else torch.randn(s) for s in args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fxquant.gqa_attention(q, k, v, m, None)
+
+
+def _capture(fn, *args, kernel=True):
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["n"] = fold_gqa_attention(gm, kernel=kernel)
+        seen["graph"] = gm.graph
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
+    return out, seen["n"], seen["graph"]
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_pass_puts_the_op_on_the_cache_at_any_batch(b):
+    """Batch 1 too (the SDPA fold's batch rule does not apply); no repeat or SDPA is left."""
+    gen = torch.Generator().manual_seed(b)
+    q = torch.randn(b, 8, 1, 16, generator=gen)
+    k, v = torch.randn(b, 2, 20, 16, generator=gen), torch.randn(b, 2, 20, 16, generator=gen)
+    mask = _mask("bool", b, 8, 1, 20, gen)
+
+    def attn(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=mask, scale=0.2)
+
+    out, n, graph = _capture(attn, q, k, v, mask)
+    assert n == 1
+    calls = [x for x in graph.nodes if x.op == "call_function"]
+    assert [x.target for x in calls] == [torch.ops.fxquant.gqa_attention.default]
+    assert calls[0].args[1].op == "placeholder" and calls[0].args[2].op == "placeholder" and calls[0].args[4] == 0.2
+    torch.testing.assert_close(out, attn(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    # the SDPA fold keeps its batch rule
+    _, n_fold, _ = _capture(attn, q, k, v, mask, kernel=False)
+    assert n_fold == (1 if b * 2 >= 16 else 0)
+
+
+def test_sdpa_folded_matches_sdpa():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 6, 2, 8, generator=gen), torch.randn(2, 3, 7, 8, generator=gen), \
+        torch.randn(2, 3, 7, 8, generator=gen)
+    for kind in (None, "bool", "per_head", "rows", "float"):
+        mask = _mask(kind, 2, 6, 2, 7, gen)
+        ref = F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=mask, scale=0.5)
+        torch.testing.assert_close(sdpa_folded(q, k, v, mask, 0.5), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_llama_through_backend_and_option():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   attn_implementation="sdpa")
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    logits, counts = {}, {}
+    for kernel in (False, True):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        cache = transformers.StaticCache(config=cfg, max_cache_len=16)
+        be = fxquant.backend(fxquant.Int8WeightOnly(), fold_gqa=kernel, gqa_kernel=kernel)
+        torch._dynamo.reset()
+        m = torch.compile(model, backend=be)
+        out = []
+        with torch.no_grad():
+            out.append(m(ids, position_ids=torch.arange(6)[None], past_key_values=cache, use_cache=True).logits[:, -1])
+            for i in range(3):
+                out.append(m(ids[:, i:i + 1], position_ids=torch.tensor([[6 + i]]), past_key_values=cache,
+                             use_cache=True).logits[:, -1])
+        logits[kernel], counts[kernel] = torch.stack(out), list(be.gqa_folds)
+    assert counts[False] == [] and counts[True][-1] == cfg.num_hidden_layers  # batch 1 decode
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+    assert fxquant.backend(fxquant.Int8WeightOnly()).gqa_kernel is True
+    assert fxquant.compile(torch.nn.Linear(8, 8), fxquant.Int8WeightOnly(), gqa_kernel=False) \
+        .fxquant_backend.gqa_kernel is False
+    with pytest.raises(TypeError, match="gqa_kernel.*must be True or False"):
+        fxquant.Backend.from_options({"gqa_kernel": 1})
