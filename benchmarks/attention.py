@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         "fxquant kernel": lambda q, k, v, m: torch.ops.fxquant.gqa_attention(q, k, v, m, scale),
     }
     from fxquant.lowering.triton import attention as kernels
-    for bn, mult in ((16, 1), (64, 1), (32, 2), (32, 0.5)):  # tile and split-count alternatives
+    for bn, mult in ((32, 1), (128, 1), (64, 2), (64, 0.5)):  # tile and split-count alternatives
         def alt(q, k, v, m, bn=bn, mult=mult):
             s = kernels._splits(q.shape[0] * k.shape[1], k.shape[2], bn, q.device)
             return kernels.gqa_decode_attention(q, k, v, m, scale, splits=max(1, int(s * mult)), block_n=bn)

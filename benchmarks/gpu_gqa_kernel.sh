@@ -4,7 +4,7 @@
 # the kernel and its tile / split alternatives), then benchmarks/llm.py on FXQ_LAYERS (default 8)
 # layers with FXQ_LLM_SCHEMES (default bf16-inductor,bf16-inductor+gqa,int4,int4+sdpafold) at
 # FXQ_BATCHES (default 1,32), FXQ_NEW_TOKENS (default 256) new tokens. FXQ_SKIP_TESTS=1,
-# FXQ_SKIP_ATTN=1 skip parts. Files under $OUT: gqa_kernel_tests.log, attention.json/.log,
+# FXQ_SKIP_ATTN=1 skip parts; FXQ_TEST_FILES replaces the test files. Files under $OUT: gqa_kernel_tests.log, attention.json/.log,
 # llm.json/.png/.log. Env: FXQ_LLM_TIMEOUT (s, default 330).
 set -u
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 . benchmarks/device_env.sh
 T0=$(date +%s)
 if [ "${FXQ_SKIP_TESTS:-0}" != 1 ]; then
-  timeout 200 $PY -m pytest tests/gpu/test_gpu_gqa_kernel.py tests/gpu/test_gpu_gqa.py -q -rfE -p no:cacheprovider \
+  timeout 200 $PY -m pytest ${FXQ_TEST_FILES:-tests/gpu/test_gpu_gqa_kernel.py tests/gpu/test_gpu_gqa.py} -q -rfE -p no:cacheprovider \
     > "$OUT/gqa_kernel_tests.log" 2>&1
   echo "gqa tests rc=$? ($(( $(date +%s) - T0 )) s): $(pytest_final "$OUT/gqa_kernel_tests.log")"
   grep -E "^FAILED|^ERROR" "$OUT/gqa_kernel_tests.log" | head -8

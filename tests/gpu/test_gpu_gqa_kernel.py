@@ -75,7 +75,7 @@ def test_skipped_tiles_and_fully_masked_rows():
     dev, dt = "cuda", torch.bfloat16
     q = torch.randn(1, 8, 2, 128, device=dev, dtype=dt)
     k, v = (torch.randn(1, 2, 512, 128, device=dev, dtype=dt) for _ in range(2))
-    k[:, :, 100:], v[:, :, 100:] = float("nan"), float("nan")
+    k[:, :, 128:], v[:, :, 128:] = float("nan"), float("nan")  # whole 64-key tiles past the mask
     mask = torch.zeros(1, 1, 2, 512, dtype=torch.bool, device=dev)
     mask[0, 0, 0, :90] = True  # row 1 of every head: nothing allowed
     out = torch.ops.fxquant.gqa_attention(q, k, v, mask, None)
