@@ -8,8 +8,8 @@ and key dims Lq (or 1) and Lk (or 1). The output is contiguous in q's dtype. pas
 puts it where a model repeats its K/V heads before scaled_dot_product_attention.
 
 Kernels: on CUDA, the split-KV Triton kernel of lowering/triton/attention.py where it fits (bf16 /
-fp16, G x Lq <= 64, head dim a power of two <= 128); elsewhere, and on the CPU, SDPA on the G query
-heads of each K/V head folded into the query dim (the same rows, no copy of K/V).
+fp16, head dim a power of two from 16 to 128, a bool or float mask); elsewhere, and on the CPU, SDPA
+on the G query heads of each K/V head folded into the query dim (the same rows, no copy of K/V).
 A row no key is allowed for: zeros from the Triton kernel, whatever SDPA gives from the fallback.
 """
 from __future__ import annotations

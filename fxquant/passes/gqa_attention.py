@@ -6,7 +6,10 @@ That is a copy of the whole cache, G times over, in every layer at every step: a
 a 384-position cache it is about 0.2 GB written and read again per layer of a Llama-3-8B shape.
 
 For few query rows (decode; speculative verification when its length is a number in the graph)
-this pass instead folds the G query heads that share a K/V head into the query-length dim:
+this pass gives the attention the cache itself. By default (`kernel=True`, backend option
+gqa_kernel) the call becomes fxquant::gqa_attention(q, k_cache, v_cache, mask, scale), whose CUDA
+kernel reads each K/V head once for the G query heads that share it (lowering/attention.py).
+Otherwise it folds the G query heads that share a K/V head into the query-length dim of SDPA:
 
     q [B, Hkv*G, Lq, D] -> [B, Hkv, G*Lq, D]     (row g*Lq + i is query head kv*G + g, position i)
     mask [Bm, 1 or Hkv*G, Lq, Lk] -> [Bm, 1 or Hkv, G*Lq, Lk] (the same rows)
@@ -22,7 +25,8 @@ between the repeat and the attention, head counts or a query length that are sym
 also serves long prefills), and more than MAX_QUERY_ROWS query positions (a prefill's mask copy
 would cost about what the K/V copy does).
 
-Also left alone: a static batch with fewer than MIN_KV_HEADS_IN_BATCH K/V heads in all (B * Hkv).
+A scale that is a symbol in the graph is left to the SDPA fold. The SDPA fold (not the op) also
+leaves alone a static batch with fewer than MIN_KV_HEADS_IN_BATCH K/V heads in all (B * Hkv).
 Folded, each (batch, K/V head) is one query tile that walks the whole cache, and that kernel's time
 hardly depends on the batch; unfolded, copy + attention grow with it. On an H100 with 8 layers of
 a Llama-3-8B shape and a 2304-position cache (BENCHMARKS.md S18), attention per step took 0.40 /

@@ -38,7 +38,7 @@ def _mask(kind, b, h, lq, lk, dev, dt):
 
 @pytest.mark.parametrize("b,hkv,g,lq,lk", [(1, 8, 4, 1, 384), (32, 8, 4, 1, 384), (1, 8, 4, 1, 2304),
                                            (4, 8, 4, 1, 131), (2, 2, 8, 4, 77), (3, 4, 2, 16, 256),
-                                           (2, 1, 16, 4, 1000), (5, 3, 1, 1, 7)])
+                                           (2, 1, 16, 4, 1000), (5, 3, 1, 1, 7), (2, 8, 4, 40, 300)])
 @pytest.mark.parametrize("mask_kind", ["cache", "rows", "per_head", "float", "none"])
 def test_kernel_matches_reference_bf16(b, hkv, g, lq, lk, mask_kind):
     torch.manual_seed(0)

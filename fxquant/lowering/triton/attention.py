@@ -1,9 +1,9 @@
 """Grouped-query decode attention reading the K/V cache in place (the kernels of fxquant::gqa_attention).
 
-One program takes one (batch row, K/V head) and one slice of the keys: its query rows are the G
-query heads that share that K/V head times the Lq query positions (row r: head kv*G + r // Lq,
-position r % Lq), so each K/V tile is read once for all of them, with no repeated copy of the
-cache. Key slices ("splits") keep the GPU busy when batch x K/V heads alone are too few programs
+One program takes one (batch row, K/V head), one slice of the keys and up to 64 query rows: the
+rows are the G query heads that share that K/V head times the Lq query positions (row r: head
+kv*G + r // Lq, position r % Lq), so each K/V tile is read once for all of them (once per 64 rows
+beyond that), with no repeated copy of the cache. Key slices ("splits") keep the GPU busy when batch x K/V heads alone are too few programs
 (decode at batch 1: 8 programs for a Llama-3-8B shape); each split keeps a running max, a running
 sum and an unnormalised output (flash-decoding), and a second kernel combines the splits. With one
 split the first kernel normalises and stores the output itself.
@@ -26,7 +26,7 @@ MASK_NONE = tl.constexpr(0)
 MASK_BOOL = tl.constexpr(1)   # True: the key takes part (SDPA's convention)
 MASK_FLOAT = tl.constexpr(2)  # added to the scaled scores (-inf: left out)
 
-MAX_ROWS = 64  # G * Lq per program (the query rows held in registers)
+MAX_ROWS = 64  # query rows per program (held in registers); more rows take more programs
 
 
 @triton.jit
@@ -38,9 +38,10 @@ def gqa_decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, stat_ptr
                       MASK: tl.constexpr, MASK_HEADS: tl.constexpr, SPLIT: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
+    rb = tl.program_id(2)  # block of BLOCK_R query rows
     b = bh // HKV
     kv = bh % HKV
-    r = tl.arange(0, BLOCK_R)
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, D)
     head = kv * G + r // LQ
     pos = r % LQ
@@ -88,10 +89,11 @@ def gqa_decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, stat_ptr
             m_i = m_new
 
     if SPLIT:
-        base = bh * splits + split
-        tl.store(part_ptr + (base * BLOCK_R + r[:, None]) * D + d[None, :], acc)
-        tl.store(stat_ptr + (base * 2) * BLOCK_R + r, m_i)
-        tl.store(stat_ptr + (base * 2 + 1) * BLOCK_R + r, l_i)
+        base = (bh * tl.num_programs(2) + rb) * splits + split
+        i = tl.arange(0, BLOCK_R)
+        tl.store(part_ptr + (base * BLOCK_R + i[:, None]) * D + d[None, :], acc)
+        tl.store(stat_ptr + (base * 2) * BLOCK_R + i, m_i)
+        tl.store(stat_ptr + (base * 2 + 1) * BLOCK_R + i, l_i)
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * so_b + head[:, None] * so_h + pos[:, None] * so_l + d[None, :],
@@ -102,26 +104,28 @@ def gqa_decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, stat_ptr
 def gqa_combine_kernel(part_ptr, stat_ptr, out_ptr, so_b, so_h, so_l, HKV, LQ, splits,
                        G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr):
     bh = tl.program_id(0)
+    rb = tl.program_id(1)
     b = bh // HKV
     kv = bh % HKV
-    r = tl.arange(0, BLOCK_R)
+    i = tl.arange(0, BLOCK_R)
     d = tl.arange(0, D)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, D], tl.float32)
     for s in range(0, splits):
-        base = bh * splits + s
-        m_s = tl.load(stat_ptr + (base * 2) * BLOCK_R + r)
-        l_s = tl.load(stat_ptr + (base * 2 + 1) * BLOCK_R + r)
+        base = (bh * tl.num_programs(1) + rb) * splits + s
+        m_s = tl.load(stat_ptr + (base * 2) * BLOCK_R + i)
+        l_s = tl.load(stat_ptr + (base * 2 + 1) * BLOCK_R + i)
         m_new = tl.maximum(m, m_s)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_use)
         beta = tl.exp2(m_s - m_use)
-        part = tl.load(part_ptr + (base * BLOCK_R + r[:, None]) * D + d[None, :])
+        part = tl.load(part_ptr + (base * BLOCK_R + i[:, None]) * D + d[None, :])
         acc = acc * alpha[:, None] + part * beta[:, None]
         l_sum = l_sum * alpha + l_s * beta
         m = m_new
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    r = rb * BLOCK_R + i
     head = kv * G + r // LQ
     pos = r % LQ
     tl.store(out_ptr + b * so_b + head[:, None] * so_h + pos[:, None] * so_l + d[None, :],
@@ -133,13 +137,14 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     B, H, LQ, D = q.shape
     HKV = k.shape[1]
     return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
-            and D in (16, 32, 64, 128) and H % HKV == 0 and (H // HKV) * LQ <= MAX_ROWS
+            and D in (16, 32, 64, 128) and H % HKV == 0
             and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
             and (mask is None or mask.dtype in (torch.bool, q.dtype, torch.float32)))
 
 
 def _splits(bh: int, lk: int, block_n: int, device: torch.device) -> int:
-    """Key slices per (batch, K/V head): about two programs per SM in all, whole key tiles each."""
+    """Key slices per (batch, K/V head, row block) of `bh` in all: about two programs per SM, whole
+    key tiles each."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -153,7 +158,7 @@ def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     """out [B, H, Lq, D] = softmax(q k^T * scale + mask) v with k, v [B, H // G, Lk, D] (see module
     docstring). `mask`: None, bool (True: attend) or float (added), broadcastable to
     [B, H, Lq, Lk] with its batch dim 1 or B and its head dim 1 or H. Caller checks `fits`.
-    block_n 64: on an H100 (BENCHMARKS.md S19) 1.14-1.31x faster than 32 and 1.38-1.86x faster
+    block_n 64: on an H100 (BENCHMARKS.md S19) 1.13-1.31x faster than 32 and 1.38-1.86x faster
     than 16 at batch 1 / 8 / 32 with 384 and 2304 cache positions."""
     B, H, LQ, D = q.shape
     HKV, LK = k.shape[1], k.shape[2]
@@ -161,8 +166,9 @@ def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     out = torch.empty((B, H, LQ, D), device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
-    block_r = max(16, triton.next_power_of_2(G * LQ))
-    S = splits or _splits(B * HKV, LK, block_n, q.device)
+    block_r = min(MAX_ROWS, max(16, triton.next_power_of_2(G * LQ)))
+    RB = triton.cdiv(G * LQ, block_r)
+    S = splits or _splits(B * HKV * RB, LK, block_n, q.device)
     keys_per_split = max(block_n, triton.cdiv(triton.cdiv(LK, S), block_n) * block_n)
     S = max(1, triton.cdiv(LK, keys_per_split))
     if mask is None:
@@ -173,18 +179,18 @@ def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         mstr = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(4))
         mheads, mptr = mask.shape[1] != 1, mask
     if S > 1:
-        part = torch.empty((B * HKV * S * block_r * D,), device=q.device, dtype=torch.float32)
-        stat = torch.empty((B * HKV * S * 2 * block_r,), device=q.device, dtype=torch.float32)
+        part = torch.empty((B * HKV * RB * S * block_r * D,), device=q.device, dtype=torch.float32)
+        stat = torch.empty((B * HKV * RB * S * 2 * block_r,), device=q.device, dtype=torch.float32)
     else:
         part = stat = out  # not touched
-    eager(gqa_decode_kernel)[(B * HKV, S)](
+    eager(gqa_decode_kernel)[(B * HKV, S, RB)](
         q, k, v, mptr, out, part, stat,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *mstr, out.stride(0), out.stride(1), out.stride(2),
         HKV, LQ, LK, keys_per_split, S, scale,
         G=G, D=D, BLOCK_R=block_r, BLOCK_N=block_n, MASK=kind, MASK_HEADS=mheads, SPLIT=S > 1, num_warps=4)
     if S > 1:
-        eager(gqa_combine_kernel)[(B * HKV,)](
+        eager(gqa_combine_kernel)[(B * HKV, RB)](
             part, stat, out, out.stride(0), out.stride(1), out.stride(2), HKV, LQ, S,
             G=G, D=D, BLOCK_R=block_r, num_warps=4)
     return out
