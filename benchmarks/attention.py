@@ -46,8 +46,11 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--qlen", type=int, default=1)
+    p.add_argument("--configs", default="0:32:4:0:1,0:128:4:0:1,0:64:4:0:2,0:64:4:0:0.5",
+                   help="kernel alternatives, rows:keys:warps:stages:split factor (0: the default)")
     p.add_argument("--out", default="out/attention")
     args = p.parse_args(argv)
+    import triton
     import triton.testing
 
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -61,11 +64,18 @@ def main(argv=None) -> int:
         "fxquant kernel": lambda q, k, v, m: torch.ops.fxquant.gqa_attention(q, k, v, m, scale),
     }
     from fxquant.lowering.triton import attention as kernels
-    for bn, mult in ((32, 1), (128, 1), (64, 2), (64, 0.5)):  # tile and split-count alternatives
-        def alt(q, k, v, m, bn=bn, mult=mult):
-            s = kernels._splits(q.shape[0] * k.shape[1], k.shape[2], bn, q.device)
-            return kernels.gqa_decode_attention(q, k, v, m, scale, splits=max(1, int(s * mult)), block_n=bn)
-        variants[f"kernel bn{bn} x{mult}"] = alt
+    for cfg in args.configs.split(","):  # kernel alternatives: rows:keys:warps:stages:split factor
+        br, bn, warps, stages, mult = cfg.split(":")
+        br, bn, warps = int(br) or None, int(bn), int(warps)
+        stages = int(stages) or None
+
+        def alt(q, k, v, m, br=br, bn=bn, warps=warps, stages=stages, mult=float(mult)):
+            rows = br or min(kernels.MAX_ROWS, max(16, triton.next_power_of_2(q.shape[1] // k.shape[1] * q.shape[2])))
+            blocks = triton.cdiv(q.shape[1] // k.shape[1] * q.shape[2], rows)
+            s = kernels._splits(q.shape[0] * k.shape[1] * blocks, k.shape[2], bn, q.device)
+            return kernels.gqa_decode_attention(q, k, v, m, scale, splits=max(1, int(s * mult)), block_n=bn,
+                                                block_r=br, num_warps=warps, num_stages=stages)
+        variants[f"kernel {cfg}"] = alt
     rows = []
     for lk in (int(c) for c in args.caches.split(",")):
         for b in (int(x) for x in args.batches.split(",")):

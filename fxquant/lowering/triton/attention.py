@@ -154,19 +154,21 @@ def _splits(bh: int, lk: int, block_n: int, device: torch.device) -> int:
 
 
 def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                         scale: float, *, splits: int | None = None, block_n: int = 64) -> torch.Tensor:
+                         scale: float, *, splits: int | None = None, block_n: int = 64, block_r: int | None = None,
+                         num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """out [B, H, Lq, D] = softmax(q k^T * scale + mask) v with k, v [B, H // G, Lk, D] (see module
     docstring). `mask`: None, bool (True: attend) or float (added), broadcastable to
     [B, H, Lq, Lk] with its batch dim 1 or B and its head dim 1 or H. Caller checks `fits`.
     block_n 64: on an H100 (BENCHMARKS.md S19) 1.13-1.31x faster than 32 and 1.38-1.86x faster
-    than 16 at batch 1 / 8 / 32 with 384 and 2304 cache positions."""
+    than 16 at batch 1 / 8 / 32 with 384 and 2304 cache positions. block_r (query rows per program,
+    a power of two >= 16), num_warps, num_stages: for experiments (benchmarks/attention.py)."""
     B, H, LQ, D = q.shape
     HKV, LK = k.shape[1], k.shape[2]
     G = H // HKV
     out = torch.empty((B, H, LQ, D), device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
-    block_r = min(MAX_ROWS, max(16, triton.next_power_of_2(G * LQ)))
+    block_r = block_r or min(MAX_ROWS, max(16, triton.next_power_of_2(G * LQ)))
     RB = triton.cdiv(G * LQ, block_r)
     S = splits or _splits(B * HKV * RB, LK, block_n, q.device)
     keys_per_split = max(block_n, triton.cdiv(triton.cdiv(LK, S), block_n) * block_n)
@@ -188,7 +190,8 @@ def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *mstr, out.stride(0), out.stride(1), out.stride(2),
         HKV, LQ, LK, keys_per_split, S, scale,
-        G=G, D=D, BLOCK_R=block_r, BLOCK_N=block_n, MASK=kind, MASK_HEADS=mheads, SPLIT=S > 1, num_warps=4)
+        G=G, D=D, BLOCK_R=block_r, BLOCK_N=block_n, MASK=kind, MASK_HEADS=mheads, SPLIT=S > 1, num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}))
     if S > 1:
         eager(gqa_combine_kernel)[(B * HKV, RB)](
             part, stat, out, out.stride(0), out.stride(1), out.stride(2), HKV, LQ, S,
