@@ -43,6 +43,12 @@ def _mask(kind, b, h, lq, lk, gen):
         return None
     if kind == "float":
         return torch.randn(1, 1, lq, lk, generator=gen)
+    if kind in ("float_inf", "float_min"):  # additive masks as HF writes them: 0 where allowed
+        m = torch.zeros(b, 1, lq, lk)
+        m[torch.rand(b, 1, lq, lk, generator=gen) > 0.5] = float("-inf") if kind == "float_inf" \
+            else torch.finfo(torch.float32).min
+        m[..., 0] = 0.0
+        return m
     shape = {"bool": (b, 1, lq, lk), "per_head": (1, h, lq, lk), "rows": (b, 1, 1, lk)}[kind]
     m = torch.rand(shape, generator=gen) > 0.5
     m[..., 0] = True  # no fully masked row (the reference gives NaN there)
@@ -52,14 +58,15 @@ def _mask(kind, b, h, lq, lk, gen):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=st.integers(1, 2), hkv=st.integers(1, 3), g=st.integers(1, 4), lq=st.integers(1, 4),
        lk=st.integers(1, 90), d=st.sampled_from([16, 32]), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
-       mask_kind=st.sampled_from([None, "bool", "per_head", "rows", "float"]),
-       splits=st.sampled_from([None, 1, 2, 3]), block_n=st.sampled_from([16, 32]), seed=st.integers(0, 2**16))
-def test_kernel_matchesattention_reference(b, hkv, g, lq, lk, d, dtype, mask_kind, splits, block_n, seed):
+       mask_kind=st.sampled_from([None, "bool", "per_head", "rows", "float", "float_inf", "float_min"]),
+       mask_fp32=st.booleans(), splits=st.sampled_from([None, 1, 2, 3]), block_n=st.sampled_from([16, 32, 64]),
+       seed=st.integers(0, 2**16))
+def test_kernel_matches_reference(b, hkv, g, lq, lk, d, dtype, mask_kind, mask_fp32, splits, block_n, seed):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, lq, hkv * g, d, generator=gen).to(dtype).transpose(1, 2)  # HF's strided q
     k, v = (torch.randn(b, hkv, lk, d, generator=gen).to(dtype) for _ in range(2))
     mask = _mask(mask_kind, b, hkv * g, lq, lk, gen)
-    if mask is not None and mask.is_floating_point():
+    if mask is not None and mask.is_floating_point() and not mask_fp32:  # else a float32 mask with 16-bit q
         mask = mask.to(dtype)
     scale = 1 / math.sqrt(d)
     assert K.fits(q, k, v, mask)
@@ -96,11 +103,36 @@ def test_more_than_64_query_rows(g, lq, splits):
     assert sqnr(attention_reference(q, k, v, mask, 0.25), out) > 40
 
 
-def test_splits_cover_the_keys():
-    """The split count follows the program budget and never leaves a split without keys."""
-    for bh, lk, block_n in ((8, 384, 32), (256, 384, 32), (1, 5, 32), (3, 1000, 16)):
-        s = K._splits(bh, lk, block_n, torch.device("cpu"))
-        assert 1 <= s <= math.ceil(lk / block_n)
+def test_finfo_min_masks_skip_tiles_like_inf():
+    """A float mask with finfo.min where masked: those tiles are skipped as with -inf (NaN K/V there
+    changes nothing), and the output is the reference's."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 1, 16, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 2, 128, 16, generator=gen).bfloat16() for _ in range(2))
+    for fill in (float("-inf"), torch.finfo(torch.float32).min, torch.finfo(torch.bfloat16).min):
+        mask = torch.full((1, 1, 1, 128), fill)
+        mask[..., :40] = 0.0
+        kn, vn = k.clone(), v.clone()
+        kn[:, :, 64:], vn[:, :, 64:] = float("nan"), float("nan")
+        out = K.gqa_decode_attention(q, kn, vn, mask, 0.25, splits=2, block_n=32)
+        ref = attention_reference(q, k[:, :, :40], v[:, :, :40], None, 0.25)
+        assert torch.isfinite(out).all() and sqnr(ref, out) > 40
+
+
+def test_strided_cache_and_mask():
+    """K/V as a slice of a larger cache and a mask sliced along its key dim (non-unit strides)."""
+    gen = torch.Generator().manual_seed(6)
+    big_k, big_v = (torch.randn(3, 2, 90, 32, generator=gen).bfloat16() for _ in range(2))
+    k, v = big_k[1:, :, :70], big_v[1:, :, :70]
+    q = torch.randn(2, 6, 2, 32, generator=gen).bfloat16()
+    mask = (torch.rand(2, 1, 2, 100, generator=gen) > 0.4)[..., :70]
+    mask[..., 0] = True
+    assert K.fits(q, k, v, mask) and not k.is_contiguous() and mask.stride(-2) == 100
+    out = K.gqa_decode_attention(q, k, v, mask, 0.2, splits=2, block_n=32)
+    assert sqnr(attention_reference(q, k, v, mask, 0.2), out) > 40
+
+
+def test_empty_cache():
     q = torch.randn(1, 2, 1, 16).bfloat16()
     kv = torch.randn(1, 1, 0, 16).bfloat16()
     assert (K.gqa_decode_attention(q, kv, kv, None, 0.25) == 0).all()  # no keys: zeros, no division by zero
@@ -172,6 +204,51 @@ def test_pass_puts_the_op_on_the_cache_at_any_batch(b):
     # the SDPA fold keeps its batch rule
     _, n_fold, _ = _capture(attn, q, k, v, mask, kernel=False)
     assert n_fold == (1 if b * 2 >= 16 else 0)
+
+
+@pytest.mark.parametrize("b,hkv,path", [(1, 2, "sdpa_repeated"), (8, 2, "sdpa_folded"), (4, 4, "sdpa_folded")])
+def test_op_sdpa_path_by_kv_heads(b, hkv, path, monkeypatch):
+    """Where the kernel does not run: SDPA on K/V repeated per head below 16 K/V heads in all
+    (as the model wrote it), on the folded heads from there; both give the reference."""
+    from fxquant.lowering import attention as op_mod
+    used = []
+    for name in ("sdpa_repeated", "sdpa_folded"):
+        real = getattr(op_mod, name)
+        monkeypatch.setattr(op_mod, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
+    gen = torch.Generator().manual_seed(b)
+    q = torch.randn(b, hkv * 3, 2, 8, generator=gen)
+    k, v = torch.randn(b, hkv, 11, 8, generator=gen), torch.randn(b, hkv, 11, 8, generator=gen)
+    mask = _mask("bool", b, hkv * 3, 2, 11, gen)
+    out = torch.ops.fxquant.gqa_attention(q, k, v, mask, None)
+    assert used == [path]
+    torch.testing.assert_close(out, attention_reference(q, k, v, mask, 1 / math.sqrt(8)).float(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_op_with_dynamic_batch_one_graph():
+    """A dynamic batch (the cache's other dims fixed, as a static cache has them): one graph with
+    the op serves batches 2 and 3."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        assert fold_gqa_attention(gm, kernel=True) == 1
+        graphs.append(gm)
+        return gm.forward
+
+    def attn(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=mask)
+
+    torch._dynamo.reset()
+    fn = torch.compile(attn, backend=backend)
+    for b in (2, 3):
+        gen = torch.Generator().manual_seed(b)
+        q, k, v = torch.randn(b, 8, 1, 16, generator=gen), torch.randn(b, 2, 20, 16, generator=gen), \
+            torch.randn(b, 2, 20, 16, generator=gen)
+        mask = _mask("bool", b, 8, 1, 20, gen)
+        for t in (q, k, v, mask):
+            torch._dynamo.mark_dynamic(t, 0)
+        torch.testing.assert_close(fn(q, k, v, mask), attn(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1
 
 
 def test_sdpa_folded_matches_sdpa():

@@ -7,10 +7,15 @@ the key takes part) or float (added), of rank 4 with batch dim 1 or B, head dim 
 and key dims Lq (or 1) and Lk (or 1). The output is contiguous in q's dtype. passes/gqa_attention.py
 puts it where a model repeats its K/V heads before scaled_dot_product_attention.
 
-Kernels: on CUDA, the split-KV Triton kernel of lowering/triton/attention.py where it fits (bf16 /
-fp16, head dim a power of two from 16 to 128, a bool or float mask); elsewhere, and on the CPU, SDPA
-on the G query heads of each K/V head folded into the query dim (the same rows, no copy of K/V).
-A row no key is allowed for: zeros from the Triton kernel, whatever SDPA gives from the fallback.
+Kernels: on CUDA, the split-KV Triton kernel of lowering/triton/attention.py where it fits
+(kernel_dtypes_fit: q, k, v all bf16 or all fp16, head dim 16, 32, 64 or 128, no mask or a bool
+mask or a float one in q's dtype or float32; unit stride along the head dim). Elsewhere, and on
+the CPU, SDPA runs: from 16 K/V heads in all (B x Hkv) on the G query heads of each K/V head folded
+into the query dim (the same rows, no copy of K/V); below that on K/V repeated per query head, as
+the model wrote it (on an H100 the folded SDPA measured slower there, BENCHMARKS.md S18).
+A row no key is allowed for (every mask value -inf, or a finite value so negative that the scaled
+score is -inf in float32, like finfo.min): zeros from the Triton kernel, whatever SDPA gives (NaN
+or the mean of V) from SDPA.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 LIB = "fxquant"
+MIN_KV_HEADS_FOLDED = 16  # SDPA (where the kernel does not run) is folded from this many K/V heads in all
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
@@ -55,20 +61,38 @@ def sdpa_folded(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: flo
             mf = mask.unsqueeze(2).expand(-1, -1, g, -1, -1).flatten(2, 3)
         else:
             mf = mask.unflatten(1, (hkv, g)).flatten(2, 3)
-        if mf.is_floating_point() and mf.dtype != q.dtype:
-            mf = mf.to(q.dtype)
     out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf, scale=scale)
     return out.unflatten(2, (g, LQ)).flatten(1, 2).contiguous()
+
+
+def kernel_dtypes_fit(q: torch.dtype, k: torch.dtype, v: torch.dtype, head_dim: int,
+                      mask: torch.dtype | None) -> bool:
+    """The Triton kernel's dtype and head-dim conditions (what a graph's example values can tell)."""
+    return (q in (torch.bfloat16, torch.float16) and k == q and v == q and head_dim in (16, 32, 64, 128)
+            and (mask is None or mask in (torch.bool, q, torch.float32)))
+
+
+def sdpa_repeated(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """SDPA on K/V repeated per query head (what the model wrote before the pass)."""
+    g = q.shape[1] // k.shape[1]
+    kr, vr = (t[:, :, None].expand(-1, -1, g, -1, -1).flatten(1, 2) for t in (k, v))
+    return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=scale).contiguous()
 
 
 def _scale(q: Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    if q.shape[0] * k.shape[1] < MIN_KV_HEADS_FOLDED:
+        return sdpa_repeated(q, k, v, mask, scale)
+    return sdpa_folded(q, k, v, mask, scale)
+
+
 @torch.library.custom_op(f"{LIB}::gqa_attention", mutates_args=(), device_types="cpu")
 def gqa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float | None) -> Tensor:
     _check(q, k, v, attn_mask)
-    return sdpa_folded(q, k, v, attn_mask, _scale(q, scale))
+    return _sdpa(q, k, v, attn_mask, _scale(q, scale))
 
 
 @gqa_attention.register_fake
@@ -82,7 +106,7 @@ def _cuda(q, k, v, attn_mask, scale):
     from .triton import attention as kernels  # imports triton: first CUDA call only
     if kernels.fits(q, k, v, attn_mask):
         return kernels.gqa_decode_attention(q, k, v, attn_mask, _scale(q, scale))
-    return sdpa_folded(q, k, v, attn_mask, _scale(q, scale))
+    return _sdpa(q, k, v, attn_mask, _scale(q, scale))
 
 
 def register_cuda() -> None:

@@ -6,10 +6,11 @@ That is a copy of the whole cache, G times over, in every layer at every step: a
 a 384-position cache it is about 0.2 GB written and read again per layer of a Llama-3-8B shape.
 
 For few query rows (decode; speculative verification when its length is a number in the graph)
-this pass gives the attention the cache itself. By default (`kernel=True`, backend option
-gqa_kernel) the call becomes fxquant::gqa_attention(q, k_cache, v_cache, mask, scale), whose CUDA
-kernel reads each K/V head once for the G query heads that share it (lowering/attention.py).
-Otherwise it folds the G query heads that share a K/V head into the query-length dim of SDPA:
+this pass gives the attention the cache itself. With `kernel=True` (what the backend passes by
+default: option gqa_kernel) the call becomes fxquant::gqa_attention(q, k_cache, v_cache, mask,
+scale), whose CUDA kernel reads each K/V head once for the G query heads that share it
+(lowering/attention.py). Otherwise (this function's default) it folds the G query heads that share
+a K/V head into the query-length dim of SDPA:
 
     q [B, Hkv*G, Lq, D] -> [B, Hkv, G*Lq, D]     (row g*Lq + i is query head kv*G + g, position i)
     mask [Bm, 1 or Hkv*G, Lq, Lk] -> [Bm, 1 or Hkv, G*Lq, Lk] (the same rows)

@@ -23,6 +23,11 @@ def _mask(kind, b, h, lq, lk, dev, dt):
         return None
     if kind == "float":
         return torch.randn(1, 1, lq, lk, device=dev, dtype=dt)
+    if kind == "float_min":  # HF's older additive masks: finfo.min where masked, in float32
+        m = torch.zeros(b, 1, lq, lk, device=dev)
+        m[torch.rand(b, 1, lq, lk, device=dev) > 0.5] = torch.finfo(torch.float32).min
+        m[..., 0] = 0.0
+        return m
     if kind == "per_head":
         m = torch.rand(b, h, lq, lk, device=dev) > 0.3
     else:  # a static cache's mask: the first `filled` positions of each row (causal over the query rows)
@@ -39,7 +44,7 @@ def _mask(kind, b, h, lq, lk, dev, dt):
 @pytest.mark.parametrize("b,hkv,g,lq,lk", [(1, 8, 4, 1, 384), (32, 8, 4, 1, 384), (1, 8, 4, 1, 2304),
                                            (4, 8, 4, 1, 131), (2, 2, 8, 4, 77), (3, 4, 2, 16, 256),
                                            (2, 1, 16, 4, 1000), (5, 3, 1, 1, 7), (2, 8, 4, 40, 300)])
-@pytest.mark.parametrize("mask_kind", ["cache", "rows", "per_head", "float", "none"])
+@pytest.mark.parametrize("mask_kind", ["cache", "rows", "per_head", "float", "float_min", "none"])
 def test_kernel_matches_reference_bf16(b, hkv, g, lq, lk, mask_kind):
     torch.manual_seed(0)
     dev, dt, d = "cuda", torch.bfloat16, 128
@@ -156,3 +161,4 @@ def test_hf_llama_reduce_overhead_kernel_against_off(batch):
     assert folds["kernel"][-1] == cfg.num_hidden_layers  # batch 1 too: the batch rule is the SDPA fold's
     assert folds["fold"][-1] == (cfg.num_hidden_layers if batch * 2 >= 16 else 0)
     assert sqnr(logits["off"], logits["kernel"]) > 35.0
+    assert sqnr(logits["off"], logits["fold"]) > 35.0

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..attention import kernel_dtypes_fit
 from .common import INTERPRETED, eager
 
 LOG2E = 1.4426950408889634
@@ -39,7 +40,7 @@ def gqa_decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, stat_ptr
     bh = tl.program_id(0)
     split = tl.program_id(1)
     rb = tl.program_id(2)  # block of BLOCK_R query rows
-    b = bh // HKV
+    b = (bh // HKV).to(tl.int64)  # batch offsets can pass 2**31 elements (a large cache)
     kv = bh % HKV
     r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, D)
@@ -69,7 +70,8 @@ def gqa_decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, stat_ptr
         elif MASK == MASK_FLOAT:
             bias = tl.load(mask_ptr + b * sm_b + mrow[:, None] * sm_h + pos[:, None] * sm_l + n[None, :] * sm_n,
                            mask=ok, other=float("-inf")).to(tl.float32)
-            allowed = bias > float("-inf")
+            # as the math below sees it: a finfo.min "mask" value becomes -inf there, so it is skipped too
+            allowed = bias * 1.4426950408889634 > float("-inf")
         else:
             allowed = ok
             bias = tl.where(ok, 0.0, float("-inf"))
@@ -105,7 +107,7 @@ def gqa_combine_kernel(part_ptr, stat_ptr, out_ptr, so_b, so_h, so_l, HKV, LQ, s
                        G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr):
     bh = tl.program_id(0)
     rb = tl.program_id(1)
-    b = bh // HKV
+    b = (bh // HKV).to(tl.int64)
     kv = bh % HKV
     i = tl.arange(0, BLOCK_R)
     d = tl.arange(0, D)
@@ -133,13 +135,9 @@ def gqa_combine_kernel(part_ptr, stat_ptr, out_ptr, so_b, so_h, so_l, HKV, LQ, s
 
 
 def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether these kernels take the call (else the op runs SDPA on folded query heads)."""
-    B, H, LQ, D = q.shape
-    HKV = k.shape[1]
-    return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
-            and D in (16, 32, 64, 128) and H % HKV == 0
-            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-            and (mask is None or mask.dtype in (torch.bool, q.dtype, torch.float32)))
+    """Whether these kernels take the call (else the op runs SDPA)."""
+    return (kernel_dtypes_fit(q.dtype, k.dtype, v.dtype, q.shape[-1], None if mask is None else mask.dtype)
+            and q.shape[1] % k.shape[1] == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)
 
 
 def _splits(bh: int, lk: int, block_n: int, device: torch.device) -> int:
