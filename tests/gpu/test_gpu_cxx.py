@@ -169,3 +169,63 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     assert torch.equal(out, OPS.cxx_int8_weight_only_linear(x, q, s, None))
     assert not torch.equal(out, ref)
+
+
+def _int4_4096(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(4096, 4096, generator=g) / 64).bfloat16()
+    (q, sz), static = _pack("int4_wo", w, 128)
+    return q.cuda(), sz.cuda(), static, g
+
+
+def test_int4_pdl_gives_the_same_bits(monkeypatch):
+    """On sm_90+ the int4 tensor-core kernel is launched with programmatic dependent launch (it asks L2
+    for its first weights, then waits); outputs are bitwise those with FXQUANT_PDL=0, eager, back to
+    back and in a CUDA graph."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    q, sz, static, g = _int4_4096(31)
+    xs = [torch.randn(m, 4096, generator=g).bfloat16().cuda() for m in (1, 8, 16, 32)]
+    monkeypatch.setenv("FXQUANT_PDL", "0")
+    plain = [OPS.cxx_int4_weight_only_linear(x, q, sz, None, *static) for x in xs]
+    monkeypatch.delenv("FXQUANT_PDL")
+    for _ in range(3):
+        outs = [OPS.cxx_int4_weight_only_linear(x, q, sz, None, *static) for x in xs]
+        for o, want in zip(outs, plain):
+            assert torch.equal(o, want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [OPS.cxx_int4_weight_only_linear(x, q, sz, None, *static) for x in xs]
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for o, want in zip(outs, plain):
+            assert torch.equal(o, want)
+
+
+@pytest.mark.parametrize("late", ["x", "weight"])
+def test_int4_pdl_waits_for_the_kernel_before(late, monkeypatch):
+    """The kernel right before lets the int4 kernel start at once and writes x (or the packed weight
+    itself) only ~50 us later. The int4 kernel's early L2 requests must not leave it with the old
+    bytes: its outputs equal those of a plain launch on the final data."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    from pdl_helpers import late_copy
+    q, sz, static, g = _int4_4096(37)
+    sink = torch.empty(1 << 16, device="cuda")
+    for m in (1, 16, 32):
+        x = torch.randn(m, 4096, generator=g).bfloat16().cuda()
+        monkeypatch.setenv("FXQUANT_PDL", "0")
+        want = OPS.cxx_int4_weight_only_linear(x, q, sz, None, *static)
+        monkeypatch.delenv("FXQUANT_PDL")
+        src = (x if late == "x" else q).reshape(-1).view(torch.uint8)
+        for _ in range(3):
+            dst = torch.zeros_like(src)
+            torch.cuda.synchronize()
+            late_copy(src, dst, sink)
+            if late == "x":
+                got = OPS.cxx_int4_weight_only_linear(dst.view(torch.bfloat16).view(m, 4096), q, sz, None, *static)
+            else:
+                got = OPS.cxx_int4_weight_only_linear(x, dst.view(q.shape), sz, None, *static)
+            torch.cuda.synchronize()
+            assert torch.equal(got, want), (late, m)

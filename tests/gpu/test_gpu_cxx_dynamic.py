@@ -15,13 +15,11 @@ import sys
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from triton.language.extra.cuda import gdc_launch_dependents  # noqa: E402
+from pdl_helpers import late_copy  # noqa: E402
 
 import fxquant.lowering  # noqa: E402,F401
 from fxquant import numerics as nq  # noqa: E402
@@ -267,18 +265,6 @@ def test_programmatic_dependent_launch_gives_the_same_bits(scheme, monkeypatch):
             assert torch.equal(o, want)
 
 
-@triton.jit
-def _late_copy_kernel(src, dst, n, sink, SPIN: tl.constexpr, BLOCK: tl.constexpr):
-    """Lets its dependents start at once, spins, and only then copies src to dst (bytes)."""
-    gdc_launch_dependents()
-    acc = tl.program_id(0).to(tl.float32)
-    for _ in range(SPIN):
-        acc = acc * 0.999 + 1.0
-    tl.store(sink + tl.program_id(0), acc)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
-
-
 @pytest.mark.parametrize("fp8", [False, True])
 def test_programmatic_dependent_launch_waits_for_the_kernel_before(fp8):
     """A kernel right before the PDL-launched prequant kernel triggers it first and writes xq and its
@@ -304,7 +290,7 @@ def test_programmatic_dependent_launch_waits_for_the_kernel_before(fp8):
     for _ in range(3):
         dst = torch.zeros_like(src)
         torch.cuda.synchronize()
-        _late_copy_kernel[(triton.cdiv(src.numel(), 1024),)](src, dst, src.numel(), sink, SPIN=20000, BLOCK=1024)
+        late_copy(src, dst, sink)
         got = op(*views(dst), q, s, None, torch.bfloat16, True)  # launched right behind it, with PDL
         torch.cuda.synchronize()
         assert torch.equal(got, want)
