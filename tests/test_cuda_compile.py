@@ -49,14 +49,3 @@ def test_the_pdl_wait_reaches_the_8bit_kernels(compiled):
     it reads x: compiled into an instruction, not dropped."""
     for name in ("dynamic_mma_int8.cu", "dynamic_mma_fp8.cu"):
         assert "griddepcontrol.wait" in compiled[name][2], name
-
-
-def test_the_int4_kernel_prefetches_to_l2_then_waits(compiled):
-    """The int4 tensor-core kernel's PDL variant asks L2 for its first weights, then waits, before any
-    load into registers: both instructions are in gemv.cu's PTX, the prefetch first in the kernel."""
-    ptx = compiled["gemv.cu"][2]
-    assert "griddepcontrol.wait" in ptx and "prefetch.global.L2" in ptx
-    for body in ptx.split(".entry")[1:]:
-        if "griddepcontrol.wait" in body:
-            head = body[:body.index("griddepcontrol.wait")]
-            assert "prefetch.global.L2" in head and "ld.global" not in head

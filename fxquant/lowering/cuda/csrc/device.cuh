@@ -8,7 +8,6 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
-#include <utility>
 
 namespace fxquant {
 namespace device {
@@ -25,28 +24,6 @@ __device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
       : "l"(p));
   return r;
-}
-
-// Ask L2 for the line holding p (no register result, nothing cached nearer the SM). L2 is where the
-// GPU keeps memory coherent, so this is safe before griddepcontrol.wait even if the kernel before
-// writes those bytes: loads after the wait still see what it wrote.
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-
-// Launches k with programmatic dependent launch: its blocks may start while the kernel before it
-// on the stream finishes; k must griddepcontrol.wait before it reads what that kernel wrote.
-template <typename... P, typename... A>
-void launch_dependent(void (*k)(P...), dim3 grid, dim3 block, int smem, cudaStream_t stream, A&&... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, k, std::forward<A>(args)...));
 }
 
 // Facts of the current device that never change, queried once per device (racing first calls

@@ -286,8 +286,17 @@ void launch_shape(const Args& a, int warps) {
   kernel_ptr<FP8, NT, RT, U, QUANT, T, PDL>();
   const dim3 grid((a.N + 16 * RT - 1) / (16 * RT));
   if constexpr (PDL) {  // may start while the kernel before runs; waits (griddepcontrol.wait) before reading x
-    device::launch_dependent(dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T, PDL>, grid, dim3(warps * 32), smem,
-                             c10::cuda::getCurrentCUDAStream(), a);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(warps * 32);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = c10::cuda::getCurrentCUDAStream();
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T, PDL>, a));
   } else {
     dynamic_mma_kernel<FP8, NT, RT, U, QUANT, T, PDL><<<grid, warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
   }

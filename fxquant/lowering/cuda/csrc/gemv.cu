@@ -300,10 +300,7 @@ __device__ __forceinline__ uint32_t dequant_pair(const uint32_t (&w)[4], int p, 
   return *reinterpret_cast<const uint32_t*>(&r);
 }
 
-// PDL: launched with programmatic dependent launch, so the block may start while the kernel before
-// it finishes. It asks L2 for its first K-tile of weights, then waits (griddepcontrol.wait) before
-// it reads anything into registers or writes out.
-template <typename T, int NT, int RT, bool PDL = false>  // NT 8-token tiles (M <= 8 * NT), RT 16-row tiles per block
+template <typename T, int NT, int RT>  // NT 8-token tiles (M <= 8 * NT), RT 16-row tiles per block
 __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __restrict__ x, int64_t x_stride,
                                                        const uint8_t* __restrict__ w, const T* __restrict__ sz,
                                                        const T* __restrict__ bias, T* __restrict__ out,
@@ -319,16 +316,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
     rb[r] = min(row0 + 16 * r + g + 8, N - 1);
   }
   const int64_t row_bytes = K / 2;
-  if constexpr (PDL) {
-    if (warp < K / 128) {
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        device::prefetch_l2(w + ra[r] * row_bytes + (warp * 128 + 32 * t) / 2);
-        device::prefetch_l2(w + rb[r] * row_bytes + (warp * 128 + 32 * t) / 2);
-      }
-    }
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-  }
   float acc[RT][NT][4];
 #pragma unroll
   for (int r = 0; r < RT; ++r)
@@ -469,31 +456,16 @@ MmaShape mma_shape(int n, int k) {
   return s;
 }
 
-// Programmatic dependent launch of the int4 kernel: Hopper+, unless FXQUANT_PDL=0 (read at every
-// call, as FXQUANT_CXX_INT4_VARIANT; a CUDA graph keeps what capture saw).
-bool int4_pdl() {
-  const char* e = std::getenv("FXQUANT_PDL");
-  return device::capability() >= 90 && !(e != nullptr && e[0] == '0');
-}
-
 template <typename T, int NT, int RT>
 void launch_mma(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales, const T* b,
                 at::Tensor& out, int group, int max_warps) {
   const int M = x2.size(0), N = qweight.size(0), K = x2.size(1);
   const int warps = std::min(max_warps, K / 128);  // the block's warps split K
   const dim3 grid((N + 16 * RT - 1) / (16 * RT));
-  const T* xp = reinterpret_cast<const T*>(x2.data_ptr());
-  const uint8_t* wp = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
-  const T* sp = reinterpret_cast<const T*>(scales.data_ptr());
-  T* op = reinterpret_cast<T*>(out.data_ptr());
-  const int64_t xs = x2.stride(0), os = out.stride(0);
-  if (int4_pdl()) {
-    device::launch_dependent(int4_mma_kernel<T, NT, RT, true>, grid, dim3(warps * 32), 0,
-                             c10::cuda::getCurrentCUDAStream(), xp, xs, wp, sp, b, op, os, M, N, K, group);
-  } else {
-    int4_mma_kernel<T, NT, RT><<<grid, warps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(xp, xs, wp, sp, b, op, os, M,
-                                                                                          N, K, group);
-  }
+  int4_mma_kernel<T, NT, RT><<<grid, warps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
+      reinterpret_cast<const T*>(scales.data_ptr()), b, reinterpret_cast<T*>(out.data_ptr()), out.stride(0), M, N, K,
+      group);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
