@@ -206,19 +206,21 @@ def test_pass_puts_the_op_on_the_cache_at_any_batch(b):
     assert n_fold == (1 if b * 2 >= 16 else 0)
 
 
-@pytest.mark.parametrize("b,hkv,path", [(1, 2, "sdpa_repeated"), (8, 2, "sdpa_folded"), (4, 4, "sdpa_folded")])
-def test_op_sdpa_path_by_kv_heads(b, hkv, path, monkeypatch):
+@pytest.mark.parametrize("b,hkv,lq,path", [(1, 2, 2, "sdpa_repeated"), (8, 2, 2, "sdpa_folded"),
+                                            (4, 4, 2, "sdpa_folded"), (8, 2, 70, "sdpa_repeated")])
+def test_op_sdpa_path_by_kv_heads(b, hkv, lq, path, monkeypatch):
     """Where the kernel does not run: SDPA on K/V repeated per head below 16 K/V heads in all
-    (as the model wrote it), on the folded heads from there; both give the reference."""
+    (as the model wrote it) or beyond 64 query positions, on the folded heads otherwise; both give
+    the reference."""
     from fxquant.lowering import attention as op_mod
     used = []
     for name in ("sdpa_repeated", "sdpa_folded"):
         real = getattr(op_mod, name)
         monkeypatch.setattr(op_mod, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
     gen = torch.Generator().manual_seed(b)
-    q = torch.randn(b, hkv * 3, 2, 8, generator=gen)
+    q = torch.randn(b, hkv * 3, lq, 8, generator=gen)
     k, v = torch.randn(b, hkv, 11, 8, generator=gen), torch.randn(b, hkv, 11, 8, generator=gen)
-    mask = _mask("bool", b, hkv * 3, 2, 11, gen)
+    mask = _mask("bool", b, hkv * 3, lq, 11, gen)
     out = torch.ops.fxquant.gqa_attention(q, k, v, mask, None)
     assert used == [path]
     torch.testing.assert_close(out, attention_reference(q, k, v, mask, 1 / math.sqrt(8)).float(),
@@ -249,6 +251,34 @@ def test_op_with_dynamic_batch_one_graph():
             torch._dynamo.mark_dynamic(t, 0)
         torch.testing.assert_close(fn(q, k, v, mask), attn(q, k, v, mask), rtol=1e-5, atol=1e-5)
     assert len(graphs) == 1
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_symbolic_query_length(kernel):
+    """A query length that is a symbol in the graph (speculative verification under automatic dynamic
+    shapes; that graph also serves prefills): the op takes it and picks its path per call; the SDPA
+    fold leaves it alone. One graph serves 2, 3 and 70 query positions."""
+    graphs, counts = [], []
+
+    def backend(gm, example_inputs):
+        counts.append(fold_gqa_attention(gm, kernel=kernel))
+        graphs.append(gm)
+        return gm.forward
+
+    def attn(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=mask)
+
+    torch._dynamo.reset()
+    fn = torch.compile(attn, backend=backend)
+    for lq in (2, 3, 70):
+        gen = torch.Generator().manual_seed(lq)
+        q, k, v = torch.randn(2, 8, lq, 16, generator=gen), torch.randn(2, 2, 90, 16, generator=gen), \
+            torch.randn(2, 2, 90, 16, generator=gen)
+        mask = _mask("bool", 2, 8, lq, 90, gen)
+        torch._dynamo.mark_dynamic(q, 2)
+        torch._dynamo.mark_dynamic(mask, 2)
+        torch.testing.assert_close(fn(q, k, v, mask), attn(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1 and counts == [1 if kernel else 0]
 
 
 def test_sdpa_folded_matches_sdpa():

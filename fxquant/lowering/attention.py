@@ -12,7 +12,8 @@ Kernels: on CUDA, the split-KV Triton kernel of lowering/triton/attention.py whe
 mask or a float one in q's dtype or float32; unit stride along the head dim). Elsewhere, and on
 the CPU, SDPA runs: from 16 K/V heads in all (B x Hkv) on the G query heads of each K/V head folded
 into the query dim (the same rows, no copy of K/V); below that on K/V repeated per query head, as
-the model wrote it (on an H100 the folded SDPA measured slower there, BENCHMARKS.md S18).
+the model wrote it (on an H100 the folded SDPA measured slower there, BENCHMARKS.md S18). Queries
+longer than 64 positions always take SDPA on repeated K/V.
 A row no key is allowed for (every mask value -inf, or a finite value so negative that the scaled
 score is -inf in float32, like finfo.min): zeros from the Triton kernel, whatever SDPA gives (NaN
 or the mean of V) from SDPA.
@@ -27,6 +28,9 @@ from torch import Tensor
 
 LIB = "fxquant"
 MIN_KV_HEADS_FOLDED = 16  # SDPA (where the kernel does not run) is folded from this many K/V heads in all
+# Longer queries (a prefill through a graph whose query length is symbolic) run SDPA on repeated K/V:
+# at 2048 queries the kernel measured 1.05x slower than that on an H100 (BENCHMARKS.md S19).
+KERNEL_MAX_QUERY_LEN = 64
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
@@ -84,7 +88,7 @@ def _scale(q: Tensor, scale: float | None) -> float:
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    if q.shape[0] * k.shape[1] < MIN_KV_HEADS_FOLDED:
+    if q.shape[0] * k.shape[1] < MIN_KV_HEADS_FOLDED or q.shape[2] > KERNEL_MAX_QUERY_LEN:
         return sdpa_repeated(q, k, v, mask, scale)
     return sdpa_folded(q, k, v, mask, scale)
 
@@ -104,7 +108,7 @@ def _(q, k, v, attn_mask, scale):
 def _cuda(q, k, v, attn_mask, scale):
     _check(q, k, v, attn_mask)
     from .triton import attention as kernels  # imports triton: first CUDA call only
-    if kernels.fits(q, k, v, attn_mask):
+    if q.shape[2] <= KERNEL_MAX_QUERY_LEN and kernels.fits(q, k, v, attn_mask):
         return kernels.gqa_decode_attention(q, k, v, attn_mask, _scale(q, scale))
     return _sdpa(q, k, v, attn_mask, _scale(q, scale))
 

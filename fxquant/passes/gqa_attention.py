@@ -21,10 +21,11 @@ Each output row is the same softmax over the same keys as before; only which ker
 in changes. It runs on the Dynamo graph, before any lowering, so SDPA still picks its backend
 (and pads masks) for the folded shapes itself. Left alone: is_causal (its diagonal would move),
 dropout, enable_gqa, masks of other ranks or that broadcast over query rows, a K/V cache written
-between the repeat and the attention, head counts or a query length that are symbols in the graph
-(under Dynamo's automatic dynamic shapes a second query length > 1 makes it one, and that graph
-also serves long prefills), and more than MAX_QUERY_ROWS query positions (a prefill's mask copy
-would cost about what the K/V copy does).
+between the repeat and the attention, head counts that are symbols in the graph, and more than
+MAX_QUERY_ROWS query positions (a prefill's mask copy would cost about what the K/V copy does). A
+query length that is a symbol in the graph (under Dynamo's automatic dynamic shapes a second query
+length > 1 makes it one, and that graph also serves long prefills) gets the op, which decides per
+call (its kernel up to 64 query positions, SDPA on repeated K/V beyond), or no rewrite without it.
 
 A scale that is a symbol in the graph is left to the SDPA fold. The SDPA fold (not the op) also
 leaves alone a static batch with fewer than MIN_KV_HEADS_IN_BATCH K/V heads in all (B * Hkv).
@@ -45,7 +46,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..patterns.repeat_kv import example_value as _val
-from ..patterns.repeat_kv import match_repeat_kv, static_int
+from ..patterns.repeat_kv import match_repeat_kv, same_size, static_int
 
 MAX_QUERY_ROWS = 64
 MIN_KV_HEADS_IN_BATCH = 16  # B * Hkv below this (B a number): not folded (see the docstring)
@@ -73,15 +74,17 @@ def _fold(gm: GraphModule, node: Node, kernel: bool) -> bool:
     if q is None or q.dim() != 4:
         return False
     batch, heads, rows = (static_int(d) for d in q.shape[:3])
-    if rows is None or rows > MAX_QUERY_ROWS or heads is None or heads % groups:
+    kernel = kernel and not isinstance(a["scale"], Node)  # the op takes a number
+    if heads is None or heads % groups or (rows is not None and rows > MAX_QUERY_ROWS):
+        return False
+    if rows is None and not kernel:  # a symbolic query length: only the op, which picks its path per call
         return False
     hkv = heads // groups
-    kernel = kernel and not isinstance(a["scale"], Node)  # the op takes a number
     if not kernel and batch is not None and batch * hkv < MIN_KV_HEADS_IN_BATCH:
         return False
     m = _val(mask) if isinstance(mask, Node) else None
     if mask is not None:
-        if m is None or m.dim() != 4 or static_int(m.shape[2]) != rows or static_int(m.shape[1]) not in (1, heads):
+        if m is None or m.dim() != 4 or not same_size(m.shape[2], q.shape[2]) or static_int(m.shape[1]) not in (1, heads):
             return False  # a float scalar mask, another rank, or one that broadcasts over queries
     if _written_between(gm.graph, [a["key"], a["value"]], node):
         return False  # the repeat copied K/V before a write that the cache itself would now show

@@ -33,7 +33,8 @@ def static_int(d) -> int | None:
     return None
 
 
-def _same(a, b) -> bool:
+def same_size(a, b) -> bool:
+    """Whether two sizes (numbers or symbols) are known equal without a new guard."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
     return bool(statically_known_true(a == b))
 
@@ -90,9 +91,9 @@ def match_repeat_kv(node) -> tuple[Node, int] | None:
     hkv, h = static_int(x.shape[1]), static_int(out.shape[1])
     if hkv is None or h is None or h % hkv or h == hkv:
         return None
-    if not all(_same(out.shape[i], x.shape[i]) for i in (0, 2, 3)):
+    if not all(same_size(out.shape[i], x.shape[i]) for i in (0, 2, 3)):
         return None
     if five is not None and not (five.dim() == 5 and all(
-            _same(a, b) for a, b in zip(five.shape, (x.shape[0], hkv, h // hkv, x.shape[2], x.shape[3])))):
+            same_size(a, b) for a, b in zip(five.shape, (x.shape[0], hkv, h // hkv, x.shape[2], x.shape[3])))):
         return None
     return src, h // hkv

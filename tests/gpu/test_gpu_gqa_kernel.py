@@ -162,3 +162,32 @@ def test_hf_llama_reduce_overhead_kernel_against_off(batch):
     assert folds["fold"][-1] == (cfg.num_hidden_layers if batch * 2 >= 16 else 0)
     assert sqnr(logits["off"], logits["kernel"]) > 35.0
     assert sqnr(logits["off"], logits["fold"]) > 35.0
+
+
+def test_symbolic_query_length_under_inductor():
+    """One Inductor graph with a symbolic query length: the kernel at 2 and 5 positions, SDPA on
+    repeated K/V at 100 (the op decides per call); all match the reference."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from fxquant.passes.gqa_attention import fold_gqa_attention
+    counts = []
+
+    def backend(gm, example_inputs):
+        counts.append(fold_gqa_attention(gm, kernel=True))
+        return compile_fx(gm, example_inputs)
+
+    def attn(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=mask)
+
+    torch._dynamo.reset()
+    fn = torch.compile(attn, backend=backend)
+    dev, dt = "cuda", torch.bfloat16
+    for lq in (2, 5, 100):
+        q = torch.randn(2, 32, lq, 128, device=dev, dtype=dt)
+        k, v = (torch.randn(2, 8, 300, 128, device=dev, dtype=dt) for _ in range(2))
+        mask = _mask("cache", 2, 32, lq, 300, dev, dt)
+        torch._dynamo.mark_dynamic(q, 2)
+        torch._dynamo.mark_dynamic(mask, 2)
+        out = fn(q, k, v, mask)
+        assert sqnr(attention_reference(q, k, v, mask, 1 / math.sqrt(128)).float(), out.float()) > 40, lq
+    assert counts == [1]
