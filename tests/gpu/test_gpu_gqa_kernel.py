@@ -59,7 +59,12 @@ def test_kernel_matches_reference_bf16(b, hkv, g, lq, lk, mask_kind):
     sdpa = F.scaled_dot_product_attention(q, repeat_kv(k, g), repeat_kv(v, g), attn_mask=mask, scale=scale)
     # as close to the fp64 result as SDPA's own bf16 kernel is (both round p and the output to bf16)
     assert sqnr(ref.float(), out.float()) > 40
-    assert sqnr(ref.float(), out.float()) > sqnr(ref.float(), sdpa.float()) - 3
+    if mask_kind == "float_min":
+        # torch 2.11's CUDA SDPA returned NaN for this float32 finfo.min mask with bf16 q (S19, call 11);
+        # the kernel matches the fp64 reference (above)
+        assert torch.isfinite(out).all()
+    else:
+        assert sqnr(ref.float(), out.float()) > sqnr(ref.float(), sdpa.float()) - 3
 
 
 @pytest.mark.parametrize("splits", [1, 2, 5, 12])
