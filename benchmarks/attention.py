@@ -7,6 +7,8 @@ inside one CUDA graph (`triton.testing.do_bench_cudagraph`, median); the time pe
 layer's attention. Every output is checked against an fp32 reference first.
 
   python benchmarks/attention.py --batches 1,8,32 --caches 384,2304 --out out/attention
+  python benchmarks/attention.py --batches 1 --caches 2064 --qlen 2048 --filled 1.0   # prefill, with
+      # the prefill kernel experiment (fxquant/lowering/triton/attention_prefill.py)
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--qlen", type=int, default=1)
     p.add_argument("--configs", default="0:32:4:0:1,0:128:4:0:1,0:64:4:0:2,0:64:4:0:0.5",
                    help="kernel alternatives, rows:keys:warps:stages:split factor (0: the default)")
+    p.add_argument("--prefill-configs", default="128:64:8:3,128:128:8:2,64:64:4:3,128:64:4:3",
+                   help="with --qlen > 64: the prefill kernel's block_m:block_n:warps:stages (0: default)")
     p.add_argument("--out", default="out/attention")
     args = p.parse_args(argv)
     import triton
@@ -76,6 +80,15 @@ def main(argv=None) -> int:
             return kernels.gqa_decode_attention(q, k, v, m, scale, splits=max(1, int(s * mult)), block_n=bn,
                                                 block_r=br, num_warps=warps, num_stages=stages)
         variants[f"kernel {cfg}"] = alt
+    if args.qlen > 64 and args.prefill_configs:  # the prefill experiment (attention_prefill.py)
+        from fxquant.lowering.triton import attention_prefill
+        for cfg in args.prefill_configs.split(","):
+            bm, bn, warps, stages = (int(x) for x in cfg.split(":"))
+
+            def pre(q, k, v, m, bm=bm, bn=bn, warps=warps, stages=stages):
+                return attention_prefill.prefill_attention(q, k, v, m, scale, block_m=bm, block_n=bn,
+                                                           num_warps=warps, num_stages=stages or None)
+            variants[f"prefill {cfg}"] = pre
     rows = []
     for lk in (int(c) for c in args.caches.split(",")):
         for b in (int(x) for x in args.batches.split(",")):
