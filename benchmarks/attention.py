@@ -24,12 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fxquant.lowering  # noqa: E402,F401  (registers torch.ops.fxquant.gqa_attention)
-from fxquant.lowering.attention import sdpa_folded  # noqa: E402
-
-
-def repeat_kv(x: torch.Tensor, g: int) -> torch.Tensor:  # transformers' form
-    b, h, n, d = x.shape
-    return x[:, :, None].expand(b, h, g, n, d).reshape(b, h * g, n, d)
+from fxquant.lowering.attention import repeat_kv, sdpa_folded  # noqa: E402
 
 
 def reference(q, k, v, mask, scale):
@@ -74,11 +69,8 @@ def main(argv=None) -> int:
         stages = int(stages) or None
 
         def alt(q, k, v, m, br=br, bn=bn, warps=warps, stages=stages, mult=float(mult)):
-            rows = br or min(kernels.MAX_ROWS, max(16, triton.next_power_of_2(q.shape[1] // k.shape[1] * q.shape[2])))
-            blocks = triton.cdiv(q.shape[1] // k.shape[1] * q.shape[2], rows)
-            s = kernels._splits(q.shape[0] * k.shape[1] * blocks, k.shape[2], bn, q.device)
-            return kernels.gqa_decode_attention(q, k, v, m, scale, splits=max(1, int(s * mult)), block_n=bn,
-                                                block_r=br, num_warps=warps, num_stages=stages)
+            return kernels.gqa_decode_attention(q, k, v, m, scale, block_n=bn, block_r=br, num_warps=warps,
+                                                num_stages=stages, split_factor=mult)
         variants[f"kernel {cfg}"] = alt
     if args.qlen > 64 and args.prefill_configs:  # the prefill experiment (attention_prefill.py)
         from fxquant.lowering.triton import attention_prefill

@@ -227,21 +227,26 @@ def test_op_sdpa_path_by_kv_heads(b, hkv, lq, path, monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
+def _attn_g4(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=mask)
+
+
+def _compile_counting(kernel: bool):
+    """_attn_g4 compiled with a backend that applies the pass; returns (fn, rewrites per captured graph)."""
+    counts = []
+
+    def backend(gm, example_inputs):
+        counts.append(fold_gqa_attention(gm, kernel=kernel))
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(_attn_g4, backend=backend), counts
+
+
 def test_op_with_dynamic_batch_one_graph():
     """A dynamic batch (the cache's other dims fixed, as a static cache has them): one graph with
     the op serves batches 2 and 3."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        assert fold_gqa_attention(gm, kernel=True) == 1
-        graphs.append(gm)
-        return gm.forward
-
-    def attn(q, k, v, mask):
-        return F.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=mask)
-
-    torch._dynamo.reset()
-    fn = torch.compile(attn, backend=backend)
+    fn, counts = _compile_counting(kernel=True)
     for b in (2, 3):
         gen = torch.Generator().manual_seed(b)
         q, k, v = torch.randn(b, 8, 1, 16, generator=gen), torch.randn(b, 2, 20, 16, generator=gen), \
@@ -249,8 +254,8 @@ def test_op_with_dynamic_batch_one_graph():
         mask = _mask("bool", b, 8, 1, 20, gen)
         for t in (q, k, v, mask):
             torch._dynamo.mark_dynamic(t, 0)
-        torch.testing.assert_close(fn(q, k, v, mask), attn(q, k, v, mask), rtol=1e-5, atol=1e-5)
-    assert len(graphs) == 1
+        torch.testing.assert_close(fn(q, k, v, mask), _attn_g4(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert counts == [1]  # one graph, rewritten
 
 
 @pytest.mark.parametrize("kernel", [True, False])
@@ -258,18 +263,7 @@ def test_symbolic_query_length(kernel):
     """A query length that is a symbol in the graph (speculative verification under automatic dynamic
     shapes; that graph also serves prefills): the op takes it and picks its path per call; the SDPA
     fold leaves it alone. One graph serves 2, 3 and 70 query positions."""
-    graphs, counts = [], []
-
-    def backend(gm, example_inputs):
-        counts.append(fold_gqa_attention(gm, kernel=kernel))
-        graphs.append(gm)
-        return gm.forward
-
-    def attn(q, k, v, mask):
-        return F.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=mask)
-
-    torch._dynamo.reset()
-    fn = torch.compile(attn, backend=backend)
+    fn, counts = _compile_counting(kernel=kernel)
     for lq in (2, 3, 70):
         gen = torch.Generator().manual_seed(lq)
         q, k, v = torch.randn(2, 8, lq, 16, generator=gen), torch.randn(2, 2, 90, 16, generator=gen), \
@@ -277,8 +271,8 @@ def test_symbolic_query_length(kernel):
         mask = _mask("bool", 2, 8, lq, 90, gen)
         torch._dynamo.mark_dynamic(q, 2)
         torch._dynamo.mark_dynamic(mask, 2)
-        torch.testing.assert_close(fn(q, k, v, mask), attn(q, k, v, mask), rtol=1e-5, atol=1e-5)
-    assert len(graphs) == 1 and counts == [1 if kernel else 0]
+        torch.testing.assert_close(fn(q, k, v, mask), _attn_g4(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert counts == [1 if kernel else 0]  # one graph
 
 
 def test_sdpa_folded_matches_sdpa():

@@ -76,11 +76,16 @@ def kernel_dtypes_fit(q: torch.dtype, k: torch.dtype, v: torch.dtype, head_dim: 
             and (mask is None or mask in (torch.bool, q, torch.float32)))
 
 
+def repeat_kv(x: Tensor, g: int) -> Tensor:
+    """[B, Hkv, L, D] -> [B, Hkv * g, L, D], each K/V head g times in a row (transformers' repeat_kv)."""
+    return x[:, :, None].expand(-1, -1, g, -1, -1).flatten(1, 2)
+
+
 def sdpa_repeated(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """SDPA on K/V repeated per query head (what the model wrote before the pass)."""
     g = q.shape[1] // k.shape[1]
-    kr, vr = (t[:, :, None].expand(-1, -1, g, -1, -1).flatten(1, 2) for t in (k, v))
-    return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=scale).contiguous()
+    return F.scaled_dot_product_attention(q, repeat_kv(k, g), repeat_kv(v, g), attn_mask=mask,
+                                          scale=scale).contiguous()
 
 
 def _scale(q: Tensor, scale: float | None) -> float:

@@ -14,6 +14,8 @@ A row that no key is allowed for gets zeros (the math formula would give NaN).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -140,11 +142,16 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
             and q.shape[1] % k.shape[1] == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _splits(bh: int, lk: int, block_n: int, device: torch.device) -> int:
     """Key slices per (batch, K/V head, row block) of `bh` in all: about two programs per SM, whole
     key tiles each."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = 4  # the interpreter: a few splits, so tests cover the combine kernel
     tiles = triton.cdiv(max(lk, 1), block_n)
@@ -153,13 +160,14 @@ def _splits(bh: int, lk: int, block_n: int, device: torch.device) -> int:
 
 def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                          scale: float, *, splits: int | None = None, block_n: int = 64, block_r: int | None = None,
-                         num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                         num_warps: int = 4, num_stages: int | None = None, split_factor: float = 1.0) -> torch.Tensor:
     """out [B, H, Lq, D] = softmax(q k^T * scale + mask) v with k, v [B, H // G, Lk, D] (see module
     docstring). `mask`: None, bool (True: attend) or float (added), broadcastable to
     [B, H, Lq, Lk] with its batch dim 1 or B and its head dim 1 or H. Caller checks `fits`.
     block_n 64: on an H100 (BENCHMARKS.md S19) 1.13-1.31x faster than 32 and 1.38-1.86x faster
     than 16 at batch 1 / 8 / 32 with 384 and 2304 cache positions. block_r (query rows per program,
-    a power of two >= 16), num_warps, num_stages: for experiments (benchmarks/attention.py)."""
+    a power of two >= 16), num_warps, num_stages, split_factor (times the automatic split count): for
+    experiments (benchmarks/attention.py)."""
     B, H, LQ, D = q.shape
     HKV, LK = k.shape[1], k.shape[2]
     G = H // HKV
@@ -168,7 +176,7 @@ def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         return out
     block_r = block_r or min(MAX_ROWS, max(16, triton.next_power_of_2(G * LQ)))
     RB = triton.cdiv(G * LQ, block_r)
-    S = splits or _splits(B * HKV * RB, LK, block_n, q.device)
+    S = splits or max(1, int(_splits(B * HKV * RB, LK, block_n, q.device) * split_factor))
     keys_per_split = max(block_n, triton.cdiv(triton.cdiv(LK, S), block_n) * block_n)
     S = max(1, triton.cdiv(LK, keys_per_split))
     if mask is None:
