@@ -206,6 +206,20 @@ def test_pass_puts_the_op_on_the_cache_at_any_batch(b):
     assert n_fold == (1 if b * 2 >= 16 else 0)
 
 
+def test_pass_puts_the_op_on_a_static_prefill():
+    """A static query length beyond the SDPA fold's 64 rows (a prefill): the op takes it (its CUDA
+    prefill kernel skips the mask's empty key tiles); the SDPA fold leaves it alone."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 8, 70, 16, generator=gen)
+    k, v = torch.randn(1, 2, 80, 16, generator=gen), torch.randn(1, 2, 80, 16, generator=gen)
+    mask = _mask("bool", 1, 8, 70, 80, gen)
+    out, n, graph = _capture(_attn_g4, q, k, v, mask)
+    assert n == 1
+    assert [x.target for x in graph.nodes if x.op == "call_function"] == [torch.ops.fxquant.gqa_attention.default]
+    torch.testing.assert_close(out, _attn_g4(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert _capture(_attn_g4, q, k, v, mask, kernel=False)[1] == 0
+
+
 @pytest.mark.parametrize("b,hkv,lq,path", [(1, 2, 2, "sdpa_repeated"), (8, 2, 2, "sdpa_folded"),
                                             (4, 4, 2, "sdpa_folded"), (8, 2, 70, "sdpa_repeated")])
 def test_op_sdpa_path_by_kv_heads(b, hkv, lq, path, monkeypatch):

@@ -72,3 +72,57 @@ def test_tiles_outside_the_allowed_range_are_not_read():
     out = P.prefill_attention(q, kn, vn, mask, 0.25, block_m=16, block_n=16, num_warps=4)
     assert torch.isfinite(out).all()
     assert sqnr(attention_reference(q, k, v, mask, 0.25), out) > 40
+
+
+def _bounds(mask, lq, lk, bm, bn):
+    """[first, last, whole_lo, whole_hi] per query block as the attention kernel derives them from
+    the mask tile flags (whole_lo = whole_hi = tiles: no whole run)."""
+    qb, kt = -(-lq // bm), -(-lk // bn)
+    kind = P.MASK_BOOL if mask.dtype == torch.bool else P.MASK_FLOAT
+    flags = torch.empty(mask.shape[0] * mask.shape[1] * qb * kt, dtype=torch.int8)
+    P.mask_tiles_kernel[(mask.shape[0] * mask.shape[1], qb, kt)](
+        mask, flags, *mask.stride(), mask.shape[1], lq, lk, qb, kt, MASK=kind, BLOCK_M=bm, BLOCK_N=bn)
+    out = []
+    for f in flags.view(-1, kt).tolist():
+        hit = [t for t in range(kt) if f[t] & P.HIT.value]
+        whole = [t for t in range(kt) if f[t] & P.WHOLE.value]
+        lo = whole[0] if whole else kt
+        hi = next((t for t in range(lo + 1, kt) if not f[t] & P.WHOLE.value), kt) if whole else kt
+        out.append([hit[0], hit[-1], lo, hi])
+    return [out[i * qb:(i + 1) * qb] for i in range(mask.shape[0] * mask.shape[1])]
+
+
+def test_bounds_of_a_causal_cache_mask():
+    """64 queries over 80 keys, 16 x 16 tiles: query block j sees keys up to 16j + 31, so tiles
+    0..j are whole (no mask needed), tile j + 1 is the diagonal, nothing after it."""
+    mask = _causal(1, 64, 80).contiguous()
+    assert _bounds(mask, 64, 80, 16, 16) == [[[0, j + 1, 0, j + 1] for j in range(4)]]
+    # as a float mask: the same; with a bias on the allowed entries nothing is whole
+    fmask = torch.where(mask, 0.0, float("-inf"))
+    assert _bounds(fmask, 64, 80, 16, 16) == [[[0, j + 1, 0, j + 1] for j in range(4)]]
+    assert _bounds(torch.where(mask, 0.5, float("-inf")), 64, 80, 16, 16) == [[[0, j + 1, 5, 5] for j in range(4)]]
+
+
+def test_bounds_of_a_window_with_a_hole():
+    """One query block of 16 rows: keys 0-15 masked, 16-63 allowed but for key 40, keys 64+ masked;
+    a 70-key cache, so the last tile (keys 64-69) is partial. First run of whole tiles: tile 1 only."""
+    mask = torch.zeros(1, 1, 16, 70, dtype=torch.bool)
+    mask[..., 16:64] = True
+    mask[..., 40] = False
+    assert _bounds(mask, 16, 70, 16, 16) == [[[1, 3, 1, 2]]]
+    mask[..., 40] = True
+    mask[..., 64:] = True  # the partial tile is never whole: its bounds checks are needed
+    assert _bounds(mask, 16, 70, 16, 16) == [[[1, 4, 1, 4]]]
+
+
+def test_window_mask_output():
+    """A sliding window (keys q-20..q): masked tiles before and after a whole run, against fp64."""
+    gen = torch.Generator().manual_seed(5)
+    lq = lk = 96
+    i = torch.arange(lq)[:, None]
+    j = torch.arange(lk)[None, :]
+    mask = ((j <= i) & (j > i - 40))[None, None]
+    q = torch.randn(1, 2, lq, 16, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 1, lk, 16, generator=gen).bfloat16() for _ in range(2))
+    out = P.prefill_attention(q, k, v, mask, 0.25, block_m=16, block_n=16, num_warps=4)
+    assert sqnr(attention_reference(q, k, v, mask, 0.25), out) > 40

@@ -7,13 +7,16 @@ the key takes part) or float (added), of rank 4 with batch dim 1 or B, head dim 
 and key dims Lq (or 1) and Lk (or 1). The output is contiguous in q's dtype. passes/gqa_attention.py
 puts it where a model repeats its K/V heads before scaled_dot_product_attention.
 
-Kernels: on CUDA, the split-KV Triton kernel of lowering/triton/attention.py where it fits
-(kernel_dtypes_fit: q, k, v all bf16 or all fp16, head dim 16, 32, 64 or 128, no mask or a bool
-mask or a float one in q's dtype or float32; unit stride along the head dim). Elsewhere, and on
-the CPU, SDPA runs: from 16 K/V heads in all (B x Hkv) on the G query heads of each K/V head folded
+Kernels: on CUDA, where they fit (kernel_dtypes_fit: q, k, v all bf16 or all fp16, head dim 16,
+32, 64 or 128, no mask or a bool mask or a float one in q's dtype or float32; unit stride along
+the head dim), up to 64 query positions the split-KV decode kernel of lowering/triton/attention.py;
+beyond that, with a mask, the prefill kernel of lowering/triton/attention_prefill.py, which skips
+the key tiles the mask allows nothing in (a causal cache mask: about half; on an H100 1.3-1.9x
+faster than SDPA on repeated K/V at 512-4096 queries, BENCHMARKS.md S20). Elsewhere, and on the
+CPU, SDPA runs: from 16 K/V heads in all (B x Hkv) on the G query heads of each K/V head folded
 into the query dim (the same rows, no copy of K/V); below that on K/V repeated per query head, as
 the model wrote it (on an H100 the folded SDPA measured slower there, BENCHMARKS.md S18). Queries
-longer than 64 positions always take SDPA on repeated K/V.
+longer than 64 positions with no mask, or where the kernels do not fit, take SDPA on repeated K/V.
 A row no key is allowed for (every mask value -inf, or a finite value so negative that the scaled
 score is -inf in float32, like finfo.min): zeros from the Triton kernel, whatever SDPA gives (NaN
 or the mean of V) from SDPA.
@@ -28,8 +31,8 @@ from torch import Tensor
 
 LIB = "fxquant"
 MIN_KV_HEADS_FOLDED = 16  # SDPA (where the kernel does not run) is folded from this many K/V heads in all
-# Longer queries (a prefill through a graph whose query length is symbolic) run SDPA on repeated K/V:
-# at 2048 queries the kernel measured 1.05x slower than that on an H100 (BENCHMARKS.md S19).
+# Longer queries (a prefill) take the prefill kernel: at 2048 queries the decode kernel measured
+# 1.05x slower than SDPA on repeated K/V on an H100 (BENCHMARKS.md S19), the prefill kernel 1.38x faster (S20).
 KERNEL_MAX_QUERY_LEN = 64
 
 
@@ -113,8 +116,12 @@ def _(q, k, v, attn_mask, scale):
 def _cuda(q, k, v, attn_mask, scale):
     _check(q, k, v, attn_mask)
     from .triton import attention as kernels  # imports triton: first CUDA call only
-    if q.shape[2] <= KERNEL_MAX_QUERY_LEN and kernels.fits(q, k, v, attn_mask):
-        return kernels.gqa_decode_attention(q, k, v, attn_mask, _scale(q, scale))
+    if kernels.fits(q, k, v, attn_mask):
+        if q.shape[2] <= KERNEL_MAX_QUERY_LEN:
+            return kernels.gqa_decode_attention(q, k, v, attn_mask, _scale(q, scale))
+        if attn_mask is not None:  # its gain is the mask tiles it skips
+            from .triton import attention_prefill
+            return attention_prefill.prefill_attention(q, k, v, attn_mask, _scale(q, scale))
     return _sdpa(q, k, v, attn_mask, _scale(q, scale))
 
 

@@ -5,12 +5,13 @@ HF's Llama (and gpt-fast) repeat each of Hkv key/value heads G times before
 That is a copy of the whole cache, G times over, in every layer at every step: at batch 32 with
 a 384-position cache it is about 0.2 GB written and read again per layer of a Llama-3-8B shape.
 
-For few query rows (decode; speculative verification when its length is a number in the graph)
-this pass gives the attention the cache itself. With `kernel=True` (what the backend passes by
+This pass gives the attention the cache itself. With `kernel=True` (what the backend passes by
 default: option gqa_kernel) the call becomes fxquant::gqa_attention(q, k_cache, v_cache, mask,
-scale), whose CUDA kernel reads each K/V head once for the G query heads that share it
-(lowering/attention.py). Otherwise (this function's default) it folds the G query heads that share
-a K/V head into the query-length dim of SDPA:
+scale) at any query length: its CUDA kernels read each K/V head once for the G query heads that
+share it, and at prefill skip the key tiles the mask allows nothing in (lowering/attention.py).
+Otherwise (this function's default), for few query rows (decode; speculative verification when
+its length is a number in the graph), it folds the G query heads that share a K/V head into the
+query-length dim of SDPA:
 
     q [B, Hkv*G, Lq, D] -> [B, Hkv, G*Lq, D]     (row g*Lq + i is query head kv*G + g, position i)
     mask [Bm, 1 or Hkv*G, Lq, Lk] -> [Bm, 1 or Hkv, G*Lq, Lk] (the same rows)
@@ -21,11 +22,11 @@ Each output row is the same softmax over the same keys as before; only which ker
 in changes. It runs on the Dynamo graph, before any lowering, so SDPA still picks its backend
 (and pads masks) for the folded shapes itself. Left alone: is_causal (its diagonal would move),
 dropout, enable_gqa, masks of other ranks or that broadcast over query rows, a K/V cache written
-between the repeat and the attention, head counts that are symbols in the graph, and more than
-MAX_QUERY_ROWS query positions (a prefill's mask copy would cost about what the K/V copy does). A
-query length that is a symbol in the graph (under Dynamo's automatic dynamic shapes a second query
-length > 1 makes it one, and that graph also serves long prefills) gets the op, which decides per
-call (its kernel up to 64 query positions, SDPA on repeated K/V beyond), or no rewrite without it.
+between the repeat and the attention, head counts that are symbols in the graph, and by the SDPA
+fold more than MAX_QUERY_ROWS query positions (a prefill's mask copy would cost about what the K/V
+copy does). A query length that is a symbol in the graph (under Dynamo's automatic dynamic shapes
+a second query length > 1 makes it one, and that graph also serves long prefills) gets the op,
+which decides per call, or no rewrite without it.
 
 A scale that is a symbol in the graph is left to the SDPA fold. The SDPA fold (not the op) also
 leaves alone a static batch with fewer than MIN_KV_HEADS_IN_BATCH K/V heads in all (B * Hkv).
@@ -75,7 +76,7 @@ def _fold(gm: GraphModule, node: Node, kernel: bool) -> bool:
         return False
     batch, heads, rows = (static_int(d) for d in q.shape[:3])
     kernel = kernel and not isinstance(a["scale"], Node)  # the op takes a number
-    if heads is None or heads % groups or (rows is not None and rows > MAX_QUERY_ROWS):
+    if heads is None or heads % groups or (not kernel and rows is not None and rows > MAX_QUERY_ROWS):
         return False
     if rows is None and not kernel:  # a symbolic query length: only the op, which picks its path per call
         return False

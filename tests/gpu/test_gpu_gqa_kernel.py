@@ -170,8 +170,8 @@ def test_hf_llama_reduce_overhead_kernel_against_off(batch):
 
 
 def test_symbolic_query_length_under_inductor():
-    """One Inductor graph with a symbolic query length: the kernel at 2 and 5 positions, SDPA on
-    repeated K/V at 100 (the op decides per call); all match the reference."""
+    """One Inductor graph with a symbolic query length: the decode kernel at 2 and 5 positions, the
+    prefill kernel at 100 (the op decides per call); all match the reference."""
     from torch._inductor.compile_fx import compile_fx
 
     from fxquant.passes.gqa_attention import fold_gqa_attention
