@@ -16,7 +16,13 @@ bf16, nothing downloaded), compiles it once with `torch.compile(..., mode=--mode
   on the same quantized weights: every quantized linear runs its op's plain-ATen decomposition
   (fxquant.lowering.decompose: numerics' dequantize + F.linear for weight-only schemes, plus the
   activation quantization for dynamic ones). On a mismatch it reports the position and the
-  reference's top-2 logit gap there, so a reader can tell kernel rounding from a bug.
+  reference's top-2 logit gap there, so a reader can tell kernel rounding from a bug. Then the
+  same steps again, fed the reference's tokens (teacher forcing, `token_match_forced`): every
+  step sees the reference's inputs, so all 32 are compared, and each step whose argmax differs is
+  listed with the reference's top-2 gap in ulps. Disagreements only at gaps of a few ulps are
+  rounding; one at a wide gap is a wrong result. A random-weight model has many near-ties (even
+  Inductor bf16 differs from eager bf16 within a few tokens), which greedy matching alone cannot
+  tell from a bug.
 
 The decode loop is our own (gpt-fast style) over a `transformers.StaticCache`, not `generate`,
 so what is timed is explicit. All logits are of the last position only (`logits_to_keep=1`).
@@ -183,10 +189,12 @@ def forward_step(model: Callable, ids: torch.Tensor, start: int,
 
 
 def generate(model: Callable, cache: transformers.StaticCache, prompt: torch.Tensor, new_tokens: int,
-             keep_logits: int = 0) -> dict[str, Any]:
+             keep_logits: int = 0, forced: torch.Tensor | None = None) -> dict[str, Any]:
     """Greedy decoding: prefill `prompt` [B, P], then new_tokens - 1 single-token steps.
     Returns tokens [B, new_tokens], prefill_s, decode_s, and with keep_logits=n the float32
-    logits of row 0 at the first n steps (untimed runs only: it copies them every step)."""
+    logits of row 0 at the first n steps (untimed runs only: it copies them every step).
+    forced [B, new_tokens]: feed these tokens instead of the argmax (teacher forcing; `tokens`
+    still holds the argmax of each step)."""
     device = prompt.device
     cache.reset()
     tokens = torch.empty(prompt.shape[0], new_tokens, dtype=torch.long, device=device)
@@ -200,6 +208,8 @@ def generate(model: Callable, cache: transformers.StaticCache, prompt: torch.Ten
         logits = forward_step(model, tok, 0 if i == 0 else prompt.shape[1] + i - 1, cache)
         tok = logits.argmax(-1)[:, None]
         tokens[:, i] = tok[:, 0]
+        if forced is not None:
+            tok = forced[:, i:i + 1]
         if i < keep_logits:
             kept.append(logits[0].float().cpu())
         if i == 0:
@@ -273,6 +283,24 @@ def token_match(tokens: torch.Tensor, logits: torch.Tensor, ref: dict[str, Any],
                        f"{res['ref_top2_gap_ulps']:.3g} {str(dtype).removeprefix('torch.')} ulp)")
     if not ref.get("same_weights", True):
         res["text"] += " [reference built from different weights!]"
+    return res
+
+
+def forced_agreement(forced_tokens: torch.Tensor, ref: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """Teacher forcing: the scheme fed the reference's own tokens, so both saw the same inputs at
+    every step and only their numerics differ. Per step, does its argmax [n] agree with the
+    reference's, and how close (top-2 gap, in ulps of `dtype`) was the reference's call wherever it
+    does not? A disagreement at a wide gap means a wrong result, not rounding."""
+    n = ref["tokens"].shape[1]
+    gaps = []
+    for i in (forced_tokens[:n] != ref["tokens"][0]).nonzero().flatten().tolist():
+        top2 = ref["logits"][i].topk(2).values
+        top1 = top2[0].to(dtype)
+        ulp = float(torch.nextafter(top1, torch.tensor(float("inf"), dtype=dtype)).float() - top1.float())
+        gaps.append(float(top2[0] - top2[1]) / ulp)
+    res: dict[str, Any] = {"agree": n - len(gaps), "checked": n, "gap_ulps_at_disagreements": gaps}
+    res["text"] = f"forced {n - len(gaps)}/{n}" + (f" (ref gaps {', '.join(f'{g:.3g}' for g in gaps)} ulp)"
+                                                    if gaps else "")
     return res
 
 
@@ -391,6 +419,10 @@ def run_scheme(name: str, args: argparse.Namespace, cfg: transformers.LlamaConfi
                 keep = n_check if (rnd, b) == (0, b0) else 0
                 run = generate(clock, caches[b], prompts[:b], args.new_tokens, keep_logits=keep)
                 first = run if keep else first
+                if keep and ref is not None:  # the same steps again, fed the reference's tokens
+                    forced = torch.zeros(b, args.new_tokens, dtype=torch.long, device=device)
+                    forced[:, :n_check] = ref["tokens"][0].to(device)
+                    forced_run = generate(clock, caches[b], prompts[:b], args.new_tokens, forced=forced)
             if long_cache is not None:
                 prefill(clock, long_cache, long_prompt)
         res["compile_s"] = clock.seconds
@@ -425,6 +457,8 @@ def run_scheme(name: str, args: argparse.Namespace, cfg: transformers.LlamaConfi
     res["deterministic"] = bool(torch.equal(first["tokens"], last[b0]["tokens"]))
     if ref is not None:
         res["token_match"] = token_match(first["tokens"][0], first["logits"], ref, dtype)
+        res["token_match_forced"] = forced_agreement(forced_run["tokens"][0], ref, dtype)
+        res["token_match"]["text"] += "; " + res["token_match_forced"]["text"]
     res["tokens_row0"] = first["tokens"][0, :n_check].tolist()
     report = notes.pop("fxquant_report", None)
     if report is not None:

@@ -43,7 +43,24 @@ def test_llm_bench_tiny_cpu(tmp_path):
                 assert r["frames_compiled_warmup"] > 0, where
                 assert r["linears_compiled_quantized"] == r["linears_quantized"] == 15, where  # 2 x 7 + lm_head
                 m = r["token_match"]
-                assert (m["matched"], m["checked"], m["text"]) == (8, 8, "match 8/8"), where
+                assert (m["matched"], m["checked"], m["text"]) == (8, 8, "match 8/8; forced 8/8"), where
+                f = r["token_match_forced"]  # fed the reference's tokens: every step's argmax agrees
+                assert (f["agree"], f["checked"], f["gap_ulps_at_disagreements"]) == (8, 8, []), where
                 # float32 on CPU: the compiled model computes what the eager reference computes,
                 # up to float32 rounding (measured ~1e-7 against logits of ~0.5).
                 assert m["max_abs_logit_diff"] < 1e-4 * m["ref_logit_scale"] + 1e-6, where
+
+
+def test_forced_agreement_reports_the_gap_of_each_disagreement():
+    """Teacher-forced check: steps whose argmax differs from the reference's are listed with the
+    reference's top-2 gap in ulps of the model dtype (bf16 ulp at 4.0 is 1/32)."""
+    import torch
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import llm
+    logits = torch.tensor([[4.0, 3.0, 0.0], [4.0, 4.0 - 1 / 32, 0.0], [0.0, 1.0, 4.0]])
+    ref = {"tokens": logits.argmax(-1)[None], "logits": logits}
+    same = llm.forced_agreement(torch.tensor([0, 0, 2]), ref, torch.bfloat16)
+    assert (same["agree"], same["gap_ulps_at_disagreements"], same["text"]) == (3, [], "forced 3/3")
+    off = llm.forced_agreement(torch.tensor([0, 1, 1]), ref, torch.bfloat16)
+    assert off["agree"] == 1 and off["gap_ulps_at_disagreements"] == [1.0, 96.0]
+    assert off["text"] == "forced 1/3 (ref gaps 1, 96 ulp)"
