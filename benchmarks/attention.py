@@ -7,8 +7,8 @@ inside one CUDA graph (`triton.testing.do_bench_cudagraph`, median); the time pe
 layer's attention. Every output is checked against an fp32 reference first.
 
   python benchmarks/attention.py --batches 1,8,32 --caches 384,2304 --out out/attention
-  python benchmarks/attention.py --batches 1 --caches 2064 --qlen 2048 --filled 1.0   # prefill, with
-      # the prefill kernel experiment (fxquant/lowering/triton/attention_prefill.py)
+  python benchmarks/attention.py --batches 1 --caches 2064 --qlen 2048 --filled 1.0   # prefill: the op
+      # takes its prefill kernel (fxquant/lowering/triton/attention_prefill.py); --prefill-configs: tilings
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
             return kernels.gqa_decode_attention(q, k, v, m, scale, block_n=bn, block_r=br, num_warps=warps,
                                                 num_stages=stages, split_factor=mult)
         variants[f"kernel {cfg}"] = alt
-    if args.qlen > 64 and args.prefill_configs:  # the prefill experiment (attention_prefill.py)
+    if args.qlen > 64 and args.prefill_configs:  # prefill kernel tilings (attention_prefill.py)
         from fxquant.lowering.triton import attention_prefill
         for cfg in args.prefill_configs.split(","):
             bm, bn, warps, stages = (int(x) for x in cfg.split(":"))

@@ -1,4 +1,4 @@
-"""The prefill attention experiment (fxquant/lowering/triton/attention_prefill.py) under
+"""The prefill attention kernel (fxquant/lowering/triton/attention_prefill.py) under
 TRITON_INTERPRET=1 against an fp64 reference: mask forms, block shapes, awkward lengths, and key
 tiles outside each query block's allowed range never read."""
 import os
@@ -11,6 +11,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import fxquant.lowering  # noqa: E402,F401
 from fxquant.numerics import sqnr  # noqa: E402
@@ -74,21 +76,29 @@ def test_tiles_outside_the_allowed_range_are_not_read():
     assert sqnr(attention_reference(q, k, v, mask, 0.25), out) > 40
 
 
+@triton.jit
+def _bounds_probe(flags_ptr, out_ptr, KT, KT_POW2: tl.constexpr):
+    """Stores what the attention kernel derives from each row of flags (its own helper)."""
+    r = tl.program_id(0)
+    first, last, lo, hi = P._tile_bounds(flags_ptr + r * KT, KT, KT_POW2)
+    tl.store(out_ptr + r * 4, first)
+    tl.store(out_ptr + r * 4 + 1, last)
+    tl.store(out_ptr + r * 4 + 2, lo)
+    tl.store(out_ptr + r * 4 + 3, hi)
+
+
 def _bounds(mask, lq, lk, bm, bn):
-    """[first, last, whole_lo, whole_hi] per query block as the attention kernel derives them from
-    the mask tile flags (whole_lo = whole_hi = tiles: no whole run)."""
+    """[first, last, whole_lo, whole_hi] per query block, as the attention kernel derives them from
+    the mask tile flags (whole_lo == whole_hi: no whole run)."""
     qb, kt = -(-lq // bm), -(-lk // bn)
     kind = P.MASK_BOOL if mask.dtype == torch.bool else P.MASK_FLOAT
-    flags = torch.empty(mask.shape[0] * mask.shape[1] * qb * kt, dtype=torch.int8)
+    rows = mask.shape[0] * mask.shape[1] * qb
+    flags = torch.empty(rows * kt, dtype=torch.int8)
     P.mask_tiles_kernel[(mask.shape[0] * mask.shape[1], qb, kt)](
         mask, flags, *mask.stride(), mask.shape[1], lq, lk, qb, kt, MASK=kind, BLOCK_M=bm, BLOCK_N=bn)
-    out = []
-    for f in flags.view(-1, kt).tolist():
-        hit = [t for t in range(kt) if f[t] & P.HIT.value]
-        whole = [t for t in range(kt) if f[t] & P.WHOLE.value]
-        lo = whole[0] if whole else kt
-        hi = next((t for t in range(lo + 1, kt) if not f[t] & P.WHOLE.value), kt) if whole else kt
-        out.append([hit[0], hit[-1], lo, hi])
+    out = torch.empty(rows * 4, dtype=torch.int32)
+    _bounds_probe[(rows,)](flags, out, kt, triton.next_power_of_2(kt))
+    out = out.view(-1, 4).tolist()
     return [out[i * qb:(i + 1) * qb] for i in range(mask.shape[0] * mask.shape[1])]
 
 
@@ -100,7 +110,8 @@ def test_bounds_of_a_causal_cache_mask():
     # as a float mask: the same; with a bias on the allowed entries nothing is whole
     fmask = torch.where(mask, 0.0, float("-inf"))
     assert _bounds(fmask, 64, 80, 16, 16) == [[[0, j + 1, 0, j + 1] for j in range(4)]]
-    assert _bounds(torch.where(mask, 0.5, float("-inf")), 64, 80, 16, 16) == [[[0, j + 1, 5, 5] for j in range(4)]]
+    # (no whole run: whole_lo == whole_hi, past the last allowed tile)
+    assert _bounds(torch.where(mask, 0.5, float("-inf")), 64, 80, 16, 16) == [[[0, j + 1, j + 2, j + 2] for j in range(4)]]
 
 
 def test_bounds_of_a_window_with_a_hole():
@@ -126,3 +137,21 @@ def test_window_mask_output():
     k, v = (torch.randn(1, 1, lk, 16, generator=gen).bfloat16() for _ in range(2))
     out = P.prefill_attention(q, k, v, mask, 0.25, block_m=16, block_n=16, num_warps=4)
     assert sqnr(attention_reference(q, k, v, mask, 0.25), out) > 40
+
+
+def test_empty_cache_gives_zeros():
+    q = torch.randn(1, 4, 70, 16).bfloat16()
+    k = v = torch.empty(1, 2, 0, 16).bfloat16()
+    out = P.prefill_attention(q, k, v, torch.ones(1, 1, 70, 0, dtype=torch.bool), 0.25)
+    assert out.shape == q.shape and (out == 0).all()
+
+
+def test_offsets_fit_in_int32():
+    """The kernels index below the batch dim in int32: a mask of 2**31 entries per batch row (here
+    40000 queries over a 60000-key cache, never allocated) does not fit, and the op runs SDPA."""
+    q = torch.empty(1, 32, 40000, 128, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(1, 8, 60000, 128, device="meta", dtype=torch.bfloat16)
+    assert P.offsets_fit(q, k, k, None)
+    assert P.offsets_fit(q, k, k, torch.empty(1, 1, 1, 60000, device="meta", dtype=torch.bool))  # one row for all
+    assert not P.offsets_fit(q, k, k, torch.empty(1, 1, 40000, 60000, device="meta", dtype=torch.bool))
+    assert P.offsets_fit(q[:, :, :2048], k, k, torch.empty(4, 1, 2048, 60000, device="meta", dtype=torch.bool))

@@ -11,8 +11,9 @@ Kernels: on CUDA, where they fit (kernel_dtypes_fit: q, k, v all bf16 or all fp1
 32, 64 or 128, no mask or a bool mask or a float one in q's dtype or float32; unit stride along
 the head dim), up to 64 query positions the split-KV decode kernel of lowering/triton/attention.py;
 beyond that, with a mask, the prefill kernel of lowering/triton/attention_prefill.py, which skips
-the key tiles the mask allows nothing in (a causal cache mask: about half; on an H100 1.3-1.9x
-faster than SDPA on repeated K/V at 512-4096 queries, BENCHMARKS.md S20). Elsewhere, and on the
+the key tiles the mask allows nothing in (a causal cache mask: about half; on an H100 2.19x faster
+than SDPA on repeated K/V at 2048 queries, 1.56x at 4 x 512, BENCHMARKS.md S20), as long as its
+int32 offsets fit (a mask under 2**31 entries per batch row: attention_prefill.offsets_fit). Elsewhere, and on the
 CPU, SDPA runs: from 16 K/V heads in all (B x Hkv) on the G query heads of each K/V head folded
 into the query dim (the same rows, no copy of K/V); below that on K/V repeated per query head, as
 the model wrote it (on an H100 the folded SDPA measured slower there, BENCHMARKS.md S18). Queries
@@ -32,7 +33,7 @@ from torch import Tensor
 LIB = "fxquant"
 MIN_KV_HEADS_FOLDED = 16  # SDPA (where the kernel does not run) is folded from this many K/V heads in all
 # Longer queries (a prefill) take the prefill kernel: at 2048 queries the decode kernel measured
-# 1.05x slower than SDPA on repeated K/V on an H100 (BENCHMARKS.md S19), the prefill kernel 1.38x faster (S20).
+# 1.05x slower than SDPA on repeated K/V on an H100 (BENCHMARKS.md S19), the prefill kernel 2.19x faster (S20).
 KERNEL_MAX_QUERY_LEN = 64
 
 
@@ -119,8 +120,8 @@ def _cuda(q, k, v, attn_mask, scale):
     if kernels.fits(q, k, v, attn_mask):
         if q.shape[2] <= KERNEL_MAX_QUERY_LEN:
             return kernels.gqa_decode_attention(q, k, v, attn_mask, _scale(q, scale))
-        if attn_mask is not None:  # its gain is the mask tiles it skips
-            from .triton import attention_prefill
+        from .triton import attention_prefill
+        if attn_mask is not None and attention_prefill.offsets_fit(q, k, v, attn_mask):  # its gain: tiles skipped
             return attention_prefill.prefill_attention(q, k, v, attn_mask, _scale(q, scale))
     return _sdpa(q, k, v, attn_mask, _scale(q, scale))
 

@@ -58,6 +58,23 @@ def mask_tiles_kernel(mask_ptr, flags_ptr, sm_b, sm_h, sm_l, sm_n, HM, LQ, LK, Q
 
 
 @triton.jit
+def _tile_bounds(flags_ptr, KT, KT_POW2: tl.constexpr):
+    """From one query block's row of KT mask tile flags: the first and last tile with an allowed
+    entry, and [lo, hi), the first run of whole tiles, within [first, last + 1] (lo == hi: none)."""
+    idx = tl.arange(0, KT_POW2)
+    f = tl.load(flags_ptr + idx, mask=idx < KT, other=0)
+    hit = (f & HIT) != 0
+    whole = (f & WHOLE) != 0
+    first = tl.min(tl.where(hit, idx, KT), axis=0)
+    last = tl.max(tl.where(hit, idx, -1), axis=0)
+    lo = tl.min(tl.where(whole, idx, KT), axis=0)
+    hi = tl.min(tl.where(~whole & (idx > lo), idx, KT), axis=0)
+    lo = tl.minimum(lo, last + 1)  # no whole run: lo was KT, past every tile
+    hi = tl.maximum(tl.minimum(hi, last + 1), lo)
+    return first, last, lo, hi
+
+
+@triton.jit
 def _attend(acc, l_i, m_i, q, k_ptrs, v_ptrs, m_ptrs, lo, hi, sk_n, sv_n, sm_n, row_ok, n_base, LK, qk_scale,
             MASK: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax over key tiles lo..hi-1. MASKED False: every entry of these tiles is allowed
@@ -128,22 +145,13 @@ def prefill_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, flags_ptr, out_ptr,
     else:
         hm = h * 0
     m_ptrs = mask_ptr + bm * sm_b + hm * sm_h + rows[:, None] * sm_l + n_base[None, :] * sm_n
-    if MASK == MASK_NONE:
+    if MASK == MASK_NONE:  # every tile allowed; whole but for a partial last one
         first = 0
         last = tl.cdiv(LK, BLOCK_N) - 1
         full_lo = 0
-        full_hi = LK // BLOCK_N  # whole tiles
-    else:  # the tiles with an allowed entry, and the first run of whole tiles, from the flags
-        idx = tl.arange(0, KT_POW2)
-        f = tl.load(flags_ptr + ((bm * HM + hm) * QB + qb) * KT + idx, mask=idx < KT, other=0)
-        hit = (f & HIT) != 0
-        whole = (f & WHOLE) != 0
-        first = tl.min(tl.where(hit, idx, KT), axis=0)
-        last = tl.max(tl.where(hit, idx, -1), axis=0)
-        full_lo = tl.min(tl.where(whole, idx, KT), axis=0)
-        full_hi = tl.min(tl.where(~whole & (idx > full_lo), idx, KT), axis=0)
-    full_lo = tl.minimum(full_lo, last + 1)  # no whole run: both KT, past every tile
-    full_hi = tl.maximum(tl.minimum(full_hi, last + 1), full_lo)
+        full_hi = LK // BLOCK_N
+    else:
+        first, last, full_lo, full_hi = _tile_bounds(flags_ptr + ((bm * HM + hm) * QB + qb) * KT, KT, KT_POW2)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -160,6 +168,26 @@ def prefill_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, flags_ptr, out_ptr,
              mask=row_ok[:, None])
 
 
+def offsets_fit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                block_m: int = 128, block_n: int = 64) -> bool:
+    """Whether every element offset within one batch row (of q, k, v, the output and the mask,
+    tiles past the ends included) fits in int32, the kernels' index type below the batch dim.
+    Past that (a mask of 2**31 entries per batch row: e.g. 32K queries over a 64K cache) the op
+    runs SDPA."""
+    LQ, LK = q.shape[2], k.shape[2]
+    lq, lk = triton.cdiv(LQ, block_m) * block_m, triton.cdiv(max(LK, 1), block_n) * block_n
+
+    def span(t: torch.Tensor, sizes: tuple[int, ...]) -> int:
+        return sum((n - 1) * abs(t.stride(i + 1)) for i, n in enumerate(sizes))
+
+    spans = [span(q, (q.shape[1], lq, q.shape[3])), q.shape[1] * lq * q.shape[3],
+             span(k, (k.shape[1], lk, k.shape[3])), span(v, (v.shape[1], lk, v.shape[3]))]
+    if mask is not None:
+        m = mask.expand(mask.shape[0], mask.shape[1], LQ, LK)  # broadcast dims: stride 0
+        spans.append(span(m, (m.shape[1], lq, lk)))
+    return max(spans) < 2**31
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       scale: float, *, block_m: int = 128, block_n: int = 64, num_warps: int = 8,
                       num_stages: int = 3) -> torch.Tensor:
@@ -172,6 +200,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     out = torch.empty((B, H, LQ, D), device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
+    if LK == 0:
+        return out.zero_()  # no key: every row is empty
     QB, KT = triton.cdiv(LQ, block_m), triton.cdiv(LK, block_n)
     if mask is None:
         kind, mstr, hm, mb, mh, mptr = MASK_NONE, (0, 0, 0, 0), 1, False, False, q
