@@ -136,3 +136,25 @@ def attention_reference(q, k, v, mask, scale):
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
     return torch.softmax(s, -1) @ repeat_kv(v, g).double()
+
+
+def compile_for_sm90(script: str, timeout: int = 900) -> dict:
+    """Run `script` (it compiles Triton kernels for sm_90 with triton.compile, which needs no GPU,
+    and prints a JSON object last) in a subprocess without TRITON_INTERPRET, which the test session
+    sets and the kernel modules read at import. Skips where Triton has no NVIDIA backend."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"Triton's NVIDIA backend is not installed: {e}")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

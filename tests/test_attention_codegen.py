@@ -4,17 +4,10 @@ accepts code the compiler rejects (session 20: plain-int globals inside a kernel
 failed). Here every mask form must compile and fit an H100's shared memory, and the prefill
 kernel's dots must be Hopper warp-group MMAs (wgmma).
 
-Runs in a subprocess: the test session sets TRITON_INTERPRET=1, and the kernels read it at import.
+Runs in a subprocess (helpers.compile_for_sm90).
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from helpers import compile_for_sm90
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = r"""
 import json
 import triton
@@ -57,14 +50,7 @@ H100_SHARED = 232448  # bytes per block (cudaDevAttrMaxSharedMemoryPerBlockOptin
 
 
 def test_attention_kernels_compile_for_sm90_fit_and_use_wgmma():
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"Triton's NVIDIA backend is not installed: {e}")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = compile_for_sm90(SCRIPT)
     assert len(res) == 12, res
     for name, r in res.items():
         assert r["shared"] <= H100_SHARED, (name, r)

@@ -1,17 +1,10 @@
 """The Triton GEMM as the GPU would run it, compiled for sm_90 on this CPU machine (Triton's
 compiler needs no GPU): properties of the generated code that decide its speed.
 
-Runs in a subprocess: the test session sets TRITON_INTERPRET=1, and the kernels read it at import.
+Runs in a subprocess (helpers.compile_for_sm90).
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from helpers import compile_for_sm90
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = r"""
 import itertools
 import json
@@ -52,14 +45,7 @@ def test_8bit_gemm_operands_feed_wgmma_straight_from_the_pipelined_tiles():
     # An fp8 tile loaded as int8 and bitcast went through registers and a second shared-memory
     # store every K step (seen in session 5); both int8 and fp8 must feed wgmma from the tiles
     # the pipeline copied, with pointer loads and with TMA.
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"Triton's NVIDIA backend is not installed: {e}")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = compile_for_sm90(SCRIPT, timeout=600)
     assert len(res) == 8
     for key, r in res.items():
         assert r["dots"] >= 1 and r["operands_in_smem"] and r["local_loads"] == 0, (key, r)
