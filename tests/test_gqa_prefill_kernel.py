@@ -155,3 +155,27 @@ def test_offsets_fit_in_int32():
     assert P.offsets_fit(q, k, k, torch.empty(1, 1, 1, 60000, device="meta", dtype=torch.bool))  # one row for all
     assert not P.offsets_fit(q, k, k, torch.empty(1, 1, 40000, 60000, device="meta", dtype=torch.bool))
     assert P.offsets_fit(q[:, :, :2048], k, k, torch.empty(4, 1, 2048, 60000, device="meta", dtype=torch.bool))
+
+
+def test_op_falls_back_to_sdpa_where_the_prefill_kernel_does_not_fit(monkeypatch):
+    """A GPU with less shared memory than the H100 the tiling was chosen on: the compile fails with
+    OutOfResources; the op warns once, gives SDPA's result, and does not try the kernel again there."""
+    from triton.runtime.errors import OutOfResources
+
+    from fxquant.lowering import attention as op_mod
+    calls = []
+
+    def too_big(*a, **kw):
+        calls.append(1)
+        raise OutOfResources(262144, 232448, "shared memory")
+    monkeypatch.setattr(P, "prefill_attention", too_big)
+    monkeypatch.setattr(op_mod, "_PREFILL_DOES_NOT_FIT", set())
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, 70, 16, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 2, 80, 16, generator=gen).bfloat16() for _ in range(2))
+    mask = _causal(1, 70, 80)
+    with pytest.warns(UserWarning, match="does not fit this GPU"):
+        out = op_mod._cuda(q, k, v, mask, 0.25)  # the CUDA kernel's routing, on CPU tensors
+    assert sqnr(attention_reference(q, k, v, mask, 0.25), out) > 40
+    out2 = op_mod._cuda(q, k, v, mask, 0.25)
+    assert calls == [1] and torch.equal(out, out2)

@@ -25,6 +25,7 @@ or the mean of V) from SDPA.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -121,9 +122,20 @@ def _cuda(q, k, v, attn_mask, scale):
         if q.shape[2] <= KERNEL_MAX_QUERY_LEN:
             return kernels.gqa_decode_attention(q, k, v, attn_mask, _scale(q, scale))
         from .triton import attention_prefill
-        if attn_mask is not None and attention_prefill.offsets_fit(q, k, v, attn_mask):  # its gain: tiles skipped
-            return attention_prefill.prefill_attention(q, k, v, attn_mask, _scale(q, scale))
+        key = (q.device, q.dtype, attn_mask.dtype if attn_mask is not None else None)
+        if attn_mask is not None and key not in _PREFILL_DOES_NOT_FIT and \
+                attention_prefill.offsets_fit(q, k, v, attn_mask):  # its gain: the tiles it skips
+            from triton.runtime.errors import OutOfResources
+            try:
+                return attention_prefill.prefill_attention(q, k, v, attn_mask, _scale(q, scale))
+            except OutOfResources as exc:  # tiles chosen on an H100: more shared memory than some GPUs have
+                _PREFILL_DOES_NOT_FIT.add(key)
+                warnings.warn(f"fxquant.gqa_attention: the prefill kernel does not fit this GPU ({exc}); "
+                              f"prefills with {key[1]} q and {key[2]} masks run SDPA on it", stacklevel=2)
     return _sdpa(q, k, v, attn_mask, _scale(q, scale))
+
+
+_PREFILL_DOES_NOT_FIT: set = set()  # (device, q dtype, mask dtype) where the prefill kernel ran out of resources
 
 
 def register_cuda() -> None:
