@@ -327,3 +327,30 @@ def test_hf_llama_through_backend_and_option():
         .fxquant_backend.gqa_kernel is False
     with pytest.raises(TypeError, match="gqa_kernel.*must be True or False"):
         fxquant.Backend.from_options({"gqa_kernel": 1})
+
+
+def test_hf_llama_static_prefill_through_backend():
+    """A 70-token prefill into an HF static cache (past the SDPA fold's 64 rows): with gqa_kernel the
+    backend puts the op in every layer of that graph too, with the logits of the unrewritten model."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   attn_implementation="sdpa")
+    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(2))
+    logits, counts = {}, {}
+    for fold in (False, True):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        cache = transformers.StaticCache(config=cfg, max_cache_len=80)
+        # allocated before the call, as benchmarks/llm.py does (a cache created lazily inside the
+        # first call gets no mask there: HF passes is_causal with enable_gqa, nothing to rewrite)
+        cache.early_initialization(batch_size=1, num_heads=2, head_dim=16, dtype=torch.float32,
+                                   device=torch.device("cpu"))
+        be = fxquant.backend(fxquant.Int8WeightOnly(), fold_gqa=fold)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            logits[fold] = torch.compile(model, backend=be)(ids, position_ids=torch.arange(70)[None],
+                                                            past_key_values=cache, use_cache=True).logits
+        counts[fold] = list(be.gqa_folds)
+    assert counts == {False: [], True: [cfg.num_hidden_layers]}
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
