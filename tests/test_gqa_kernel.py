@@ -299,17 +299,24 @@ def test_sdpa_folded_matches_sdpa():
         torch.testing.assert_close(sdpa_folded(q, k, v, mask, 0.5), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_hf_llama_through_backend_and_option():
+def _tiny_llama(max_positions: int):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   attn_implementation="sdpa")
+    return transformers, transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_positions, attn_implementation="sdpa")
+
+
+def _seeded_model_and_cache(transformers, cfg, cache_len: int):
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval(), transformers.StaticCache(config=cfg, max_cache_len=cache_len)
+
+
+def test_hf_llama_through_backend_and_option():
+    transformers, cfg = _tiny_llama(max_positions=64)
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
     logits, counts = {}, {}
     for kernel in (False, True):
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(cfg).eval()
-        cache = transformers.StaticCache(config=cfg, max_cache_len=16)
+        model, cache = _seeded_model_and_cache(transformers, cfg, 16)
         be = fxquant.backend(fxquant.Int8WeightOnly(), fold_gqa=kernel, gqa_kernel=kernel)
         torch._dynamo.reset()
         m = torch.compile(model, backend=be)
@@ -332,16 +339,11 @@ def test_hf_llama_through_backend_and_option():
 def test_hf_llama_static_prefill_through_backend():
     """A 70-token prefill into an HF static cache (past the SDPA fold's 64 rows): with gqa_kernel the
     backend puts the op in every layer of that graph too, with the logits of the unrewritten model."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   attn_implementation="sdpa")
+    transformers, cfg = _tiny_llama(max_positions=128)
     ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(2))
     logits, counts = {}, {}
     for fold in (False, True):
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(cfg).eval()
-        cache = transformers.StaticCache(config=cfg, max_cache_len=80)
+        model, cache = _seeded_model_and_cache(transformers, cfg, 80)
         # allocated before the call, as benchmarks/llm.py does (a cache created lazily inside the
         # first call gets no mask there: HF passes is_causal with enable_gqa, nothing to rewrite)
         cache.early_initialization(batch_size=1, num_heads=2, head_dim=16, dtype=torch.float32,
