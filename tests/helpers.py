@@ -158,3 +158,18 @@ def compile_for_sm90(script: str, timeout: int = 900) -> dict:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def interpreted_kernels(names: list[str], probe: str) -> list:
+    """The modules fxquant.lowering.triton.<name> (in dependency order) with their kernels under
+    TRITON_INTERPRET=1: imported, or all re-imported in order when something imported them before
+    the test module set it (the kernels read it when they are defined). probe, "module.kernel": a
+    kernel that must then be the interpreter's."""
+    import importlib
+
+    from triton.runtime.interpreter import InterpretedFunction
+    mods = [importlib.import_module(f"fxquant.lowering.triton.{n}") for n in names]
+    mod, kernel = probe.split(".")
+    if not isinstance(getattr(mods[names.index(mod)], kernel), InterpretedFunction):
+        mods = [importlib.reload(m) for m in mods]
+    return mods

@@ -19,23 +19,11 @@ import fxquant  # noqa: E402
 import fxquant.lowering  # noqa: E402,F401
 from fxquant.lowering.attention import sdpa_folded  # noqa: E402
 from fxquant.numerics import sqnr  # noqa: E402
-from helpers import attention_reference, repeat_kv  # noqa: E402
+from helpers import attention_reference, interpreted_kernels, repeat_kv  # noqa: E402
 from fxquant.passes.gqa_attention import fold_gqa_attention  # noqa: E402
 
 
-def _kernels():
-    import importlib
-
-    from triton.runtime.interpreter import InterpretedFunction
-    mod = importlib.import_module("fxquant.lowering.triton.attention")
-    if not isinstance(mod.gqa_decode_kernel, InterpretedFunction):
-        importlib.reload(importlib.import_module("fxquant.lowering.triton.common"))
-        mod = importlib.reload(mod)
-    return mod
-
-
-K = _kernels()
-
+K = interpreted_kernels(["common", "attention"], "attention.gqa_decode_kernel")[-1]
 
 
 def _mask(kind, b, h, lq, lk, gen):

@@ -16,22 +16,11 @@ import triton.language as tl  # noqa: E402
 
 import fxquant.lowering  # noqa: E402,F401
 from fxquant.numerics import sqnr  # noqa: E402
-from helpers import attention_reference  # noqa: E402
+from helpers import attention_reference, interpreted_kernels  # noqa: E402
 
 
-def _kernels():
-    import importlib
-
-    from triton.runtime.interpreter import InterpretedFunction
-    mod = importlib.import_module("fxquant.lowering.triton.attention_prefill")
-    if not isinstance(mod.prefill_attention_kernel, InterpretedFunction):
-        importlib.reload(importlib.import_module("fxquant.lowering.triton.common"))
-        importlib.reload(importlib.import_module("fxquant.lowering.triton.attention"))
-        mod = importlib.reload(mod)
-    return mod
-
-
-P = _kernels()
+P = interpreted_kernels(["common", "attention", "attention_prefill"],
+                        "attention_prefill.prefill_attention_kernel")[-1]
 
 
 def _causal(b, lq, lk):  # a static cache's prefill mask: query i sees keys up to lk - lq + i

@@ -10,7 +10,6 @@ Activation quantization must match numerics.py bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is (re)imported
@@ -22,20 +21,11 @@ pytest.importorskip("triton")
 
 from fxquant import numerics as nq  # noqa: E402
 import fxquant.lowering  # noqa: E402,F401  (registers torch.ops.fxquant.*)
-from helpers import pack_weight  # noqa: E402
+from helpers import interpreted_kernels, pack_weight  # noqa: E402
 
 
-def _kernel_modules():
-    """Import (or re-import, if something imported them without the interpreter) the kernels."""
-    names = ["common", "act_quant", "gemv", "gemm", "dispatch"]
-    mods = [importlib.import_module(f"fxquant.lowering.triton.{n}") for n in names]
-    from triton.runtime.interpreter import InterpretedFunction
-    if not isinstance(mods[2].gemv_kernel, InterpretedFunction):
-        mods = [importlib.reload(m) for m in mods]
-    return mods[-1], mods[1]
-
-
-D, AQ = _kernel_modules()
+_MODS = interpreted_kernels(["common", "act_quant", "gemv", "gemm", "dispatch"], "gemv.gemv_kernel")
+D, AQ = _MODS[-1], _MODS[1]
 KC = D.KernelConfig
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 REF = {
