@@ -20,7 +20,11 @@ bf16, nothing downloaded), compiles it once with `torch.compile(..., mode=--mode
   same steps again, fed the reference's tokens (teacher forcing, `token_match_forced`): every
   step sees the reference's inputs, so all 32 are compared, and each step whose argmax differs is
   listed with the reference's top-2 gap in ulps. Disagreements only at gaps of a few ulps are
-  rounding; one at a wide gap is a wrong result. A random-weight model has many near-ties (even
+  rounding; one at a wide gap is a wrong result. The forced steps' logits are also compared with the
+  reference's (SQNR, dB), next to what quantizing itself moved: the unquantized model's prompt
+  logits against the reference's. (Dynamic activation schemes: a last-bit difference before the
+  activation is quantized can move a value by a whole quantization step, so their disagreements
+  come at wider gaps than weight-only ones'.) A random-weight model has many near-ties (even
   Inductor bf16 differs from eager bf16 within a few tokens), which greedy matching alone cannot
   tell from a bug.
 
@@ -61,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fxquant  # noqa: E402
 from fxquant.lowering.decompose import fxquant_decompositions  # noqa: E402
+from fxquant.numerics import sqnr  # noqa: E402
 
 FXQUANT_SCHEMES: dict[str, Callable[[], fxquant.QuantConfig]] = {
     "int4": lambda: fxquant.Int4WeightOnly(group_size=128),
@@ -286,21 +291,38 @@ def token_match(tokens: torch.Tensor, logits: torch.Tensor, ref: dict[str, Any],
     return res
 
 
-def forced_agreement(forced_tokens: torch.Tensor, ref: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+def forced_agreement(forced_tokens: torch.Tensor, ref: dict[str, Any], dtype: torch.dtype,
+                     forced_logits: torch.Tensor | None = None) -> dict[str, Any]:
     """Teacher forcing: the scheme fed the reference's own tokens, so both saw the same inputs at
     every step and only their numerics differ. Per step, does its argmax [n] agree with the
     reference's, and how close (top-2 gap, in ulps of `dtype`) was the reference's call wherever it
-    does not? A disagreement at a wide gap means a wrong result, not rounding."""
+    does not? A disagreement at a wide gap means a wrong result, not rounding.
+    With the scheme's logits [n, V]: their SQNR against the reference's at every step; with the
+    unquantized model's step-0 logits in ref (`unquantized_logits0`), the quantization's own SQNR
+    there, the scale a kernel's deviation is to be read against."""
     n = ref["tokens"].shape[1]
-    gaps = []
-    for i in (forced_tokens[:n] != ref["tokens"][0]).nonzero().flatten().tolist():
+    every = []  # the reference's top-2 gap at every step, in ulps of its top logit
+    for i in range(n):
         top2 = ref["logits"][i].topk(2).values
         top1 = top2[0].to(dtype)
         ulp = float(torch.nextafter(top1, torch.tensor(float("inf"), dtype=dtype)).float() - top1.float())
-        gaps.append(float(top2[0] - top2[1]) / ulp)
-    res: dict[str, Any] = {"agree": n - len(gaps), "checked": n, "gap_ulps_at_disagreements": gaps}
-    res["text"] = f"forced {n - len(gaps)}/{n}" + (f" (ref gaps {', '.join(f'{g:.3g}' for g in gaps)} ulp)"
-                                                    if gaps else "")
+        every.append(float(top2[0] - top2[1]) / ulp)
+    off = (forced_tokens[:n] != ref["tokens"][0]).nonzero().flatten().tolist()
+    gaps = [every[i] for i in off]
+    res: dict[str, Any] = {"agree": n - len(gaps), "checked": n, "gap_ulps_at_disagreements": gaps,
+                           "gap_ulps_every_step": every}
+    res["text"] = f"forced {n - len(gaps)}/{n}"
+    if gaps:  # how many steps were as close a call as the widest disagreement: the near-ties
+        near = sum(g <= max(gaps) for g in every)
+        res["text"] += (f" (ref gaps {', '.join(f'{g:.3g}' for g in gaps)} ulp; {near}/{n} steps within "
+                        f"{max(gaps):.3g} ulp)")
+    if forced_logits is not None:
+        db = [sqnr(ref["logits"][i], forced_logits[i]) for i in range(n)]
+        res["logit_sqnr_db"] = db
+        res["text"] += f"; logits vs ref min {min(db):.1f} dB"
+        if "unquantized_logits0" in ref:
+            res["quantization_sqnr_db_step0"] = q0 = sqnr(ref["unquantized_logits0"], ref["logits"][0])
+            res["text"] += f" (step 0 {db[0]:.1f}; the quantization itself {q0:.1f})"
     return res
 
 
@@ -352,11 +374,16 @@ def prepare(name: str, args: argparse.Namespace, cfg: transformers.LlamaConfig, 
         # the same seeded weights), run eagerly through the ops' plain-ATen decompositions.
         ref_model = build_model(cfg, device, dtype, args.seed)
         fingerprint = weights_fingerprint(ref_model)
+        with torch.inference_mode():  # the unquantized model's prompt logits: what quantizing moved
+            cache = make_cache(cfg, 1, ref_prompt.shape[1], dtype, device)
+            unquantized0 = forward_step(ref_model, ref_prompt, 0, cache)[0].float().cpu()
+            del cache
         qw = fxquant.quantize_weights(ref_model, config)
         notes["linears_quantized"] = to_reference(ref_model, qw)
         notes["weight_gib_packed"] = qw.nbytes / 2**30
         del qw
         ref = reference(ref_model)
+        ref["unquantized_logits0"] = unquantized0
         del ref_model
         free(device)
         reset_peak(device)  # the reference's memory is not the scheme's
@@ -422,7 +449,8 @@ def run_scheme(name: str, args: argparse.Namespace, cfg: transformers.LlamaConfi
                 if keep and ref is not None:  # the same steps again, fed the reference's tokens
                     forced = torch.zeros(b, args.new_tokens, dtype=torch.long, device=device)
                     forced[:, :n_check] = ref["tokens"][0].to(device)
-                    forced_run = generate(clock, caches[b], prompts[:b], args.new_tokens, forced=forced)
+                    forced_run = generate(clock, caches[b], prompts[:b], args.new_tokens, keep_logits=n_check,
+                                          forced=forced)
             if long_cache is not None:
                 prefill(clock, long_cache, long_prompt)
         res["compile_s"] = clock.seconds
@@ -457,7 +485,7 @@ def run_scheme(name: str, args: argparse.Namespace, cfg: transformers.LlamaConfi
     res["deterministic"] = bool(torch.equal(first["tokens"], last[b0]["tokens"]))
     if ref is not None:
         res["token_match"] = token_match(first["tokens"][0], first["logits"], ref, dtype)
-        res["token_match_forced"] = forced_agreement(forced_run["tokens"][0], ref, dtype)
+        res["token_match_forced"] = forced_agreement(forced_run["tokens"][0], ref, dtype, forced_run["logits"])
         res["token_match"]["text"] += "; " + res["token_match_forced"]["text"]
     res["tokens_row0"] = first["tokens"][0, :n_check].tolist()
     report = notes.pop("fxquant_report", None)

@@ -43,9 +43,11 @@ def test_llm_bench_tiny_cpu(tmp_path):
                 assert r["frames_compiled_warmup"] > 0, where
                 assert r["linears_compiled_quantized"] == r["linears_quantized"] == 15, where  # 2 x 7 + lm_head
                 m = r["token_match"]
-                assert (m["matched"], m["checked"], m["text"]) == (8, 8, "match 8/8; forced 8/8"), where
+                assert (m["matched"], m["checked"]) == (8, 8) and m["text"].startswith("match 8/8; forced 8/8; "), where
                 f = r["token_match_forced"]  # fed the reference's tokens: every step's argmax agrees
                 assert (f["agree"], f["checked"], f["gap_ulps_at_disagreements"]) == (8, 8, []), where
+                # its logits are the reference's up to float32 rounding; quantizing itself moved them far more
+                assert min(f["logit_sqnr_db"]) > 100 and 20 < f["quantization_sqnr_db_step0"] < 80, where
                 # float32 on CPU: the compiled model computes what the eager reference computes,
                 # up to float32 rounding (measured ~1e-7 against logits of ~0.5).
                 assert m["max_abs_logit_diff"] < 1e-4 * m["ref_logit_scale"] + 1e-6, where
@@ -53,7 +55,8 @@ def test_llm_bench_tiny_cpu(tmp_path):
 
 def test_forced_agreement_reports_the_gap_of_each_disagreement():
     """Teacher-forced check: steps whose argmax differs from the reference's are listed with the
-    reference's top-2 gap in ulps of the model dtype (bf16 ulp at 4.0 is 1/32)."""
+    reference's top-2 gap in ulps of the model dtype (bf16 ulp at 4.0 is 1/32), and how many of all
+    steps were that close a call."""
     import torch
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import llm
@@ -63,4 +66,14 @@ def test_forced_agreement_reports_the_gap_of_each_disagreement():
     assert (same["agree"], same["gap_ulps_at_disagreements"], same["text"]) == (3, [], "forced 3/3")
     off = llm.forced_agreement(torch.tensor([0, 1, 1]), ref, torch.bfloat16)
     assert off["agree"] == 1 and off["gap_ulps_at_disagreements"] == [1.0, 96.0]
-    assert off["text"] == "forced 1/3 (ref gaps 1, 96 ulp)"
+    assert off["text"] == "forced 1/3 (ref gaps 1, 96 ulp; 3/3 steps within 96 ulp)"
+    assert off["gap_ulps_every_step"] == [32.0, 1.0, 96.0]
+    near = llm.forced_agreement(torch.tensor([0, 1, 2]), ref, torch.bfloat16)
+    assert near["text"] == "forced 2/3 (ref gaps 1 ulp; 1/3 steps within 1 ulp)"
+    # with the scheme's logits: their SQNR against the reference's, and the quantization's own at step 0
+    ref["unquantized_logits0"] = torch.tensor([4.0, 3.0, 1.0])  # noise 1 / 3 against 26 / 3: 14.1 dB
+    noisy = logits.clone()
+    noisy[2, 2] = 4.4  # noise 0.16 / 3 against 17 / 3: 20.3 dB
+    got = llm.forced_agreement(torch.tensor([0, 0, 2]), ref, torch.bfloat16, noisy)
+    assert got["logit_sqnr_db"][:2] == [float("inf")] * 2 and abs(got["logit_sqnr_db"][2] - 20.27) < 0.01
+    assert got["text"] == "forced 3/3; logits vs ref min 20.3 dB (step 0 inf; the quantization itself 14.1)"
