@@ -12,7 +12,8 @@ int4 tensor-core kernel; a value the kernel does not accept exactly is ignored (
 Several assignments make one setting when joined with ';' (the setting's label is its value part),
 e.g. --env "FXQUANT_CXX_INT4_KERNEL=rows;FXQUANT_CXX_INT4_ROWS=2,8,0".
 
-Prints one table (speedup over bf16; '!' marks an output out of tolerance) and writes JSON.
+Prints one table (speedup over bf16; '!' marks an output out of tolerance; the weight bytes read
+per call over the time, TB/s) and writes JSON.
 """
 from __future__ import annotations
 
@@ -78,7 +79,9 @@ def main(argv=None) -> int:
                             os.environ[name] = old
             us = LB.time_graphs(graphs)
             for key, t in us.items():
+                nbytes = bf16.bytes if key == "bf16" else layer.bytes  # weight bytes read per call
                 rows.append({"N": n, "K": k, "M": m, "setting": key, "us": t, "speedup": us["bf16"] / t,
+                             "TBps": nbytes / t / 1e6,
                              "rel_err": errs.get(key), "ok": key == "bf16" or errs[key] <= layer.tol})
             print(f"{n}x{k} M={m}: " + "  ".join(
                 f"{key} {us['bf16'] / t:.2f}x{'' if key == 'bf16' or errs[key] <= layer.tol else '!'}"
@@ -93,7 +96,9 @@ def main(argv=None) -> int:
         for m in ms:
             sp = [r["speedup"] for r in rows if r["setting"] == value and r["M"] == m]
             bad = any(not r["ok"] for r in rows if r["setting"] == value and r["M"] == m)
-            print(f"{value:>12s} M={m:<5d} " + " / ".join(f"{v:.2f}" for v in sp) + (" !" if bad else ""))
+            tbs = [r["TBps"] for r in rows if r["setting"] == value and r["M"] == m]
+            print(f"{value:>12s} M={m:<5d} " + " / ".join(f"{v:.2f}" for v in sp) + (" !" if bad else "")
+                  + "   weight TB/s " + " / ".join(f"{v:.2f}" for v in tbs))
     return 0
 
 
