@@ -3,8 +3,7 @@
 Builds the library for this GPU (first run: about a minute; cached). Awkward shapes: N not a
 multiple of the block's rows, K == group size, K not a multiple of 512, M from 0 to 33 (int8 above 16,
 int4 above 32 or with K % 128 != 0 above 16, and float32 x take the dequantize + cuBLAS path), 3-D and
-non-contiguous x, bias dtypes; every (row tiles, warps) shape of the int4 tensor-core kernel (FXQUANT_CXX_INT4_VARIANT), and its
-Hopper form fed by bulk copies (FXQUANT_CXX_INT4_BULK).
+non-contiguous x, bias dtypes; every (row tiles, warps) shape of the int4 tensor-core kernel (FXQUANT_CXX_INT4_VARIANT).
 Tolerance as tests/gpu/test_gpu_kernels.py: relative Frobenius error <= 1e-2 (bf16), 2e-3 (fp16).
 """
 from __future__ import annotations
@@ -153,34 +152,6 @@ def test_int4_mma_variants(variant, n, k, monkeypatch):
         bias = torch.randn(n, generator=g).bfloat16().cuda()
         _check(_op("int4_wo", x, packed, bias, static), _reference("int4_wo", x, packed, bias, static),
                torch.bfloat16, f"variant {variant} {n}x{k} M={m}")
-
-
-@pytest.mark.parametrize("bulk", ["3,8,2", "2,8,1", "4,4,4", "2,16,1", "6,2,4", "2,1,1"])
-@pytest.mark.parametrize("n,k,group", [(4096, 4096, 128), (128, 14336, 128), (48, 384, 128), (32, 1024, 32),
-                                       (64, 512, 64), (16, 2048, 256)])
-def test_int4_bulk_kernel_equals_the_register_kernel(bulk, n, k, group, monkeypatch):
-    """The Hopper kernel fed by bulk copies (int4_bulk.cuh) adds the same products in the same
-    order as int4_mma_kernel with 16-row blocks and as many warps: equal bit for bit, at every
-    (stages, warps, tiles per warp per chunk), with chunks fewer than the stages, a partial last
-    chunk (K = 384 over 8 warps), many trips round the ring (K = 14336) and groups of 32 / 64 / 256."""
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the bulk-copy kernel needs sm_90")
-    stages, warps, _ = (int(v) for v in bulk.split(","))
-    g = torch.Generator().manual_seed(n + k + group)
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
-    packed, static = _pack("int4_wo", w, group)
-    packed = tuple(t.cuda() for t in packed)
-    for m in (1, 2, 5, 8):
-        x = torch.randn(m, k, generator=g).bfloat16().cuda()
-        bias = torch.randn(n, generator=g).bfloat16().cuda() if m == 5 else None
-        monkeypatch.setenv("FXQUANT_CXX_INT4_BULK", bulk)
-        out = _op("int4_wo", x, packed, bias, static)
-        monkeypatch.setenv("FXQUANT_CXX_INT4_BULK", "0")
-        monkeypatch.setenv("FXQUANT_CXX_INT4_VARIANT", f"1,{min(warps, k // 128)}")
-        regs = _op("int4_wo", x, packed, bias, static)
-        monkeypatch.delenv("FXQUANT_CXX_INT4_VARIANT")
-        _check(out, _reference("int4_wo", x, packed, bias, static), torch.bfloat16, f"bulk {bulk} {n}x{k} M={m}")
-        assert torch.equal(out, regs), f"bulk {bulk} {n}x{k} g{group} M={m}: differs from int4_mma_kernel"
 
 
 def test_cuda_graph_capture():

@@ -481,16 +481,13 @@ void launch_mma_nt(const at::Tensor& x2, const at::Tensor& qweight, const at::Te
   else launch_mma<T, NT, 2>(x2, qweight, scales, b, out, group, s.warps);
 }
 
-#include "int4_bulk.cuh"
-
 template <typename T>
 void launch_int4_mma(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
                      const std::optional<at::Tensor>& bias, at::Tensor& out, int group) {
   const int M = x2.size(0);
   const T* b = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
-  if (M <= 8) {
-    if (!launch_int4_bulk<T>(x2, qweight, scales, b, out, group)) launch_mma_nt<T, 1>(x2, qweight, scales, b, out, group);
-  } else if (M <= 16) launch_mma_nt<T, 2>(x2, qweight, scales, b, out, group);
+  if (M <= 8) launch_mma_nt<T, 1>(x2, qweight, scales, b, out, group);
+  else if (M <= 16) launch_mma_nt<T, 2>(x2, qweight, scales, b, out, group);
   else launch_mma_nt<T, 4>(x2, qweight, scales, b, out, group);
 }
 
