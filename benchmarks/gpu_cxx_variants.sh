@@ -3,10 +3,12 @@
 # calls' carry), runs the C++ GPU tests (FXQ_TEST_K: a pytest -k expression run first, then the rest of
 # tests/gpu/test_gpu_cxx.py), and times the kernel's settings against each other and bf16 cuBLAS with
 # benchmarks/variants.py (speedup over bf16 and weight TB/s per point, checked against the reference).
-#   FXQ_SCHEME (default w4a16_g128@cuda), FXQ_MS (default 1,2,4,8), FXQ_SETTINGS: the --env values,
-#   separated by spaces (default: FXQUANT_CXX_INT4_POST=0 FXQUANT_CXX_INT4_POST=1)
+#   FXQ_SETTINGS (required): the --env values, separated by spaces, e.g.
+#     FXQ_SETTINGS="FXQUANT_CXX_INT4_VARIANT=1,16 FXQUANT_CXX_INT4_VARIANT=2,8"
+#   FXQ_SCHEME (default w4a16_g128@cuda), FXQ_MS (default 1,2,4,8)
 # Carry .whl and .devrun/fxq_libs.tgz.
 set -u
+: "${FXQ_SETTINGS:?set FXQ_SETTINGS to the variants.py --env values to compare, separated by spaces}"
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_cxx_variants}
 mkdir -p "$OUT"
@@ -21,7 +23,7 @@ if [ -n "${FXQ_TEST_K:-}" ]; then
   grep -E "^FAILED|^ERROR|Error" "$OUT/tests_k.log" | head -5
 fi
 ENVS=""
-for s in ${FXQ_SETTINGS:-FXQUANT_CXX_INT4_POST=0 FXQUANT_CXX_INT4_POST=1}; do ENVS="$ENVS --env $s"; done
+for s in $FXQ_SETTINGS; do ENVS="$ENVS --env $s"; done
 timeout "${FXQ_VARIANT_S:-240}" python3 benchmarks/variants.py --scheme "${FXQ_SCHEME:-w4a16_g128@cuda}" \
   --ms "${FXQ_MS:-1,2,4,8}" $ENVS --out "$OUT/variants.json" > "$OUT/variants.txt" 2>&1
 echo "variants rc=$? ($(( $(date +%s) - T0 )) s)"

@@ -3,8 +3,7 @@
 Builds the library for this GPU (first run: about a minute; cached). Awkward shapes: N not a
 multiple of the block's rows, K == group size, K not a multiple of 512, M from 0 to 33 (int8 above 16,
 int4 above 32 or with K % 128 != 0 above 16, and float32 x take the dequantize + cuBLAS path), 3-D and
-non-contiguous x, bias dtypes; every (row tiles, warps) shape of the int4 tensor-core kernel (FXQUANT_CXX_INT4_VARIANT), and its
-form that scales after the MMAs (FXQUANT_CXX_INT4_POST).
+non-contiguous x, bias dtypes; every (row tiles, warps) shape of the int4 tensor-core kernel (FXQUANT_CXX_INT4_VARIANT).
 Tolerance as tests/gpu/test_gpu_kernels.py: relative Frobenius error <= 1e-2 (bf16), 2e-3 (fp16).
 """
 from __future__ import annotations
@@ -153,31 +152,6 @@ def test_int4_mma_variants(variant, n, k, monkeypatch):
         bias = torch.randn(n, generator=g).bfloat16().cuda()
         _check(_op("int4_wo", x, packed, bias, static), _reference("int4_wo", x, packed, bias, static),
                torch.bfloat16, f"variant {variant} {n}x{k} M={m}")
-
-
-@pytest.mark.parametrize("n,k,group", [(4096, 4096, 128), (40, 2304, 256), (96, 256, 128)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_int4_scale_after_the_mma(n, k, group, dtype, monkeypatch):
-    """Groups of 128 or more at M <= 8: the tensor-core kernel multiplies 128 + q (1024 + q in fp16)
-    and applies scale and zero to each tile's sums (FXQUANT_CXX_INT4_POST, on by default). Both
-    forms match the reference; they differ only in rounding (POST multiplies unrounded weights)."""
-    if torch.cuda.get_device_capability() < (8, 0) or os.environ.get("FXQUANT_CXX_INT4_MMA") == "0":
-        pytest.skip("the int4 tensor-core kernel does not run here (needs sm_80+, FXQUANT_CXX_INT4_MMA not 0)")
-    g = torch.Generator().manual_seed(n + k + group)
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
-    packed, static = _pack("int4_wo", w, group)
-    packed = tuple(t.cuda() for t in packed)
-    for m in (1, 3, 8):
-        x = torch.randn(m, k, generator=g).to(dtype).cuda()
-        bias = torch.randn(n, generator=g).to(dtype).cuda() if m == 3 else None
-        outs = {}
-        for post in ("1", "0"):
-            monkeypatch.setenv("FXQUANT_CXX_INT4_POST", post)
-            outs[post] = _op("int4_wo", x, packed, bias, static)
-            _check(outs[post], _reference("int4_wo", x, packed, bias, static), dtype,
-                   f"POST={post} {n}x{k} g{group} M={m}")
-        if n == 4096:  # the two forms are different kernels: their last bits differ somewhere
-            assert not torch.equal(outs["1"], outs["0"]), f"POST had no effect at M={m}"
 
 
 def test_cuda_graph_capture():

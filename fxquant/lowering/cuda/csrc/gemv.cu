@@ -258,7 +258,6 @@ template <>
 struct Pair<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
   static constexpr uint32_t kMagic = 0x43004300u;  // bf16 128.0 twice: 128 + q is exact
-  static constexpr float kBias = 136.f;             // 128 + 8: (128 + q) - kBias = q - 8
   static __device__ __forceinline__ T2 offset() { return __float2bfloat162_rn(136.f); }  // 128 + 8
   static __device__ __forceinline__ T2 lo2(T2 v) { return __low2bfloat162(v); }  // (lo, lo)
   static __device__ __forceinline__ T2 hi2(T2 v) { return __high2bfloat162(v); }
@@ -267,7 +266,6 @@ template <>
 struct Pair<__half> {
   using T2 = __half2;
   static constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 twice
-  static constexpr float kBias = 1032.f;
   static __device__ __forceinline__ T2 offset() { return __float2half2_rn(1032.f); }
   static __device__ __forceinline__ T2 lo2(T2 v) { return __low2half2(v); }
   static __device__ __forceinline__ T2 hi2(T2 v) { return __high2half2(v); }
@@ -302,12 +300,7 @@ __device__ __forceinline__ uint32_t dequant_pair(const uint32_t (&w)[4], int p, 
   return *reinterpret_cast<const uint32_t*>(&r);
 }
 
-// POST (groups of 128 or more, so that a 128-k tile is one group): the MMAs take 128 + q as it
-// comes out of the mask (no subtract, no scale per weight), and scale and zero are applied to the
-// tile's sums afterwards: out += scale * (sum (128 + q) x) + (zero - 136 * scale) * (sum x), with
-// sum x from one more MMA on a tile of ones. Per weight that is ~1 instruction instead of ~2; the
-// products are of unrounded weights, so outputs differ from POST = false in the last bits.
-template <typename T, int NT, int RT, bool POST = false>  // NT 8-token tiles (M <= 8 * NT), RT 16-row tiles per block
+template <typename T, int NT, int RT>  // NT 8-token tiles (M <= 8 * NT), RT 16-row tiles per block
 __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __restrict__ x, int64_t x_stride,
                                                        const uint8_t* __restrict__ w, const T* __restrict__ sz,
                                                        const T* __restrict__ bias, T* __restrict__ out,
@@ -345,15 +338,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
       const int m = n * 8 + g;
       return m < M ? __ldg(reinterpret_cast<const uint4*>(x + m * x_stride + k0) + v) : make_uint4(0, 0, 0, 0);
     };
-    float tile[RT][NT][4], sx[NT][4];  // POST: this tile's sums of (128 + q) x and of x
-    if constexpr (POST) {
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        sx[n][0] = sx[n][1] = sx[n][2] = sx[n][3] = 0.f;
-#pragma unroll
-        for (int r = 0; r < RT; ++r) tile[r][n][0] = tile[r][n][1] = tile[r][n][2] = tile[r][n][3] = 0.f;
-      }
-    }
     T2 s2[RT][2], z2[RT][2];  // (scale, scale) and (zero, zero) of rows g, g + 8
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
@@ -382,24 +366,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
             const int p = 2 * j + h, c = 8 * (p / 4) + p % 4, cw = (c / 2) % 4;
             b[n][h] = __byte_perm(xw[n][cw], xw[n][cw + 2], (c % 2) ? 0x7632u : 0x5410u);
           }
-        if constexpr (POST) {
-          constexpr uint32_t kOnes = std::is_same_v<T, __nv_bfloat16> ? 0x3F803F80u : 0x3C003C00u;  // 1.0 twice
-#pragma unroll
-          for (int n = 0; n < NT; ++n) mma16816<T>(sx[n], kOnes, kOnes, kOnes, kOnes, b[n][0], b[n][1]);
-#pragma unroll
-          for (int r = 0; r < RT; ++r) {
-            const uint32_t wa[4] = {wa4[r].x, wa4[r].y, wa4[r].z, wa4[r].w};
-            const uint32_t wb[4] = {wb4[r].x, wb4[r].y, wb4[r].z, wb4[r].w};
-            auto raw = [&](const uint32_t(&w4)[4], int p) {  // 128 + q of pair p, as dequant_pair takes it
-              return ((w4[p / 4] >> (4 * (p % 4))) & 0x000F000Fu) | Pair<T>::kMagic;
-            };
-#pragma unroll
-            for (int n = 0; n < NT; ++n)
-              mma16816<T>(tile[r][n], raw(wa, 2 * j), raw(wb, 2 * j), raw(wa, 2 * j + 1), raw(wb, 2 * j + 1), b[n][0],
-                          b[n][1]);
-          }
-          continue;
-        }
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
           const uint32_t wa[4] = {wa4[r].x, wa4[r].y, wa4[r].z, wa4[r].w};
@@ -411,21 +377,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
           const uint32_t a3 = dequant_pair<T>(wb, 2 * j + 1, s2[r][1], z2[r][1]);
 #pragma unroll
           for (int n = 0; n < NT; ++n) mma16816<T>(acc[r][n], a0, a1, a2, a3, b[n][0], b[n][1]);
-        }
-      }
-    }
-    if constexpr (POST) {  // this tile's group: scale and zero on its sums
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        const float2 fa = unpack2(sza[r], static_cast<const T*>(nullptr));  // (scale, zero) of row g
-        const float2 fb = unpack2(szb[r], static_cast<const T*>(nullptr));  // of row g + 8
-        const float za = fa.y - Pair<T>::kBias * fa.x, zb = fb.y - Pair<T>::kBias * fb.x;
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          acc[r][n][0] += fa.x * tile[r][n][0] + za * sx[n][0];
-          acc[r][n][1] += fa.x * tile[r][n][1] + za * sx[n][1];
-          acc[r][n][2] += fb.x * tile[r][n][2] + zb * sx[n][2];
-          acc[r][n][3] += fb.x * tile[r][n][3] + zb * sx[n][3];
         }
       }
     }
@@ -505,23 +456,17 @@ MmaShape mma_shape(int n, int k) {
   return s;
 }
 
-template <typename T, int NT, int RT, bool POST = false>
+template <typename T, int NT, int RT>
 void launch_mma(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales, const T* b,
                 at::Tensor& out, int group, int max_warps) {
   const int M = x2.size(0), N = qweight.size(0), K = x2.size(1);
   const int warps = std::min(max_warps, K / 128);  // the block's warps split K
   const dim3 grid((N + 16 * RT - 1) / (16 * RT));
-  int4_mma_kernel<T, NT, RT, POST><<<grid, warps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  int4_mma_kernel<T, NT, RT><<<grid, warps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
       reinterpret_cast<const T*>(scales.data_ptr()), b, reinterpret_cast<T*>(out.data_ptr()), out.stride(0), M, N, K,
       group);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// FXQUANT_CXX_INT4_POST=0 turns int4_mma_kernel's POST form off; read at every call (see above).
-inline bool post_scale() {
-  const char* e = std::getenv("FXQUANT_CXX_INT4_POST");
-  return e == nullptr || e[0] != '0';
 }
 
 template <typename T, int NT>
@@ -531,13 +476,6 @@ void launch_mma_nt(const at::Tensor& x2, const at::Tensor& qweight, const at::Te
   if constexpr (NT <= 2) {  // 64-row blocks: only by FXQUANT_CXX_INT4_VARIANT="4,WARPS" (experiment; S10
     // measured 2.68x against 2.54x at M = 16 on 28672x4096, slower on the other shapes)
     if (s.rt == 4) return launch_mma<T, NT, 4>(x2, qweight, scales, b, out, group, s.warps);
-  }
-  if constexpr (NT == 1) {  // scale and zero after the MMAs where a tile is one group (FXQUANT_CXX_INT4_POST=0: off)
-    if (group % 128 == 0 && post_scale()) {
-      if (s.rt == 1) launch_mma<T, NT, 1, true>(x2, qweight, scales, b, out, group, s.warps);
-      else launch_mma<T, NT, 2, true>(x2, qweight, scales, b, out, group, s.warps);
-      return;
-    }
   }
   if (s.rt == 1) launch_mma<T, NT, 1>(x2, qweight, scales, b, out, group, s.warps);
   else launch_mma<T, NT, 2>(x2, qweight, scales, b, out, group, s.warps);
