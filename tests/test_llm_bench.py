@@ -47,7 +47,8 @@ def test_llm_bench_tiny_cpu(tmp_path):
                 f = r["token_match_forced"]  # fed the reference's tokens: every step's argmax agrees
                 assert (f["agree"], f["checked"], f["gap_ulps_at_disagreements"]) == (8, 8, []), where
                 # its logits are the reference's up to float32 rounding; quantizing itself moved them far more
-                assert min(f["logit_sqnr_db"]) > 100 and 20 < f["quantization_sqnr_db_step0"] < 80, where
+                assert all(d is None or d > 100 for d in f["logit_sqnr_db"]), where  # None: identical
+                assert 20 < f["quantization_sqnr_db_step0"] < 80, where
                 # float32 on CPU: the compiled model computes what the eager reference computes,
                 # up to float32 rounding (measured ~1e-7 against logits of ~0.5).
                 assert m["max_abs_logit_diff"] < 1e-4 * m["ref_logit_scale"] + 1e-6, where
@@ -75,5 +76,11 @@ def test_forced_agreement_reports_the_gap_of_each_disagreement():
     noisy = logits.clone()
     noisy[2, 2] = 4.4  # noise 0.16 / 3 against 17 / 3: 20.3 dB
     got = llm.forced_agreement(torch.tensor([0, 0, 2]), ref, torch.bfloat16, noisy)
-    assert got["logit_sqnr_db"][:2] == [float("inf")] * 2 and abs(got["logit_sqnr_db"][2] - 20.27) < 0.01
+    assert got["logit_sqnr_db"][:2] == [None] * 2 and abs(got["logit_sqnr_db"][2] - 20.27) < 0.01  # None: identical
     assert got["text"] == "forced 3/3; logits vs ref min 20.3 dB (step 0 inf; the quantization itself 14.1)"
+    del ref["unquantized_logits0"]  # an unquantized scheme (bf16-inductor): no quantization to compare with
+    got = llm.forced_agreement(torch.tensor([0, 0, 2]), ref, torch.bfloat16, noisy)
+    assert "quantization_sqnr_db_step0" not in got and got["text"] == "forced 3/3; logits vs ref min 20.3 dB"
+    # a negative top logit at a power of two: the gap counts in ulps of |top1| (1/64 at 2.0)
+    neg = {"tokens": torch.tensor([[0]]), "logits": torch.tensor([[-2.0, -2.0 - 1 / 64]])}
+    assert llm.forced_agreement(torch.tensor([0]), neg, torch.bfloat16)["gap_ulps_every_step"] == [1.0]
