@@ -40,8 +40,9 @@ so what is timed is explicit. All logits are of the last position only (`logits_
       # the grouped-query attention kernel (backend options fold_gqa, gqa_kernel) alone, and int4 with
       # the fold on SDPA instead (+sdpafold) or neither (+nofold); bf16-inductor+fold: the SDPA fold alone
 
-Writes llm.json (after every scheme, so a run cut short keeps what finished) and llm.png to
---out, and prints a table. bf16-* are the unquantized baselines (float32 with --tiny).
+Writes llm.json (after every scheme, so a run cut short keeps what finished), llm.png and
+llm_forced.png (the teacher-forced check: the reference's top-2 gap per step, disagreements in
+red) to --out, and prints a table. bf16-* are the unquantized baselines (float32 with --tiny).
 """
 from __future__ import annotations
 
@@ -312,7 +313,7 @@ def forced_agreement(forced_tokens: torch.Tensor, ref: dict[str, Any], dtype: to
     off = (forced_tokens[:n] != ref["tokens"][0]).nonzero().flatten().tolist()
     gaps = [every[i] for i in off]
     res: dict[str, Any] = {"agree": n - len(gaps), "checked": n, "gap_ulps_at_disagreements": gaps,
-                           "gap_ulps_every_step": every}
+                           "gap_ulps_every_step": every, "disagree_steps": off}
     res["text"] = f"forced {n - len(gaps)}/{n}"
     if gaps:  # how many steps were as close a call as the widest disagreement: the near-ties
         near = sum(g <= max(gaps) for g in every)
@@ -615,6 +616,47 @@ def plot(results: list[dict], batches: list[int], path: Path, title: str) -> Non
     plt.close(fig)
 
 
+def plot_forced(results: list[dict], path: Path, title: str) -> bool:
+    """The teacher-forced check as a picture: per scheme, the reference's top-2 logit gap at every
+    step (ulps, symmetric log axis), red where the scheme's argmax disagreed. Disagreements only
+    at the lowest bars are rounding at near-ties; a red bar well above the rest would be a wrong
+    result. Returns whether a plot was written (False: no forced check in `results`)."""
+    rows = [r for r in results if r.get("status") == "ok" and "disagree_steps" in r.get("token_match_forced", {})]
+    if not rows:
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        log("matplotlib is not installed: no plot")
+        return False
+    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 1.7 * len(rows) + 0.8), sharex=True, squeeze=False)
+    for ax, r in zip(axes[:, 0], rows):
+        f = r["token_match_forced"]
+        gaps = f["gap_ulps_every_step"]
+        n = len(gaps)
+        disagree = set(f["disagree_steps"])
+        ax.bar(range(n), gaps, color=["tab:red" if i in disagree else "tab:grey" for i in range(n)])
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylabel("ulps", fontsize=8)
+        label = f"{r['scheme']}: forced {f['agree']}/{f['checked']}"
+        if f.get("logit_sqnr_db"):
+            finite = [d for d in f["logit_sqnr_db"] if d is not None]
+            label += f", logits vs ref min {min(finite):.1f} dB" if finite else ", logits identical"
+        if f.get("quantization_sqnr_db_step0") is not None:
+            label += f" (quantization itself {f['quantization_sqnr_db_step0']:.1f} dB)"
+        ax.set_title(label, fontsize=9, loc="left")
+    axes[-1, 0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[-1, 0].set_xlabel("decode step (0: the prompt's prefill); red: the scheme's argmax differs from the reference's")
+    fig.suptitle(title + "\nreference's top-1 minus top-2 logit, in ulps of the model dtype", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -701,6 +743,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
          f"{meta['model']['num_hidden_layers']}-layer {'tiny Llama' if args.tiny else 'Llama-3-8B shapes'}, "
          f"{dtype}, {meta['device_name']}, "
          f"prompt {args.prompt} + {args.new_tokens} new tokens, mode={args.mode}")
+    plot_forced(results, out / "llm_forced.png",
+                f"{meta['model']['num_hidden_layers']}-layer {'tiny Llama' if args.tiny else 'Llama-3-8B shapes'}, "
+                f"{dtype}, {meta['device_name']}: teacher-forced check, batch 1")
     log(f"wrote {out / 'llm.json'}")
     return results
 

@@ -29,6 +29,7 @@ def test_llm_bench_tiny_cpu(tmp_path):
     for key, schemes in GROUPS.items():
         out = tmp_path / key
         assert (out / "llm_table.txt").exists() and (out / "llm.png").exists(), logs[key][-2000:]
+        assert (out / "llm_forced.png").exists(), logs[key][-2000:]  # its fxquant schemes ran the forced check
         data = json.loads((out / "llm.json").read_text())
         assert [r["scheme"] for r in data["results"]] == schemes
         for r in data["results"]:
@@ -68,7 +69,7 @@ def test_forced_agreement_reports_the_gap_of_each_disagreement():
     off = llm.forced_agreement(torch.tensor([0, 1, 1]), ref, torch.bfloat16)
     assert off["agree"] == 1 and off["gap_ulps_at_disagreements"] == [1.0, 96.0]
     assert off["text"] == "forced 1/3 (ref gaps 1, 96 ulp; 3/3 steps within 96 ulp)"
-    assert off["gap_ulps_every_step"] == [32.0, 1.0, 96.0]
+    assert off["gap_ulps_every_step"] == [32.0, 1.0, 96.0] and off["disagree_steps"] == [1, 2]
     near = llm.forced_agreement(torch.tensor([0, 1, 2]), ref, torch.bfloat16)
     assert near["text"] == "forced 2/3 (ref gaps 1 ulp; 1/3 steps within 1 ulp)"
     # with the scheme's logits: their SQNR against the reference's, and the quantization's own at step 0
