@@ -265,6 +265,16 @@ class CompileClock:
         return out
 
 
+def top2_gap(logits: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
+    """The top-1 - top-2 gap of one row of logits, and that gap in ulps of `dtype` at |top-1|
+    (toward zero a power of two's step is half, so the ulp is taken at the magnitude)."""
+    top2 = logits.topk(2).values
+    top1 = top2[0].abs().to(dtype)
+    ulp = float(torch.nextafter(top1, torch.tensor(float("inf"), dtype=dtype)).float() - top1.float())
+    gap = float(top2[0] - top2[1])
+    return gap, gap / ulp
+
+
 def token_match(tokens: torch.Tensor, logits: torch.Tensor, ref: dict[str, Any],
                 dtype: torch.dtype) -> dict[str, Any]:
     """Compare greedy tokens [n] (and the row-0 logits [n, V] of the same run) with the
@@ -281,12 +291,8 @@ def token_match(tokens: torch.Tensor, logits: torch.Tensor, ref: dict[str, Any],
     if pos == n:
         res["text"] = f"match {n}/{n}"
     else:
-        top2 = ref["logits"][pos].topk(2).values
         res["first_mismatch"] = pos
-        top1 = top2[0].to(dtype)
-        ulp = float(torch.nextafter(top1, torch.tensor(float("inf"), dtype=dtype)).float() - top1.float())
-        res["ref_top2_gap"] = float(top2[0] - top2[1])
-        res["ref_top2_gap_ulps"] = res["ref_top2_gap"] / ulp
+        res["ref_top2_gap"], res["ref_top2_gap_ulps"] = top2_gap(ref["logits"][pos], dtype)
         res["text"] = (f"mismatch at {pos}/{n} (ref top-2 gap {res['ref_top2_gap']:.3g} = "
                        f"{res['ref_top2_gap_ulps']:.3g} {str(dtype).removeprefix('torch.')} ulp)")
     if not ref.get("same_weights", True):
@@ -304,12 +310,7 @@ def forced_agreement(forced_tokens: torch.Tensor, ref: dict[str, Any], dtype: to
     unquantized model's step-0 logits in ref (`unquantized_logits0`), the quantization's own SQNR
     there, the scale a kernel's deviation is to be read against."""
     n = ref["tokens"].shape[1]
-    every = []  # the reference's top-2 gap at every step, in ulps of its top logit
-    for i in range(n):
-        top2 = ref["logits"][i].topk(2).values
-        top1 = top2[0].abs().to(dtype)  # the ulp of |top1|: toward zero a power of two's step is half
-        ulp = float(torch.nextafter(top1, torch.tensor(float("inf"), dtype=dtype)).float() - top1.float())
-        every.append(float(top2[0] - top2[1]) / ulp)
+    every = [top2_gap(ref["logits"][i], dtype)[1] for i in range(n)]  # the reference's gap per step, ulps
     off = (forced_tokens[:n] != ref["tokens"][0]).nonzero().flatten().tolist()
     gaps = [every[i] for i in off]
     res: dict[str, Any] = {"agree": n - len(gaps), "checked": n, "gap_ulps_at_disagreements": gaps,
@@ -561,13 +562,22 @@ def table(results: list[dict], batches: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], batches: list[int], path: Path, title: str) -> None:
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (logged) where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401  (plt.matplotlib.ticker below)
     except ImportError:
         log("matplotlib is not installed: no plot")
+        return None
+    return plt
+
+
+def plot(results: list[dict], batches: list[int], path: Path, title: str) -> None:
+    plt = _pyplot()
+    if plt is None:
         return
     ok = [r for r in results if r["status"] == "ok"]
     if not ok:
@@ -624,13 +634,8 @@ def plot_forced(results: list[dict], path: Path, title: str) -> bool:
     rows = [r for r in results if r.get("status") == "ok" and "disagree_steps" in r.get("token_match_forced", {})]
     if not rows:
         return False
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        log("matplotlib is not installed: no plot")
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(len(rows), 1, figsize=(10, 1.7 * len(rows) + 0.8), sharex=True, squeeze=False)
     for ax, r in zip(axes[:, 0], rows):
@@ -648,7 +653,7 @@ def plot_forced(results: list[dict], path: Path, title: str) -> bool:
         if f.get("quantization_sqnr_db_step0") is not None:
             label += f" (quantization itself {f['quantization_sqnr_db_step0']:.1f} dB)"
         ax.set_title(label, fontsize=9, loc="left")
-    axes[-1, 0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[-1, 0].xaxis.set_major_locator(plt.matplotlib.ticker.MaxNLocator(integer=True))
     axes[-1, 0].set_xlabel("decode step (0: the prompt's prefill); red: the scheme's argmax differs from the reference's")
     fig.suptitle(title + "\nreference's top-1 minus top-2 logit, in ulps of the model dtype", fontsize=9)
     fig.tight_layout()
@@ -739,13 +744,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text = table(results, args.batches)
     log("\n" + text)
     (out / "llm_table.txt").write_text(text + "\n")
+    model_desc = (f"{meta['model']['num_hidden_layers']}-layer {'tiny Llama' if args.tiny else 'Llama-3-8B shapes'}, "
+                  f"{dtype}, {meta['device_name']}")
     plot(results, args.batches, out / "llm.png",
-         f"{meta['model']['num_hidden_layers']}-layer {'tiny Llama' if args.tiny else 'Llama-3-8B shapes'}, "
-         f"{dtype}, {meta['device_name']}, "
-         f"prompt {args.prompt} + {args.new_tokens} new tokens, mode={args.mode}")
-    plot_forced(results, out / "llm_forced.png",
-                f"{meta['model']['num_hidden_layers']}-layer {'tiny Llama' if args.tiny else 'Llama-3-8B shapes'}, "
-                f"{dtype}, {meta['device_name']}: teacher-forced check, batch 1")
+         f"{model_desc}, prompt {args.prompt} + {args.new_tokens} new tokens, mode={args.mode}")
+    plot_forced(results, out / "llm_forced.png", f"{model_desc}: teacher-forced check, batch 1")
     log(f"wrote {out / 'llm.json'}")
     return results
 
