@@ -124,37 +124,39 @@ def export_program(model: torch.nn.Module, example_inputs: Sequence[Any], config
 
 def export(model: torch.nn.Module, example_inputs: Sequence[Any], config: QuantConfig | None,
            path: str | os.PathLike, dynamic_shapes: Any = None, *,
-           inductor_configs: dict[str, Any] | None = None, link_symbolic: bool = True,
+           inductor_configs: dict[str, Any] | None = None, link_wrapper: bool = True,
            **options: Any) -> str:
     """Quantize `model` and compile it into an AOTInductor package at `path` (a `.pt2` file).
 
     `dynamic_shapes` is torch.export's (e.g. `({0: Dim("batch"), 1: Dim("seq")},)`). `options`:
     `skip`, `filter`, `verbose`, `prepacked`, `example_kwargs`, `strict`, `ops` (see
-    `export_program`). `link_symbolic` links the package's library with `-Wl,-Bsymbolic` (see
-    `symbolic_link_cxx`). Load the package with `torch._inductor.aoti_load_package(path)`; with
+    `export_program`). `link_wrapper` links the package's library against the shared libstdc++,
+    with `-Wl,-Bsymbolic` (see `link_wrapper_cxx`; skipped if `cpp.cxx` is in `inductor_configs`). Load the package with `torch._inductor.aoti_load_package(path)`; with
     the default ops="aten" that needs torch only, with ops="cxx" fxquant's C++ library loaded first."""
     path = os.fspath(path)
     if not path.endswith(".pt2"):
         raise ValueError(f"fxquant.export: the package path must end in '.pt2', got {path!r}")
     program = export_program(model, example_inputs, config, dynamic_shapes, **options)
     configs = dict(inductor_configs or {})
-    if link_symbolic and "cpp.cxx" not in configs:
-        cxx = symbolic_link_cxx()
+    if link_wrapper and "cpp.cxx" not in configs:
+        cxx = link_wrapper_cxx()
         if cxx is not None:
             configs["cpp.cxx"] = cxx
     return torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=configs)
 
 
-def symbolic_link_cxx() -> str | None:
-    """A compiler wrapper that adds `-Wl,-Bsymbolic` when linking a shared library, or None
-    where that does not apply (not Linux, compiler not gcc/clang, or not found).
+def link_wrapper_cxx() -> str | None:
+    """A compiler wrapper that, when linking a shared library, adds `-l:libstdc++.so.6` (the
+    shared libstdc++, by file name) and `-Wl,-Bsymbolic`; None where that does not apply (not Linux, compiler not
+    gcc/clang, or not found). With clang only -Bsymbolic is added (it may link libc++).
 
-    Why: AOTInductor's library instantiates std::regex templates (parse_device_str, run in the
-    model's constructor) from the local compiler's headers and exports them as weak symbols;
-    libtorch exports its own instantiations from the compiler torch was built with. The dynamic
-    linker binds the package's calls to libtorch's copies, and where the two libstdc++ versions
-    differ the mix crashes at load (seen: torch 2.11+cu130 wheels, gcc 13.3, SIGSEGV in
-    aoti_load_package for any model). -Bsymbolic binds the package to its own copies."""
+    Why: a package's library must share the process's libstdc++. A g++ that links libstdc++
+    statically (seen: /opt/gcc/bin/g++ on the GPU machines, gcc 13.3, whose library path holds
+    only libstdc++.a) puts a private copy of the locale machinery in the library; its facet ids
+    disagree with the process's locale, and the std::regex in AOTInductor's model constructor
+    (parse_device_str) dies with SIGSEGV in aoti_load_package, for any model. `-lstdc++` would
+    find the same archive; naming the .so.6 file binds the shared one, which the process has. -Bsymbolic binds the library's own weak std::regex
+    instantiations to itself, not to libtorch's copies built by another compiler."""
     if sys.platform != "linux":
         return None
     cxx = torch._inductor.config.cpp.cxx
@@ -169,9 +171,10 @@ def symbolic_link_cxx() -> str | None:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     # The name keeps "g++"/"clang++": Inductor picks its flags by the compiler's name.
-    wrapper = os.path.join(cache_dir(), "fxquant", f"symbolic-link-{kind}")
+    wrapper = os.path.join(cache_dir(), "fxquant", f"link-wrapper-{kind}")
+    extra = "-l:libstdc++.so.6 -Wl,-Bsymbolic" if kind == "g++" else "-Wl,-Bsymbolic"  # clang may use libc++
     script = ("#!/bin/sh\n"
-              f'case " $* " in *" -shared "*) exec {shlex.quote(real)} "$@" -Wl,-Bsymbolic ;; '
+              f'case " $* " in *" -shared "*) exec {shlex.quote(real)} "$@" {extra} ;; '
               f'*) exec {shlex.quote(real)} "$@" ;; esac\n')
     try:
         with open(wrapper) as f:

@@ -1,9 +1,38 @@
 """Small models shared by the graph and backend tests; packing per kernel scheme for the kernel tests."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fxquant import numerics as nq
+
+def static_libstdcxx_gxx(tmp_path: Path) -> Path | None:
+    """A g++ that finds only libstdc++.a when it links (-B puts a folder holding just the
+    archive first), as the GPU machines' /opt/gcc/bin/g++ does; None where there is no archive.
+    Named g++: Inductor picks its flags by the compiler's name."""
+    gxx = shutil.which("g++")
+    archive = subprocess.run([gxx, "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(archive):
+        return None
+    (tmp_path / "static_only").mkdir()
+    (tmp_path / "static_only" / "libstdc++.a").symlink_to(archive)
+    fake = tmp_path / "bin" / "g++"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nexec {gxx} -B{tmp_path / "static_only"}/ "$@"\n')
+    fake.chmod(0o755)
+    return fake
+
+
+def libstdcxx_linkage(so: str) -> tuple[bool, bool]:
+    """(the shared library lists libstdc++.so.6 as NEEDED, it defines libstdc++'s locale code)."""
+    needed = subprocess.run(["readelf", "-d", so], capture_output=True, text=True, check=True).stdout
+    defined = subprocess.run(["nm", "-D", "--defined-only", so], capture_output=True, text=True, check=True).stdout
+    return "libstdc++.so.6" in needed, " T _ZNKSt6locale2id5_M_idEv" in defined
+
 
 # Start of a script run in a fresh interpreter where importing fxquant is an ImportError (an
 # exported package must load without it); it imports sys and torch.

@@ -13,6 +13,7 @@ from fxquant import numerics as nq
 from fxquant.configs import (Float8DynamicActivationFloat8Weight, Int4WeightOnly,
                              Int8DynamicActivationInt8Weight, Int8WeightOnly)
 from fxquant.lowering import cuda as cxx
+from helpers import static_libstdcxx_gxx
 
 PAIRS = {"cxx_int4_weight_only_linear": "int4_weight_only_linear",
          "cxx_int8_weight_only_linear": "int8_weight_only_linear",
@@ -254,3 +255,27 @@ def test_dynamic_bad_inputs_are_clear_errors():
         pre(xq.float(), xs, q8, s8, None, torch.bfloat16)
     with pytest.raises(RuntimeError, match="out_dtype must be float32/float16/bfloat16"):
         pre(xq, xs, q8, s8, None, torch.int32)
+
+
+BUILD_AND_LINKAGE = """
+from fxquant.lowering.cuda import build
+from helpers import libstdcxx_linkage
+print("NEEDED %s LOCALE_CODE %s" % libstdcxx_linkage(str(build.load())))
+"""
+
+
+def test_library_links_the_shared_libstdcxx(tmp_path):
+    """Built by a g++ whose library path holds only libstdc++.a (the GPU machines' /opt/gcc,
+    stood in for by -B here), the library still uses the process's shared libstdc++: a private
+    copy made any C++ error message that streams a number die with SIGSEGV there (S9, S22)."""
+    import os
+    fake = static_libstdcxx_gxx(tmp_path)
+    if fake is None:
+        pytest.skip("no libstdc++.a beside this g++")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))  # for helpers in the child
+    env = dict(os.environ, CXX=str(fake), FXQUANT_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-c", BUILD_AND_LINKAGE], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NEEDED True LOCALE_CODE False" in proc.stdout, proc.stdout

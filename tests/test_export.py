@@ -17,7 +17,7 @@ from torch.export import Dim
 import fxquant
 from fxquant.export import decompose_fxquant_ops
 from fxquant.lowering import decompose
-from helpers import NO_FXQUANT_PREAMBLE, Tiny
+from helpers import NO_FXQUANT_PREAMBLE, Tiny, libstdcxx_linkage, static_libstdcxx_gxx
 
 D, H = 1024, 2048  # two linears, 16.8 MB of float32 weights: they dominate the package
 FLOAT_BYTES = 2 * D * H * 4
@@ -251,3 +251,31 @@ def test_export_triton_ops_need_cuda(mlp):
 def test_export_ops_must_be_known(mlp, tmp_path):
     with pytest.raises(ValueError, match=r"ops must be one of \('aten', 'cxx', 'triton'\), got 'cuda'"):
         fxquant.export_program(mlp, (torch.randn(3, 8, D),), fxquant.Int8WeightOnly(), ops="cuda")
+
+
+def test_package_links_the_shared_libstdcxx(tmp_path, monkeypatch):
+    """A g++ whose library path holds only libstdc++.a (the GPU machines' /opt/gcc/bin/g++)
+    linked a private libstdc++ into every package, and aoti_load_package died with SIGSEGV.
+    Here a g++ made to find the archive first (-B) stands in for it: without fxquant's link
+    wrapper the package carries libstdc++'s code, with it the package uses the shared one."""
+    fake = static_libstdcxx_gxx(tmp_path)
+    if fake is None:
+        pytest.skip("no libstdc++.a beside this g++")
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(fake)))
+    model = nn.Sequential(nn.Linear(D, D), nn.ReLU()).eval()
+    got, paths = {}, {}
+    for wrap in (False, True):
+        paths[wrap] = fxquant.export(model, (torch.randn(2, D),), fxquant.Int8WeightOnly(),
+                                     tmp_path / f"wrap_{wrap}.pt2", link_wrapper=wrap)
+        with zipfile.ZipFile(paths[wrap]) as z:
+            (name,) = [n for n in z.namelist() if n.endswith(".so")]
+            got[wrap] = libstdcxx_linkage(z.extract(name, tmp_path / f"x_{wrap}"))
+    assert got[False] == (False, True), "the stand-in compiler should link libstdc++ statically"
+    assert got[True] == (True, False)
+    # and it loads (the static one fails here too, with std::bad_cast from the same facet mix-up)
+    run = ("import sys, torch; m = torch._inductor.aoti_load_package(sys.argv[1]); "
+           "print('SHAPE', tuple(m(torch.randn(3, int(sys.argv[2]))).shape))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", run, paths[True], str(D)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert f"SHAPE (3, {D})" in proc.stdout, proc.stderr[-2000:]

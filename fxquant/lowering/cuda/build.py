@@ -119,7 +119,7 @@ def _load(verbose: bool) -> Path:
     h = hashlib.sha256()
     for f in sorted(SRC.iterdir()):
         h.update(f.name.encode() + f.read_bytes())
-    h.update(f"{torch.__version__}|{arch}|{sys.version_info[:2]}|{sources}".encode())  # what gets compiled
+    h.update(f"{torch.__version__}|{arch}|{sys.version_info[:2]}|{sources}|{LDFLAGS}".encode())  # what gets built
     tag = h.hexdigest()[:16]
     name = f"fxquant_cxx_{tag}"
     build_dir = cache_root() / "cxx" / tag
@@ -140,7 +140,7 @@ def _load(verbose: bool) -> Path:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch  # this GPU only: one arch compiles fastest
     try:
         ext.load(name=name, sources=[str(SRC / s) for s in sources], build_directory=str(build_dir),
-                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], with_cuda=bool(arch),
+                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], extra_ldflags=list(LDFLAGS), with_cuda=bool(arch),
                  is_python_module=False, verbose=verbose)
     finally:
         if arch:
@@ -202,6 +202,12 @@ def load_cutlass(verbose: bool = False) -> Path:
     return _load_once(_cutlass_state, _load_cutlass, "CUTLASS op library", verbose)
 
 
+# The shared libstdc++, named by file: a g++ that finds only libstdc++.a (seen: /opt/gcc/bin/g++ on
+# the GPU machines) links a private copy of the locale machinery into the library, and any
+# C++ exception message that streams a number then dies with SIGSEGV (facet ids that disagree
+# with the process's locale; BENCHMARKS.md S22). A plain -lstdc++ would find that archive too.
+LDFLAGS = ("-l:libstdc++.so.6",) if sys.platform == "linux" else ()
+
 CUTLASS_ABI_VERSION = 4  # csrc_cutlass's cutlass_abi_version(): 2 added the int8 op, 3 int8 dynamic, 4 fp8
 _CUTLASS_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG")
 
@@ -217,7 +223,7 @@ def _load_cutlass(verbose: bool) -> Path:
     h = hashlib.sha256()
     for f in sorted(CUTLASS_SRC.iterdir()):
         h.update(f.name.encode() + f.read_bytes())
-    h.update(f"{torch.__version__}|{arch}|{sys.version_info[:2]}|{include}|{_CUTLASS_FLAGS}".encode())
+    h.update(f"{torch.__version__}|{arch}|{sys.version_info[:2]}|{include}|{_CUTLASS_FLAGS}|{LDFLAGS}".encode())
     h.update((include / "cutlass" / "version.h").read_bytes() if (include / "cutlass" / "version.h").exists() else b"")
     tag = h.hexdigest()[:16]
     name = f"fxquant_cutlass_{tag}"
@@ -234,7 +240,7 @@ def _load_cutlass(verbose: bool) -> Path:
         try:
             ext.load(name=name, sources=[str(p) for p in sorted(CUTLASS_SRC.glob("*.cu"))], build_directory=str(build_dir),
                      extra_include_paths=[str(include), str(include.parent / "tools" / "util" / "include")],
-                     extra_cflags=["-O3"], extra_cuda_cflags=list(_CUTLASS_FLAGS),
+                     extra_cflags=["-O3"], extra_cuda_cflags=list(_CUTLASS_FLAGS), extra_ldflags=list(LDFLAGS),
                      with_cuda=True, is_python_module=False, verbose=verbose)
         finally:
             if old is None:
