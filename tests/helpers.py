@@ -34,6 +34,23 @@ def libstdcxx_linkage(so: str) -> tuple[bool, bool]:
     return "libstdc++.so.6" in needed, " T _ZNKSt6locale2id5_M_idEv" in defined
 
 
+def build_cpp_loader(tmp_path: Path, cuda: bool = False) -> Path:
+    """tests/cpp/load_package.cpp compiled against this torch's libtorch, into tmp_path.
+    Linked with the shared libstdc++ by file name, as fxquant's own libraries are (a g++ that
+    finds only libstdc++.a would put a second copy of it beside libtorch's); with `cuda`,
+    libtorch_cuda kept as a dependency (it registers AOTI's CUDA runner; the program calls
+    none of its symbols, and --as-needed would drop it)."""
+    from torch.utils.cpp_extension import TORCH_LIB_PATH, include_paths
+    exe = tmp_path / "load_package"
+    src = Path(__file__).parent / "cpp" / "load_package.cpp"
+    subprocess.run([shutil.which("g++"), "-std=c++20", "-O1", "-w", str(src), "-o", str(exe),
+                    *(f"-I{p}" for p in include_paths()), f"-L{TORCH_LIB_PATH}", f"-Wl,-rpath,{TORCH_LIB_PATH}",
+                    "-ltorch", "-ltorch_cpu", "-lc10", "-ldl", "-l:libstdc++.so.6",
+                    *(["-Wl,--no-as-needed", "-ltorch_cuda", "-Wl,--as-needed"] if cuda else [])],
+                   check=True, capture_output=True, text=True, timeout=300)
+    return exe
+
+
 # Start of a script run in a fresh interpreter where importing fxquant is an ImportError (an
 # exported package must load without it); it imports sys and torch.
 NO_FXQUANT_PREAMBLE = """import sys

@@ -17,7 +17,7 @@ from torch.export import Dim
 import fxquant
 from fxquant.export import decompose_fxquant_ops
 from fxquant.lowering import decompose
-from helpers import NO_FXQUANT_PREAMBLE, Tiny, libstdcxx_linkage, static_libstdcxx_gxx
+from helpers import NO_FXQUANT_PREAMBLE, Tiny, build_cpp_loader, libstdcxx_linkage, static_libstdcxx_gxx
 
 D, H = 1024, 2048  # two linears, 16.8 MB of float32 weights: they dominate the package
 FLOAT_BYTES = 2 * D * H * 4
@@ -279,3 +279,34 @@ def test_package_links_the_shared_libstdcxx(tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, "-c", run, paths[True], str(D)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert f"SHAPE (3, {D})" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_cpp_program_runs_a_cxx_ops_package(mlp, tmp_path):
+    """Issue 5, item 2, from C++: a program linked against libtorch only dlopens fxquant's op
+    library and loads an ops="cxx" package with AOTIModelPackageLoader (tests/cpp/load_package.cpp);
+    its outputs equal the ATen export's, with dynamic batch and sequence. Without the library the
+    loader throws an error naming the missing op."""
+    from fxquant.lowering import cuda as cxx
+    lib = str(cxx.load())
+    exe = build_cpp_loader(tmp_path)
+    cfg = fxquant.Int4WeightOnly(group_size=64)
+    dims = ({0: Dim("batch", min=1, max=64), 1: Dim("seq", min=1, max=512)},)
+    path = fxquant.export(mlp, (torch.randn(3, 8, D),), cfg, tmp_path / "cxx.pt2", dynamic_shapes=dims, ops="cxx")
+    aten = fxquant.export_program(mlp, (torch.randn(3, 8, D),), cfg, dims)
+    args = []
+    for i, x in enumerate(INPUTS):
+        f = tmp_path / f"x{i}.bin"
+        f.write_bytes(bytes(x.contiguous().view(torch.uint8).flatten().tolist()))
+        args += [str(f), *map(str, x.shape)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(exe), path, lib, "cpu", "float32", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "RAN_OK" in proc.stdout, proc.stderr[-3000:]
+    with torch.no_grad():
+        for i, x in enumerate(INPUTS):
+            raw = bytearray((tmp_path / f"x{i}.bin.out").read_bytes())
+            y = torch.frombuffer(raw, dtype=torch.float32).view(x.shape[0], x.shape[1], -1)
+            torch.testing.assert_close(y, aten.module()(x), rtol=1e-5, atol=1e-5)
+    proc = subprocess.run([str(exe), path, "-", "cpu", "float32", *args[:4]], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "cxx_int4_weight_only_linear" in proc.stderr, proc.stderr[-2000:]

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 import fxquant
-from helpers import NO_FXQUANT_PREAMBLE
+from helpers import NO_FXQUANT_PREAMBLE, build_cpp_loader
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -209,3 +209,36 @@ def test_cxx_ops_package_runs_on_cuda(cfg, tmp_path):
             want = program.module()(x).cpu().float()
             assert y.shape == want.shape and y.dtype == torch.bfloat16
             assert fxquant.sqnr(want, y.float()) >= 35, tuple(x.shape)  # other kernels, same weights
+
+
+def test_cpp_program_runs_a_cxx_ops_package_on_cuda(tmp_path):
+    """Issue 5, item 2, on a GPU: a C++ program (tests/cpp/load_package.cpp, libtorch only)
+    dlopens fxquant's op library and runs an ops="cxx" package on CUDA with
+    AOTIModelPackageLoader, at decode and larger M, matching the ATen export."""
+    from fxquant.lowering import cuda as cxx
+    lib = str(cxx.load())
+    exe = build_cpp_loader(tmp_path, cuda=True)
+    cfg = fxquant.Int4WeightOnly(group_size=128)
+    model = _mlp()
+    dims = ({0: Dim("batch", min=1, max=64), 1: Dim("seq", min=1, max=512)},)
+    example = torch.randn(3, 8, 512, dtype=torch.bfloat16, device="cuda")
+    path = fxquant.export(model, (example,), cfg, tmp_path / "cxx.pt2", dynamic_shapes=dims, ops="cxx")
+    program = fxquant.export_program(model, (example,), cfg, dims)
+    inputs = [torch.randn(1, 1, 512), torch.randn(2, 6, 512), torch.randn(4, 40, 512)]  # M = 1, 12, 160
+    args = []
+    for i, x in enumerate(inputs):
+        x = x.bfloat16().float()  # what the program feeds the package, exactly
+        inputs[i] = x
+        (tmp_path / f"x{i}.bin").write_bytes(bytes(x.contiguous().view(torch.uint8).flatten().tolist()))
+        args += [str(tmp_path / f"x{i}.bin"), *map(str, x.shape)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(exe), path, lib, "cuda", "bfloat16", *args], env=env, capture_output=True,
+                          text=True, errors="replace", timeout=600)
+    assert proc.returncode == 0 and "RAN_OK" in proc.stdout, f"rc {proc.returncode}: {proc.stderr[-3000:]}"
+    with torch.no_grad():
+        for i, x in enumerate(inputs):
+            raw = bytearray((tmp_path / f"x{i}.bin.out").read_bytes())
+            y = torch.frombuffer(raw, dtype=torch.float32).view(x.shape[0], x.shape[1], -1)
+            want = program.module()(x.to("cuda", torch.bfloat16)).cpu().float()
+            assert y.shape == want.shape
+            assert fxquant.sqnr(want, y) >= 35, tuple(x.shape)
