@@ -5,6 +5,9 @@
 #   FXQ_NCU_ROWS, FXQ_NCU_MS, FXQ_NCU_SHAPES: ncu_kernels.py's --rows / --ms / --shapes
 #   FXQ_NCU_S: seconds for the profiled points (default 300); points left then are not profiled,
 #              and what was profiled is still parsed
+#   FXQ_NCU_SECTIONS: ncu sections (default "SpeedOfLight Occupancy LaunchStats"; e.g. add
+#              WarpStateStats SchedulerStats for stall reasons)
+#   FXQ_NCU_RAW=1: also $OUT/ncu_raw.csv, every collected metric (the stall breakdown is only there)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_ncu}
@@ -16,13 +19,16 @@ REP=$(mktemp -d)/prof
 T0=$(date +%s)
 build_libs "$(dirname "$REP")"  # here, not inside the profiled process
 echo "libraries ready at $(( $(date +%s) - T0 )) s"
-$NCU --clock-control none --profile-from-start off --target-processes application-only --section SpeedOfLight \
-  --section Occupancy --section LaunchStats -o "$REP" -f python3 benchmarks/ncu_kernels.py \
+SECTIONS=()
+for sec in ${FXQ_NCU_SECTIONS:-SpeedOfLight Occupancy LaunchStats}; do SECTIONS+=(--section "$sec"); done
+$NCU --clock-control none --profile-from-start off --target-processes application-only "${SECTIONS[@]}" \
+  -o "$REP" -f python3 benchmarks/ncu_kernels.py \
   --rows "${FXQ_NCU_ROWS:-w4a16_g128,w8a16,w8a8_int8,fp8_row,bf16}" --ms "${FXQ_NCU_MS:-1,16,128,512,4096}" \
   --shapes "${FXQ_NCU_SHAPES:-6144x4096,4096x4096,28672x4096,4096x14336}" --budget-s "${FXQ_NCU_S:-300}" \
   > "$OUT/ncu_points.txt" 2>&1
 echo "ncu run rc $? in $(( $(date +%s) - T0 )) s"
 $NCU --import "$REP.ncu-rep" --csv --page details > "$OUT/ncu.csv" 2>&1
+[ "${FXQ_NCU_RAW:-0}" = 1 ] && $NCU --import "$REP.ncu-rep" --csv --page raw > "$OUT/ncu_raw.csv" 2>&1  # every metric
 python3 benchmarks/ncu_kernels.py --parse "$OUT/ncu.csv" --points "$OUT/ncu_points.txt" --plot "$OUT/ncu_kernels.png" \
   > "$OUT/ncu_table.md" 2>&1
 echo "parse rc $?"
