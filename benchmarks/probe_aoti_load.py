@@ -45,7 +45,10 @@ LOADER = textwrap.dedent("""
 
 
 def wrapper(workdir: str, mode: str) -> str | None:
-    """A g++ wrapper adding link flags to the shared-library link (None: Inductor's default)."""
+    """The compiler for a link mode. "default": Inductor's own (None); "fxquant": fxquant.export's
+    current link wrapper (around Inductor's compiler); the others wrap the first g++ on PATH,
+    not Inductor's compiler (on the GPU machine /usr/bin/g++, which links the shared libstdc++,
+    where Inductor's is /opt/gcc/bin/g++), adding their link flags to the shared-library link."""
     if mode == "default":
         return None
     real = shutil.which("g++")
@@ -136,6 +139,7 @@ def main() -> None:
                     jobs.append((device, mode, build(args.workdir, device, mode)))
                 except Exception as e:  # noqa: BLE001 - report and go on
                     print(f"{device} {mode}: build failed: {type(e).__name__}: {str(e)[-400:]}", flush=True)
+                    continue
                 print(f"{device} {mode}: built in {time.time() - t0:.0f} s", flush=True)
     for device, mode, pkg in jobs:
         for setting in args.settings.split(","):

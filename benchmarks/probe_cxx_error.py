@@ -1,4 +1,4 @@
-"""Session 9's crash, narrowed: a TORCH_CHECK whose message streams an integer, thrown from a
+"""Session 11's crash, narrowed: a TORCH_CHECK whose message streams an integer, thrown from a
 JIT-built extension, ended the process with SIGSEGV on the GPU machine. Builds the same
 three-line extension with no extra link flag, with `-lstdc++` and with `-l:libstdc++.so.6`, calls it in a fresh
 process each, and prints whether the error came back as a Python exception, with the

@@ -22,6 +22,7 @@ off by default, and the package-size test guards it).
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import re
@@ -130,8 +131,9 @@ def export(model: torch.nn.Module, example_inputs: Sequence[Any], config: QuantC
 
     `dynamic_shapes` is torch.export's (e.g. `({0: Dim("batch"), 1: Dim("seq")},)`). `options`:
     `skip`, `filter`, `verbose`, `prepacked`, `example_kwargs`, `strict`, `ops` (see
-    `export_program`). `link_wrapper` links the package's library against the shared libstdc++,
-    with `-Wl,-Bsymbolic` (see `link_wrapper_cxx`; skipped if `cpp.cxx` is in `inductor_configs`). Load the package with `torch._inductor.aoti_load_package(path)`; with
+    `export_program`). `link_wrapper` links the package's library against the shared
+    libstdc++, with `-Wl,-Bsymbolic` (see `link_wrapper_cxx`; skipped if `inductor_configs`
+    names `cpp.cxx`). Load the package with `torch._inductor.aoti_load_package(path)`; with
     the default ops="aten" that needs torch only, with ops="cxx" fxquant's C++ library loaded first."""
     path = os.fspath(path)
     if not path.endswith(".pt2"):
@@ -147,16 +149,19 @@ def export(model: torch.nn.Module, example_inputs: Sequence[Any], config: QuantC
 
 def link_wrapper_cxx() -> str | None:
     """A compiler wrapper that, when linking a shared library, adds `-l:libstdc++.so.6` (the
-    shared libstdc++, by file name) and `-Wl,-Bsymbolic`; None where that does not apply (not Linux, compiler not
-    gcc/clang, or not found). With clang only -Bsymbolic is added (it may link libc++).
+    shared libstdc++, by file name) and `-Wl,-Bsymbolic`; None where that does not apply (not
+    Linux, compiler not gcc/clang, or not found).
 
     Why: a package's library must share the process's libstdc++. A g++ that links libstdc++
     statically (seen: /opt/gcc/bin/g++ on the GPU machines, gcc 13.3, whose library path holds
     only libstdc++.a) puts a private copy of the locale machinery in the library; its facet ids
     disagree with the process's locale, and the std::regex in AOTInductor's model constructor
     (parse_device_str) dies with SIGSEGV in aoti_load_package, for any model. `-lstdc++` would
-    find the same archive; naming the .so.6 file binds the shared one, which the process has. -Bsymbolic binds the library's own weak std::regex
-    instantiations to itself, not to libtorch's copies built by another compiler."""
+    find the same archive; naming the .so.6 file binds the shared one, which libtorch already
+    loaded. -Bsymbolic (an earlier, insufficient attempt) stays: the fix was tested with it, not
+    without. If no libstdc++.so.6 is on the linker's path the link fails; pass
+    `link_wrapper=False` to `export` then. The wrapper's path is named by its content, so
+    processes wrapping different compilers never overwrite each other's."""
     if sys.platform != "linux":
         return None
     cxx = torch._inductor.config.cpp.cxx
@@ -170,18 +175,13 @@ def link_wrapper_cxx() -> str | None:
         return None
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    # The name keeps "g++"/"clang++": Inductor picks its flags by the compiler's name.
-    wrapper = os.path.join(cache_dir(), "fxquant", f"link-wrapper-{kind}")
-    extra = "-l:libstdc++.so.6 -Wl,-Bsymbolic" if kind == "g++" else "-Wl,-Bsymbolic"  # clang may use libc++
     script = ("#!/bin/sh\n"
-              f'case " $* " in *" -shared "*) exec {shlex.quote(real)} "$@" {extra} ;; '
+              f'case " $* " in *" -shared "*) exec {shlex.quote(real)} "$@" -l:libstdc++.so.6 -Wl,-Bsymbolic ;; '
               f'*) exec {shlex.quote(real)} "$@" ;; esac\n')
-    try:
-        with open(wrapper) as f:
-            current = f.read()
-    except OSError:
-        current = None
-    if current != script:
+    digest = hashlib.sha256(script.encode()).hexdigest()[:16]
+    # The file is named g++ / clang++: Inductor picks its flags by the compiler's name.
+    wrapper = os.path.join(cache_dir(), "fxquant", f"link-{digest}", kind)
+    if not os.path.exists(wrapper):
         os.makedirs(os.path.dirname(wrapper), exist_ok=True)
         tmp = f"{wrapper}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:

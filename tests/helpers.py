@@ -1,5 +1,6 @@
 """Small models shared by the graph and backend tests; packing per kernel scheme for the kernel tests."""
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +16,8 @@ def static_libstdcxx_gxx(tmp_path: Path) -> Path | None:
     archive first), as the GPU machines' /opt/gcc/bin/g++ does; None where there is no archive.
     Named g++: Inductor picks its flags by the compiler's name."""
     gxx = shutil.which("g++")
+    if gxx is None:
+        return None
     archive = subprocess.run([gxx, "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
     if not os.path.isabs(archive):
         return None
@@ -22,7 +25,7 @@ def static_libstdcxx_gxx(tmp_path: Path) -> Path | None:
     (tmp_path / "static_only" / "libstdc++.a").symlink_to(archive)
     fake = tmp_path / "bin" / "g++"
     fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\nexec {gxx} -B{tmp_path / "static_only"}/ "$@"\n')
+    fake.write_text(f'#!/bin/sh\nexec {shlex.quote(gxx)} -B{shlex.quote(str(tmp_path / "static_only"))}/ "$@"\n')
     fake.chmod(0o755)
     return fake
 
@@ -49,6 +52,27 @@ def build_cpp_loader(tmp_path: Path, cuda: bool = False) -> Path:
                     *(["-Wl,--no-as-needed", "-ltorch_cuda", "-Wl,--as-needed"] if cuda else [])],
                    check=True, capture_output=True, text=True, timeout=300)
     return exe
+
+
+def run_cpp_loader(exe: Path, package: str, library: str | None, device: str, dtype: str,
+                   inputs: list, tmp_path: Path) -> list:
+    """The C++ loader on float32 CPU `inputs` (B x S x D each) in a process without PYTHONPATH;
+    its outputs as float32 CPU tensors. Raises RuntimeError("rc N: stderr") if it fails."""
+    args = []
+    for i, x in enumerate(inputs):
+        f = tmp_path / f"cpp_in{i}.bin"
+        f.write_bytes(bytes(x.contiguous().float().view(torch.uint8).flatten().tolist()))
+        args += [str(f), *map(str, x.shape)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(exe), package, library or "-", device, dtype, *args], env=env, capture_output=True,
+                          text=True, errors="replace", timeout=600)
+    if proc.returncode != 0 or "RAN_OK" not in proc.stdout:
+        raise RuntimeError(f"rc {proc.returncode}: {proc.stderr[-3000:]}")
+    outs = []
+    for i, x in enumerate(inputs):
+        raw = bytearray((tmp_path / f"cpp_in{i}.bin.out").read_bytes())
+        outs.append(torch.frombuffer(raw, dtype=torch.float32).view(x.shape[0], x.shape[1], -1))
+    return outs
 
 
 # Start of a script run in a fresh interpreter where importing fxquant is an ImportError (an

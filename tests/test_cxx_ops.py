@@ -267,7 +267,7 @@ print("NEEDED %s LOCALE_CODE %s" % libstdcxx_linkage(str(build.load())))
 def test_library_links_the_shared_libstdcxx(tmp_path):
     """Built by a g++ whose library path holds only libstdc++.a (the GPU machines' /opt/gcc,
     stood in for by -B here), the library still uses the process's shared libstdc++: a private
-    copy made any C++ error message that streams a number die with SIGSEGV there (S9, S22)."""
+    copy made any C++ error message that streams a number die with SIGSEGV there (S11, S22)."""
     import os
     fake = static_libstdcxx_gxx(tmp_path)
     if fake is None:

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 import fxquant
-from helpers import NO_FXQUANT_PREAMBLE, build_cpp_loader
+from helpers import NO_FXQUANT_PREAMBLE, build_cpp_loader, run_cpp_loader
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -106,8 +106,8 @@ def _mlp():
 
 def test_plain_package_loads_on_cuda(tmp_path):
     """torch alone, linked the way fxquant.export links: tells a broken AOTI loader apart from a
-    problem of ours. Seen with torch 2.11+cu130 / gcc 13.3: a package linked without -Bsymbolic
-    dies with SIGSEGV in aoti_load_package (benchmarks/probe_aoti_load.py)."""
+    problem of ours. Seen with torch 2.11+cu130 (CXX=/opt/gcc/bin/g++): a package linked with the
+    static libstdc++ dies with SIGSEGV in aoti_load_package (BENCHMARKS.md S22)."""
     from fxquant.export import link_wrapper_cxx
 
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU()).cuda().eval()
@@ -224,21 +224,11 @@ def test_cpp_program_runs_a_cxx_ops_package_on_cuda(tmp_path):
     example = torch.randn(3, 8, 512, dtype=torch.bfloat16, device="cuda")
     path = fxquant.export(model, (example,), cfg, tmp_path / "cxx.pt2", dynamic_shapes=dims, ops="cxx")
     program = fxquant.export_program(model, (example,), cfg, dims)
-    inputs = [torch.randn(1, 1, 512), torch.randn(2, 6, 512), torch.randn(4, 40, 512)]  # M = 1, 12, 160
-    args = []
-    for i, x in enumerate(inputs):
-        x = x.bfloat16().float()  # what the program feeds the package, exactly
-        inputs[i] = x
-        (tmp_path / f"x{i}.bin").write_bytes(bytes(x.contiguous().view(torch.uint8).flatten().tolist()))
-        args += [str(tmp_path / f"x{i}.bin"), *map(str, x.shape)]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([str(exe), path, lib, "cuda", "bfloat16", *args], env=env, capture_output=True,
-                          text=True, errors="replace", timeout=600)
-    assert proc.returncode == 0 and "RAN_OK" in proc.stdout, f"rc {proc.returncode}: {proc.stderr[-3000:]}"
+    # M = 1, 12, 160; rounded to bf16 first: what the program feeds the package, exactly
+    inputs = [torch.randn(b, s, 512).bfloat16().float() for b, s in ((1, 1), (2, 6), (4, 40))]
+    outs = run_cpp_loader(exe, path, lib, "cuda", "bfloat16", inputs, tmp_path)
     with torch.no_grad():
-        for i, x in enumerate(inputs):
-            raw = bytearray((tmp_path / f"x{i}.bin.out").read_bytes())
-            y = torch.frombuffer(raw, dtype=torch.float32).view(x.shape[0], x.shape[1], -1)
+        for x, y in zip(inputs, outs):
             want = program.module()(x.to("cuda", torch.bfloat16)).cpu().float()
             assert y.shape == want.shape
             assert fxquant.sqnr(want, y) >= 35, tuple(x.shape)

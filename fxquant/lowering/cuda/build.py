@@ -238,7 +238,8 @@ def _load_cutlass(verbose: bool) -> Path:
         old = os.environ.get("TORCH_CUDA_ARCH_LIST")
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"  # wgmma and setmaxnreg need the arch-specific target
         try:
-            ext.load(name=name, sources=[str(p) for p in sorted(CUTLASS_SRC.glob("*.cu"))], build_directory=str(build_dir),
+            ext.load(name=name, sources=[str(p) for p in sorted(CUTLASS_SRC.glob("*.cu"))],
+                     build_directory=str(build_dir),
                      extra_include_paths=[str(include), str(include.parent / "tools" / "util" / "include")],
                      extra_cflags=["-O3"], extra_cuda_cflags=list(_CUTLASS_FLAGS), extra_ldflags=list(LDFLAGS),
                      with_cuda=True, is_python_module=False, verbose=verbose)
