@@ -148,8 +148,8 @@ def test_cuda_package_runs_without_fxquant(cfg, floor, tmp_path):
 def test_triton_ops_export_embeds_our_kernels(cfg, floor, tmp_path):
     """ops="triton": the program holds our Triton kernels as triton_kernel_wrapper_functional
     nodes (no fxquant op left, M still symbolic), runs them eagerly with the right numbers at M in
-    several kernel ranges, and AOTInductor compiles them into a package (whose loading is issue 5's
-    crash on this machine: test_triton_package_runs_without_fxquant)."""
+    several kernel ranges, and AOTInductor compiles them into a package (loaded and run by
+    test_triton_package_runs_without_fxquant)."""
     import zipfile
     model = _mlp()
     dims = ({0: Dim("batch", min=1, max=64), 1: Dim("seq", min=1, max=512)},)
