@@ -6,8 +6,12 @@ bit-identical. Behind the fp8-dynamic floor in tests/gpu/test_gpu_export.py (BEN
 
     python benchmarks/probe_eager_vs_inductor.py
 """
-import torch, torch.nn as nn, fxquant
+import torch
+import torch.nn as nn
 from torch.export import Dim
+
+import fxquant
+
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(512, 1024), nn.SiLU(), nn.Linear(1024, 512)).to(torch.bfloat16).eval()
 dims = ({0: Dim("batch", min=1, max=64), 1: Dim("seq", min=1, max=512)},)

@@ -36,6 +36,7 @@ from torch.export import ExportedProgram
 
 from .configs import QuantConfig
 from .export_pass import quantize_exported
+from .lowering.cuda.build import LDFLAGS as SHARED_LIBSTDCXX
 from .lowering.decompose import fxquant_decompositions
 from .passes.rewrite import LayerFilter
 
@@ -176,7 +177,7 @@ def link_wrapper_cxx() -> str | None:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     script = ("#!/bin/sh\n"
-              f'case " $* " in *" -shared "*) exec {shlex.quote(real)} "$@" -l:libstdc++.so.6 -Wl,-Bsymbolic ;; '
+              f'case " $* " in *" -shared "*) exec {shlex.quote(real)} "$@" {" ".join(SHARED_LIBSTDCXX)} -Wl,-Bsymbolic ;; '
               f'*) exec {shlex.quote(real)} "$@" ;; esac\n')
     digest = hashlib.sha256(script.encode()).hexdigest()[:16]
     # The file is named g++ / clang++: Inductor picks its flags by the compiler's name.

@@ -44,11 +44,13 @@ def build_cpp_loader(tmp_path: Path, cuda: bool = False) -> Path:
     libtorch_cuda kept as a dependency (it registers AOTI's CUDA runner; the program calls
     none of its symbols, and --as-needed would drop it)."""
     from torch.utils.cpp_extension import TORCH_LIB_PATH, include_paths
+
+    from fxquant.lowering.cuda.build import LDFLAGS
     exe = tmp_path / "load_package"
     src = Path(__file__).parent / "cpp" / "load_package.cpp"
     subprocess.run([shutil.which("g++"), "-std=c++20", "-O1", "-w", str(src), "-o", str(exe),
                     *(f"-I{p}" for p in include_paths()), f"-L{TORCH_LIB_PATH}", f"-Wl,-rpath,{TORCH_LIB_PATH}",
-                    "-ltorch", "-ltorch_cpu", "-lc10", "-ldl", "-l:libstdc++.so.6",
+                    "-ltorch", "-ltorch_cpu", "-lc10", "-ldl", *LDFLAGS,
                     *(["-Wl,--no-as-needed", "-ltorch_cuda", "-Wl,--as-needed"] if cuda else [])],
                    check=True, capture_output=True, text=True, timeout=300)
     return exe

@@ -206,6 +206,7 @@ def load_cutlass(verbose: bool = False) -> Path:
 # the GPU machines) links a private copy of the locale machinery into the library, and any
 # C++ exception message that streams a number then dies with SIGSEGV (facet ids that disagree
 # with the process's locale; BENCHMARKS.md S22). A plain -lstdc++ would find that archive too.
+# fxquant.export's link wrapper uses the same flags.
 LDFLAGS = ("-l:libstdc++.so.6",) if sys.platform == "linux" else ()
 
 CUTLASS_ABI_VERSION = 4  # csrc_cutlass's cutlass_abi_version(): 2 added the int8 op, 3 int8 dynamic, 4 fp8
