@@ -7,7 +7,8 @@
 #              and what was profiled is still parsed
 #   FXQ_NCU_SECTIONS: ncu sections (default "SpeedOfLight Occupancy LaunchStats"; e.g. add
 #              WarpStateStats SchedulerStats for stall reasons)
-#   FXQ_NCU_RAW=1: also $OUT/ncu_raw.csv, every collected metric (the stall breakdown is only there)
+#   FXQ_NCU_RAW=1: also $OUT/ncu_raw.csv, every collected metric, and $OUT/ncu_stalls.md (printed):
+#              per kernel the largest stall reasons (needs WarpStateStats in FXQ_NCU_SECTIONS)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_ncu}
@@ -28,7 +29,11 @@ $NCU --clock-control none --profile-from-start off --target-processes applicatio
   > "$OUT/ncu_points.txt" 2>&1
 echo "ncu run rc $? in $(( $(date +%s) - T0 )) s"
 $NCU --import "$REP.ncu-rep" --csv --page details > "$OUT/ncu.csv" 2>&1
-[ "${FXQ_NCU_RAW:-0}" = 1 ] && $NCU --import "$REP.ncu-rep" --csv --page raw > "$OUT/ncu_raw.csv" 2>&1  # every metric
+if [ "${FXQ_NCU_RAW:-0}" = 1 ]; then  # every metric, and the stall reasons condensed
+  $NCU --import "$REP.ncu-rep" --csv --page raw > "$OUT/ncu_raw.csv" 2>&1
+  python3 benchmarks/ncu_kernels.py --stalls "$OUT/ncu_raw.csv" --points "$OUT/ncu_points.txt" > "$OUT/ncu_stalls.md" 2>&1
+  cat "$OUT/ncu_stalls.md"
+fi
 python3 benchmarks/ncu_kernels.py --parse "$OUT/ncu.csv" --points "$OUT/ncu_points.txt" --plot "$OUT/ncu_kernels.png" \
   > "$OUT/ncu_table.md" 2>&1
 echo "parse rc $?"

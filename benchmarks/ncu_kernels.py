@@ -228,8 +228,50 @@ def plot(kernels: list[dict], points: list[tuple], path: Path) -> bool:
     return True
 
 
+STALL = re.compile(r"^smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
+
+
+def read_raw(csv_path: Path) -> list[dict]:
+    """One dict (metric name -> value string, "_units" -> metric name -> unit) per profiled kernel,
+    from `ncu --csv --page raw` (a header row of metric names, a row of units, a row per kernel)."""
+    lines = [line for line in csv_path.read_text().splitlines() if line.startswith('"')]
+    rows = list(csv.reader(lines))
+    units = dict(zip(rows[0], rows[1]))
+    return [dict(zip(rows[0], r), _units=units) for r in rows[2:]]
+
+
+def stall_table(raw: list[dict], points: list[tuple], top: int = 6) -> str:
+    """Per point and kernel: time, DRAM %, issue-active %, warps active %, instructions, and the
+    `top` largest stall reasons (warps stalled per issued instruction; WarpStateStats section)."""
+    kernels = [{"name": r.get("Kernel Name", "?"), "raw": r} for r in raw]
+    groups = split_points(kernels, points)
+    out = ["| point | kernel | us | dram % | issue active % | warps active % | warp instr | top stalls "
+           "(warps per issued instruction) |", "|---|---|---|---|---|---|---|---|"]
+    for (name, n, k, m, _), group in zip(points, groups):
+        for kern in group:
+            r = kern["raw"]
+            stalls = sorted(((STALL.match(key).group(1), _number(v)) for key, v in r.items() if STALL.match(key)),
+                            key=lambda kv: -kv[1] if kv[1] == kv[1] else 0.0)
+            us = _number(r.get("gpu__time_duration.sum", "nan")) * TIME_UNITS.get(
+                r["_units"].get("gpu__time_duration.sum", ""), float("nan"))
+            out.append(f"| {name} {n}x{k} M={m} | {kern['name'][:40]} | {us:.2f} "
+                       f"| {_number(r.get('dram__throughput.avg.pct_of_peak_sustained_elapsed', 'nan')):.0f} "
+                       f"| {_number(r.get('smsp__issue_active.avg.pct_of_peak_sustained_active', 'nan')):.0f} "
+                       f"| {_number(r.get('sm__warps_active.avg.pct_of_peak_sustained_active', 'nan')):.0f} "
+                       f"| {_number(r.get('smsp__inst_executed.sum', 'nan')):.0f} | "
+                       + ", ".join(f"{reason} {v:.2f}" for reason, v in stalls[:top]) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--stalls" in argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--stalls", type=Path, required=True, help="ncu --csv --page raw output")
+        ap.add_argument("--points", type=Path, required=True, help="this script's stdout from the profiled run")
+        args = ap.parse_args(argv)
+        print(stall_table(read_raw(args.stalls), read_points(args.points)))
+        return 0
     if "--parse" in argv:
         ap = argparse.ArgumentParser()
         ap.add_argument("--parse", type=Path, required=True, help="ncu --csv --page details output")

@@ -18,6 +18,7 @@ per call over the time, TB/s) and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -39,6 +40,21 @@ def parse_settings(specs: list[str]) -> list[tuple[str, list[tuple[str, str]]]]:
             raise ValueError(f"--env {spec!r}: expected NAME=VALUE[;NAME=VALUE...]")
         settings.append((";".join(v for _, v in pairs), pairs))
     return settings
+
+
+@contextlib.contextmanager
+def environment(pairs: list[tuple[str, str]]):
+    """The process environment with `pairs` set inside the block, restored after it."""
+    saved = {name: os.environ.get(name) for name, _ in pairs}
+    os.environ.update(dict(pairs))
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 def main(argv=None) -> int:
@@ -66,17 +82,9 @@ def main(argv=None) -> int:
                                LB.n_copies(len(bf16.copies), m))}
             errs = {}
             for value, pairs in settings:
-                saved = {name: os.environ.get(name) for name, _ in pairs}
-                os.environ.update(dict(pairs))
-                try:
+                with environment(pairs):
                     errs[value] = LB.rel_err(layer.fn(x, 0)(), layer.reference(x))
                     graphs[value] = (LB.capture([layer.fn(x, i) for i in range(nc)]), nc)
-                finally:
-                    for name, old in saved.items():
-                        if old is None:
-                            os.environ.pop(name, None)
-                        else:
-                            os.environ[name] = old
             us = LB.time_graphs(graphs)
             for key, t in us.items():
                 nbytes = bf16.bytes if key == "bf16" else layer.bytes  # weight bytes read per call

@@ -86,3 +86,24 @@ def test_kernels_are_grouped_by_kind_and_plotted(ncu, tmp_path):
     png = tmp_path / "k.png"
     assert ncu.main(["--parse", str(prof), "--points", str(points), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stall_table_from_the_raw_page(ncu, tmp_path):
+    """--stalls: ncu's raw page (metric names, units, one row per kernel) cut at the markers; per kernel
+    its time in the unit ncu gave, counters, and the largest stall reasons first."""
+    names = ["Kernel Name", "gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+             "smsp__issue_active.avg.pct_of_peak_sustained_active", "sm__warps_active.avg.pct_of_peak_sustained_active",
+             "smsp__inst_executed.sum", "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
+             "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",
+             "smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio"]
+    units = ["", "usecond", "%", "%", "%", "inst", "ratio", "ratio", "ratio"]
+    rows = [["spin_kernel(long)", "1", "0", "1", "1", "10", "0", "0", "0"],
+            ["int4_mma_kernel<bf16>", "7.5", "61.2", "48.9", "40.1", "1,024", "2.5", "0.25", "n/a"]]
+    raw = tmp_path / "raw.csv"
+    raw.write_text("==PROF== noise\n" + "\n".join(",".join(f'"{v}"' for v in r) for r in [names, units, *rows]) + "\n")
+    points = tmp_path / "points.txt"
+    points.write_text("point 0: w4a16_g128@cuda 4096x4096 M=1 weight_bytes=8912896\n")
+    text = ncu.stall_table(ncu.read_raw(raw), ncu.read_points(points))
+    assert ("| w4a16_g128@cuda 4096x4096 M=1 | int4_mma_kernel<bf16> | 7.50 | 61 | 49 | 40 | 1024 | "
+            "long_scoreboard 2.50, barrier 0.25, math_pipe_throttle nan |") in text
+    assert "spin" not in text

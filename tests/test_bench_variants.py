@@ -1,5 +1,6 @@
 """benchmarks/variants.py's --env settings: one or several NAME=VALUE assignments per setting."""
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -71,3 +72,15 @@ def test_triton_only_tuning_offers_triton_kernels_without_tma(variants):
     with pytest.raises(SystemExit) as e:
         lb.main(["--triton-only", "--warm-only", "--peers", "none"])
     assert e.value.code == 2
+
+
+def test_environment_sets_and_restores(variants, monkeypatch):
+    monkeypatch.setenv("FXQ_TEST_KEEP", "old")
+    monkeypatch.delenv("FXQ_TEST_NEW", raising=False)
+    with variants.environment([("FXQ_TEST_KEEP", "new"), ("FXQ_TEST_NEW", "1")]):
+        assert os.environ["FXQ_TEST_KEEP"] == "new" and os.environ["FXQ_TEST_NEW"] == "1"
+    assert os.environ["FXQ_TEST_KEEP"] == "old" and "FXQ_TEST_NEW" not in os.environ
+    with pytest.raises(RuntimeError):
+        with variants.environment([("FXQ_TEST_KEEP", "x")]):
+            raise RuntimeError
+    assert os.environ["FXQ_TEST_KEEP"] == "old"

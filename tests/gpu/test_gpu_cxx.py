@@ -154,6 +154,30 @@ def test_int4_mma_variants(variant, n, k, monkeypatch):
                torch.bfloat16, f"variant {variant} {n}x{k} M={m}")
 
 
+@pytest.mark.parametrize("n,k,group", [(4096, 4096, 128), (100, 384, 96), (40, 2304, 32), (72, 1024, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_mma_lean_matches_classic(n, k, group, dtype, monkeypatch):
+    """The LEAN int4 tensor-core kernel (one LOP3 per pair, hoisted addresses, a group shift, rows past
+    M reading row M - 1) gives the classic kernel's output bit for bit, for every M bucket (LEAN is the
+    default at M <= 16, classic above) and a group that is not a power of two (the division path), and
+    both match the reference."""
+    if torch.cuda.get_device_capability() < (8, 0) or os.environ.get("FXQUANT_CXX_INT4_MMA") == "0":
+        pytest.skip("the int4 tensor-core kernel does not run here (needs sm_80+, FXQUANT_CXX_INT4_MMA not 0)")
+    g = torch.Generator().manual_seed(n + k + group)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    packed, static = _pack("int4_wo", w, group)
+    packed = tuple(t.cuda() for t in packed)
+    for m in (1, 3, 8, 9, 16, 17, 32):
+        x = torch.randn(m, k, generator=g).to(dtype).cuda()
+        bias = torch.randn(n, generator=g).to(dtype).cuda()
+        monkeypatch.setenv("FXQUANT_CXX_INT4_KERNEL", "classic")
+        classic = _op("int4_wo", x, packed, bias, static)
+        monkeypatch.setenv("FXQUANT_CXX_INT4_KERNEL", "lean")
+        lean = _op("int4_wo", x, packed, bias, static)
+        assert torch.equal(lean, classic), f"{n}x{k} g{group} M={m} {dtype}: max diff {(lean - classic).abs().max()}"
+        _check(lean, _reference("int4_wo", x, packed, bias, static), dtype, f"lean {n}x{k} g{group} M={m}")
+
+
 def test_cuda_graph_capture():
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(512, 1024, generator=g) / 32).bfloat16()

@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <torch/library.h>
 
@@ -300,11 +301,28 @@ __device__ __forceinline__ uint32_t dequant_pair(const uint32_t (&w)[4], int p, 
   return *reinterpret_cast<const uint32_t*>(&r);
 }
 
-template <typename T, int NT, int RT>  // NT 8-token tiles (M <= 8 * NT), RT 16-row tiles per block
+// The same value with the mask and the magic in one LOP3 ((a & b) | c): the compiler's own
+// lowering takes two, since a LOP3 holds one immediate; ptxas keeps the constant in a register.
+template <typename T>
+__device__ __forceinline__ uint32_t dequant_pair_lop3(const uint32_t (&w)[4], int p, typename Pair<T>::T2 s2,
+                                                      typename Pair<T>::T2 z2) {
+  using T2 = typename Pair<T>::T2;
+  uint32_t v;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(v) : "r"(w[p / 4] >> (4 * (p % 4))), "n"(0x000F000F), "n"(Pair<T>::kMagic));
+  const T2 q = __hsub2(*reinterpret_cast<const T2*>(&v), Pair<T>::offset());
+  const T2 r = __hfma2(q, s2, z2);
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+// LEAN (experiment, S23): the same arithmetic with fewer instructions per K-tile: one LOP3 per
+// pair, per-lane addresses and the group shift computed once, and tokens past M reading row M - 1
+// (their columns are never stored) instead of a masked load.
+template <typename T, int NT, int RT, bool LEAN>  // NT 8-token tiles (M <= 8 * NT), RT 16-row tiles per block
 __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __restrict__ x, int64_t x_stride,
                                                        const uint8_t* __restrict__ w, const T* __restrict__ sz,
                                                        const T* __restrict__ bias, T* __restrict__ out,
-                                                       int64_t out_stride, int M, int N, int K, int group) {
+                                                       int64_t out_stride, int M, int N, int K, int group,
+                                                       int group_shift) {  // log2(group), or -1
   using T2 = typename Pair<T>::T2;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -322,20 +340,39 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.f;
 
+  // LEAN: byte offsets fit in 32 bits (the launcher requires N * K < 2^31).
+  int64_t xrow[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) xrow[n] = min(n * 8 + g, M - 1) * x_stride + 32 * t;
+
   for (int kt = warp; kt < K / 128; kt += nwarps) {
     const int k0 = kt * 128 + 32 * t;  // this lane's 32 k
     uint4 wa4[RT], wb4[RT];
     uint32_t sza[RT], szb[RT];
-    const unsigned int* szw = reinterpret_cast<const unsigned int*>(sz) + (int64_t)(k0 / group) * N;
+    if constexpr (LEAN) {
+      const uint8_t* wk = w + (kt * 64 + 16 * t);
+      const unsigned int* szw = reinterpret_cast<const unsigned int*>(sz) +
+                                (group_shift >= 0 ? k0 >> group_shift : k0 / group) * N;
 #pragma unroll
-    for (int r = 0; r < RT; ++r) {
-      wa4[r] = load_stream(w + ra[r] * row_bytes + k0 / 2);
-      wb4[r] = load_stream(w + rb[r] * row_bytes + k0 / 2);
-      sza[r] = __ldg(szw + ra[r]);
-      szb[r] = __ldg(szw + rb[r]);
+      for (int r = 0; r < RT; ++r) {
+        wa4[r] = load_stream(wk + ra[r] * static_cast<int>(row_bytes));
+        wb4[r] = load_stream(wk + rb[r] * static_cast<int>(row_bytes));
+        sza[r] = __ldg(szw + ra[r]);
+        szb[r] = __ldg(szw + rb[r]);
+      }
+    } else {
+      const unsigned int* szw = reinterpret_cast<const unsigned int*>(sz) + (int64_t)(k0 / group) * N;
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        wa4[r] = load_stream(w + ra[r] * row_bytes + k0 / 2);
+        wb4[r] = load_stream(w + rb[r] * row_bytes + k0 / 2);
+        sza[r] = __ldg(szw + ra[r]);
+        szb[r] = __ldg(szw + rb[r]);
+      }
     }
-    auto load_x = [&](int n, int v) -> uint4 {  // rows past M read as zeros
-      const int m = n * 8 + g;
+    auto load_x = [&](int n, int v) -> uint4 {
+      if constexpr (LEAN) return __ldg(reinterpret_cast<const uint4*>(x + (xrow[n] + kt * 128)) + v);
+      const int m = n * 8 + g;  // rows past M read as zeros
       return m < M ? __ldg(reinterpret_cast<const uint4*>(x + m * x_stride + k0) + v) : make_uint4(0, 0, 0, 0);
     };
     T2 s2[RT][2], z2[RT][2];  // (scale, scale) and (zero, zero) of rows g, g + 8
@@ -351,8 +388,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
       uint32_t xw[NT][4];
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
-        const uint4 u = load_x(n, v);
-        xw[n][0] = u.x, xw[n][1] = u.y, xw[n][2] = u.z, xw[n][3] = u.w;
+        const uint4 xv = load_x(n, v);
+        xw[n][0] = xv.x, xw[n][1] = xv.y, xw[n][2] = xv.z, xw[n][3] = xv.w;
       }
 #pragma unroll
       for (int jj = 0; jj < 2; ++jj) {
@@ -371,10 +408,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
           const uint32_t wa[4] = {wa4[r].x, wa4[r].y, wa4[r].z, wa4[r].w};
           const uint32_t wb[4] = {wb4[r].x, wb4[r].y, wb4[r].z, wb4[r].w};
           // A fragment: a0/a2 row g, a1/a3 row g + 8; a0/a1 the MMA's k 2t, 2t + 1, a2/a3 k 2t + 8, + 9
-          const uint32_t a0 = dequant_pair<T>(wa, 2 * j, s2[r][0], z2[r][0]);
-          const uint32_t a1 = dequant_pair<T>(wb, 2 * j, s2[r][1], z2[r][1]);
-          const uint32_t a2 = dequant_pair<T>(wa, 2 * j + 1, s2[r][0], z2[r][0]);
-          const uint32_t a3 = dequant_pair<T>(wb, 2 * j + 1, s2[r][1], z2[r][1]);
+          auto dq = [&](const uint32_t(&wv)[4], int p, int h) {
+            return LEAN ? dequant_pair_lop3<T>(wv, p, s2[r][h], z2[r][h]) : dequant_pair<T>(wv, p, s2[r][h], z2[r][h]);
+          };
+          const uint32_t a0 = dq(wa, 2 * j, 0), a1 = dq(wb, 2 * j, 1), a2 = dq(wa, 2 * j + 1, 0), a3 = dq(wb, 2 * j + 1, 1);
 #pragma unroll
           for (int n = 0; n < NT; ++n) mma16816<T>(acc[r][n], a0, a1, a2, a3, b[n][0], b[n][1]);
         }
@@ -423,24 +460,42 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
 // Measured on the H100 (speedup over bf16, 6144x4096 / 4096x4096 / 28672x4096 / 4096x14336), the
 // best shapes were: M <= 8 (NT = 1) 1x8 / 1x16 / 2x4 / 1x16 (2.36 / 2.45 / 3.14 / 2.71 at M = 1);
 // M <= 16 2x8 / 2x16 / 2x4 / 2x16 (1.87 / 2.10 / 2.42 / 2.47); M <= 32 2x8 / 2x16 / 2x4 / 2x16
-// (1.29 / 1.30 / 1.66 / 1.54) -- the rule below picks each of them.
+// (1.29 / 1.30 / 1.66 / 1.54) -- the rule below picks each of them, except 28672x4096 at M <= 16,
+// which since S23 takes 4x4 (2x4 no longer fits one wave with LEAN's fewer registers).
 // FXQUANT_CXX_INT4_VARIANT="RT,WARPS" (e.g. "2,8"; RT 4 at M <= 16 too) overrides the choice, for experiments; it is
 // read at every call (a getenv is cheap next to a launch; a CUDA graph keeps what capture saw).
 struct MmaShape {
   int rt, warps;
 };
 
-template <typename T, int NT>
+// LEAN at M <= 16, classic above (S23, H100, against each other in one call: LEAN faster at M <= 16
+// on every shape, up to 1.18x at M = 1; at M = 17-32 1.04-1.07x on the small shapes, 0.93-0.98x on
+// 28672x4096). FXQUANT_CXX_INT4_KERNEL=lean / classic forces one (experiments; read at every call).
+bool lean_kernel(int nt) {
+  const char* e = std::getenv("FXQUANT_CXX_INT4_KERNEL");
+  if (e != nullptr && std::strcmp(e, "classic") == 0) return false;
+  if (e != nullptr && std::strcmp(e, "lean") == 0) return true;
+  return nt <= 2;
+}
+
+
+template <typename T, int NT, bool LEAN>
 MmaShape mma_shape(int n, int k) {
+  // NT = 2 ends with 64-row blocks: 28672x4096 at M = 9-16 overflowed one wave at 2x4 (1.92 / 1.68
+  // LEAN) and took 2.75 at 4x4 (S23).
   static constexpr MmaShape kOne[] = {{1, 16}, {1, 8}, {2, 8}, {2, 4}};  // NT = 1
-  static constexpr MmaShape kMore[] = {{2, 16}, {2, 8}, {2, 4}};
-  const MmaShape* list = NT == 1 ? kOne : kMore;
-  const int count = NT == 1 ? 4 : 3;
+  static constexpr MmaShape kTwo[] = {{2, 16}, {2, 8}, {2, 4}, {4, 4}};
+  static constexpr MmaShape kFour[] = {{2, 16}, {2, 8}, {2, 4}};
+  const MmaShape* list = NT == 1 ? kOne : NT == 2 ? kTwo : kFour;
+  const int count = NT == 4 ? 3 : 4;
   MmaShape s = list[count - 1];
   for (int i = 0; i < count; ++i) {
     const int warps = std::min(list[i].warps, k / 128), blocks = (n + 16 * list[i].rt - 1) / (16 * list[i].rt);
-    const int per_sm = list[i].rt == 1 ? blocks_per_sm<int4_mma_kernel<T, NT, 1>>(warps * 32)
-                                       : blocks_per_sm<int4_mma_kernel<T, NT, 2>>(warps * 32);
+    int per_sm = list[i].rt == 1 ? blocks_per_sm<int4_mma_kernel<T, NT, 1, LEAN>>(warps * 32)
+                                 : blocks_per_sm<int4_mma_kernel<T, NT, 2, LEAN>>(warps * 32);
+    if constexpr (NT <= 2) {
+      if (list[i].rt == 4) per_sm = blocks_per_sm<int4_mma_kernel<T, NT, 4, LEAN>>(warps * 32);
+    }
     if (blocks <= per_sm * sm_count()) {
       s = list[i];
       break;
@@ -456,29 +511,36 @@ MmaShape mma_shape(int n, int k) {
   return s;
 }
 
-template <typename T, int NT, int RT>
+template <typename T, int NT, int RT, bool LEAN>
 void launch_mma(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales, const T* b,
                 at::Tensor& out, int group, int max_warps) {
   const int M = x2.size(0), N = qweight.size(0), K = x2.size(1);
   const int warps = std::min(max_warps, K / 128);  // the block's warps split K
   const dim3 grid((N + 16 * RT - 1) / (16 * RT));
-  int4_mma_kernel<T, NT, RT><<<grid, warps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  int4_mma_kernel<T, NT, RT, LEAN><<<grid, warps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
       reinterpret_cast<const T*>(scales.data_ptr()), b, reinterpret_cast<T*>(out.data_ptr()), out.stride(0), M, N, K,
-      group);
+      group, (group & (group - 1)) == 0 ? __builtin_ctz(group) : -1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int NT, bool LEAN>
+void launch_mma_nt(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales, const T* b,
+                   at::Tensor& out, int group) {
+  const MmaShape s = mma_shape<T, NT, LEAN>(qweight.size(0), x2.size(1));
+  if constexpr (NT <= 2) {  // 64-row blocks: only by FXQUANT_CXX_INT4_VARIANT="4,WARPS" (experiment; S10
+    // measured 2.68x against 2.54x at M = 16 on 28672x4096, slower on the other shapes)
+    if (s.rt == 4) return launch_mma<T, NT, 4, LEAN>(x2, qweight, scales, b, out, group, s.warps);
+  }
+  if (s.rt == 1) launch_mma<T, NT, 1, LEAN>(x2, qweight, scales, b, out, group, s.warps);
+  else launch_mma<T, NT, 2, LEAN>(x2, qweight, scales, b, out, group, s.warps);
 }
 
 template <typename T, int NT>
 void launch_mma_nt(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales, const T* b,
                    at::Tensor& out, int group) {
-  const MmaShape s = mma_shape<T, NT>(qweight.size(0), x2.size(1));
-  if constexpr (NT <= 2) {  // 64-row blocks: only by FXQUANT_CXX_INT4_VARIANT="4,WARPS" (experiment; S10
-    // measured 2.68x against 2.54x at M = 16 on 28672x4096, slower on the other shapes)
-    if (s.rt == 4) return launch_mma<T, NT, 4>(x2, qweight, scales, b, out, group, s.warps);
-  }
-  if (s.rt == 1) launch_mma<T, NT, 1>(x2, qweight, scales, b, out, group, s.warps);
-  else launch_mma<T, NT, 2>(x2, qweight, scales, b, out, group, s.warps);
+  if (lean_kernel(NT)) launch_mma_nt<T, NT, true>(x2, qweight, scales, b, out, group);
+  else launch_mma_nt<T, NT, false>(x2, qweight, scales, b, out, group);
 }
 
 template <typename T>
