@@ -3,7 +3,7 @@
 #   1. gpu_cxx_variants.sh: library build (saved for carry), C++ GPU tests, variants.py of FXQ_SETTINGS
 #      against each other and bf16 (FXQ_MS; FXQ_SKIP_TESTS=1 runs variants.py alone, no build or tests);
 #   2. probe_read_ceiling.py: the same settings at M = 1 against a read-only kernel over the same bytes;
-#   3. Nsight Compute stall reasons (gpu_ncu.sh, WarpStateStats) of FXQ_NCU_ROWS at M = 1, once per
+#   3. Nsight Compute stall reasons (gpu_ncu.sh, WarpStateStats) of FXQ_NCU_ROWS at FXQ_NCU_MS (default 1), once per
 #      FXQ_NCU_ENVS entry (space-separated NAME=VALUE, "-" for none; default "-").
 # At most 8 files come back from a call: the bulky outputs stay in a scratch folder and $OUT gets
 # variants.txt/json, read_ceiling.txt/json, ncu_<i>.md (points table + stalls), fxq_libs.tgz, log.txt.
@@ -42,7 +42,7 @@ if [ "${FXQ_SKIP_NCU:-0}" != 1 ]; then
   i=0
   for e in ${FXQ_NCU_ENVS:--}; do
     [ "$e" = - ] && e=
-    env $e OUT="$SCRATCH/ncu$i" FXQ_NCU_S=150 FXQ_NCU_RAW=1 FXQ_NCU_MS=1 \
+    env $e OUT="$SCRATCH/ncu$i" FXQ_NCU_S=150 FXQ_NCU_RAW=1 FXQ_NCU_MS="${FXQ_NCU_MS:-1}" \
       FXQ_NCU_ROWS="${FXQ_NCU_ROWS:-w4a16_g128@cuda,w8a16@cuda,bf16}" \
       FXQ_NCU_SECTIONS="SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats MemoryWorkloadAnalysis InstructionStats" \
       timeout -s INT -k 15 240 bash benchmarks/gpu_ncu.sh > "$SCRATCH/ncu$i.txt" 2>&1
