@@ -178,6 +178,38 @@ def test_int4_mma_lean_matches_classic(n, k, group, dtype, monkeypatch):
         _check(lean, _reference("int4_wo", x, packed, bias, static), dtype, f"lean {n}x{k} g{group} M={m}")
 
 
+def _cuda_kernels(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.parametrize("setting,mma_ms", [(None, range(2, 17)), ("1", range(1, 17)), ("0", ())])
+def test_int8_mma_runs_in_its_range(setting, mma_ms, monkeypatch):
+    """int8_mma.cu's tensor-core kernel serves 2 <= M <= 16 (FXQUANT_CXX_INT8_MMA=1: M = 1 too; 0: never),
+    K % 64 == 0; the CUDA-core GEMV the rest of M <= 16 and K % 64 != 0. Each matches the reference."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the int8 tensor-core kernel needs sm_80+")
+    if setting is None:
+        monkeypatch.delenv("FXQUANT_CXX_INT8_MMA", raising=False)
+    else:
+        monkeypatch.setenv("FXQUANT_CXX_INT8_MMA", setting)
+    g = torch.Generator().manual_seed(5)
+    for n, k in ((200, 1024), (48, 320)):  # 320 % 64 != 0: the GEMV at every M
+        w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
+        packed, static = _pack("int8_wo", w, 0)
+        packed = tuple(t.cuda() for t in packed)
+        for m in (1, 2, 9, 16):
+            x = torch.randn(m, k, generator=g).bfloat16().cuda()
+            bias = torch.randn(n, generator=g).bfloat16().cuda()
+            out = {}
+            names = _cuda_kernels(lambda: out.setdefault("y", _op("int8_wo", x, packed, bias, static)))
+            want = "int8_mma_kernel" if m in mma_ms and k % 64 == 0 else "gemv_kernel"
+            assert any(want in name for name in names), (n, k, m, setting, names)
+            _check(out["y"], _reference("int8_wo", x, packed, bias, static), torch.bfloat16, f"{n}x{k} M={m}")
+
+
 def test_cuda_graph_capture():
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(512, 1024, generator=g) / 32).bfloat16()

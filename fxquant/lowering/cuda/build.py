@@ -115,7 +115,8 @@ def _load(verbose: bool) -> Path:
     if arch is not None and tuple(int(v) for v in arch.split(".")) < (8, 0):
         raise CxxUnavailable(f"its CUDA kernels need compute capability >= 8.0 (bf16 tensor-core MMA, "
                              f"L2 load hints); this GPU is sm_{arch.replace('.', '')}")
-    sources = ["ops.cpp"] + (["gemv.cu", "dynamic_mma.cu", "dynamic_mma_int8.cu", "dynamic_mma_fp8.cu"] if arch else [])
+    sources = ["ops.cpp"] + (["gemv.cu", "int8_mma.cu", "dynamic_mma.cu", "dynamic_mma_int8.cu",
+                                 "dynamic_mma_fp8.cu"] if arch else [])
     h = hashlib.sha256()
     for f in sorted(SRC.iterdir()):
         h.update(f.name.encode() + f.read_bytes())

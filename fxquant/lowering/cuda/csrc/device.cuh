@@ -47,5 +47,21 @@ inline int capability() {  // 90 for sm_90
   return attr<cudaDevAttrComputeCapabilityMajor>() * 10 + attr<cudaDevAttrComputeCapabilityMinor>();
 }
 
+// A kernel's resident blocks per SM at a block size, queried once per (device, block size).
+template <auto kKernel>
+int blocks_per_sm(int threads) {  // threads: a multiple of 32, at most 512
+  static std::atomic<int> cache[64][17];
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::atomic<int>& slot = cache[std::min(dev, 63)][threads / 32];
+  int b = slot.load(std::memory_order_relaxed);
+  if (b == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kKernel, threads, 0));
+    b = std::max(b, 1);
+    slot.store(b, std::memory_order_relaxed);
+  }
+  return b;
+}
+
 }  // namespace device
 }  // namespace fxquant

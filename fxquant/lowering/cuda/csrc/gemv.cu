@@ -2,7 +2,8 @@
 // dequantize + cuBLAS (ops.cpp's path) for everything else.
 //
 // int4 with K % 128 == 0 on sm_80+: int4_mma_kernel (below) dequantizes into the A operand of
-// bf16/fp16 tensor-core MMAs. Otherwise, and for int8: gemv_kernel, CUDA-core fp32 FMAs.
+// bf16/fp16 tensor-core MMAs; int8 with K % 64 == 0 at 2 <= M <= 16: int8_mma.cu. Otherwise
+// gemv_kernel, CUDA-core fp32 FMAs.
 // gemv_kernel's work split: a row batch is R consecutive output rows and all of K. Thread t takes
 // 16-byte slices t, t + blockDim.x, ... of each of the batch's rows (32 int4 or 16 int8 weights per
 // slice), so a warp reads 512 contiguous bytes per row. Partial dots are reduced with warp
@@ -27,6 +28,7 @@
 #include <torch/library.h>
 
 #include "device.cuh"
+#include "mma.cuh"
 #include "ops.h"
 
 namespace fxquant {
@@ -36,6 +38,7 @@ constexpr int kMaxM = 16;      // the GEMV's range; larger M is compute-bound: d
 constexpr int kMaxMmaM = 32;   // the int4 tensor-core kernel's range
 constexpr int kMaxThreads = 256;  // up to 255 registers per thread where a tile is prefetched
 
+using device::blocks_per_sm;
 using device::from_f;
 using device::load_stream;
 using device::sm_count;
@@ -205,22 +208,6 @@ __global__ void __launch_bounds__(kMaxThreads, PIPE ? 1 : 4) gemv_kernel(
   }
 }
 
-// A kernel's resident blocks per SM at a block size, queried once per device.
-
-template <auto kKernel>
-int blocks_per_sm(int threads) {  // threads: a multiple of 32, at most 512
-  static std::atomic<int> cache[64][17];
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  std::atomic<int>& slot = cache[std::min(dev, 63)][threads / 32];
-  int b = slot.load(std::memory_order_relaxed);
-  if (b == 0) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kKernel, threads, 0));
-    b = std::max(b, 1);
-    slot.store(b, std::memory_order_relaxed);
-  }
-  return b;
-}
 
 template <bool INT4, typename T, int MC, int R, bool PIPE>
 void launch(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
@@ -271,24 +258,6 @@ struct Pair<__half> {
   static __device__ __forceinline__ T2 lo2(T2 v) { return __low2half2(v); }
   static __device__ __forceinline__ T2 hi2(T2 v) { return __high2half2(v); }
 };
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-}
 
 // Pair p (0..15) of a lane's 32 nibbles of one row, dequantized: word p / 4, nibbles (i, i + 4).
 template <typename T>
@@ -413,44 +382,13 @@ __global__ void __launch_bounds__(kMmaWarps * 32) int4_mma_kernel(const T* __res
           };
           const uint32_t a0 = dq(wa, 2 * j, 0), a1 = dq(wb, 2 * j, 1), a2 = dq(wa, 2 * j + 1, 0), a3 = dq(wb, 2 * j + 1, 1);
 #pragma unroll
-          for (int n = 0; n < NT; ++n) mma16816<T>(acc[r][n], a0, a1, a2, a3, b[n][0], b[n][1]);
+          for (int n = 0; n < NT; ++n) mma::mma16816<T>(acc[r][n], a0, a1, a2, a3, b[n][0], b[n][1]);
         }
       }
     }
   }
 
-  // acc[r][n] = D[row g / g + 8][tokens n * 8 + 2t, + 1] of this warp's K-tiles: summed over the
-  // warps through kSlots per-warp copies in 32 KB of shared memory (warps beyond kSlots add
-  // into a slot in later rounds).
-  constexpr int kSlots = kMmaWarps < 8192 / (RT * NT * 128) ? kMmaWarps : 8192 / (RT * NT * 128);
-  __shared__ float red[kSlots][RT * NT][16][8];
-  const int rounds = (nwarps + kSlots - 1) / kSlots;
-  for (int round = 0; round < rounds; ++round) {
-    if (warp / kSlots == round) {
-      float(*p)[16][8] = red[warp % kSlots];
-#pragma unroll
-      for (int r = 0; r < RT; ++r)
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          float* q[4] = {&p[r * NT + n][g][2 * t], &p[r * NT + n][g][2 * t + 1], &p[r * NT + n][g + 8][2 * t],
-                         &p[r * NT + n][g + 8][2 * t + 1]};
-#pragma unroll
-          for (int e = 0; e < 4; ++e) *q[e] = round == 0 ? acc[r][n][e] : *q[e] + acc[r][n][e];
-        }
-    }
-    __syncthreads();
-  }
-  const int used = nwarps < kSlots ? nwarps : kSlots;
-  for (int i = threadIdx.x; i < RT * NT * 128; i += blockDim.x) {
-    const int rn = i / 128, rr = (i / 8) % 16, c = i % 8;
-    const int row = row0 + 16 * (rn / NT) + rr, m = (rn % NT) * 8 + c;
-    if (row < N && m < M) {
-      float v = 0.f;
-      for (int s = 0; s < used; ++s) v += red[s][rn][rr][c];
-      if (bias != nullptr) v += to_f(bias[row]);
-      from_f(v, out + m * out_stride + row);
-    }
-  }
+  mma::reduce_store<T, RT, NT, kMmaWarps>(acc, row0, M, N, static_cast<const T*>(nullptr), bias, out, out_stride);
 }
 
 // Block shape: RT 16-row tiles per block and the warps that split K. More rows per warp put more
@@ -610,7 +548,8 @@ at::Tensor weight_only_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   std::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(dt).contiguous();  // the reference adds bias in x's dtype too
   at::Tensor out = at::empty({m, n}, x.options());
-  if (dt == at::kBFloat16) {
+  if (!INT4 && int8_mma_linear(x2, qweight, scales, b, out)) {  // int8_mma.cu: tensor cores, 2 <= M <= 16
+  } else if (dt == at::kBFloat16) {
     if (mma) launch_int4_mma<__nv_bfloat16>(x2, qweight, scales, b, out, static_cast<int>(group));
     else dispatch_tile<INT4, __nv_bfloat16>(x2, qweight, scales, b, out, static_cast<int>(group));
   } else {

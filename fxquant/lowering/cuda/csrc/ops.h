@@ -1,4 +1,4 @@
-// fxquant's C++ ops: shared declarations of the CPU (ops.cpp) and CUDA (gemv.cu) halves.
+// fxquant's C++ ops: shared declarations of the CPU (ops.cpp) and CUDA (*.cu) halves.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -39,6 +39,13 @@ at::Tensor int4_dequant_linear(const at::Tensor& x, const at::Tensor& qweight,
 at::Tensor int8_dequant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                const std::optional<at::Tensor>& bias);
 
+
+// int8 weight-only on tensor cores (int8_mma.cu) for x2 [M, K] rows (unit stride along K, 16-byte
+// aligned) into out [M, N]: false, with nothing launched, outside its range (M <= kMaxInt8MmaM,
+// K % 64 == 0, sm_80+; FXQUANT_CXX_INT8_MMA). bias: x's dtype, or none.
+constexpr int64_t kMaxInt8MmaM = 16;
+bool int8_mma_linear(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& bias, at::Tensor& out);
 
 // The dynamic ops in ATen, with lowering/cpu.py's arithmetic (the CPU kernels; the CUDA kernels'
 // path outside their range).
