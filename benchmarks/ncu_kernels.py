@@ -228,6 +228,8 @@ def plot(kernels: list[dict], points: list[tuple], path: Path) -> bool:
     return True
 
 
+DRAM_PCT = "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed"  # the raw page's name on the H100 (ncu 2025)
+DRAM_PCT_OLD = "dram__throughput.avg.pct_of_peak_sustained_elapsed"
 STALL = re.compile(r"^smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
 
 
@@ -255,7 +257,7 @@ def stall_table(raw: list[dict], points: list[tuple], top: int = 6) -> str:
             us = _number(r.get("gpu__time_duration.sum", "nan")) * TIME_UNITS.get(
                 r["_units"].get("gpu__time_duration.sum", ""), float("nan"))
             out.append(f"| {name} {n}x{k} M={m} | {kern['name'][:40]} | {us:.2f} "
-                       f"| {_number(r.get('dram__throughput.avg.pct_of_peak_sustained_elapsed', 'nan')):.0f} "
+                       f"| {_number(r.get(DRAM_PCT, r.get(DRAM_PCT_OLD, 'nan'))):.0f} "
                        f"| {_number(r.get('smsp__issue_active.avg.pct_of_peak_sustained_active', 'nan')):.0f} "
                        f"| {_number(r.get('sm__warps_active.avg.pct_of_peak_sustained_active', 'nan')):.0f} "
                        f"| {_number(r.get('smsp__inst_executed.sum', 'nan')):.0f} | "

@@ -91,7 +91,7 @@ def test_kernels_are_grouped_by_kind_and_plotted(ncu, tmp_path):
 def test_stall_table_from_the_raw_page(ncu, tmp_path):
     """--stalls: ncu's raw page (metric names, units, one row per kernel) cut at the markers; per kernel
     its time in the unit ncu gave, counters, and the largest stall reasons first."""
-    names = ["Kernel Name", "gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    names = ["Kernel Name", "gpu__time_duration.sum", "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
              "smsp__issue_active.avg.pct_of_peak_sustained_active", "sm__warps_active.avg.pct_of_peak_sustained_active",
              "smsp__inst_executed.sum", "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
              "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",

@@ -210,6 +210,27 @@ def test_int8_mma_runs_in_its_range(setting, mma_ms, monkeypatch):
             _check(out["y"], _reference("int8_wo", x, packed, bias, static), torch.bfloat16, f"{n}x{k} M={m}")
 
 
+@pytest.mark.parametrize("variant", ["1,16", "1,3", "2,8", "2,4", "4,4", "4,16", "bogus"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_mma_block_shapes(variant, dtype, monkeypatch):
+    """Every block shape of the int8 tensor-core kernel (16, 32 or 64 rows; 64 only at 9-16 tokens, else
+    the default shape) matches the reference, with N not a multiple of 64 and warps that get unequal
+    numbers of K-tiles (K = 1088: 17 tiles)."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the int8 tensor-core kernel needs sm_80+")
+    monkeypatch.setenv("FXQUANT_CXX_INT8_VARIANT", variant)
+    g = torch.Generator().manual_seed(6)
+    n, k = 100, 1088
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    packed, static = _pack("int8_wo", w, 0)
+    packed = tuple(t.cuda() for t in packed)
+    for m in (2, 5, 8, 9, 16):
+        x = torch.randn(m, k, generator=g).to(dtype).cuda()
+        bias = torch.randn(n, generator=g).to(dtype).cuda()
+        _check(_op("int8_wo", x, packed, bias, static), _reference("int8_wo", x, packed, bias, static), dtype,
+               f"int8 variant {variant} M={m}")
+
+
 def test_cuda_graph_capture():
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(512, 1024, generator=g) / 32).bfloat16()

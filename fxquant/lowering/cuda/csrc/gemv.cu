@@ -406,9 +406,9 @@ struct MmaShape {
   int rt, warps;
 };
 
-// LEAN at M <= 16, classic above (S23, H100, against each other in one call: LEAN faster at M <= 16
-// on every shape, up to 1.18x at M = 1; at M = 17-32 1.04-1.07x on the small shapes, 0.93-0.98x on
-// 28672x4096). FXQUANT_CXX_INT4_KERNEL=lean / classic forces one (experiments; read at every call).
+// LEAN at M <= 16, classic above (S23, H100, against each other in one call: LEAN 1.02-1.18x at
+// M = 1, faster at M <= 16 except 4096x14336 at M = 16, 0.94-0.96x; at M = 17-32 1.04-1.09x on the
+// small shapes, 0.93-0.98x on 28672x4096). FXQUANT_CXX_INT4_KERNEL=lean / classic forces one (experiments; read at every call).
 bool lean_kernel(int nt) {
   const char* e = std::getenv("FXQUANT_CXX_INT4_KERNEL");
   if (e != nullptr && std::strcmp(e, "classic") == 0) return false;
@@ -466,8 +466,7 @@ template <typename T, int NT, bool LEAN>
 void launch_mma_nt(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales, const T* b,
                    at::Tensor& out, int group) {
   const MmaShape s = mma_shape<T, NT, LEAN>(qweight.size(0), x2.size(1));
-  if constexpr (NT <= 2) {  // 64-row blocks: only by FXQUANT_CXX_INT4_VARIANT="4,WARPS" (experiment; S10
-    // measured 2.68x against 2.54x at M = 16 on 28672x4096, slower on the other shapes)
+  if constexpr (NT <= 2) {  // 64-row blocks: NT = 2's last choice (mma_shape), or FXQUANT_CXX_INT4_VARIANT="4,W"
     if (s.rt == 4) return launch_mma<T, NT, 4, LEAN>(x2, qweight, scales, b, out, group, s.warps);
   }
   if (s.rt == 1) launch_mma<T, NT, 1, LEAN>(x2, qweight, scales, b, out, group, s.warps);

@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -115,7 +116,8 @@ void launch(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& s
 }
 
 // Block shape (16-row tiles per block, warps): the first of a preference list whose grid fits on the
-// GPU in one wave, else the last (the int4 kernel's rule).
+// GPU in one wave, else the last (the int4 kernel's rule). FXQUANT_CXX_INT8_VARIANT="RT,WARPS" (RT 1 or
+// 2; 4 at 9-16 tokens) overrides it, read at every call.
 template <typename T, int NT>
 void launch_nt(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales, const T* b,
                at::Tensor& out) {
@@ -140,6 +142,13 @@ void launch_nt(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor
       s = c;
       break;
     }
+  }
+  if (const char* e = std::getenv("FXQUANT_CXX_INT8_VARIANT")) {  // exactly "RT,WARPS" (tests, experiments)
+    Shape o{0, 0};
+    int used = 0;
+    if (std::sscanf(e, "%d,%d%n", &o.rt, &o.warps, &used) == 2 && e[used] == '\0' &&
+        (o.rt == 1 || o.rt == 2 || (o.rt == 4 && NT == 2)) && o.warps >= 1 && o.warps <= kWarps)
+      s = o;
   }
   if constexpr (NT == 2) {
     if (s.rt == 4) return launch<T, NT, 4>(x2, qweight, scales, b, out, s.warps);
