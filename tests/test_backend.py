@@ -1,6 +1,7 @@
 """The backend's contract: accuracy floors, equality with dequantized weights, recompiles,
 memory release, and clear errors on bad input."""
 import copy
+import functools
 import gc
 import subprocess
 import sys
@@ -151,6 +152,35 @@ def test_fxquant_compile_report_and_verbose(capsys):
     assert r.bytes_after == 256 * 512 // 2 + (256 // 128) * 512 * 2 * 4
     printed = capsys.readouterr().out
     assert "2/2 linears quantized" in printed and "int4_weight_only" in printed
+
+
+def _through_args(fn):
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return inner
+
+
+class _WrappedForward(nn.Module):
+    """forward behind a decorator that takes *args, as transformers 5.24 wraps LlamaForCausalLM.forward:
+    Dynamo then reaches the weights from L['args'][0], not L['self']."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64))
+
+    @_through_args
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_report_names_layers_by_module_path_through_a_wrapped_forward():
+    torch._dynamo.reset()
+    model = _WrappedForward()
+    be = fxquant.backend(fxquant.Int8WeightOnly())
+    with torch.no_grad():
+        torch.compile(model, backend=be)(torch.randn(2, 256))
+    assert sorted(r.name for r in be.report) == ["body.0", "body.2"]
 
 
 def test_grad_enabled_warns_once_and_runs_under_no_grad():

@@ -78,12 +78,16 @@ def _ident(s: str) -> str:
 def dynamo_source_to_fqn(source_name: str) -> str:
     """L['self']._modules['layers']._modules['0']._parameters['weight'] -> layers.0.weight.
 
-    Plain module paths (torch.export's nn_module_stack: 'layers.0.q_proj') pass through."""
+    The frame's local the module was reached from is dropped: `self`, or the model passed through a
+    wrapper's `*args` / `**kwargs` (L['args'][0]..., L['kwargs']['self']...: transformers 5.24 wraps
+    LlamaForCausalLM.forward so). Plain module paths (torch.export's nn_module_stack:
+    'layers.0.q_proj') pass through."""
     if source_name[:2] not in ("L[", "G["):
         return re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", source_name).lstrip(".")
     parts = re.findall(r"\[['\"]?([^'\"\]]+)['\"]?\]|\.(\w+)", source_name)
     names = [a or b for a, b in parts]
-    names = names[1:]  # drop the frame's local or global the module was reached from
+    drop = 2 if len(names) > 2 and names[0] in ("args", "kwargs") else 1
+    names = names[drop:]
     names = [n for n in names if n not in ("_modules", "_parameters", "_buffers")]
     return ".".join(names) or source_name
 
