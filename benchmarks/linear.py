@@ -30,7 +30,8 @@ dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm; "w4a16_g128@cutlass",
 "@cutlass_64x128" its other tiles, "@cutlass_streamk" the 128 x 256 tile with stream-K,
 "@cutlass_ping_128x128" / "@cutlass_ping_64x256" ping-pong tiles; "w8a8_int8@cutlass_i8_<tokens>x<rows>"
 (M >= 32; "_ping": ping-pong, "_streamk": stream-K, "_cl2": 2-CTA clusters) force a tile of the CUTLASS
-int8 dynamic GEMM. "<scheme>@triton_op" (any scheme, every M) calls the scheme's triton_op
+int8 dynamic GEMM; "<weight-only scheme>@deq" (M >= 128) dequantizes, then calls cuBLAS (FXQUANT_DEQ_ROWS
+sets its row chunk). "<scheme>@triton_op" (any scheme, every M) calls the scheme's triton_op
 (lowering/triton/triton_ops.py): the Triton-only kernels that embed_kernels=True and
 export(ops="triton") compile into the graph.
 The plain scheme row is what the dispatcher picks.
@@ -73,6 +74,7 @@ SCHEMES = {
 # name@variant: "cuda" (M <= CXX_MAX_M) and "scaled_mm" (fp8 dynamic) force that kind, "triton" the best Triton config
 VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "scaled_mm": D.KernelConfig("scaled_mm", bn=0, bk=0),
             "cutlass": D.KernelConfig("cutlass", bn=128, bk=64, bm=256, warps=0), "triton": None, "triton_op": None,
+            "deq": D.KernelConfig("deq", bn=64, bk=128, warps=4),  # weight-only: dequantize, then cuBLAS
             # the other CUTLASS tiles (bn x bm), for choosing table entries
             "cutlass_128x128": D.KernelConfig("cutlass", bn=128, bk=64, bm=128, warps=0),
             "cutlass_64x128": D.KernelConfig("cutlass", bn=64, bk=64, bm=128, warps=0),
@@ -241,22 +243,28 @@ class Layer:
                 fxquant.lowering.ops.prepare_args(self.op, (*p, None, *self.static))
         self.w_ref = w if name == "bf16" else None
 
+    bias = None  # a bf16 [N] bias every call passes (variants.py --bias), or none
+
     def fn(self, x, i: int, cfg: D.KernelConfig | None = None):
-        p = self.copies[i]
+        p, b = self.copies[i], self.bias
         if self.scheme is None:
-            return lambda: F.linear(x, p[0])
+            return lambda: F.linear(x, p[0], b)
         if self.variant == "triton_op" and cfg is None:  # what embed_kernels / export(ops="triton") run
             op = triton_target(self.op)
-            return lambda: op(x, *p, None, *self.static)
+            return lambda: op(x, *p, b, *self.static)
         if cfg is None and self.variant:
             cfg = VARIANTS[self.variant] or D.get_config(self.scheme, x.shape[0], self.n, self.k, self.group,
                                                           x.dtype, x.device, allow_cxx=False,
                                                           allow_scaled_mm=False, allow_cutlass=False)
         if cfg is not None:
-            return lambda: D.linear(self.scheme, x, p[0], p[1], None, self.group, cfg)
-        return lambda: self.op(x, *p, None, *self.static)
+            return lambda: D.linear(self.scheme, x, p[0], p[1], b, self.group, cfg)
+        return lambda: self.op(x, *p, b, *self.static)
 
     def reference(self, x):
+        out = self._reference(x)
+        return out if self.bias is None else out + self.bias.float()
+
+    def _reference(self, x):
         p = self.copies[0]
         s = self.scheme
         if s is None:
@@ -517,7 +525,7 @@ def variant_runs(name: str, m: int) -> bool:
         return True
     if variant.startswith("cutlass_i8"):
         return m >= CUTLASS_I8_MIN_M
-    if variant.startswith("cutlass"):
+    if variant.startswith("cutlass") or variant == "deq":
         return m >= CUTLASS_MIN_M
     return not variant or scheme not in D.CXX_MAX_M or m <= D.CXX_MAX_M[scheme]
 

@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default="1,2,4,8,16,32")
     ap.add_argument("--shapes", default="6144x4096,4096x4096,28672x4096,4096x14336")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the rows")
+    ap.add_argument("--bias", action="store_true", help="every call (bf16's too) adds a bf16 bias")
     args = ap.parse_args(argv)
     ms = [int(v) for v in args.ms.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
     rows = []
     for n, k in shapes:
         bf16, layer = LB.Layer("bf16", n, k), LB.Layer(args.scheme, n, k)
+        if args.bias:
+            bf16.bias = layer.bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             nc = LB.n_copies(len(layer.copies), m)
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
                 for key, t in us.items() if key != "bf16"), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"scheme": args.scheme, "device": torch.cuda.get_device_name(),
+        args.out.write_text(json.dumps({"scheme": args.scheme, "bias": args.bias, "device": torch.cuda.get_device_name(),
                                         "torch": torch.__version__, "rows": rows}, indent=1))
     # Summary: per setting, speedup per (shape) for each M.
     print(f"\n{args.scheme}: speedup over bf16 per shape ({', '.join(f'{n}x{k}' for n, k in shapes)})")

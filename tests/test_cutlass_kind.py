@@ -281,3 +281,38 @@ def test_weight_only_tiles_match_the_cuda_sources():
     cases = re.findall(r"case (\d+): return f\((\w+)<Q, Md>", src)
     assert len(cases) == len(cutlass.VARIANTS) == len(tiles) == 6
     assert {tiles[alias]: int(v) for v, alias in cases} == cutlass.VARIANTS
+    shift = re.search(r"constexpr int kSchedShift = (\d+);", src)
+    assert shift and int(shift.group(1)) == cutlass.SCHED_SHIFT and max(cutlass.VARIANTS.values()) < 1 << cutlass.SCHED_SHIFT
+
+
+@pytest.mark.parametrize("value, want", [("", 0), ("1,auto", 0), ("2,auto", 1), ("8,auto", 3), ("1,rows", 4),
+                                         ("4, tokens", 2 | 8), ("3,rows", 0), ("2,up", 0), ("2", 0), ("x,y,z", 0)])
+def test_scheduler_order_override(value, want, monkeypatch):
+    """FXQUANT_CUTLASS_SCHED="SWIZZLE,RASTER" -> the bits mixed_input_gemm.cuh reads above the tile
+    (log2 swizzle, then raster 0 auto / 1 rows / 2 tokens); anything malformed is the default order."""
+    monkeypatch.setenv("FXQUANT_CUTLASS_SCHED", value)
+    assert cutlass._sched() == want
+
+
+def test_epilogue_bias_is_an_aligned_vector():
+    """The CUTLASS epilogues read the bias as [N] with 16-byte vector loads: views that are not
+    aligned or contiguous are copied; the rest pass as they are (no copy per call)."""
+    store = torch.randn(129, dtype=torch.bfloat16)
+    assert cutlass._epilogue_bias(None) is None
+    whole = store[:128]
+    assert whole.data_ptr() % 16 == 0 and cutlass._epilogue_bias(whole).data_ptr() == whole.data_ptr()
+    assert cutlass._epilogue_bias(whole.reshape(1, 128)).shape == (128,)
+    for view in (store[1:129], store[::2][:64]):
+        b = cutlass._epilogue_bias(view)
+        assert b.is_contiguous() and b.data_ptr() % 16 == 0 and torch.equal(b, view)
+
+
+def test_int4_fits_needs_one_bias_per_row():
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    qw = torch.zeros(64, 128, dtype=torch.uint8)
+    sz = torch.zeros(2, 64, 2, dtype=torch.bfloat16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cutlass, "_hopper", lambda x: True)
+        assert cutlass.fits("int4_wo", x, qw, sz, torch.zeros(64, dtype=torch.bfloat16), 128, 128, 256)
+        assert not cutlass.fits("int4_wo", x, qw, sz, torch.zeros(1, dtype=torch.bfloat16), 128, 128, 256)
+        assert not cutlass.fits("int4_wo", x, qw, sz, torch.zeros(64), 128, 128, 256)  # float32

@@ -280,16 +280,34 @@ def test_untuned_default_is_dequantize_then_cublas_for_weight_only_at_large_m():
     assert D.default_config("int8_wo", 128, 4096, 4096, 0).kind == "gemm"
 
 
+def _record_deq_chunks(monkeypatch) -> list:
+    calls = []
+    real = D._dequantize_into
+    monkeypatch.setattr(D, "_dequantize_into",
+                        lambda *a, **k: calls.append((k["n0"], k["rows"])) or real(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("scheme", ["int8_wo", "int4_wo", "fp8_wo"])
 def test_dequant_then_gemm_in_row_chunks(scheme, monkeypatch):
     """A weight above DEQ_CHUNK_ELEMS is dequantized and multiplied in row chunks (bounded
-    temporary memory); the result is the same as in one piece, including the last short chunk."""
+    temporary memory); the result is the same as in one piece, including the last short chunk,
+    and each chunk reads the whole weight's scales in place (int4's [K / g, N, 2] included)."""
+    monkeypatch.delenv("FXQUANT_DEQ_ROWS", raising=False)
     monkeypatch.setattr(D, "DEQ_CHUNK_ELEMS", 64 * 96)
-    calls = []
-    real = D.dequantize_weight
-    monkeypatch.setattr(D, "dequantize_weight", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    calls = _record_deq_chunks(monkeypatch)
     check(scheme, DEQ, M=5, N=200, K=96)
-    assert calls == [64, 64, 64, 8]
+    assert calls == [(0, 64), (64, 64), (128, 64), (192, 8)]
+
+
+@pytest.mark.parametrize("value, want", [("128", [(0, 128), (128, 72)]), ("64", [(0, 64), (64, 64), (128, 64), (192, 8)]),
+                                         ("256", [(0, 200)]), ("100", [(0, 200)]), ("0", [(0, 200)]), ("x", [(0, 200)])])
+def test_dequant_rows_override(value, want, monkeypatch):
+    """FXQUANT_DEQ_ROWS (a positive multiple of 64) sets the chunk; anything else keeps one pass."""
+    monkeypatch.setenv("FXQUANT_DEQ_ROWS", value)
+    calls = _record_deq_chunks(monkeypatch)
+    check("int4_wo", DEQ, M=5, N=200, K=96)
+    assert calls == want
 
 
 def test_fp8_accumulation_is_promoted_every_tile_by_default(monkeypatch):

@@ -211,8 +211,9 @@ def test_int8_inputs_it_cannot_take_are_refused():
     assert not cutlass.fits("int4_wo", x, qc, sc, None, 128, 128, 256)  # an int8 weight is no int4 one
     # A failure after the launch set-up is an error naming the status (a number in a C++ message
     # once crashed the process there: BENCHMARKS.md S11)
-    with pytest.raises(RuntimeError, match="CUTLASS status 1"):
-        torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qc, sc, None, 99)
+    for variant in (15, 3 << 6, 1 << 8):  # no such tile; raster order 3; scheduler bits past the order's
+        with pytest.raises(RuntimeError, match="CUTLASS status 1"):
+            torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qc, sc, None, variant)
 
 
 def test_prepared_int4_arrays_are_used_and_freed():
@@ -264,3 +265,45 @@ def test_int8_scale_and_bias_are_applied_to_the_exact_product(variant):
     got = cutlass.linear("int8_wo", x.cuda(), q.cuda(), s.cuda(), b.cuda(), 0, *variant)
     assert torch.equal(got.cpu(), want)
 
+
+
+@pytest.mark.parametrize("sched", ["2,auto", "8,rows", "4,tokens", "1,tokens"])
+@pytest.mark.parametrize("scheme", ["int4_wo", "int8_wo"])
+def test_scheduler_order_gives_the_same_bits(scheme, sched, monkeypatch):
+    """FXQUANT_CUTLASS_SCHED only reorders the output tiles (no split-K here): the same bits as the
+    default order, on a grid of several tiles both ways."""
+    n, k = 1024, 1024
+    qw, s = _weights(n, k, 128, False) if scheme == "int4_wo" else _int8_weights(n, k)
+    qc, sc = qw.cuda(), s.cuda()
+    x = torch.randn(1000, k, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.delenv("FXQUANT_CUTLASS_SCHED", raising=False)
+    want = cutlass.linear(scheme, x, qc, sc, None, 128, 128, 256)
+    monkeypatch.setenv("FXQUANT_CUTLASS_SCHED", sched)
+    assert cutlass._sched() != 0
+    got = cutlass.linear(scheme, x, qc, sc, None, 128, 128, 256)
+    assert torch.equal(got, want), sched
+
+
+@pytest.mark.parametrize("scheme", ["int4_wo", "int8_wo"])
+def test_bias_views_reach_the_epilogue(scheme):
+    """The bias is added in the epilogue (int4 since S24; before, a second pass over out). A bias
+    view that is misaligned or strided is copied for it and gives the same bits as a plain copy;
+    the op itself refuses a misaligned one by name."""
+    n, k = 256, 512
+    qw, s = _weights(n, k, 128, False) if scheme == "int4_wo" else _int8_weights(n, k)
+    qc, sc = qw.cuda(), s.cuda()
+    x = torch.randn(300, k, device="cuda", dtype=torch.bfloat16)
+    store = torch.randn(2 * n + 1, device="cuda", dtype=torch.bfloat16)
+    plain = cutlass.linear(scheme, x, qc, sc, None, 128, 128, 256).float()
+    for view in (store[1:n + 1], store[: 2 * n : 2]):  # 2 bytes off 16-byte alignment; every other value
+        assert view.data_ptr() % 16 or not view.is_contiguous()
+        got = cutlass.linear(scheme, x, qc, sc, view, 128, 128, 256)
+        assert torch.equal(got, cutlass.linear(scheme, x, qc, sc, view.clone(), 128, 128, 256))
+        assert _rel(got, plain + view.float()) <= 4e-3  # rounded once, against acc + bias in fp32
+    variant = cutlass.VARIANTS[(128, 256, 1, 0)]
+    with pytest.raises(RuntimeError, match="bad bias"):
+        if scheme == "int8_wo":
+            torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qc, sc, store[1:n + 1], variant)
+        else:
+            sa, za = cutlass.scales_and_zeros(sc)
+            torch.ops.fxquant.cutlass_int4_weight_only_linear(x, qc, sa, za, store[1:n + 1], 128, variant)

@@ -86,7 +86,7 @@ def test_unknown_variant_is_an_error_naming_the_status():
     q, s = _weights(256, 512)
     x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="CUTLASS status 1"):
-        torch.ops.fxquant.cutlass_float8_weight_only_linear(x, q.cuda(), s.cuda(), None, 99)
+        torch.ops.fxquant.cutlass_float8_weight_only_linear(x, q.cuda(), s.cuda(), None, 15)
     with pytest.raises(RuntimeError, match="bad scales"):  # per-tensor scale: the op guards direct calls
         torch.ops.fxquant.cutlass_float8_weight_only_linear(x, q.cuda(), s[:1].cuda(), None, 1)
 

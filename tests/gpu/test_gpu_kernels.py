@@ -203,3 +203,26 @@ def test_fp8_error_below_sm89(monkeypatch):
     q, s = nq.quantize_fp8_weight(w)
     with pytest.raises(RuntimeError, match="compute capability >= 8.9"):
         OPS.float8_weight_only_linear(torch.randn(2, 64, device="cuda"), q, s, None)
+
+
+@pytest.mark.parametrize("rows", ["0", "64", "128"])
+@pytest.mark.parametrize("scheme", ["int8_wo", "int4_wo", "fp8_wo"])
+def test_dequant_then_cublas_in_row_chunks(scheme, rows, monkeypatch):
+    """Kind "deq" (dequantize, then cuBLAS into out's column slice) in one pass and in row chunks
+    with a short last one, with and without bias, against the CPU reference."""
+    _skip_fp8(scheme)
+    from fxquant.lowering.triton import dispatch as D
+    monkeypatch.setenv("FXQUANT_DEQ_ROWS", rows)
+    torch.manual_seed(int(rows) + 7)
+    N, K = 200, 320
+    w = torch.randn(N, K, dtype=torch.bfloat16, device="cuda")
+    bias = torch.randn(N, dtype=torch.bfloat16, device="cuda")
+    packed, cpu_fn = pack(scheme, w.cpu(), 32)
+    q, s = (t.cuda() for t in packed)
+    cfg = D.KernelConfig("deq", bn=64, bk=128, warps=4)
+    for M in (1, 33, 300):
+        x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+        for b in (None, bias):
+            out = D.linear(scheme, x, q, s, b, 32 if scheme == "int4_wo" else 0, cfg)
+            ref = cpu_fn(x.cpu(), None if b is None else b.cpu())
+            assert_close(out, ref, torch.bfloat16, f"{scheme} deq rows={rows} M={M} bias={b is not None}")

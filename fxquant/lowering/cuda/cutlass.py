@@ -69,7 +69,7 @@ def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         return False
     if any(t is not None and t.device != x.device for t in (qweight, scales, bias)):
         return False
-    if bias is not None and bias.dtype != torch.bfloat16:
+    if bias is not None and (bias.dtype != torch.bfloat16 or bias.numel() != N):  # [N]: the epilogue's
         return False
     return qweight.is_contiguous() and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0
 
@@ -185,21 +185,43 @@ def _int4_arrays(scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (entry[2], entry[3]) if entry is not None else scales_and_zeros(scales_zeros)
 
 
+SCHED_SHIFT = 4  # mixed_input_gemm.cuh's kSchedShift: variant = tile + scheduler order << SCHED_SHIFT
+_RASTERS = {"auto": 0, "rows": 1, "tokens": 2}
+
+
+def _sched() -> int:
+    """The weight-only GEMMs' tile order from FXQUANT_CUTLASS_SCHED="SWIZZLE,RASTER" (experiments, read
+    at every call): SWIZZLE 1, 2, 4 or 8 output tiles per scheduler step, RASTER auto (CUTLASS's rule),
+    rows (along the weight rows) or tokens. 0 (the default order) otherwise."""
+    v = os.environ.get("FXQUANT_CUTLASS_SCHED", "").replace(" ", "").split(",")
+    if len(v) != 2 or v[0] not in ("1", "2", "4", "8") or v[1] not in _RASTERS:
+        return 0
+    return int(v[0]).bit_length() - 1 | _RASTERS[v[1]] << 2
+
+
 def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
            group: int, bn: int, bm: int, split_k: int = 1, warps: int = 0) -> torch.Tensor:
     """scheme "int4_wo" (scales = fxquant's scales_zeros), "int8_wo" (per-channel bf16 scales [N]) or
     "fp8_wo" (per-row float32 scales [N]); int8 dynamic goes through int8_dynamic_linear."""
     if scheme not in ("int4_wo", "int8_wo", "fp8_wo"):
         raise ValueError(f"cutlass.linear: {scheme!r} is not a weight-only scheme (int8 dynamic: int8_dynamic_linear)")
+    variant = VARIANTS[(bn, bm, split_k, warps)] | _sched() << SCHED_SHIFT
+    b = _epilogue_bias(bias)
     if scheme == "int8_wo":
-        b = None if bias is None else bias.reshape(-1)
-        return torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qweight, scales, b, VARIANTS[(bn, bm, split_k, warps)])
+        return torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qweight, scales, b, variant)
     if scheme == "fp8_wo":
-        b = None if bias is None else bias.reshape(-1)
-        return torch.ops.fxquant.cutlass_float8_weight_only_linear(x, qweight, scales.reshape(-1), b,
-                                                                   VARIANTS[(bn, bm, split_k, warps)])
+        return torch.ops.fxquant.cutlass_float8_weight_only_linear(x, qweight, scales.reshape(-1), b, variant)
     s, z = _int4_arrays(scales)
-    return torch.ops.fxquant.cutlass_int4_weight_only_linear(x, qweight, s, z, bias, group, VARIANTS[(bn, bm, split_k, warps)])
+    return torch.ops.fxquant.cutlass_int4_weight_only_linear(x, qweight, s, z, b, group, variant)
+
+
+def _epilogue_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias as the epilogue reads it: [N], contiguous, 16-byte aligned (its vector loads); a
+    view that is not gets copied (N values)."""
+    if bias is None:
+        return None
+    b = bias.reshape(-1)
+    return b if b.is_contiguous() and b.data_ptr() % 16 == 0 else b.clone(memory_format=torch.contiguous_format)
 
 
 def int8_dynamic_linear(xq: torch.Tensor, x_scales: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,

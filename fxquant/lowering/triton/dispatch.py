@@ -425,23 +425,41 @@ def _fp8_acc(bk: int) -> int:
 DEQ_CHUNK_ELEMS = 1 << 27  # larger weights are dequantized in row chunks (256 MiB of bf16 each)
 
 
+def _deq_rows(N: int, K: int) -> int:
+    """Weight rows per dequantize + cuBLAS chunk: all of them unless the weight has more than
+    DEQ_CHUNK_ELEMS elements. FXQUANT_DEQ_ROWS (a multiple of 64; experiments, read at every call)
+    sets it."""
+    v = os.environ.get("FXQUANT_DEQ_ROWS", "")
+    if v.isdigit() and int(v) > 0 and int(v) % 64 == 0:
+        return min(N, int(v))
+    return N if N * K <= DEQ_CHUNK_ELEMS else max(64, DEQ_CHUNK_ELEMS // K // 64 * 64)
+
+
+def _deq_tile(cfg: KernelConfig) -> tuple[int, int, int]:
+    """The dequantize kernel's (bn, bk, warps): cfg's, or FXQUANT_DEQ_TILE="bn,bk,warps" (experiments)."""
+    v = os.environ.get("FXQUANT_DEQ_TILE", "").split(",")
+    if len(v) == 3 and all(t.isdigit() and int(t) > 0 for t in v):
+        return int(v[0]), int(v[1]), int(v[2])
+    return cfg.bn, cfg.bk, cfg.warps
+
+
 def _run_deq(scheme, x2, qweight, scales, bias, group, cfg, out):
-    """Dequantize to x's dtype, then cuBLAS. A weight of more than DEQ_CHUNK_ELEMS elements (an
-    LLM's lm_head: 525M) goes in row chunks, so the call's temporary stays bounded rather than
-    a full-size copy of the weight (1 GiB for that lm_head in bf16)."""
+    """Dequantize to x's dtype, then cuBLAS, in row chunks of _deq_rows. A weight of more than
+    DEQ_CHUNK_ELEMS elements (an LLM's lm_head: 525M) always goes in chunks, so the call's
+    temporary stays bounded rather than a full-size copy of the weight (1 GiB for that lm_head in
+    bf16); one scratch buffer serves every chunk."""
     N, K = qweight.shape[0], x2.shape[1]
-    rows = N if N * K <= DEQ_CHUNK_ELEMS else max(64, DEQ_CHUNK_ELEMS // K // 64 * 64)
-    per_row = scheme != "int4_wo" and scales.numel() == N and N > 1  # per-tensor scales: never sliced
-    for n0 in range(0, N, rows):  # one pass unless the weight is huge; whole-range slices are views
+    rows = _deq_rows(N, K)
+    bn, bk, warps = _deq_tile(cfg)
+    scratch = torch.empty((rows, K), device=x2.device, dtype=x2.dtype)
+    for n0 in range(0, N, rows):  # one pass unless chunked
         n1 = min(N, n0 + rows)
-        if scheme == "int4_wo":  # scales_zeros [K // group, N, 2]
-            s = scales[:, n0:n1].contiguous()
-        else:
-            s = scales[n0:n1] if per_row else scales
-        w = dequantize_weight(scheme, qweight[n0:n1], s, group, x2.dtype, cfg.bn, cfg.bk, cfg.warps)
-        torch.mm(x2, w.t(), out=out[:, n0:n1])
-    if bias is not None:
-        out.add_(bias.to(out.dtype))
+        w = _dequantize_into(scheme, qweight, scales, group, scratch, bn, bk, warps, n0=n0, rows=n1 - n0)
+        w = w[:n1 - n0]
+        if bias is None:
+            torch.mm(x2, w.t(), out=out[:, n0:n1])
+        else:  # the bias in the GEMM's epilogue, not a pass over out
+            torch.addmm(bias[n0:n1].to(out.dtype), x2, w.t(), out=out[:, n0:n1])
 
 
 def _run_deqgemm(scheme, x2, qweight, scales, bias, group, cfg, out, *, wrap=C.eager, active=1):
@@ -541,15 +559,17 @@ def dequantize_weight(scheme: str, qweight: torch.Tensor, scales: torch.Tensor, 
     return _dequantize_into(scheme, qweight, scales, group, w, bn, bk, warps)
 
 
-def _dequantize_into(scheme, qweight, scales, group, w, bn=64, bk=128, warps=4, *, wrap=C.eager, active=1):
-    """The dequantize kernel writing [N, K] row-major into w (any shape with room for it);
-    wrap / active as for _run_gemv."""
+def _dequantize_into(scheme, qweight, scales, group, w, bn=64, bk=128, warps=4, *, n0=0, rows=None,
+                     wrap=C.eager, active=1):
+    """The dequantize kernel writing weight rows n0 .. n0 + rows (default: all) as [rows, K]
+    row-major into w (any shape with room for it); wrap / active as for _run_gemv."""
     N = qweight.shape[0]
+    rows = N - n0 if rows is None else rows
     K = qweight.shape[1] * (2 if scheme == "int4_wo" else 1)
     bk = _fix_bk(bk, scheme, group, K, "deq")
-    wrap(dequant_kernel)[(triton.cdiv(N, bn) * active, triton.cdiv(K, bk))](
-        qweight, scales, w, N, K, WKIND=_WKIND[scheme], WS_MODE=_weight_scale_mode(scheme, scales, N),
-        GROUP=group, BN=bn, BK=bk, num_warps=warps)
+    wrap(dequant_kernel)[(triton.cdiv(rows, bn) * active, triton.cdiv(K, bk))](
+        qweight, scales, w, N, K, n0, rows, WKIND=_WKIND[scheme],
+        WS_MODE=_weight_scale_mode(scheme, scales, N), GROUP=group, BN=bn, BK=bk, num_warps=warps)
     return w
 
 

@@ -237,21 +237,22 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, x_
 
 
 @triton.jit
-def dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, WKIND: tl.constexpr, WS_MODE: tl.constexpr,
+def dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, N0, NR, WKIND: tl.constexpr, WS_MODE: tl.constexpr,
                    GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Packed weight -> [N, K] in out's dtype, computed in fp32 exactly as numerics.dequantize_*."""
+    """Packed weight rows N0 .. N0 + NR (of N) -> out[NR, K] in out's dtype, computed in fp32 exactly
+    as numerics.dequantize_*. The row window lets a chunk read the whole weight's scales in place."""
     pid_n = tl.program_id(0)
     kt = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    rn = (offs_n % N).to(tl.int64)
-    w = weight_tile(w_ptr, w_ptr, s_ptr, rn, pid_n * BN, kt, N, K, WKIND, GROUP, BN, BK, tl.float32, False)
+    rn = (N0 + offs_n % NR).to(tl.int64)
+    w = weight_tile(w_ptr, w_ptr, s_ptr, rn, N0 + pid_n * BN, kt, N, K, WKIND, GROUP, BN, BK, tl.float32, False)
     if WS_MODE == SC_ROW:
         w = w * tl.load(s_ptr + rn).to(tl.float32)[:, None]
     elif WS_MODE == SC_TENSOR:
         w = w * tl.load(s_ptr).to(tl.float32)
     k = kt * BK + tl.arange(0, BK)
     tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + k[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=(offs_n[:, None] < N) & (k[None, :] < K))
+             mask=(offs_n[:, None] < NR) & (k[None, :] < K))
 
 
 @triton.jit

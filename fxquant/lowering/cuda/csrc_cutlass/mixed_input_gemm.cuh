@@ -5,7 +5,7 @@
 // int4 (fxquant::cutlass_int4_weight_only_linear): fxquant's packed [N, K/2] bytes, low nibble
 // first, are CUTLASS's K-major unsigned int4 [N, K]. CUTLASS computes w = q * scale + zero, so the
 // caller passes zero - 8 * scale for fxquant's (q - 8) * scale + zero, and both as [K / group, N]
-// arrays (N contiguous).
+// arrays (N contiguous). The bias is added in the epilogue (acc + bias, one rounding to bf16).
 // int8 and fp8 (fxquant::cutlass_int8_weight_only_linear, fxquant::cutlass_float8_weight_only_linear):
 // the int8 / e4m3 [N, K] weight converted to bf16 in registers (exact: every int8 and e4m3 value is
 // a bf16 value; CUTLASS's convert-only mode), its per-row scales (int8: bf16, fp8: float32) and the
@@ -72,7 +72,11 @@ struct Config {
       cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, Act, float,
                                              cutlass::FloatRoundStyle::round_to_nearest>,
       cutlass::epilogue::fusion::Sm90AccFetch, RowScale, RowBias>;
-  using Fusion = std::conditional_t<kEpi, ScaleBias, cutlass::epilogue::fusion::LinearCombination<Act, Acc, void, Acc>>;
+  // kGroupScaleZero (scales in the mainloop): acc + bias[n], rounded once (not a second pass over out).
+  using BiasOnly = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, Act, float, cutlass::FloatRoundStyle::round_to_nearest>,
+      cutlass::epilogue::fusion::Sm90AccFetch, RowBias>;
+  using Fusion = std::conditional_t<kEpi, ScaleBias, BiasOnly>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, Cluster,
       cutlass::epilogue::collective::EpilogueTileAuto, Acc, Acc,
@@ -88,10 +92,12 @@ struct Config {
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, Scheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-  // scale / zero: the mainloop's bf16 [K / group, N] arrays (kGroupScaleZero: the caller adds the
-  // bias afterwards); the epilogue modes: scale [N], zero unused, bias bf16 [N] or null.
+  // scale / zero: the mainloop's bf16 [K / group, N] arrays (kGroupScaleZero), or the epilogue modes'
+  // scale [N] (zero unused); bias bf16 [N] or null, in the epilogue either way.
+  // sched: the tile scheduler's order (see kSchedShift): bits 0-1 log2 of the swizzle, bits 2-3 the
+  // raster order (0 CUTLASS's heuristic, 1 along the weight rows, 2 along the tokens).
   static typename Gemm::Arguments args(const void* w, const void* x, const void* scale, const void* zero,
-                                       const void* bias, void* out, int M, int N, int K, int group) {
+                                       const void* bias, void* out, int M, int N, int K, int group, int sched = 0) {
     using StrideA = typename Kernel::StrideA;
     using StrideB = typename Kernel::StrideB;
     using StrideD = typename Kernel::StrideD;
@@ -110,7 +116,7 @@ struct Config {
       auto ss = cutlass::make_cute_packed_stride(StrideS{}, cute::make_shape(N, K / group, 1));
       a.mainloop = {static_cast<const Quant*>(w), sa, static_cast<const Act*>(x), sb,
                     static_cast<const Act*>(scale), ss, group, static_cast<const Act*>(zero)};
-      a.epilogue.thread = {1.f, 0.f};
+      a.epilogue.thread = {{}, {static_cast<const Act*>(bias), Act(0), {}}, {}};
     }
     a.epilogue.ptr_C = nullptr;
     a.epilogue.dC = sd;
@@ -120,12 +126,17 @@ struct Config {
     int device = 0;
     cudaGetDevice(&device);
     a.hw_info = cutlass::KernelHardwareInfo{device, sm_count(device)};
+    using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
+    a.scheduler.max_swizzle_size = 1 << (sched & 3);
+    const int raster = (sched >> 2) & 3;
+    a.scheduler.raster_order = raster == 1 ? Raster::AlongM : raster == 2 ? Raster::AlongN : Raster::Heuristic;
     return a;
   }
 
   static int run(const void* w, const void* x, const void* scale, const void* zero, const void* bias, void* out,
-                 int M, int N, int K, int group, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-    auto a = args(w, x, scale, zero, bias, out, M, N, K, group);
+                 int M, int N, int K, int group, int sched, void* workspace, size_t workspace_bytes,
+                 cudaStream_t stream) {
+    auto a = args(w, x, scale, zero, bias, out, M, N, K, group, sched);
     Gemm gemm;
     if (Gemm::get_workspace_size(a) > workspace_bytes) return 2;
     if (gemm.can_implement(a) != cutlass::Status::kSuccess) return 3;
@@ -133,8 +144,8 @@ struct Config {
     return gemm.run(stream) == cutlass::Status::kSuccess ? 0 : 5;
   }
 
-  static size_t workspace(int M, int N, int K, int group) {
-    return Gemm::get_workspace_size(args(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, group));
+  static size_t workspace(int M, int N, int K, int group, int sched) {
+    return Gemm::get_workspace_size(args(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, group, sched));
   }
 };
 
@@ -158,12 +169,16 @@ struct Problem {
   int M, N, K, group;
 };
 
-// Calls f(Config) for variant: 0 = 128 (N) x 128 (M) cooperative, 1 = 128 x 256 cooperative,
+// A variant number is a tile (below) plus the scheduler order (Config::args' sched) << kSchedShift.
+constexpr int kSchedShift = 4;
+
+// Calls f(Config) for the variant's tile: 0 = 128 (N) x 128 (M) cooperative, 1 = 128 x 256 cooperative,
 // 2 = 64 x 128 ping-pong, 3 = 128 x 256 cooperative with stream-K, 4 = 128 x 128 ping-pong,
-// 5 = 64 x 256 ping-pong; `otherwise` for an unknown variant.
+// 5 = 64 x 256 ping-pong; `otherwise` for an unknown tile or scheduler order.
 template <class Q, int Md, class F, class R>
 R with_variant(int variant, F f, R otherwise) {
-  switch (variant) {
+  if (variant < 0 || variant >> kSchedShift >= 16 || (variant >> (kSchedShift + 2) & 3) == 3) return otherwise;
+  switch (variant & ((1 << kSchedShift) - 1)) {
     case 0: return f(Coop128<Q, Md>{});
     case 1: return f(Coop256<Q, Md>{});
     case 2: return f(Ping64<Q, Md>{});
@@ -179,14 +194,15 @@ R with_variant(int variant, F f, R otherwise) {
 template <class Q, int Md>
 int run_variant(int variant, const Problem& p, void* workspace, size_t workspace_bytes, cudaStream_t s) {
   return with_variant<Q, Md>(variant, [&](auto c) {
-    return decltype(c)::run(p.w, p.x, p.scale, p.zero, p.bias, p.out, p.M, p.N, p.K, p.group, workspace,
-                            workspace_bytes, s);
+    return decltype(c)::run(p.w, p.x, p.scale, p.zero, p.bias, p.out, p.M, p.N, p.K, p.group,
+                            variant >> kSchedShift, workspace, workspace_bytes, s);
   }, 1);
 }
 
 template <class Q, int Md>
 size_t workspace_bytes(int variant, int M, int N, int K, int group) {
-  return with_variant<Q, Md>(variant, [&](auto c) { return decltype(c)::workspace(M, N, K, group); }, size_t{0});
+  return with_variant<Q, Md>(variant, [&](auto c) { return decltype(c)::workspace(M, N, K, group, variant >> kSchedShift); },
+                             size_t{0});
 }
 
 // x [..., K] bf16 (rows contiguous after reshape), the weight, scales (and zeros) in CUTLASS's layout
@@ -202,8 +218,9 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& qweight
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.size(-1) == k, "fxquant.", op, ": bad x");
   TORCH_CHECK(scales.scalar_type() == (Md == kRowScaleEpilogue ? at::kFloat : at::kBFloat16) && scales.is_contiguous() &&
                   (!kEpi || scales.numel() == n), "fxquant.", op, ": bad scales");
-  TORCH_CHECK(!kEpi || !bias.has_value() || (bias->scalar_type() == at::kBFloat16 && bias->numel() == n &&
-                                             bias->is_contiguous()), "fxquant.", op, ": bad bias");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kBFloat16 && bias->numel() == n && bias->is_contiguous() &&
+                                     reinterpret_cast<uintptr_t>(bias->data_ptr()) % 16 == 0),
+              "fxquant.", op, ": bad bias");
   auto x2 = x.reshape({-1, k}).contiguous();
   const int64_t m = x2.size(0);
   auto out = at::empty({m, n}, x.options());
@@ -211,13 +228,12 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& qweight
     const size_t ws_bytes = workspace_bytes<Q, Md>(static_cast<int>(variant), m, n, k, group);
     auto ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, x.options().dtype(at::kByte));
     const Problem p{qweight.data_ptr(), x2.data_ptr(), scales.data_ptr(), zeros ? zeros->data_ptr() : nullptr,
-                    kEpi && bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(),
+                    bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(),
                     static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(group)};
     const int rc = run_variant<Q, Md>(static_cast<int>(variant), p, ws.data_ptr(), ws_bytes,
                                       c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(rc == 0, "fxquant.", op, ": CUTLASS status ", std::to_string(rc));  // a string: see csrc/ops.h, num
   }
-  if (bias.has_value() && !kEpi) out.add_(*bias);
   auto shape = x.sizes().vec();
   shape.back() = n;
   return out.reshape(shape);
