@@ -84,3 +84,11 @@ def test_environment_sets_and_restores(variants, monkeypatch):
         with variants.environment([("FXQ_TEST_KEEP", "x")]):
             raise RuntimeError
     assert os.environ["FXQ_TEST_KEEP"] == "old"
+
+
+def test_deq_rows_force_dequantize_then_cublas_at_large_m(variants):
+    """linear.py's <weight-only scheme>@deq rows force kind "deq" (dequantize, then cuBLAS), measured
+    from M = 128 like the CUTLASS rows."""
+    lb = variants.LB
+    assert lb.VARIANTS["deq"].kind == "deq"
+    assert [lb.variant_runs("w4a16_g128@deq", m) for m in (1, 64, 128, 4096)] == [False, False, True, True]
