@@ -10,6 +10,6 @@ at::Tensor int4_convert_only(const at::Tensor& x, const at::Tensor& qweight, con
       "probe_int4_convert_only", x, qweight, qweight.size(1) * 2, row_scales, nullptr, std::nullopt, 0, variant);
 }
 
-TORCH_LIBRARY(fxquant_probe, m) {
+TORCH_LIBRARY_FRAGMENT(fxquant_probe, m) {
   m.def("int4_convert_only(Tensor x, Tensor qweight, Tensor row_scales, int variant) -> Tensor", &int4_convert_only);
 }
