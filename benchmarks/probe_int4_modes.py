@@ -36,22 +36,26 @@ TILE = 1  # mixed_input_gemm.cuh's variant 1: 128 (weight rows) x 256 (tokens), 
 ATOMS = (1, 4)  # int4_shuffled.cu's reorderings: MMA k-steps per thread's contiguous run of nibbles
 
 
-def load_probe() -> None:
-    """Builds (or loads from FXQUANT_CACHE_DIR) the probe ops (probe_src/*.cu), with the CUTLASS library's flags."""
+def load_probe(names: tuple[str, ...] | None = None) -> None:
+    """Builds (or loads from FXQUANT_CACHE_DIR) the probe ops of probe_src/ (`names`: those .cu files only;
+    default all), with the CUTLASS library's flags."""
     from torch.utils import cpp_extension as ext
     include = build.cutlass_include_dir()
-    out = build.cache_root() / "cxx" / "probe_int4_modes"
+    src = Path(__file__).resolve().parent / "probe_src"
+    files = sorted(src.glob("*.cu")) if names is None else [src / n for n in names]
+    lib = "fxquant_probe_" + "_".join(f.stem for f in files)
+    out = build.cache_root() / "cxx" / lib
     out.mkdir(parents=True, exist_ok=True)
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
-    ext.load(name="fxquant_probe_int4_modes", build_directory=str(out),
-             sources=[str(p) for p in sorted((Path(__file__).resolve().parent / "probe_src").glob("*.cu"))],
-             extra_include_paths=[str(build.CUTLASS_SRC), str(include), str(include.parent / "tools" / "util" / "include"),
+    ext.load(name=lib, build_directory=str(out), sources=[str(f) for f in files],
+             extra_include_paths=[str(build.CUTLASS_SRC), str(build.SRC), str(include),
+                                  str(include.parent / "tools" / "util" / "include"),
                                   # CUTLASS's reorder helper includes curand_kernel.h: a toolkit without it
                                   # can take the headers of the nvidia-curand wheel from here
                                   *filter(None, os.environ.get("FXQ_PROBE_INCLUDES", "").split(":"))],
              extra_cflags=["-O3"], extra_cuda_cflags=list(build._CUTLASS_FLAGS), extra_ldflags=list(build.LDFLAGS),
              with_cuda=True, is_python_module=False)
-    torch.ops.load_library(str(out / "fxquant_probe_int4_modes.so"))
+    torch.ops.load_library(str(out / f"{lib}.so"))
 
 
 def main(argv=None) -> int:
@@ -61,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     build.load_cutlass()
-    load_probe()
+    load_probe(("int4_convert_only.cu", "int4_shuffled.cu"))
     rows = []
     for n, k in (tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")):
         bf16, int4, int8 = LB.Layer("bf16", n, k), LB.Layer("w4a16_g128@cutlass", n, k), LB.Layer("w8a16@cutlass", n, k)
