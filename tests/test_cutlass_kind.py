@@ -316,3 +316,18 @@ def test_int4_fits_needs_one_bias_per_row():
         assert cutlass.fits("int4_wo", x, qw, sz, torch.zeros(64, dtype=torch.bfloat16), 128, 128, 256)
         assert not cutlass.fits("int4_wo", x, qw, sz, torch.zeros(1, dtype=torch.bfloat16), 128, 128, 256)
         assert not cutlass.fits("int4_wo", x, qw, sz, torch.zeros(64), 128, 128, 256)  # float32
+
+
+def test_scheduler_order_reaches_the_op(monkeypatch):
+    """cutlass.linear puts FXQUANT_CUTLASS_SCHED's bits above the tile in the variant the op gets
+    (the GPU test only shows that the order leaves the output's bits alone)."""
+    import types
+    seen = []
+    fake = types.SimpleNamespace(ops=types.SimpleNamespace(fxquant=types.SimpleNamespace(
+        cutlass_int8_weight_only_linear=lambda x, q, s, b, variant: seen.append(variant))))
+    monkeypatch.setattr(cutlass, "torch", fake)
+    tile = cutlass.VARIANTS[(128, 256, 0, 0)]  # stream-K
+    for value, sched in (("", 0), ("4,tokens", 2 | 2 << 2), ("8,rows", 3 | 1 << 2)):
+        monkeypatch.setenv("FXQUANT_CUTLASS_SCHED", value)
+        cutlass.linear("int8_wo", None, None, None, None, 0, 128, 256, 0, 0)
+        assert seen[-1] == tile | sched << cutlass.SCHED_SHIFT

@@ -310,6 +310,37 @@ def test_dequant_rows_override(value, want, monkeypatch):
     assert calls == want
 
 
+def test_dequant_rows_override_keeps_the_memory_bound(monkeypatch):
+    """A FXQUANT_DEQ_ROWS above DEQ_CHUNK_ELEMS's chunk does not make a huge weight one piece."""
+    monkeypatch.setattr(D, "DEQ_CHUNK_ELEMS", 64 * 96)
+    monkeypatch.setenv("FXQUANT_DEQ_ROWS", "128")
+    assert D._deq_rows(200, 96) == 64
+    monkeypatch.setenv("FXQUANT_DEQ_ROWS", "64")
+    assert D._deq_rows(60, 96) == 60  # a small weight: still one pass
+
+
+def test_dequant_chunks_take_a_row_bias(monkeypatch):
+    """A [1, N] bias (broadcast like [N]) is sliced per chunk along N, not along its first dimension."""
+    monkeypatch.setenv("FXQUANT_DEQ_ROWS", "64")
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(200, 96, generator=g)
+    qw, s = pack("int8_wo", w, 0)
+    x = torch.randn(5, 96, generator=g).bfloat16()
+    b = torch.randn(200, generator=g).bfloat16()
+    flat = D.linear("int8_wo", x, qw, s, b, 0, DEQ)
+    torch.testing.assert_close(D.linear("int8_wo", x, qw, s, b.reshape(1, -1), 0, DEQ), flat, rtol=0, atol=0)
+    assert rel_err(flat, REF["int8_wo"](x, (qw, s), b, 0).float()) <= 1e-2
+
+
+@pytest.mark.parametrize("value, want", [("32,64,4", (32, 64, 4)), ("128,256,8", (128, 256, 8)),
+                                         ("48,64,4", (16, 64, 4)), ("32,512,4", (16, 64, 4)), ("32,64", (16, 64, 4)),
+                                         ("32,64,32", (16, 64, 4))])
+def test_dequant_tile_override(value, want, monkeypatch):
+    """FXQUANT_DEQ_TILE="bn,bk,warps" takes powers of two in the kernel's range; anything else is ignored."""
+    monkeypatch.setenv("FXQUANT_DEQ_TILE", value)
+    assert D._deq_tile(DEQ) == want
+
+
 def test_fp8_accumulation_is_promoted_every_tile_by_default(monkeypatch):
     # Hopper's fp8 MMA accumulates with reduced precision and Triton never promotes on sm_90
     # by default: measured 1.8-3.6 % relative error at K = 4096, 17 % at K = 14336 (session 6).

@@ -220,9 +220,13 @@ def test_dequant_then_cublas_in_row_chunks(scheme, rows, monkeypatch):
     packed, cpu_fn = pack(scheme, w.cpu(), 32)
     q, s = (t.cuda() for t in packed)
     cfg = D.KernelConfig("deq", bn=64, bk=128, warps=4)
+    chunks = []
+    real = D._dequantize_into
+    monkeypatch.setattr(D, "_dequantize_into", lambda *a, **k: chunks.append(k["rows"]) or real(*a, **k))
     for M in (1, 33, 300):
         x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
         for b in (None, bias):
             out = D.linear(scheme, x, q, s, b, 32 if scheme == "int4_wo" else 0, cfg)
             ref = cpu_fn(x.cpu(), None if b is None else b.cpu())
             assert_close(out, ref, torch.bfloat16, f"{scheme} deq rows={rows} M={M} bias={b is not None}")
+    assert set(chunks) == ({200} if rows == "0" else {int(rows), 200 % int(rows)})  # the chunks it ran

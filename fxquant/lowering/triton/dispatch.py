@@ -428,18 +428,22 @@ DEQ_CHUNK_ELEMS = 1 << 27  # larger weights are dequantized in row chunks (256 M
 def _deq_rows(N: int, K: int) -> int:
     """Weight rows per dequantize + cuBLAS chunk: all of them unless the weight has more than
     DEQ_CHUNK_ELEMS elements. FXQUANT_DEQ_ROWS (a multiple of 64; experiments, read at every call)
-    sets it."""
+    sets a smaller chunk; it never lifts the DEQ_CHUNK_ELEMS bound."""
+    rows = N if N * K <= DEQ_CHUNK_ELEMS else max(64, DEQ_CHUNK_ELEMS // K // 64 * 64)
     v = os.environ.get("FXQUANT_DEQ_ROWS", "")
     if v.isdigit() and int(v) > 0 and int(v) % 64 == 0:
-        return min(N, int(v))
-    return N if N * K <= DEQ_CHUNK_ELEMS else max(64, DEQ_CHUNK_ELEMS // K // 64 * 64)
+        return min(rows, int(v))
+    return rows
 
 
 def _deq_tile(cfg: KernelConfig) -> tuple[int, int, int]:
-    """The dequantize kernel's (bn, bk, warps): cfg's, or FXQUANT_DEQ_TILE="bn,bk,warps" (experiments)."""
-    v = os.environ.get("FXQUANT_DEQ_TILE", "").split(",")
-    if len(v) == 3 and all(t.isdigit() and int(t) > 0 for t in v):
-        return int(v[0]), int(v[1]), int(v[2])
+    """The dequantize kernel's (bn, bk, warps): cfg's, or FXQUANT_DEQ_TILE="bn,bk,warps" (experiments;
+    powers of two, bn and bk 16-256, warps 1-16; anything else is ignored)."""
+    v = os.environ.get("FXQUANT_DEQ_TILE", "").replace(" ", "").split(",")
+    if len(v) == 3 and all(t.isdigit() and int(t) > 0 and int(t) & (int(t) - 1) == 0 for t in v):
+        bn, bk, warps = (int(t) for t in v)
+        if 16 <= bn <= 256 and 16 <= bk <= 256 and warps <= 16:
+            return bn, bk, warps
     return cfg.bn, cfg.bk, cfg.warps
 
 
@@ -451,6 +455,7 @@ def _run_deq(scheme, x2, qweight, scales, bias, group, cfg, out):
     N, K = qweight.shape[0], x2.shape[1]
     rows = _deq_rows(N, K)
     bn, bk, warps = _deq_tile(cfg)
+    bias = None if bias is None else bias.reshape(-1).to(out.dtype)  # [N] (or [1, N]): sliced per chunk
     scratch = torch.empty((rows, K), device=x2.device, dtype=x2.dtype)
     for n0 in range(0, N, rows):  # one pass unless chunked
         n1 = min(N, n0 + rows)
@@ -459,7 +464,7 @@ def _run_deq(scheme, x2, qweight, scales, bias, group, cfg, out):
         if bias is None:
             torch.mm(x2, w.t(), out=out[:, n0:n1])
         else:  # the bias in the GEMM's epilogue, not a pass over out
-            torch.addmm(bias[n0:n1].to(out.dtype), x2, w.t(), out=out[:, n0:n1])
+            torch.addmm(bias[n0:n1], x2, w.t(), out=out[:, n0:n1])
 
 
 def _run_deqgemm(scheme, x2, qweight, scales, bias, group, cfg, out, *, wrap=C.eager, active=1):
