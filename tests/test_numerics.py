@@ -1,5 +1,6 @@
 """Property tests of fxquant.numerics: error bounds, scale/zero invariants, packing, edge values."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -428,3 +429,61 @@ def test_sqnr_matches_injected_noise(db, logscale, seed):
     noise = noise * (ref.pow(2).mean() / noise.pow(2).mean()).sqrt() * 10 ** (-db / 20)
     assert math.isclose(nq.sqnr(ref, ref + noise), db, abs_tol=1e-6)
     assert math.isclose(nq.sqnr(ref * 3, (ref + noise) * 3), db, abs_tol=1e-6)
+
+
+# --------------------------------------------------------------------------- MMA-fragment int4 layout
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def test_int4_mma_layout_is_cutlass_reordering_atom():
+    """pack_int4_mma places every (row, k) of a 16 x 64 block at the nibble CUTLASS's
+    compute_memory_reordering_atom (four k-steps, value order [0,2,4,6,1,3,5,7]) gives it: the table
+    printed from CUTLASS 4.2's headers in session 24."""
+    text = (RESULTS / "cutlass_int4_reorder_atom_s24_2026-11-24.txt").read_text().splitlines()
+    start = next(i for i, line in enumerate(text) if line.startswith("Full 16 x 64 atom")) + 1
+    want = torch.tensor([[int(v) for v in line.split()] for line in text[start:start + 16]])
+    assert want.shape == (16, 64)
+    q = torch.arange(16 * 64).reshape(16, 64)  # each (row, k) labelled by its row-major index
+    order = q.reshape(1, 2, 8, 1, 4, 2, 4, 2).permute(nq._MMA_ORDER).reshape(-1)  # label at each nibble
+    got = torch.empty(16 * 64, dtype=torch.long)
+    got[order] = torch.arange(16 * 64)
+    assert torch.equal(got.reshape(16, 64), want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rb=st.integers(1, 4), kb=st.integers(1, 4), seed=st.integers(0, 2 ** 16))
+def test_int4_mma_layout_round_trips_and_tiles_blocks(rb, kb, seed):
+    N, K = 16 * rb, 64 * kb
+    q = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    p = nq.pack_int4_mma(q)
+    assert p.shape == (N, K // 2) and p.dtype == torch.uint8
+    assert torch.equal(nq.unpack_int4_mma(p), q)
+    # block (R, S) is the 512 bytes at (S * N / 16 + R) * 512, packed as that block alone
+    flat = p.reshape(-1)
+    for R in range(rb):
+        for S in range(kb):
+            block = nq.pack_int4_mma(q[16 * R:16 * R + 16, 64 * S:64 * S + 64]).reshape(-1)
+            assert torch.equal(flat[(S * rb + R) * 512:(S * rb + R + 1) * 512], block)
+
+
+def test_int4_mma_lane_words_are_mma_fragments():
+    """Lane l = 4g + t's word j: nibble pairs (i, i + 4) are a0..a3 of mma.m16n8k16's A fragment,
+    (row g, k 2t / 2t + 1), (g + 8, ...), (g, 2t + 8 / 2t + 9), (g + 8, ...), for k-step j."""
+    q = torch.randint(0, 16, (16, 64), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    words = nq.pack_int4_mma(q).reshape(32, 4, 4)  # lane, k-step, byte
+    for lane in (0, 5, 31):
+        g, t = divmod(lane, 4)
+        for j in range(4):
+            b = words[lane, j].tolist()
+            nib = [(b[i // 2] >> (4 * (i % 2))) & 0xF for i in range(8)]
+            k = 16 * j + 2 * t
+            frag = [(g, k), (g + 8, k), (g, k + 8), (g + 8, k + 8)]
+            for i, (row, kk) in enumerate(frag):
+                assert (nib[i], nib[i + 4]) == (int(q[row, kk]), int(q[row, kk + 1]))
+
+
+def test_int4_mma_layout_refuses_other_shapes():
+    with pytest.raises(ValueError, match="N % 16 == 0 and K % 64 == 0"):
+        nq.pack_int4_mma(torch.zeros(24, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="N % 16 == 0 and K % 64 == 0"):
+        nq.pack_int4_mma(torch.zeros(16, 96, dtype=torch.uint8))
