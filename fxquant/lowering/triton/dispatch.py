@@ -556,14 +556,6 @@ def _run_cxx_dynamic(scheme, x, x2, qweight, scales, bias):
     return op(q, xs, qweight, scales, bias, x.dtype, pdl).reshape(*x.shape[:-1], qweight.shape[0])
 
 
-def dequantize_weight(scheme: str, qweight: torch.Tensor, scales: torch.Tensor, group: int,
-                      dtype: torch.dtype, bn: int = 64, bk: int = 128, warps: int = 4) -> torch.Tensor:
-    """Packed weight -> [N, K] in `dtype` (the same values as numerics.dequantize_*)."""
-    K = qweight.shape[1] * (2 if scheme == "int4_wo" else 1)
-    w = torch.empty((qweight.shape[0], K), device=qweight.device, dtype=dtype)
-    return _dequantize_into(scheme, qweight, scales, group, w, bn, bk, warps)
-
-
 def _dequantize_into(scheme, qweight, scales, group, w, bn=64, bk=128, warps=4, *, n0=0, rows=None,
                      wrap=C.eager, active=1):
     """The dequantize kernel writing weight rows n0 .. n0 + rows (default: all) as [rows, K]
