@@ -65,6 +65,7 @@ MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 8192]
 # name -> (dispatch scheme, packing config)
 SCHEMES = {
     "w4a16_g128": ("int4_wo", fc.Int4WeightOnly(group_size=128)),
+    "w4a16_g128_mma": ("int4_mma", fc.Int4WeightOnly(group_size=128, layout="mma")),  # MMA-fragment layout
     "w8a16": ("int8_wo", fc.Int8WeightOnly()),
     "w8a8_int8": ("int8_dyn", fc.Int8DynamicActivationInt8Weight()),
     "fp8_row": ("fp8_dyn_row", fc.Float8DynamicActivationFloat8Weight("row")),
@@ -234,7 +235,7 @@ class Layer:
             self.scheme, cfg = SCHEMES[name]
             packed, self.static = cfg.pack(w)
             self.op = cfg.op
-            self.group = self.static[0] if self.scheme == "int4_wo" else 0
+            self.group = self.static[0] if self.scheme in D.INT4 else 0
         self.bytes = sum(t.numel() * t.element_size() for t in packed)
         c = copies or rotation(self.bytes)
         self.copies = [packed] + [tuple(t.clone() for t in packed) for _ in range(c - 1)]
@@ -271,8 +272,9 @@ class Layer:
             return F.linear(x.float(), p[0].float())
         if s == "int8_wo":
             return F.linear(x.float(), nq.dequantize_int8_per_channel(p[0], p[1], x.dtype).float())
-        if s == "int4_wo":
-            return F.linear(x.float(), nq.dequantize_int4(p[0], p[1], self.group, x.dtype).float())
+        if s in D.INT4:
+            layout = "mma" if s == "int4_mma" else "rows"
+            return F.linear(x.float(), nq.dequantize_int4(p[0], p[1], self.group, x.dtype, layout).float())
         if s == "fp8_wo":
             return F.linear(x.float(), nq.dequantize_fp8_weight(p[0], p[1], x.dtype).float())
         if s == "int8_dyn":
@@ -825,7 +827,7 @@ def main(argv=None) -> int:
             ap.error(f"unknown scheme {base!r}; known: {', '.join(SCHEMES)}")
         allowed = {"cuda": D.CXX_SCHEMES, "triton": D.CXX_SCHEMES + ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn"),
                    "scaled_mm": ("fp8_dyn_row", "fp8_dyn_tensor", "int8_dyn"), "triton_op": D.SCHEMES}
-        allowed.update({v: ("int8_dyn",) if v.startswith("cutlass_i8") else ("int4_wo", "int8_wo", "fp8_wo")
+        allowed.update({v: ("int8_dyn",) if v.startswith("cutlass_i8") else ("int4_wo", "int4_mma", "int8_wo", "fp8_wo")
                         for v in VARIANTS if v.startswith("cutlass")})
         if variant and SCHEMES[base][0] not in allowed.get(variant, ()):
             ap.error(f"{name}: variant @{variant} does not apply to {base}")

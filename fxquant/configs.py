@@ -59,26 +59,41 @@ class Int8WeightOnly(QuantConfig):
 
 @dataclass(frozen=True)
 class Int4WeightOnly(QuantConfig):
-    """Group-wise int4 weights along K, asymmetric (float zero) or symmetric."""
+    """Group-wise int4 weights along K, asymmetric (float zero) or symmetric.
+
+    layout "rows": two nibbles per byte along each weight row (numerics.pack_int4). "mma": the
+    MMA-fragment blocks of numerics.pack_int4_mma (N % 16 == 0, K % 64 == 0, group_size >= 64), which
+    the Hopper large-M GEMM reads without shuffling nibbles; its own op, int4_mma_weight_only_linear.
+    """
     group_size: int = 128
     symmetric: bool = False
+    layout: str = "rows"
     scheme: ClassVar[str] = "int4_weight_only"
 
     def __post_init__(self):
         _allowed(self, "group_size", self.group_size, (32, 64, 128, 256))
         _allowed(self, "symmetric", self.symmetric, (False, True))
+        _allowed(self, "layout", self.layout, nq.INT4_LAYOUTS)
+        if self.layout == "mma" and self.group_size < 64:
+            raise ValueError(f"Int4WeightOnly(layout='mma') needs group_size >= 64 (one scale per 64-k block "
+                             f"or more), got group_size={self.group_size}")
 
     def check(self, n, k, dtype):
         if k % self.group_size:
             return f"in_features={k} is not a multiple of group_size={self.group_size}"
+        if self.layout == "mma" and (n % 16 or k % 64):
+            return f"layout='mma' needs out_features % 16 == 0 and in_features % 64 == 0, got [{n}, {k}]"
         return super().check(n, k, dtype)
 
     def pack(self, w):
         q, scales_zeros = nq.quantize_int4_groupwise(w, self.group_size, self.symmetric)
-        return (nq.pack_int4(q), scales_zeros), (self.group_size,)
+        packed = nq.pack_int4_mma(q) if self.layout == "mma" else nq.pack_int4(q)
+        return (packed, scales_zeros), (self.group_size,)
 
     @property
     def op(self):
+        if self.layout == "mma":
+            return torch.ops.fxquant.int4_mma_weight_only_linear.default
         return torch.ops.fxquant.int4_weight_only_linear.default
 
 

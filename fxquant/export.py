@@ -54,6 +54,7 @@ def _cxx_targets() -> dict:
         raise RuntimeError(f"fxquant.export(ops='cxx'): the C++ op library is unavailable: {e}") from None
     lib = torch.ops.fxquant
     return {ops.int4_weight_only_linear._opoverload: lib.cxx_int4_weight_only_linear.default,
+            ops.int4_mma_weight_only_linear._opoverload: lib.cxx_int4_mma_weight_only_linear.default,
             ops.int8_weight_only_linear._opoverload: lib.cxx_int8_weight_only_linear.default}
 
 

@@ -107,20 +107,23 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return nibbles.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-# The MMA-fragment int4 layout (docs/int4-decode.md, "One int4 layout for both ends"; not yet read by
-# any kernel). Blocks of 16 rows x 64 k, 512 bytes each, block (R, S) at byte (S * N / 16 + R) * 512;
-# in a block, lane l = 4g + t owns 16 bytes, one 32-bit word per 16-k step j, whose nibbles are
-# (row, k) = (g, 2t), (g+8, 2t), (g, 2t+8), (g+8, 2t+8), (g, 2t+1), (g+8, 2t+1), (g, 2t+9), (g+8, 2t+9)
-# of that step: pair (i, i + 4) is register a_i of mma.m16n8k16's A fragment. It is CUTLASS's
-# compute_memory_reordering_atom with four k-steps per thread and value order [0,2,4,6,1,3,5,7].
+# The MMA-fragment int4 layout (Int4WeightOnly(layout="mma"); docs/int4-decode.md, "One int4 layout
+# for both ends"). Blocks of 16 rows x 64 k, 512 bytes each, block (R, S) at byte (R * K / 64 + S) * 512,
+# so weight rows 16R .. 16R + 15 are buffer rows 16R .. 16R + 15 (concatenating or slicing along N at
+# multiples of 16 works as for row-major bytes). In a block, lane l = 4g + t owns 16 bytes, one 32-bit
+# word per 16-k step j, whose nibbles are (row, k) = (g, 2t), (g+8, 2t), (g, 2t+8), (g+8, 2t+8),
+# (g, 2t+1), (g+8, 2t+1), (g, 2t+9), (g+8, 2t+9) of that step: pair (i, i + 4) is register a_i of
+# mma.m16n8k16's A fragment. It is CUTLASS's compute_memory_reordering_atom with four k-steps per
+# thread and value order [0,2,4,6,1,3,5,7], blocks tiled K first.
 # q [N, K] is viewed as (R, h, g, S, j, kh, t, e) with row = 16R + 8h + g, k = 64S + 16j + 8kh + 2t + e,
-# and laid out as (S, R, g, t, j, e, kh, h).
-_MMA_ORDER = (3, 0, 2, 6, 4, 7, 5, 1)
+# and laid out as (R, S, g, t, j, e, kh, h).
+_MMA_ORDER = (0, 3, 2, 6, 4, 7, 5, 1)
+INT4_LAYOUTS = ("rows", "mma")  # pack_int4's row-major bytes, pack_int4_mma's blocks
 
 
 def pack_int4_mma(q: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] values 0..15 (N % 16 == 0, K % 64 == 0) -> uint8 [N, K // 2] holding the bytes of
-    the MMA-fragment layout above (the shape only sizes the buffer: rows are not weight rows)."""
+    the MMA-fragment layout above (buffer rows 16R.. hold weight rows 16R.., in block order)."""
     N, K = q.shape
     if N % 16 or K % 64:
         raise ValueError(f"the MMA-fragment int4 layout needs N % 16 == 0 and K % 64 == 0, got {N} x {K}")
@@ -131,15 +134,25 @@ def pack_int4_mma(q: torch.Tensor) -> torch.Tensor:
 def unpack_int4_mma(packed: torch.Tensor) -> torch.Tensor:
     """pack_int4_mma's bytes [N, K // 2] -> uint8 [N, K] values 0..15 in row-major order."""
     N, K = packed.shape[0], packed.shape[1] * 2
-    nib = torch.stack([packed.reshape(-1) & 0xF, packed.reshape(-1) >> 4], dim=-1)
+    shifts = torch.arange(0, 8, 4, dtype=torch.uint8, device=packed.device)  # traceable: no tensor constant
+    nib = (packed.reshape(-1, 1) >> shifts) & 0xF
     inverse = [_MMA_ORDER.index(d) for d in range(8)]
-    return nib.reshape(K // 64, N // 16, 8, 4, 4, 2, 2, 2).permute(inverse).reshape(N, K).contiguous()
+    return nib.reshape(N // 16, K // 64, 8, 4, 4, 2, 2, 2).permute(inverse).reshape(N, K)
+
+
+def unpack_int4_layout(packed: torch.Tensor, layout: str) -> torch.Tensor:
+    """Packed int4 [N, K // 2] in `layout` (INT4_LAYOUTS) -> uint8 [N, K] values 0..15."""
+    if layout == "rows":
+        return unpack_int4(packed)
+    if layout == "mma":
+        return unpack_int4_mma(packed)
+    raise ValueError(f"unknown int4 layout {layout!r}; known: {', '.join(INT4_LAYOUTS)}")
 
 
 def dequantize_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """Packed int4 [N, K // 2] -> float [N, K] in `dtype` (computed in float32)."""
-    q = unpack_int4(packed).float()
+                    dtype: torch.dtype, layout: str = "rows") -> torch.Tensor:
+    """Packed int4 [N, K // 2] (in `layout`) -> float [N, K] in `dtype` (computed in float32)."""
+    q = unpack_int4_layout(packed, layout).float()
     N, K = q.shape
     sz = scales_zeros.float().transpose(0, 1)  # [N, G, 2]
     g = q.reshape(N, K // group_size, group_size)

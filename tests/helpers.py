@@ -177,9 +177,9 @@ def pack_weight(scheme: str, w: torch.Tensor, group: int = 0, symmetric: bool = 
     """w [N, K] float -> the packed tensors of the op of dispatch scheme `scheme`."""
     if scheme == "int8_wo":
         return nq.quantize_int8_per_channel(w)
-    if scheme == "int4_wo":
+    if scheme in ("int4_wo", "int4_mma"):
         q, sz = nq.quantize_int4_groupwise(w, group, symmetric)
-        return nq.pack_int4(q), sz
+        return (nq.pack_int4_mma(q) if scheme == "int4_mma" else nq.pack_int4(q)), sz
     if scheme == "int8_dyn":
         return nq.quantize_int8_weight_for_dynamic(w)
     if scheme == "fp8_dyn_tensor":
@@ -190,6 +190,7 @@ def pack_weight(scheme: str, w: torch.Tensor, group: int = 0, symmetric: bool = 
 def scheme_op(scheme: str, group: int = 0) -> tuple[str, tuple]:
     """(name of the torch.ops.fxquant op of dispatch scheme `scheme`, its static args after bias)."""
     return {"int8_wo": ("int8_weight_only_linear", ()), "int4_wo": ("int4_weight_only_linear", (group,)),
+            "int4_mma": ("int4_mma_weight_only_linear", (group,)),
             "fp8_wo": ("float8_weight_only_linear", ()), "int8_dyn": ("int8_dynamic_linear", ()),
             "fp8_dyn_row": ("float8_dynamic_linear", (True,)),
             "fp8_dyn_tensor": ("float8_dynamic_linear", (False,))}[scheme]

@@ -16,6 +16,7 @@ from fxquant.lowering import cuda as cxx
 from helpers import static_libstdcxx_gxx
 
 PAIRS = {"cxx_int4_weight_only_linear": "int4_weight_only_linear",
+         "cxx_int4_mma_weight_only_linear": "int4_mma_weight_only_linear",
          "cxx_int8_weight_only_linear": "int8_weight_only_linear",
          "cxx_int8_dynamic_linear": "int8_dynamic_linear",
          "cxx_float8_dynamic_linear": "float8_dynamic_linear",
@@ -79,6 +80,21 @@ def test_cpu_kernel_half_matches_reference(name, cfg, dtype):
     ref = x.float() @ w.t()
     assert got.dtype == dtype
     assert nq.sqnr(ref, got.float()) > (38 if dtype == torch.bfloat16 else 50)
+
+
+@pytest.mark.parametrize("x_shape", [(5, 256), (2, 9, 256), (0, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mma_layout_cpu_kernel_equals_python_op(x_shape, dtype):
+    """The ATen unpacking of the MMA-fragment layout (ops.cpp) is numerics.unpack_int4_mma's."""
+    cfg = Int4WeightOnly(group_size=64, layout="mma")
+    packed, static, g = _packed(cfg, 48, 256, dtype)
+    x = torch.randn(*x_shape, generator=g).to(dtype)
+    b = torch.randn(48, generator=g).to(dtype)
+    got = torch.ops.fxquant.cxx_int4_mma_weight_only_linear(x, *packed, b, *static)
+    assert torch.equal(got, cfg.op(x, *packed, b, *static))
+    torch.library.opcheck(torch.ops.fxquant.cxx_int4_mma_weight_only_linear.default, (x, *packed, b, *static))
+    with pytest.raises(RuntimeError, match="MMA-fragment layout needs N % 16 == 0, K % 64 == 0 and a power-of-two"):
+        torch.ops.fxquant.cxx_int4_mma_weight_only_linear(x, packed[0], torch.zeros(8, 48, 2, dtype=dtype), b, 32)
 
 
 def test_opcheck():

@@ -17,6 +17,7 @@ CONFIGS = {
     "int4_g32": Int4WeightOnly(group_size=32),
     "int4_g64_sym": Int4WeightOnly(group_size=64, symmetric=True),
     "int4_g128": Int4WeightOnly(group_size=128),
+    "int4_g64_mma": Int4WeightOnly(group_size=64, layout="mma"),
     "int8_dyn": Int8DynamicActivationInt8Weight(),
     "fp8_row": Float8DynamicActivationFloat8Weight("row"),
     "fp8_tensor": Float8DynamicActivationFloat8Weight("tensor"),
@@ -41,7 +42,7 @@ def make(name, dtype, bias, x_shape=(5, K), seed=0):
 def dequantized(cfg, packed, static):
     """The weight the op computes with, as exact float64 [N, K]."""
     if isinstance(cfg, Int4WeightOnly):
-        return nq.dequantize_int4(packed[0], packed[1], static[0], torch.float32).double()
+        return nq.dequantize_int4(packed[0], packed[1], static[0], torch.float32, cfg.layout).double()
     if isinstance(cfg, (Int8WeightOnly, Int8DynamicActivationInt8Weight)):
         return nq.dequantize_int8_per_channel(*packed, torch.float32).double()
     return nq.dequantize_fp8_weight(*packed, torch.float32).double()

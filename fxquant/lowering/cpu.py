@@ -37,8 +37,8 @@ def int8_weight_only_linear(x, qweight, scales, bias):
     return _finish(out, x, bias)
 
 
-def int4_weight_only_linear(x, qweight, scales_zeros, bias, group_size):
-    w = nq.dequantize_int4(qweight, scales_zeros, group_size, x.dtype)
+def int4_weight_only_linear(x, qweight, scales_zeros, bias, group_size, layout: str = "rows"):
+    w = nq.dequantize_int4(qweight, scales_zeros, group_size, x.dtype, layout)
     return _finish(F.linear(_rows(x), w), x, bias)
 
 

@@ -39,6 +39,12 @@ def int4_weight_only_linear(x: Tensor, qweight: Tensor, scales_zeros: Tensor, bi
     return _finish(F.linear(_rows(x), w), x, bias)
 
 
+def int4_mma_weight_only_linear(x: Tensor, qweight: Tensor, scales_zeros: Tensor, bias: Tensor | None,
+                                group_size: int) -> Tensor:
+    w = nq.dequantize_int4(qweight, scales_zeros, group_size, x.dtype, layout="mma")
+    return _finish(F.linear(_rows(x), w), x, bias)
+
+
 def _int8_scaled_mm(xq: Tensor, xs: Tensor, qweight: Tensor, w_scales: Tensor) -> Tensor:
     if qweight.shape[1] == 1:  # K is static here; see cpu.int8_mm
         acc = int8_mm(xq, qweight)
@@ -89,6 +95,7 @@ def fxquant_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     return {
         ops.int8_weight_only_linear.default: int8_weight_only_linear,
         ops.int4_weight_only_linear.default: int4_weight_only_linear,
+        ops.int4_mma_weight_only_linear.default: int4_mma_weight_only_linear,
         ops.int8_dynamic_linear.default: int8_dynamic_linear,
         ops.float8_dynamic_linear.default: float8_dynamic_linear,
         ops.float8_weight_only_linear.default: float8_weight_only_linear,

@@ -51,6 +51,28 @@ def _(x, qweight, scales_zeros, bias, group_size):
     return _out_like(x, qweight)
 
 
+@torch.library.custom_op(f"{LIB}::int4_mma_weight_only_linear", mutates_args=(), device_types="cpu")
+def int4_mma_weight_only_linear(x: Tensor, qweight: Tensor, scales_zeros: Tensor, bias: Tensor | None,
+                                group_size: int) -> Tensor:
+    """int4_weight_only_linear on a weight in the MMA-fragment layout (numerics.pack_int4_mma)."""
+    _check_int4_mma(x, qweight, group_size)
+    return cpu.int4_weight_only_linear(x, qweight, scales_zeros, bias, group_size, layout="mma")
+
+
+@int4_mma_weight_only_linear.register_fake
+def _(x, qweight, scales_zeros, bias, group_size):
+    _check_int4_mma(x, qweight, group_size)
+    return _out_like(x, qweight)
+
+
+def _check_int4_mma(x: Tensor, qweight: Tensor, group_size: int) -> None:
+    _check_k(x, qweight.shape[1] * 2, "int4_mma_weight_only_linear")
+    torch._check(qweight.shape[0] % 16 == 0 and qweight.shape[1] % 32 == 0 and group_size % 64 == 0,
+                 lambda: f"fxquant.int4_mma_weight_only_linear: the MMA-fragment layout needs N % 16 == 0, "
+                         f"K % 64 == 0 and group_size % 64 == 0, got N={qweight.shape[0]}, "
+                         f"K={qweight.shape[1] * 2}, group_size={group_size}")
+
+
 @torch.library.custom_op(f"{LIB}::int8_dynamic_linear", mutates_args=(), device_types="cpu")
 def int8_dynamic_linear(x: Tensor, qweight: Tensor, w_scales: Tensor, bias: Tensor | None) -> Tensor:
     _check_k(x, qweight.shape[1], "int8_dynamic_linear")
@@ -162,7 +184,7 @@ def _(gate, up, fp8):
     return q, gate.new_empty((*gate.shape[:-1], 1), dtype=torch.float32)
 
 
-ALL_OPS = (int8_weight_only_linear, int4_weight_only_linear, int8_dynamic_linear,
+ALL_OPS = (int8_weight_only_linear, int4_weight_only_linear, int4_mma_weight_only_linear, int8_dynamic_linear,
            float8_dynamic_linear, float8_weight_only_linear)
 PREQUANT_OPS = (int8_dynamic_linear_prequant, float8_dynamic_linear_prequant)
 ACT_OPS = (swiglu_quantize,)

@@ -19,7 +19,8 @@ import torch
 from .. import ops
 from ..cache import cache_root
 
-ABI_VERSION = 3  # must equal fxquant::abi_version() in csrc/ops.cpp (2: the dynamic-activation ops; 3: pdl)
+ABI_VERSION = 4  # must equal fxquant::abi_version() in csrc/ops.cpp (2: the dynamic-activation ops; 3: pdl;
+# 4: the int4 MMA-fragment layout op)
 SRC = Path(__file__).with_name("csrc")
 CUTLASS_SRC = Path(__file__).with_name("csrc_cutlass")
 # One lock per library: the CUTLASS build (minutes) must not hold up the C++ library's loads.
@@ -55,6 +56,11 @@ def _check_tools(arch: str | None) -> None:
 
 
 def _register_fakes() -> None:
+    @torch.library.register_fake("fxquant::cxx_int4_mma_weight_only_linear")
+    def _(x, qweight, scales_zeros, bias, group_size):
+        ops._check_int4_mma(x, qweight, group_size)
+        return ops._out_like(x, qweight)
+
     @torch.library.register_fake("fxquant::cxx_int4_weight_only_linear")
     def _(x, qweight, scales_zeros, bias, group_size):
         ops._check_k(x, qweight.shape[1] * 2, "cxx_int4_weight_only_linear")
@@ -115,7 +121,7 @@ def _load(verbose: bool) -> Path:
     if arch is not None and tuple(int(v) for v in arch.split(".")) < (8, 0):
         raise CxxUnavailable(f"its CUDA kernels need compute capability >= 8.0 (bf16 tensor-core MMA, "
                              f"L2 load hints); this GPU is sm_{arch.replace('.', '')}")
-    sources = ["ops.cpp"] + (["gemv.cu", "int8_mma.cu", "dynamic_mma.cu", "dynamic_mma_int8.cu",
+    sources = ["ops.cpp"] + (["gemv.cu", "int4_mma_layout.cu", "int8_mma.cu", "dynamic_mma.cu", "dynamic_mma_int8.cu",
                                  "dynamic_mma_fp8.cu"] if arch else [])
     h = hashlib.sha256()
     for f in sorted(SRC.iterdir()):
@@ -210,7 +216,7 @@ def load_cutlass(verbose: bool = False) -> Path:
 # fxquant.export's link wrapper uses the same flags.
 LDFLAGS = ("-l:libstdc++.so.6",) if sys.platform == "linux" else ()
 
-CUTLASS_ABI_VERSION = 4  # csrc_cutlass's cutlass_abi_version(): 2 added the int8 op, 3 int8 dynamic, 4 fp8
+CUTLASS_ABI_VERSION = 5  # csrc_cutlass's cutlass_abi_version(): 2 added the int8 op, 3 int8 dynamic, 4 fp8, 5 int4 mma layout
 _CUTLASS_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG")
 
 
@@ -260,6 +266,11 @@ def _load_cutlass(verbose: bool) -> Path:
     @torch.library.register_fake("fxquant::cutlass_int4_weight_only_linear")
     def _(x, qweight, scales, zeros, bias, group_size, variant):
         ops._check_k(x, qweight.shape[1] * 2, "cutlass_int4_weight_only_linear")
+        return ops._out_like(x, qweight)
+
+    @torch.library.register_fake("fxquant::cutlass_int4_mma_weight_only_linear")
+    def _(x, qweight, scales, zeros, bias, group_size, variant):
+        ops._check_k(x, qweight.shape[1] * 2, "cutlass_int4_mma_weight_only_linear")
         return ops._out_like(x, qweight)
 
     @torch.library.register_fake("fxquant::cutlass_int8_weight_only_linear")

@@ -59,13 +59,13 @@ def fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         return fits_int8_dynamic(x, qweight, scales, bias, bn, bm, split_k, warps, cluster)
     if scheme in ("int8_wo", "fp8_wo"):
         return fits_row_scaled(scheme, x, qweight, scales, bias, bn, bm, split_k, warps, cluster)
-    if not (scheme == "int4_wo" and x.dtype == torch.bfloat16 and scales.dtype == torch.bfloat16
+    if not (scheme in ("int4_wo", "int4_mma") and x.dtype == torch.bfloat16 and scales.dtype == torch.bfloat16
             and (bn, bm, split_k, warps) in VARIANTS and cluster == 1 and _hopper(x)):
         return False
     K, N = x.shape[-1], qweight.shape[0]
     if qweight.dtype != torch.uint8 or K != qweight.shape[1] * 2 or group % 64 or K % group or K % 32:
         return False
-    if N % 8 or N == 0 or x.numel() == 0:
+    if N % 8 or N == 0 or x.numel() == 0 or (scheme == "int4_mma" and (N % 16 or K % 64)):
         return False
     if any(t is not None and t.device != x.device for t in (qweight, scales, bias)):
         return False
@@ -201,9 +201,10 @@ def _sched() -> int:
 
 def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
            group: int, bn: int, bm: int, split_k: int = 1, warps: int = 0) -> torch.Tensor:
-    """scheme "int4_wo" (scales = fxquant's scales_zeros), "int8_wo" (per-channel bf16 scales [N]) or
+    """scheme "int4_wo" (scales = fxquant's scales_zeros), "int4_mma" (the same, on the MMA-fragment
+    layout: numerics.pack_int4_mma), "int8_wo" (per-channel bf16 scales [N]) or
     "fp8_wo" (per-row float32 scales [N]); int8 dynamic goes through int8_dynamic_linear."""
-    if scheme not in ("int4_wo", "int8_wo", "fp8_wo"):
+    if scheme not in ("int4_wo", "int4_mma", "int8_wo", "fp8_wo"):
         raise ValueError(f"cutlass.linear: {scheme!r} is not a weight-only scheme (int8 dynamic: int8_dynamic_linear)")
     variant = VARIANTS[(bn, bm, split_k, warps)] | _sched() << SCHED_SHIFT
     b = _epilogue_bias(bias)
@@ -212,6 +213,8 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if scheme == "fp8_wo":
         return torch.ops.fxquant.cutlass_float8_weight_only_linear(x, qweight, scales.reshape(-1), b, variant)
     s, z = _int4_arrays(scales)
+    if scheme == "int4_mma":
+        return torch.ops.fxquant.cutlass_int4_mma_weight_only_linear(x, qweight, s, z, b, group, variant)
     return torch.ops.fxquant.cutlass_int4_weight_only_linear(x, qweight, s, z, b, group, variant)
 
 

@@ -19,6 +19,7 @@ WK_FP8 = tl.constexpr(2)       # e4m3 [N, K], converted to x's dtype (weight-onl
 WK_INT8_MMA = tl.constexpr(3)  # int8 weight x int8 activations, int32 accumulate
 WK_FP8_MMA = tl.constexpr(4)   # e4m3 weight x e4m3 activations, fp32 accumulate
 WK_PLAIN = tl.constexpr(5)     # [N, K] in x's dtype, dequantized beforehand (kind "deqgemm")
+WK_INT4_MMA = tl.constexpr(6)  # int4 as WK_INT4, in the MMA-fragment layout (numerics.pack_int4_mma)
 
 # Scale vectors (XS_MODE / WS_MODE): none, one per row/column, one for the whole tensor.
 SC_NONE = tl.constexpr(0)

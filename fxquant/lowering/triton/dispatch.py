@@ -29,18 +29,19 @@ from .act_quant import quantize_activations
 from .gemm import REDUCE_FIXUP, REDUCE_NONE, dequant_kernel, gemm_kernel, scale_epilogue_kernel
 from .gemv import gemv_kernel
 
-WEIGHT_ONLY = ("int8_wo", "int4_wo", "fp8_wo")
+WEIGHT_ONLY = ("int8_wo", "int4_wo", "int4_mma", "fp8_wo")
+INT4 = ("int4_wo", "int4_mma")  # int4_mma: the MMA-fragment layout (Int4WeightOnly(layout="mma"))
 DYNAMIC = ("int8_dyn", "fp8_dyn_row", "fp8_dyn_tensor")
 SCHEMES = WEIGHT_ONLY + DYNAMIC
 _FP8 = ("fp8_wo", "fp8_dyn_row", "fp8_dyn_tensor")
-_WKIND = {"int8_wo": C.WK_INT8, "int4_wo": C.WK_INT4, "fp8_wo": C.WK_FP8,
+_WKIND = {"int8_wo": C.WK_INT8, "int4_wo": C.WK_INT4, "int4_mma": C.WK_INT4_MMA, "fp8_wo": C.WK_FP8,
           "int8_dyn": C.WK_INT8_MMA, "fp8_dyn_row": C.WK_FP8_MMA, "fp8_dyn_tensor": C.WK_FP8_MMA}
 _GEMV_WKIND = {"int8_dyn": C.WK_INT8, "fp8_dyn_row": C.WK_FP8, "fp8_dyn_tensor": C.WK_FP8}
 GEMV_MAX_M = 16
-CXX_SCHEMES = ("int8_wo", "int4_wo") + DYNAMIC  # schemes with CUDA C++ kernels (kind "cxx")
+CXX_SCHEMES = ("int8_wo", "int4_wo", "int4_mma") + DYNAMIC  # schemes with CUDA C++ kernels (kind "cxx")
 # The C++ kernels' M range (int4: its tensor-core kernel; dynamic: the 8-bit MMA kernel, which
 # quantizes x itself up to CXX_QUANT_MAX_M and beyond that takes x quantized by our Triton kernel).
-CXX_MAX_M = {"int8_wo": 16, "int4_wo": 32, "int8_dyn": 32, "fp8_dyn_row": 32, "fp8_dyn_tensor": 32}
+CXX_MAX_M = {"int8_wo": 16, "int4_wo": 32, "int4_mma": 16, "int8_dyn": 32, "fp8_dyn_row": 32, "fp8_dyn_tensor": 32}
 # Plain ops: the kernel quantizes x itself up to here (its own limit: kMaxQuantM = 4). Measured on
 # the H100 (BENCHMARKS.md S12): at M = 1 that beats our Triton quantization + the kernel on x
 # quantized beforehand; at M = 2 it loses, except with a per-tensor scale (two Triton passes).
@@ -178,7 +179,7 @@ def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelCon
     (weight-only beyond M = 256: dequantize + cuBLAS, which allocates an N x K weight in x's
     dtype for the call)."""
     mma = scheme in DYNAMIC
-    if m == 1:
+    if m == 1 and scheme != "int4_mma":  # (the GEMV reads row-major bytes only)
         return KernelConfig("gemv", bn=4, bk=4096 if scheme == "int4_wo" else 2048, warps=4)
     if m <= 64:
         return KernelConfig("gemm", bm=max(16, triton.next_power_of_2(m)), bn=64, bk=128,
@@ -188,6 +189,19 @@ def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelCon
     if not mma:  # weight-only, large M: dequantize + cuBLAS (the H100 table's choice at M >= 1024)
         return KernelConfig("deq", bn=64, bk=128, warps=4)
     return KernelConfig("gemm", bm=128, bn=128, bk=128, warps=8, stages=3)
+
+
+def int4_mma_config(m: int, device: torch.device, allow_cxx: bool = True, allow_cutlass: bool = True) -> KernelConfig:
+    """The MMA-fragment int4 layout's untuned choice: its C++ decode kernel at M <= 16, the CUTLASS GEMM
+    on Hopper beyond (64 x 128 ping-pong tiles up to M = 128, 64 x 256 up to 512, 128 x 256
+    cooperative above: the row-major int4 table's tiles); the Triton kernels (which gather its bytes)
+    elsewhere."""
+    if allow_cxx and m <= CXX_MAX_M["int4_mma"]:
+        return KernelConfig("cxx", bn=0, bk=0)
+    if allow_cutlass and _device_info(device)[2] == (9, 0) and device.type == "cuda":
+        bn, bm, warps = (64, 128, 0) if m <= 128 else (64, 256, 4) if m <= 512 else (128, 256, 0)
+        return KernelConfig("cutlass", bn=bn, bk=64, bm=bm, warps=warps)
+    return default_config("int4_mma", max(m, 2), 0, 0, 0)
 
 
 def _table_devices(device: torch.device) -> list[str]:
@@ -216,6 +230,8 @@ def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dty
         for d in devs:
             if (entry := pick(tab.get(d, {}).get(exact))) is not None:
                 return KernelConfig.from_json(entry)
+    if scheme == "int4_mma":  # no shipped entries: measured only by autotuning
+        return int4_mma_config(m, device, allow_cxx, allow_cutlass)
     tab = _table("shipped")
     for d in devs:
         if (entry := pick(tab.get(d, {}).get(bucket_key(scheme, group, m)))) is not None:
@@ -266,7 +282,7 @@ def _nearest_bucket(table: dict, scheme: str, group: int, m: int) -> dict | None
 # --------------------------------------------------------------------------- launchers
 def _fix_bk(cfg_bk: int, scheme: str, group: int, k: int, kind: str) -> int:
     bk = min(cfg_bk, max(32, triton.next_power_of_2(k)))  # no tile wider than K needs
-    if scheme == "int4_wo" and kind == "gemv":
+    if scheme in INT4 and kind == "gemv":
         bk = max(bk, group)  # the GEMV's int4 tile is whole groups
     return max(bk, 32)
 
@@ -293,7 +309,7 @@ def _activations(scheme, x2, scales, pre, pdl=False):
 
 
 def _weight_scale_mode(scheme, scales, n):
-    return C.SC_NONE if scheme == "int4_wo" else (C.SC_ROW if scales.numel() == n else C.SC_TENSOR)
+    return C.SC_NONE if scheme in INT4 else (C.SC_ROW if scales.numel() == n else C.SC_TENSOR)
 
 
 def _pdl(scheme: str, x: torch.Tensor, pre) -> bool:
@@ -389,7 +405,7 @@ def _tma_descriptors(scheme, x2, qweight, cfg, bk):
     """(x, weight) TMA descriptors for a cfg.tma GEMM, or None where TMA cannot run: not Hopper
     or later (the interpreter counts as Hopper), ROCm, fp32 activations, or a stride or address
     the copy engine cannot take (16-byte multiples). x is 2-D here and qweight contiguous."""
-    if (not cfg.tma or torch.version.hip is not None or _device_info(x2.device)[2] < (9, 0)
+    if (not cfg.tma or scheme == "int4_mma" or torch.version.hip is not None or _device_info(x2.device)[2] < (9, 0)
             or x2.element_size() > 2):  # fp32 x: tiles tuned on bf16 overflow shared memory via TMA
         return None
     if (x2.stride(1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16
@@ -562,7 +578,7 @@ def _dequantize_into(scheme, qweight, scales, group, w, bn=64, bk=128, warps=4, 
     row-major into w (any shape with room for it); wrap / active as for _run_gemv."""
     N = qweight.shape[0]
     rows = N - n0 if rows is None else rows
-    K = qweight.shape[1] * (2 if scheme == "int4_wo" else 1)
+    K = qweight.shape[1] * (2 if scheme in INT4 else 1)
     bk = _fix_bk(bk, scheme, group, K, "deq")
     wrap(dequant_kernel)[(triton.cdiv(rows, bn) * active, triton.cdiv(K, bk))](
         qweight, scales, w, N, K, n0, rows, WKIND=_WKIND[scheme],
@@ -592,7 +608,7 @@ def _runnable(cfg: KernelConfig, scheme: str, M: int, N: int, K: int, group: int
     family, else the default gemm (deq for weight-only)."""
     if _known_bad(scheme, cfg):  # an autotune cache written before they were dropped may name them
         return default_config(scheme, max(M, 17), N, K, group)
-    if (cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M)
+    if (cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M and scheme != "int4_mma")
             or (cfg.kind in ("deq", "deqgemm") and scheme in WEIGHT_ONLY)
             or (cfg.kind == "scaled_mm" and scaled_mm_ok)):
         return cfg
@@ -628,6 +644,8 @@ def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         if cxx_fits(scheme, x, qweight, scales, bias, group) and _cxx_ready():
             if scheme == "int4_wo":
                 return torch.ops.fxquant.cxx_int4_weight_only_linear(x, qweight, scales, bias, group)
+            if scheme == "int4_mma":
+                return torch.ops.fxquant.cxx_int4_mma_weight_only_linear(x, qweight, scales, bias, group)
             if scheme == "int8_wo":
                 return torch.ops.fxquant.cxx_int8_weight_only_linear(x, qweight, scales, bias)
             return _run_cxx_dynamic(scheme, x, x2, qweight, scales, bias)
@@ -714,6 +732,9 @@ def cxx_fits(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.
         return False
     if scheme in DYNAMIC:
         return _cxx_dynamic_fits(scheme, x.device, m, K, N, scales)
+    if scheme == "int4_mma":  # int4_mma_layout.cu: any such weight (the layout guarantees N % 16, K % 64)
+        return (scales.dtype == x.dtype and group >= 64 and group & (group - 1) == 0
+                and _device_info(x.device)[2] >= (8, 0))
     if not (scales.dtype == x.dtype and K % 32 == 0 and (scheme != "int4_wo" or group % 32 == 0)):
         return False
     mma = K % 128 == 0 and _device_info(x.device)[2] >= (8, 0) and os.environ.get("FXQUANT_CXX_INT4_MMA") != "0"
@@ -799,7 +820,7 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
     mma = scheme in DYNAMIC
     out: list[KernelConfig] = []
     G = KernelConfig
-    if m <= 8:  # GEMV: bytes in flight per SM come from programs x row bytes; small N wants few rows
+    if m <= 8 and scheme != "int4_mma":  # GEMV: bytes in flight per SM come from programs x row bytes; small N wants few rows
         tiles = (((1, 4096, 4), (2, 4096, 4), (2, 2048, 4), (4, 2048, 4), (4, 1024, 4), (8, 1024, 4),
                   (2, 1024, 2), (4, 4096, 8), (8, 2048, 8))
                  if scheme == "int4_wo" else
@@ -847,7 +868,8 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
     out = [c for c in out if not _known_bad(scheme, c)]
     if scheme in CXX_SCHEMES and m <= CXX_MAX_M[scheme] and torch.cuda.is_available() and _cxx_ready():
         out.append(G("cxx", bn=0, bk=0))
-    if (scheme in ("int4_wo", "int8_wo", "fp8_wo") and m >= 128 and group % 64 == 0 and torch.cuda.is_available()
+    if (scheme in ("int4_wo", "int4_mma", "int8_wo", "fp8_wo") and (m >= 128 or scheme == "int4_mma" and m > 16)
+            and group % 64 == 0 and torch.cuda.is_available()
             and torch.cuda.get_device_capability() == (9, 0) and _cutlass_ready()):
         # (autotune skips the ones cutlass.fits refuses for its inputs: fp16, N % 8, K % 64 for int8 / fp8,
         # per-tensor fp8 scales, alignment)
@@ -877,12 +899,13 @@ def reference_linear(scheme: str, x2: torch.Tensor, qweight: torch.Tensor, scale
     x2 = x2.float()
     N = qweight.shape[0]
     out = torch.empty((x2.shape[0], N), device=x2.device, dtype=torch.float32)
-    rows = max(1, DEQ_CHUNK_ELEMS // max(1, x2.shape[1]))
+    rows = max(16, DEQ_CHUNK_ELEMS // max(1, x2.shape[1]) // 16 * 16)  # int4_mma: whole 16-row blocks
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
         q = qweight[n0:n1]
-        if scheme == "int4_wo":
-            w = nq.dequantize_int4(q, scales[:, n0:n1], group, torch.float32)
+        if scheme in INT4:
+            w = nq.dequantize_int4(q, scales[:, n0:n1], group, torch.float32,
+                                   "mma" if scheme == "int4_mma" else "rows")
         else:
             s = scales.reshape(-1)[n0:n1] if scales.numel() == N else scales
             if scheme == "int8_wo":

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from .common import (INTERPRETED, MAGIC_BITS, MAGIC_Q8, SC_ROW, SC_TENSOR, WK_INT4, WK_INT8_MMA,
+from .common import (INTERPRETED, MAGIC_BITS, MAGIC_Q8, SC_ROW, SC_TENSOR, WK_INT4, WK_INT4_MMA, WK_INT8_MMA,
                      WK_FP8_MMA, WK_PLAIN)
 
 
@@ -26,17 +26,29 @@ def weight_tile(w_ptr, w_desc, s_ptr, rn, n0, kt, N, K, WKIND: tl.constexpr, GRO
                 BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, TMA: tl.constexpr):
     """Weight tile [BN, BK] (K-tile kt; rows n0.., wrapped into rn) in dtype DT. int4 is fully
     dequantized (scale, zero); int8/fp8 come back unscaled (their per-row scale is applied in the
-    epilogue). TMA: the packed bytes are read through w_desc instead of w_ptr."""
-    if WKIND == WK_INT4:
-        if TMA:
-            p = w_desc.load([n0, kt * (BK // 2)]).to(tl.int32)
+    epilogue). TMA: the packed bytes are read through w_desc instead of w_ptr. WK_INT4_MMA gathers
+    each weight's byte from the MMA-fragment layout (numerics.pack_int4_mma): correct anywhere, but
+    byte loads (the CUDA kernels read that layout fast; these are its fallback)."""
+    if WKIND == WK_INT4 or WKIND == WK_INT4_MMA:
+        if WKIND == WK_INT4_MMA:
+            k = kt * BK + tl.arange(0, BK)
+            r2 = rn[:, None]
+            byte = ((r2 // 16 * (K // 64) + k[None, :] // 64) * 512
+                    + (((r2 % 8) * 4 + (k[None, :] % 8) // 2) * 4 + (k[None, :] % 64) // 16) * 4
+                    + (k[None, :] % 2) * 2 + (k[None, :] % 16) // 8)
+            p = tl.load(w_ptr + byte, mask=k[None, :] < K, other=0).to(tl.int32)
+            shift = (r2 % 16 // 8 * 4).to(tl.int32)  # rows 8..15 of a block: the high nibble
+            q = (((p >> shift) & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
         else:
-            kh = kt * (BK // 2) + tl.arange(0, BK // 2)
-            p = tl.load(w_ptr + rn[:, None] * (K // 2) + kh[None, :], mask=kh[None, :] < K // 2,
-                        other=0).to(tl.int32)
-        lo = ((p & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
-        hi = ((p >> 4) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
-        q = tl.reshape(tl.join(lo, hi), (BN, BK))  # byte j -> k = 2j (low), 2j + 1 (high)
+            if TMA:
+                p = w_desc.load([n0, kt * (BK // 2)]).to(tl.int32)
+            else:
+                kh = kt * (BK // 2) + tl.arange(0, BK // 2)
+                p = tl.load(w_ptr + rn[:, None] * (K // 2) + kh[None, :], mask=kh[None, :] < K // 2,
+                            other=0).to(tl.int32)
+            lo = ((p & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
+            hi = ((p >> 4) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_Q8
+            q = tl.reshape(tl.join(lo, hi), (BN, BK))  # byte j -> k = 2j (low), 2j + 1 (high)
         if BK <= GROUP:
             szp = s_ptr + ((kt * BK) // GROUP * N + rn) * 2
             w = q * tl.load(szp).to(tl.float32)[:, None] + tl.load(szp + 1).to(tl.float32)[:, None]

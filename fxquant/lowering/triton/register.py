@@ -29,6 +29,10 @@ def _int4_wo(x, qweight, scales_zeros, bias, group_size):
     return _dispatch().linear("int4_wo", x, qweight, scales_zeros, bias, group_size)
 
 
+def _int4_mma(x, qweight, scales_zeros, bias, group_size):
+    return _dispatch().linear("int4_mma", x, qweight, scales_zeros, bias, group_size)
+
+
 def _int8_dyn(x, qweight, w_scales, bias):
     return _dispatch().linear("int8_dyn", x, qweight, w_scales, bias)
 
@@ -73,6 +77,7 @@ def register() -> bool:
     if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
         return False
     for op, fn in ((ops.int8_weight_only_linear, _int8_wo), (ops.int4_weight_only_linear, _int4_wo),
+                   (ops.int4_mma_weight_only_linear, _int4_mma),
                    (ops.int8_dynamic_linear, _int8_dyn), (ops.float8_dynamic_linear, _fp8_dyn),
                    (ops.float8_weight_only_linear, _fp8_wo),
                    (ops.int8_dynamic_linear_prequant, _int8_dyn_pre),
@@ -80,6 +85,7 @@ def register() -> bool:
                    (ops.swiglu_quantize, _swiglu_quantize)):
         op.register_kernel("cuda")(fn)
     ops.register_prepare("fxquant::int4_weight_only_linear", _prepare_int4)
+    ops.register_prepare("fxquant::int4_mma_weight_only_linear", _prepare_int4)
     from .. import attention
     attention.register_cuda()
     _registered = True

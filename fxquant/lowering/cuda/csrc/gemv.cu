@@ -33,6 +33,7 @@
 
 namespace fxquant {
 namespace {
+using mma::Pair;
 
 constexpr int kMaxM = 16;      // the GEMV's range; larger M is compute-bound: dequantize + cuBLAS
 constexpr int kMaxMmaM = 32;   // the int4 tensor-core kernel's range
@@ -240,25 +241,6 @@ void launch(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& s
 constexpr int kMmaWarps = 16;  // at most, per block of 16 or 32 rows; they split K (more loads in flight)
 static_assert(kMmaWarps * 32 <= 512 && kMaxThreads <= 512, "blocks_per_sm caches blocks of <= 512 threads");
 
-template <typename T>
-struct Pair;
-template <>
-struct Pair<__nv_bfloat16> {
-  using T2 = __nv_bfloat162;
-  static constexpr uint32_t kMagic = 0x43004300u;  // bf16 128.0 twice: 128 + q is exact
-  static __device__ __forceinline__ T2 offset() { return __float2bfloat162_rn(136.f); }  // 128 + 8
-  static __device__ __forceinline__ T2 lo2(T2 v) { return __low2bfloat162(v); }  // (lo, lo)
-  static __device__ __forceinline__ T2 hi2(T2 v) { return __high2bfloat162(v); }
-};
-template <>
-struct Pair<__half> {
-  using T2 = __half2;
-  static constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 twice
-  static __device__ __forceinline__ T2 offset() { return __float2half2_rn(1032.f); }
-  static __device__ __forceinline__ T2 lo2(T2 v) { return __low2half2(v); }
-  static __device__ __forceinline__ T2 hi2(T2 v) { return __high2half2(v); }
-};
-
 // Pair p (0..15) of a lane's 32 nibbles of one row, dequantized: word p / 4, nibbles (i, i + 4).
 template <typename T>
 __device__ __forceinline__ uint32_t dequant_pair(const uint32_t (&w)[4], int p, typename Pair<T>::T2 s2,
@@ -275,12 +257,7 @@ __device__ __forceinline__ uint32_t dequant_pair(const uint32_t (&w)[4], int p, 
 template <typename T>
 __device__ __forceinline__ uint32_t dequant_pair_lop3(const uint32_t (&w)[4], int p, typename Pair<T>::T2 s2,
                                                       typename Pair<T>::T2 z2) {
-  using T2 = typename Pair<T>::T2;
-  uint32_t v;
-  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(v) : "r"(w[p / 4] >> (4 * (p % 4))), "n"(0x000F000F), "n"(Pair<T>::kMagic));
-  const T2 q = __hsub2(*reinterpret_cast<const T2*>(&v), Pair<T>::offset());
-  const T2 r = __hfma2(q, s2, z2);
-  return *reinterpret_cast<const uint32_t*>(&r);
+  return mma::dequant_nibbles_0_4<T>(w[p / 4] >> (4 * (p % 4)), s2, z2);
 }
 
 // LEAN (experiment, S23): the same arithmetic with fewer instructions per K-tile: one LOP3 per

@@ -1,5 +1,5 @@
-// Pieces shared by the weight-only tensor-core kernels (gemv.cu's int4, int8_mma.cu's int8): the
-// bf16/fp16 MMA and the block's sum of its warps' partial output tiles.
+// Pieces shared by the weight-only tensor-core kernels (gemv.cu's int4, int4_mma_layout.cu, int8_mma.cu's
+// int8): the bf16/fp16 MMA, int4 pair dequantization and the block's sum of its warps' partial output tiles.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -29,6 +29,38 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
+}
+
+template <typename T>
+struct Pair;
+template <>
+struct Pair<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x43004300u;  // bf16 128.0 twice: 128 + q is exact
+  static __device__ __forceinline__ T2 offset() { return __float2bfloat162_rn(136.f); }  // 128 + 8
+  static __device__ __forceinline__ T2 lo2(T2 v) { return __low2bfloat162(v); }  // (lo, lo)
+  static __device__ __forceinline__ T2 hi2(T2 v) { return __high2bfloat162(v); }
+};
+template <>
+struct Pair<__half> {
+  using T2 = __half2;
+  static constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 twice
+  static __device__ __forceinline__ T2 offset() { return __float2half2_rn(1032.f); }
+  static __device__ __forceinline__ T2 lo2(T2 v) { return __low2half2(v); }
+  static __device__ __forceinline__ T2 hi2(T2 v) { return __high2half2(v); }
+};
+
+// Nibbles 0 and 4 of w as a pair, (q - 8) * scale + zero: the mask and the magic in one LOP3
+// ((a & b) | c; the compiler's own lowering takes two, since a LOP3 holds one immediate), then a
+// subtract (q - 8, exact) and an FMA rounded once.
+template <typename T>
+__device__ __forceinline__ uint32_t dequant_nibbles_0_4(uint32_t w, typename Pair<T>::T2 s2, typename Pair<T>::T2 z2) {
+  using T2 = typename Pair<T>::T2;
+  uint32_t v;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(v) : "r"(w), "n"(0x000F000F), "n"(Pair<T>::kMagic));
+  const T2 q = __hsub2(*reinterpret_cast<const T2*>(&v), Pair<T>::offset());
+  const T2 r = __hfma2(q, s2, z2);
+  return *reinterpret_cast<const uint32_t*>(&r);
 }
 
 // acc[r][n] = D[row g / g + 8][tokens n * 8 + 2t, + 1] of this warp's K-tiles (rows row0 + 16 r ...):

@@ -50,9 +50,9 @@ at::Tensor finish(const at::Tensor& out2d, const at::Tensor& x, const std::optio
 }
 }  // namespace
 
-void check_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_zeros,
-                const std::optional<at::Tensor>& bias, int64_t group_size) {
-  const char* op = "cxx_int4_weight_only_linear";
+namespace {
+void check_int4_op(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_zeros,
+                   const std::optional<at::Tensor>& bias, int64_t group_size) {
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte, "fxquant.", op,
               ": qweight must be uint8 [N, K // 2], got ", qweight.scalar_type(), " ", dims(qweight.sizes()));
   const int64_t n = qweight.size(0), k = qweight.size(1) * 2;
@@ -67,6 +67,23 @@ void check_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
   check_device(x, qweight, "qweight", op);
   check_device(x, scales_zeros, "scales_zeros", op);
   if (bias.has_value()) check_device(x, *bias, "bias", op);
+}
+}  // namespace
+
+void check_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_zeros,
+                const std::optional<at::Tensor>& bias, int64_t group_size) {
+  check_int4_op("cxx_int4_weight_only_linear", x, qweight, scales_zeros, bias, group_size);
+}
+
+void check_int4_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_zeros,
+                    const std::optional<at::Tensor>& bias, int64_t group_size) {
+  const char* op = "cxx_int4_mma_weight_only_linear";
+  check_int4_op(op, x, qweight, scales_zeros, bias, group_size);
+  TORCH_CHECK(qweight.size(0) % 16 == 0 && qweight.size(1) % 32 == 0 && group_size >= 64 &&
+                  (group_size & (group_size - 1)) == 0,
+              "fxquant.", op, ": the MMA-fragment layout needs N % 16 == 0, K % 64 == 0 and a power-of-two "
+              "group_size >= 64, got N=", num(qweight.size(0)), ", K=", num(qweight.size(1) * 2), ", group_size=",
+              num(group_size));
 }
 
 void check_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -83,18 +100,41 @@ void check_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
   if (bias.has_value()) check_device(x, *bias, "bias", op);
 }
 
-at::Tensor int4_dequant_linear(const at::Tensor& x, const at::Tensor& qweight,
-                               const at::Tensor& scales_zeros, const std::optional<at::Tensor>& bias,
-                               int64_t group_size) {
-  check_int4(x, qweight, scales_zeros, bias, group_size);
-  const int64_t n = qweight.size(0), k = qweight.size(1) * 2;
-  // Same order of float32 operations as numerics.dequantize_int4, so the results are identical.
-  at::Tensor q = at::stack({at::bitwise_and(qweight, 15), at::bitwise_right_shift(qweight, 4)}, -1)
-                     .reshape({n, k}).to(at::kFloat);
+namespace {
+// The packed bytes as nibbles [N * K / 2, 2] (low first), as numerics' unpacking reads them.
+at::Tensor nibbles(const at::Tensor& qweight) {
+  return at::stack({at::bitwise_and(qweight, 15), at::bitwise_right_shift(qweight, 4)}, -1);
+}
+
+// x @ dequantize(q)^T + bias for q the nibbles in row-major order ([N, K] float32): the same order of
+// float32 operations as numerics.dequantize_int4, so the results are identical.
+at::Tensor int4_linear_from_q(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales_zeros,
+                              const std::optional<at::Tensor>& bias, int64_t group_size) {
+  const int64_t n = q.size(0), k = q.size(1);
   at::Tensor sz = scales_zeros.to(at::kFloat).transpose(0, 1);  // [N, G, 2]
   at::Tensor g = q.reshape({n, k / group_size, group_size});
   at::Tensor w = ((g - 8) * sz.narrow(-1, 0, 1) + sz.narrow(-1, 1, 1)).reshape({n, k}).to(x.scalar_type());
   return finish(at::linear(x.reshape({-1, k}), w), x, bias);
+}
+}  // namespace
+
+at::Tensor int4_dequant_linear(const at::Tensor& x, const at::Tensor& qweight,
+                               const at::Tensor& scales_zeros, const std::optional<at::Tensor>& bias,
+                               int64_t group_size) {
+  check_int4(x, qweight, scales_zeros, bias, group_size);
+  const at::Tensor q = nibbles(qweight).reshape({qweight.size(0), qweight.size(1) * 2}).to(at::kFloat);
+  return int4_linear_from_q(x, q, scales_zeros, bias, group_size);
+}
+
+at::Tensor int4_mma_dequant_linear(const at::Tensor& x, const at::Tensor& qweight,
+                                   const at::Tensor& scales_zeros, const std::optional<at::Tensor>& bias,
+                                   int64_t group_size) {
+  check_int4_mma(x, qweight, scales_zeros, bias, group_size);
+  const int64_t n = qweight.size(0), k = qweight.size(1) * 2;
+  // numerics.unpack_int4_mma: the bytes as (R, S, g, t, j, e, kh, h) -> (R, h, g, S, j, kh, t, e).
+  const at::Tensor q = nibbles(qweight).reshape({n / 16, k / 64, 8, 4, 4, 2, 2, 2})
+                           .permute({0, 7, 2, 1, 4, 6, 3, 5}).reshape({n, k}).to(at::kFloat);
+  return int4_linear_from_q(x, q, scales_zeros, bias, group_size);
 }
 
 at::Tensor int8_dequant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -216,12 +256,14 @@ at::Tensor float8_prequant_cpu(const at::Tensor& xq, const at::Tensor& x_scales,
 }  // namespace
 
 // Bumped whenever a schema or a kernel's contract changes; the Python loader checks it.
-int64_t abi_version() { return 3; }  // 2: the dynamic-activation ops; 3: the prequant ops' pdl
+int64_t abi_version() { return 4; }  // 2: the dynamic-activation ops; 3: the prequant ops' pdl; 4: int4 mma layout
 
 }  // namespace fxquant
 
 TORCH_LIBRARY_FRAGMENT(fxquant, m) {
   m.def("cxx_int4_weight_only_linear(Tensor x, Tensor qweight, Tensor scales_zeros, Tensor? bias, "
+        "SymInt group_size) -> Tensor");
+  m.def("cxx_int4_mma_weight_only_linear(Tensor x, Tensor qweight, Tensor scales_zeros, Tensor? bias, "
         "SymInt group_size) -> Tensor");
   m.def("cxx_int8_weight_only_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
   m.def("cxx_int8_dynamic_linear(Tensor x, Tensor qweight, Tensor w_scales, Tensor? bias) -> Tensor");
@@ -235,6 +277,7 @@ TORCH_LIBRARY_FRAGMENT(fxquant, m) {
 
 TORCH_LIBRARY_IMPL(fxquant, CPU, m) {
   m.impl("cxx_int4_weight_only_linear", &fxquant::int4_dequant_linear);
+  m.impl("cxx_int4_mma_weight_only_linear", &fxquant::int4_mma_dequant_linear);
   m.impl("cxx_int8_weight_only_linear", &fxquant::int8_dequant_linear);
   m.impl("cxx_int8_dynamic_linear", &fxquant::int8_dynamic_cpu);
   m.impl("cxx_float8_dynamic_linear", &fxquant::float8_dynamic_cpu);

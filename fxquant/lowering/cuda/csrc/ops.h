@@ -22,6 +22,10 @@ void check_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
                 const std::optional<at::Tensor>& bias, int64_t group_size);
 void check_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                 const std::optional<at::Tensor>& bias);
+// int4 in the MMA-fragment layout (numerics.pack_int4_mma): check_int4's rules plus N % 16, K % 64 and
+// group_size a power of two >= 64.
+void check_int4_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_zeros,
+                    const std::optional<at::Tensor>& bias, int64_t group_size);
 
 // The dynamic-activation ops (int8 and e4m3): x, or xq with its per-token scales, against an 8-bit
 // weight with float32 scales [N] or [1].
@@ -36,6 +40,9 @@ void check_prequant(const at::Tensor& xq, const at::Tensor& x_scales, const at::
 at::Tensor int4_dequant_linear(const at::Tensor& x, const at::Tensor& qweight,
                                const at::Tensor& scales_zeros, const std::optional<at::Tensor>& bias,
                                int64_t group_size);
+at::Tensor int4_mma_dequant_linear(const at::Tensor& x, const at::Tensor& qweight,
+                                   const at::Tensor& scales_zeros, const std::optional<at::Tensor>& bias,
+                                   int64_t group_size);
 at::Tensor int8_dequant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                const std::optional<at::Tensor>& bias);
 
@@ -44,6 +51,8 @@ at::Tensor int8_dequant_linear(const at::Tensor& x, const at::Tensor& qweight, c
 // aligned) into out [M, N]: false, with nothing launched, outside its range (M <= kMaxInt8MmaM,
 // K % 64 == 0, sm_80+; FXQUANT_CXX_INT8_MMA). bias: x's dtype, or none.
 constexpr int64_t kMaxInt8MmaM = 16;
+// The MMA-fragment int4 decode kernel's range (int4_mma_layout.cu).
+constexpr int64_t kMaxInt4MmaLayoutM = 16;
 bool int8_mma_linear(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
                      const std::optional<at::Tensor>& bias, at::Tensor& out);
 

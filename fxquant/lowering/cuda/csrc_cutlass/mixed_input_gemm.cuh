@@ -6,6 +6,12 @@
 // first, are CUTLASS's K-major unsigned int4 [N, K]. CUTLASS computes w = q * scale + zero, so the
 // caller passes zero - 8 * scale for fxquant's (q - 8) * scale + zero, and both as [K / group, N]
 // arrays (N contiguous). The bias is added in the epilogue (acc + bias, one rounding to bf16).
+// int4 in the MMA-fragment layout (fxquant::cutlass_int4_mma_weight_only_linear, int4_mma.cu): the same
+// GEMM on numerics.pack_int4_mma's bytes, which are CUTLASS's reordered operand (example 55:
+// compute_memory_reordering_atom, four k-steps per thread, value order [0,2,4,6,1,3,5,7]) with the
+// 16 x 64 blocks tiled K first. Each thread finds its nibbles contiguous in shared memory: one wide
+// load and the LOP3 conversion replace byte loads and shuffles (session 24's probe: 0.96-1.06x of
+// bf16 at M = 4096 where the row-major op ran 0.90-0.93x).
 // int8 and fp8 (fxquant::cutlass_int8_weight_only_linear, fxquant::cutlass_float8_weight_only_linear):
 // the int8 / e4m3 [N, K] weight converted to bf16 in registers (exact: every int8 and e4m3 value is
 // a bf16 value; CUTLASS's convert-only mode), its per-row scales (int8: bf16, fp8: float32) and the
@@ -52,7 +58,19 @@ inline int sm_count(int device) {
 // How the weight is scaled: per K-group in the mainloop (q * scale + zero), or per row in the
 // epilogue with the bias (float32 scales, or scales in the activation dtype; the mainloop only
 // converts q).
-enum Mode : int { kGroupScaleZero = 1, kRowScaleEpilogue = 2, kRowScaleEpilogueAct = 3 };
+// kGroupScaleZeroMma: kGroupScaleZero on the MMA-fragment layout (int4 only).
+enum Mode : int { kGroupScaleZero = 1, kRowScaleEpilogue = 2, kRowScaleEpilogueAct = 3, kGroupScaleZeroMma = 4 };
+
+// The MMA-fragment int4 layout as a CuTe layout of the (N, K, L) weight: the 16-row x 64-k atom (in
+// nibbles: row g + 8h, k e + 2t + 8kh + 16j at h + 2kh + 4e + 8j + 32t + 128g) tiled along K first, so
+// the blocks of 16 weight rows are contiguous (numerics.pack_int4_mma). The atom is written in the form
+// that CUTLASS 4.2's compute_memory_reordering_atom<bf16, (_1, _4), [0,2,4,6,1,3,5,7]> returns (checked
+// equal at every coordinate, session 25); that helper's header needs curand, which fxquant does not.
+using MmaAtom = Layout<Shape<Shape<Shape<_8, _2>, _1>, Shape<Shape<_2, _4, _2>, _4>>,
+                       Stride<Stride<Stride<_128, _1>, _0>, Stride<Stride<_4, _32, _2>, _8>>>;
+using BlocksKFirst = Step<_2, _1, _3>;
+inline auto mma_layout(int N, int K) { return cute::tile_to_shape(MmaAtom{}, cute::make_shape(N, K, 1), BlocksKFirst{}); }
+using MmaLayout = decltype(mma_layout(0, 0));
 
 // Quant: the weight's element type; kMode: see Mode; Scheduler: void (persistent, one output tile
 // per CTA turn) or cutlass::gemm::StreamKScheduler (tiles' K ranges spread over all SMs, so a grid
@@ -61,6 +79,8 @@ template <class Quant, int kMode, class TileShape, class Cluster, class KernelSc
           class Scheduler = void>
 struct Config {
   static constexpr bool kEpi = kMode == kRowScaleEpilogue || kMode == kRowScaleEpilogueAct;
+  static constexpr bool kMma = kMode == kGroupScaleZeroMma;
+  using LayoutW = std::conditional_t<kMma, MmaLayout, cutlass::layout::RowMajor>;  // the weight, K-major
   using ScaleT = std::conditional_t<kMode == kRowScaleEpilogueAct, Act, float>;  // epilogue scales' type
   using WeightOperand = std::conditional_t<kEpi, Quant, cute::tuple<Quant, Act, Act>>;
   static constexpr int kAlignW = 128 / cutlass::sizeof_bits<Quant>::value;  // 16-byte TMA rows
@@ -84,7 +104,7 @@ struct Config {
       Act, cutlass::layout::ColumnMajor, 8, EpiSchedule, Fusion>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      WeightOperand, cutlass::layout::RowMajor, kAlignW,           // the weight, K-major
+      WeightOperand, LayoutW, kAlignW,                               // the weight
       Act, cutlass::layout::ColumnMajor, 8,                          // x^T, K-major
       Acc, TileShape, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
@@ -98,21 +118,26 @@ struct Config {
   // raster order (0 CUTLASS's heuristic, 1 along the weight rows, 2 along the tokens).
   static typename Gemm::Arguments args(const void* w, const void* x, const void* scale, const void* zero,
                                        const void* bias, void* out, int M, int N, int K, int group, int sched = 0) {
-    using StrideA = typename Kernel::StrideA;
     using StrideB = typename Kernel::StrideB;
     using StrideD = typename Kernel::StrideD;
     using StrideS = typename Mainloop::StrideScale;
-    auto sa = cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(N, K, 1));
     auto sb = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(M, K, 1));
     auto sd = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(N, M, 1));
     typename Gemm::Arguments a{};
     a.mode = cutlass::gemm::GemmUniversalMode::kGemm;
     a.problem_shape = {N, M, K, 1};
-    if constexpr (kEpi) {
+    if constexpr (kMma) {
+      auto ss = cutlass::make_cute_packed_stride(StrideS{}, cute::make_shape(N, K / group, 1));
+      a.mainloop = {static_cast<const Quant*>(w), mma_layout(N, K), static_cast<const Act*>(x), sb,
+                    static_cast<const Act*>(scale), ss, group, static_cast<const Act*>(zero)};
+      a.epilogue.thread = {{}, {static_cast<const Act*>(bias), Act(0), {}}, {}};
+    } else if constexpr (kEpi) {
+      auto sa = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, cute::make_shape(N, K, 1));
       a.mainloop = {static_cast<const Quant*>(w), sa, static_cast<const Act*>(x), sb};
       a.epilogue.thread = {{}, {static_cast<const ScaleT*>(scale), ScaleT(0), {}},
                            {static_cast<const Act*>(bias), Act(0), {}}, {}};
     } else {
+      auto sa = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, cute::make_shape(N, K, 1));
       auto ss = cutlass::make_cute_packed_stride(StrideS{}, cute::make_shape(N, K / group, 1));
       a.mainloop = {static_cast<const Quant*>(w), sa, static_cast<const Act*>(x), sb,
                     static_cast<const Act*>(scale), ss, group, static_cast<const Act*>(zero)};
@@ -212,7 +237,7 @@ size_t workspace_bytes(int variant, int M, int N, int K, int group) {
 template <class Q, int Md>
 at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& qweight, int64_t k, const at::Tensor& scales,
                   const at::Tensor* zeros, const std::optional<at::Tensor>& bias, int64_t group, int64_t variant) {
-  constexpr bool kEpi = Md == kRowScaleEpilogue || Md == kRowScaleEpilogueAct;
+  constexpr bool kEpi = Md == kRowScaleEpilogue || Md == kRowScaleEpilogueAct;  // (kGroupScaleZeroMma: not)
   const c10::cuda::OptionalCUDAGuard guard(x.device());  // launch, stream and attributes on x's GPU
   const int64_t n = qweight.size(0);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.size(-1) == k, "fxquant.", op, ": bad x");

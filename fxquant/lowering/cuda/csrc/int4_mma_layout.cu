@@ -1,0 +1,220 @@
+// fxquant::cxx_int4_mma_weight_only_linear on CUDA: int4 decode (M <= 16) on the MMA-fragment layout
+// (numerics.pack_int4_mma, Int4WeightOnly(layout="mma")); dequantize + cuBLAS (ops.cpp) elsewhere.
+//
+// The layout stores each 16-row x 64-k block as 512 bytes in which lane l = 4g + t of a warp owns 16
+// contiguous bytes: one word per 16-k MMA step j, whose nibble pairs (i, i + 4) are the A registers
+// a0..a3 of mma.m16n8k16 for rows g / g + 8 and k 2t, 2t + 1 / 2t + 8, 2t + 9 of that step. So a warp
+// reads a block with one 16-byte load per lane (512 contiguous bytes) and dequantizes it with one
+// LOP3, a subtract and an FMA per pair (mma.cuh), without the byte shuffles the row-major layout
+// needs. x^T is the B operand (tokens g, g + 8 of each 8-token tile), read as 4-byte pairs at the k
+// the weight's pairs hold. The warps of a block split K in steps of U blocks; RT 16-row blocks share
+// each x fragment; partial sums are added across warps in shared memory (mma::reduce_store).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "device.cuh"
+#include "mma.cuh"
+#include "ops.h"
+
+namespace fxquant {
+namespace {
+using mma::Pair;
+
+constexpr int kWarps = 16;  // at most per block
+
+template <typename T, int NT, int RT, int U>  // NT 8-token tiles (M <= 8 NT), RT 16-row blocks, U 64-k blocks per step
+__global__ void __launch_bounds__(kWarps * 32) int4_mma_layout_kernel(const T* __restrict__ x, int64_t x_stride,
+                                                                      const uint8_t* __restrict__ w,
+                                                                      const T* __restrict__ sz,
+                                                                      const T* __restrict__ bias, T* __restrict__ out,
+                                                                      int64_t out_stride, int M, int N, int K,
+                                                                      int group_shift) {
+  using T2 = typename Pair<T>::T2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int kb = K / 64, rb0 = blockIdx.x * RT, nrb = N / 16;
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.f;
+  const uint8_t* wr[RT];  // this lane's 16 bytes of block (rb, 0); blocks past N repeat the last (never stored)
+  int row[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const int rb = min(rb0 + r, nrb - 1);
+    wr[r] = w + static_cast<int64_t>(rb) * kb * 512 + 16 * lane;
+    row[r] = rb * 16 + g;
+  }
+  const T* xr[NT];  // token n * 8 + g (past M: row M - 1, never stored), at k 2t
+#pragma unroll
+  for (int n = 0; n < NT; ++n) xr[n] = x + min(n * 8 + g, M - 1) * x_stride + 2 * t;
+
+  for (int s0 = warp * U; s0 < kb; s0 += nwarps * U) {
+    uint4 wv[U][RT];
+    uint32_t sa[U][RT], sb[U][RT];  // (scale, zero) of rows g and g + 8
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // every load of the step first: U x RT x 512 bytes per warp in flight
+      const unsigned int* szw = reinterpret_cast<const unsigned int*>(sz) + ((s0 + u) * 64 >> group_shift) * N;
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        wv[u][r] = device::load_stream(wr[r] + (s0 + u) * 512);
+        sa[u][r] = __ldg(szw + row[r]);
+        sb[u][r] = __ldg(szw + row[r] + 8);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      T2 s2[RT][2], z2[RT][2];
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const T2 pa = *reinterpret_cast<const T2*>(&sa[u][r]), pb = *reinterpret_cast<const T2*>(&sb[u][r]);
+        s2[r][0] = Pair<T>::lo2(pa), z2[r][0] = Pair<T>::hi2(pa), s2[r][1] = Pair<T>::lo2(pb), z2[r][1] = Pair<T>::hi2(pb);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int k = (s0 + u) * 64 + 16 * j;
+        uint32_t b[NT][2];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          b[n][0] = __ldg(reinterpret_cast<const unsigned int*>(xr[n] + k));
+          b[n][1] = __ldg(reinterpret_cast<const unsigned int*>(xr[n] + k + 8));
+        }
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          const uint32_t word = j == 0 ? wv[u][r].x : j == 1 ? wv[u][r].y : j == 2 ? wv[u][r].z : wv[u][r].w;
+          const uint32_t a0 = mma::dequant_nibbles_0_4<T>(word, s2[r][0], z2[r][0]);
+          const uint32_t a1 = mma::dequant_nibbles_0_4<T>(word >> 4, s2[r][1], z2[r][1]);
+          const uint32_t a2 = mma::dequant_nibbles_0_4<T>(word >> 8, s2[r][0], z2[r][0]);
+          const uint32_t a3 = mma::dequant_nibbles_0_4<T>(word >> 12, s2[r][1], z2[r][1]);
+#pragma unroll
+          for (int n = 0; n < NT; ++n) mma::mma16816<T>(acc[r][n], a0, a1, a2, a3, b[n][0], b[n][1]);
+        }
+      }
+    }
+  }
+  mma::reduce_store<T, RT, NT, kWarps>(acc, rb0 * 16, M, N, static_cast<const T*>(nullptr), bias, out, out_stride);
+}
+
+// Block shape (RT 16-row blocks, warps splitting K, U blocks per warp step): the first of a preference
+// list whose grid fits on the GPU in one wave, else the last (as gemv.cu's int4 kernel). U = 2 gives a
+// warp step LEAN's 1 KB per 16 rows. FXQUANT_CXX_INT4_MMA_LAYOUT_VARIANT="RT,WARPS,U" overrides it (RT 1,
+// 2 or 4, U 1, 2 or 4 with RT * U <= 8; experiments; read at every call).
+struct Shape {
+  int rt, warps, u;
+};
+
+template <typename T, int NT, int RT, int U>
+int per_sm(int warps) {
+  return device::blocks_per_sm<int4_mma_layout_kernel<T, NT, RT, U>>(warps * 32);
+}
+
+template <typename T, int NT>
+Shape pick_shape(int n, int k) {
+  static constexpr Shape kOne[] = {{1, 16, 2}, {1, 8, 2}, {2, 8, 2}, {2, 4, 2}};
+  static constexpr Shape kTwo[] = {{2, 16, 2}, {2, 8, 2}, {2, 4, 2}, {4, 4, 2}};
+  const Shape* list = NT == 1 ? kOne : kTwo;
+  const int kb = k / 64;
+  Shape s = list[3];
+  for (int i = 0; i < 4; ++i) {
+    const int warps = std::max(1, std::min(list[i].warps, kb / list[i].u));
+    const int blocks = (n / 16 + list[i].rt - 1) / list[i].rt;
+    const int fit = list[i].rt == 1 ? per_sm<T, NT, 1, 2>(warps) : list[i].rt == 2 ? per_sm<T, NT, 2, 2>(warps)
+                                                                                     : per_sm<T, NT, 4, 2>(warps);
+    if (blocks <= fit * device::sm_count()) {
+      s = list[i];
+      break;
+    }
+  }
+  if (const char* e = std::getenv("FXQUANT_CXX_INT4_MMA_LAYOUT_VARIANT")) {  // exactly "RT,WARPS,U", else ignored
+    Shape o{0, 0, 0};
+    int used = 0;
+    if (std::sscanf(e, "%d,%d,%d%n", &o.rt, &o.warps, &o.u, &used) == 3 && e[used] == '\0' &&
+        (o.rt == 1 || o.rt == 2 || o.rt == 4) && (o.u == 1 || o.u == 2 || o.u == 4) && o.rt * o.u <= 8 &&
+        o.warps >= 1 && o.warps <= kWarps)
+      s = o;
+  }
+  if (kb % s.u) s.u = kb % 2 ? 1 : 2;  // U must divide the K blocks
+  if (kb % s.u) s.u = 1;
+  s.warps = std::max(1, std::min(s.warps, kb / s.u));
+  return s;
+}
+
+template <typename T, int NT, int RT, int U>
+void launch(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& sz, const T* b, at::Tensor& out,
+            int group, int warps) {
+  const int M = x2.size(0), N = qweight.size(0), K = x2.size(1);
+  const dim3 grid((N / 16 + RT - 1) / RT);
+  int4_mma_layout_kernel<T, NT, RT, U><<<grid, warps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
+      reinterpret_cast<const T*>(sz.data_ptr()), b, reinterpret_cast<T*>(out.data_ptr()), out.stride(0), M, N, K,
+      __builtin_ctz(static_cast<unsigned>(group)));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int NT, int RT>
+void launch_u(const Shape& s, const at::Tensor& x2, const at::Tensor& q, const at::Tensor& sz, const T* b,
+              at::Tensor& out, int group) {
+  if constexpr (RT <= 2) {
+    if (s.u == 4) return launch<T, NT, RT, 4>(x2, q, sz, b, out, group, s.warps);
+  }
+  if (s.u == 2) return launch<T, NT, RT, 2>(x2, q, sz, b, out, group, s.warps);
+  launch<T, NT, RT, 1>(x2, q, sz, b, out, group, s.warps);
+}
+
+template <typename T, int NT>
+void launch_nt(const at::Tensor& x2, const at::Tensor& q, const at::Tensor& sz, const T* b, at::Tensor& out,
+               int group) {
+  const Shape s = pick_shape<T, NT>(q.size(0), x2.size(1));
+  if (s.rt == 4) launch_u<T, NT, 4>(s, x2, q, sz, b, out, group);
+  else if (s.rt == 2) launch_u<T, NT, 2>(s, x2, q, sz, b, out, group);
+  else launch_u<T, NT, 1>(s, x2, q, sz, b, out, group);
+}
+
+bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
+
+at::Tensor int4_mma_layout_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_zeros,
+                                const std::optional<at::Tensor>& bias, int64_t group_size) {
+  check_int4_mma(x, qweight, scales_zeros, bias, group_size);
+  const int64_t n = qweight.size(0), k = qweight.size(1) * 2;
+  const int64_t m = k > 0 && x.numel() > 0 ? x.numel() / k : 0;
+  const auto dt = x.scalar_type();
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const bool fits = m >= 1 && m <= kMaxInt4MmaLayoutM && (dt == at::kBFloat16 || dt == at::kHalf) &&
+                    scales_zeros.scalar_type() == dt && scales_zeros.is_contiguous() && aligned(scales_zeros, 4) &&
+                    qweight.is_contiguous() && aligned(qweight, 16) && (group_size & (group_size - 1)) == 0 &&
+                    device::capability() >= 80;
+  if (!fits) return int4_mma_dequant_linear(x, qweight, scales_zeros, bias, group_size);
+  at::Tensor x2 = x.reshape({-1, k});
+  if (x2.stride(1) != 1 || x2.stride(0) % 2 != 0 || !aligned(x2, 4)) x2 = x2.clone(at::MemoryFormat::Contiguous);
+  std::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->to(dt).contiguous();  // the reference adds bias in x's dtype too
+  at::Tensor out = at::empty({m, n}, x.options());
+  const int group = static_cast<int>(group_size);
+  if (dt == at::kBFloat16) {
+    using T = __nv_bfloat16;
+    const T* bp = b.has_value() ? reinterpret_cast<const T*>(b->data_ptr()) : nullptr;
+    m <= 8 ? launch_nt<T, 1>(x2, qweight, scales_zeros, bp, out, group)
+           : launch_nt<T, 2>(x2, qweight, scales_zeros, bp, out, group);
+  } else {
+    using T = __half;
+    const T* bp = b.has_value() ? reinterpret_cast<const T*>(b->data_ptr()) : nullptr;
+    m <= 8 ? launch_nt<T, 1>(x2, qweight, scales_zeros, bp, out, group)
+           : launch_nt<T, 2>(x2, qweight, scales_zeros, bp, out, group);
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  return out.reshape(shape);
+}
+
+}  // namespace
+}  // namespace fxquant
+
+TORCH_LIBRARY_IMPL(fxquant, CUDA, m) { m.impl("cxx_int4_mma_weight_only_linear", &fxquant::int4_mma_layout_cuda); }
