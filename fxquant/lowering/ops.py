@@ -67,9 +67,10 @@ def _(x, qweight, scales_zeros, bias, group_size):
 
 def _check_int4_mma(x: Tensor, qweight: Tensor, group_size: int) -> None:
     _check_k(x, qweight.shape[1] * 2, "int4_mma_weight_only_linear")
-    torch._check(qweight.shape[0] % 16 == 0 and qweight.shape[1] % 32 == 0 and group_size % 64 == 0,
+    torch._check(qweight.shape[0] % 16 == 0 and qweight.shape[1] % 32 == 0 and group_size >= 64
+                 and group_size & (group_size - 1) == 0,
                  lambda: f"fxquant.int4_mma_weight_only_linear: the MMA-fragment layout needs N % 16 == 0, "
-                         f"K % 64 == 0 and group_size % 64 == 0, got N={qweight.shape[0]}, "
+                         f"K % 64 == 0 and group_size % 64 == 0 (a power of two), got N={qweight.shape[0]}, "
                          f"K={qweight.shape[1] * 2}, group_size={group_size}")
 
 

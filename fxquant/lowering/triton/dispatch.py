@@ -175,7 +175,7 @@ def save_tuned(device_key: str, entries: dict[str, KernelConfig]) -> Path:
 
 
 def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelConfig:
-    """Untuned fallback: GEMV at M == 1, swapped split-K GEMM for skinny M, square tiles beyond
+    """Untuned fallback: GEMV at M == 1 (int4_mma: the swapped GEMM; the GEMV reads row-major bytes only), swapped split-K GEMM for skinny M, square tiles beyond
     (weight-only beyond M = 256: dequantize + cuBLAS, which allocates an N x K weight in x's
     dtype for the call)."""
     mma = scheme in DYNAMIC
@@ -403,7 +403,7 @@ def splitk_buffers_for(M, N: int, launches, device) -> tuple[torch.Tensor, torch
 
 def _tma_descriptors(scheme, x2, qweight, cfg, bk):
     """(x, weight) TMA descriptors for a cfg.tma GEMM, or None where TMA cannot run: not Hopper
-    or later (the interpreter counts as Hopper), ROCm, fp32 activations, or a stride or address
+    or later (the interpreter counts as Hopper), the int4 MMA-fragment layout (gathered bytes), ROCm, fp32 activations, or a stride or address
     the copy engine cannot take (16-byte multiples). x is 2-D here and qweight contiguous."""
     if (not cfg.tma or scheme == "int4_mma" or torch.version.hip is not None or _device_info(x2.device)[2] < (9, 0)
             or x2.element_size() > 2):  # fp32 x: tiles tuned on bf16 overflow shared memory via TMA

@@ -1,8 +1,8 @@
 """The Triton kernels as `torch.library.triton_op` ops, so Inductor and AOTInductor can see them.
 
 The ops in register.py are opaque to torch.compile: Inductor calls their Python launcher,
-which picks a kernel (Triton, CUDA C++, CUTLASS, cuBLAS) from M at run time. Here each scheme is
-also a triton_op, `torch.ops.fxquant.triton_<op>`, with the same schema, whose body launches our
+which picks a kernel (Triton, CUDA C++, CUTLASS, cuBLAS) from M at run time. Here each scheme
+(except int4 in the MMA-fragment layout, whose fast kernels are CUDA C++ and CUTLASS only) is also a triton_op, `torch.ops.fxquant.triton_<op>`, with the same schema, whose body launches our
 Triton kernels through `wrap_triton`. torch.compile (`embed_kernels=True` in the backend) and
 torch.export / AOTInductor (`fxquant.export(..., ops="triton")`) trace that body into the graph,
 so the kernels are compiled into Inductor's code and into AOTInductor packages.

@@ -6,7 +6,7 @@
 // a0..a3 of mma.m16n8k16 for rows g / g + 8 and k 2t, 2t + 1 / 2t + 8, 2t + 9 of that step. So a warp
 // reads a block with one 16-byte load per lane (512 contiguous bytes) and dequantizes it with one
 // LOP3, a subtract and an FMA per pair (mma.cuh), without the byte shuffles the row-major layout
-// needs. x^T is the B operand (tokens g, g + 8 of each 8-token tile), read as 4-byte pairs at the k
+// needs. x^T is the B operand (lane g reads token g of each 8-token tile), read as 4-byte pairs at the k
 // the weight's pairs hold. The warps of a block split K in steps of U blocks; RT 16-row blocks share
 // each x fragment; partial sums are added across warps in shared memory (mma::reduce_store).
 #include <c10/cuda/CUDAException.h>
