@@ -38,6 +38,7 @@ _WKIND = {"int8_wo": C.WK_INT8, "int4_wo": C.WK_INT4, "int4_mma": C.WK_INT4_MMA,
           "int8_dyn": C.WK_INT8_MMA, "fp8_dyn_row": C.WK_FP8_MMA, "fp8_dyn_tensor": C.WK_FP8_MMA}
 _GEMV_WKIND = {"int8_dyn": C.WK_INT8, "fp8_dyn_row": C.WK_FP8, "fp8_dyn_tensor": C.WK_FP8}
 GEMV_MAX_M = 16
+NO_GEMV = ("int4_mma",)  # the GEMV reads row-major bytes only
 CXX_SCHEMES = ("int8_wo", "int4_wo", "int4_mma") + DYNAMIC  # schemes with CUDA C++ kernels (kind "cxx")
 # The C++ kernels' M range (int4: its tensor-core kernel; dynamic: the 8-bit MMA kernel, which
 # quantizes x itself up to CXX_QUANT_MAX_M and beyond that takes x quantized by our Triton kernel).
@@ -175,11 +176,11 @@ def save_tuned(device_key: str, entries: dict[str, KernelConfig]) -> Path:
 
 
 def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelConfig:
-    """Untuned fallback: GEMV at M == 1 (int4_mma: the swapped GEMM; the GEMV reads row-major bytes only), swapped split-K GEMM for skinny M, square tiles beyond
-    (weight-only beyond M = 256: dequantize + cuBLAS, which allocates an N x K weight in x's
-    dtype for the call)."""
+    """Untuned fallback: GEMV at M == 1 (NO_GEMV schemes: the swapped GEMM), swapped split-K GEMM for
+    skinny M, square tiles beyond (weight-only beyond M = 256: dequantize + cuBLAS, which allocates
+    an N x K weight in x's dtype for the call)."""
     mma = scheme in DYNAMIC
-    if m == 1 and scheme != "int4_mma":  # (the GEMV reads row-major bytes only)
+    if m == 1 and scheme not in NO_GEMV:
         return KernelConfig("gemv", bn=4, bk=4096 if scheme == "int4_wo" else 2048, warps=4)
     if m <= 64:
         return KernelConfig("gemm", bm=max(16, triton.next_power_of_2(m)), bn=64, bk=128,
@@ -403,8 +404,9 @@ def splitk_buffers_for(M, N: int, launches, device) -> tuple[torch.Tensor, torch
 
 def _tma_descriptors(scheme, x2, qweight, cfg, bk):
     """(x, weight) TMA descriptors for a cfg.tma GEMM, or None where TMA cannot run: not Hopper
-    or later (the interpreter counts as Hopper), the int4 MMA-fragment layout (gathered bytes), ROCm, fp32 activations, or a stride or address
-    the copy engine cannot take (16-byte multiples). x is 2-D here and qweight contiguous."""
+    or later (the interpreter counts as Hopper), the int4 MMA-fragment layout (gathered bytes), ROCm,
+    fp32 activations, or a stride or address the copy engine cannot take (16-byte multiples). x is
+    2-D here and qweight contiguous."""
     if (not cfg.tma or scheme == "int4_mma" or torch.version.hip is not None or _device_info(x2.device)[2] < (9, 0)
             or x2.element_size() > 2):  # fp32 x: tiles tuned on bf16 overflow shared memory via TMA
         return None
@@ -608,7 +610,7 @@ def _runnable(cfg: KernelConfig, scheme: str, M: int, N: int, K: int, group: int
     family, else the default gemm (deq for weight-only)."""
     if _known_bad(scheme, cfg):  # an autotune cache written before they were dropped may name them
         return default_config(scheme, max(M, 17), N, K, group)
-    if (cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M and scheme != "int4_mma")
+    if (cfg.kind == "gemm" or (cfg.kind == "gemv" and M <= GEMV_MAX_M and scheme not in NO_GEMV)
             or (cfg.kind in ("deq", "deqgemm") and scheme in WEIGHT_ONLY)
             or (cfg.kind == "scaled_mm" and scaled_mm_ok)):
         return cfg
@@ -820,7 +822,7 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
     mma = scheme in DYNAMIC
     out: list[KernelConfig] = []
     G = KernelConfig
-    if m <= 8 and scheme != "int4_mma":  # GEMV: bytes in flight per SM come from programs x row bytes; small N wants few rows
+    if m <= 8 and scheme not in NO_GEMV:  # GEMV: bytes in flight per SM come from programs x row bytes; small N wants few rows
         tiles = (((1, 4096, 4), (2, 4096, 4), (2, 2048, 4), (4, 2048, 4), (4, 1024, 4), (8, 1024, 4),
                   (2, 1024, 2), (4, 4096, 8), (8, 2048, 8))
                  if scheme == "int4_wo" else
