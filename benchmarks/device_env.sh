@@ -38,6 +38,13 @@ save_libs() {
     && echo "saved $(du -h "$dest/fxq_libs.tgz" | cut -f1) of libraries to $dest/fxq_libs.tgz"
 }
 
+# device_info FILE: the GPU, driver, clock, torch / CUDA / Triton versions and the date, into FILE.
+device_info() {
+  { nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
+    ${PYTHON:-python3} -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    date -u; } > "$1" 2>&1
+}
+
 # pytest_totals LOG...: "passed N  failed N  error N  skipped N  xfailed N" from each log's last
 # pytest summary line only (tracebacks and captured output in the logs hold look-alike lines).
 PYTEST_FINAL='^(=+ )?(no tests ran|[0-9]+ [a-z]+(, [0-9]+ [a-z]+)*) in [0-9.]+s( \([0-9:]+\))?( =+)?$'

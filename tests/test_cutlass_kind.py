@@ -55,7 +55,7 @@ def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
             assert (e["bn"], e["bm"], e["split_k"], e["warps"], e.get("cluster", 1)) in cutlass.I8_VARIANTS, key
             assert e["fallback"]["kind"] == "gemm", key
             continue
-        assert key.split("|")[0] in ("int4_wo", "int8_wo", "fp8_wo") and (e["bn"], e["bm"], e["split_k"], e["warps"]) in cutlass.VARIANTS, key
+        assert key.split("|")[0] in ("int4_wo", "int4_mma", "int8_wo", "fp8_wo") and (e["bn"], e["bm"], e["split_k"], e["warps"]) in cutlass.VARIANTS, key
         assert e["fallback"]["kind"] in ("gemm", "deq"), key
     monkeypatch.setattr(D, "_device_info", lambda device: ("h100", 132, (9, 0)))
     monkeypatch.setattr(D, "_table", lambda which: table if which == "shipped" else {})

@@ -98,12 +98,41 @@ def test_a_gemv_config_runs_as_a_gemm():
     assert D.default_config("int4_mma", 1, 48, 256, 128).kind == "gemm"
 
 
+def test_tuned_entries_then_the_rule(monkeypatch):
+    """H100: the four tuned shapes take their table entries at M >= 33 (session 26), other shapes and
+    M <= 32 the rule; every CUTLASS entry carries a Triton fallback for where that library is missing."""
+    monkeypatch.setattr(D, "_device_info", lambda device: ("h100", 132, (9, 0)))
+    monkeypatch.setattr(D, "_table", lambda which, real=D._table: real(which) if which == "shipped" else {})
+    cuda = torch.device("cuda")
+    entries = {k: e for k, e in D._table("shipped")["h100"].items() if k.startswith("int4_mma|")}
+    assert len(entries) == 24 and all(int(k.rsplit("|m", 1)[1]) >= 64 for k in entries)
+    for key, e in entries.items():
+        assert e["kind"] == "cutlass" and e["fallback"]["kind"] in ("gemm", "deq"), key
+    # tuned: 28672x4096 at M = 64 took the 128 x 128 tile, 6144x4096 at M = 256 the 64 x 256 ping-pong
+    c = D.get_config("int4_mma", 64, 28672, 4096, 128, torch.bfloat16, cuda)
+    assert (c.kind, c.bn, c.bm, c.warps) == ("cutlass", 128, 128, 0)
+    c = D.get_config("int4_mma", 200, 6144, 4096, 128, torch.bfloat16, cuda)
+    assert (c.kind, c.bn, c.bm, c.warps) == ("cutlass", 64, 256, 4)
+    fb = D.get_config("int4_mma", 200, 6144, 4096, 128, torch.bfloat16, cuda, allow_cutlass=False)
+    assert fb == D.KernelConfig.from_json(entries["int4_mma|bfloat16|6144x4096|g128|m256"]["fallback"])
+    # M <= 32: the C++ decode kernel on every shape, CUTLASS where it is not allowed
+    for n, k in ((28672, 4096), (5120, 8192)):
+        assert D.get_config("int4_mma", 32, n, k, 128, torch.bfloat16, cuda).kind == "cxx"
+        c = D.get_config("int4_mma", 32, n, k, 128, torch.bfloat16, cuda, allow_cxx=False)
+        assert (c.kind, c.bn, c.bm) == ("cutlass", 128, 128)
+    # a shape the table does not name: the rule's tiles
+    for m, tile in ((33, (64, 128)), (128, (64, 128)), (129, (128, 256)), (5000, (128, 256))):
+        c = D.get_config("int4_mma", m, 5120, 8192, 128, torch.bfloat16, cuda)
+        assert (c.kind, c.bn, c.bm, c.warps) == ("cutlass", *tile, 0), m
+
+
 def test_untuned_choices(monkeypatch):
     monkeypatch.setattr(D, "_device_info", lambda device: ("h100", 132, (9, 0)))
+    monkeypatch.setattr(D, "_table", lambda which: {})  # the rule alone
     cuda = torch.device("cuda")
-    assert D.get_config("int4_mma", 1, 4096, 4096, 128, torch.bfloat16, cuda).kind == "cxx"
-    assert D.get_config("int4_mma", 16, 4096, 4096, 128, torch.bfloat16, cuda).kind == "cxx"
-    c = D.get_config("int4_mma", 17, 4096, 4096, 128, torch.bfloat16, cuda)
+    for m in (1, 16, 17, 32):
+        assert D.get_config("int4_mma", m, 4096, 4096, 128, torch.bfloat16, cuda).kind == "cxx", m
+    c = D.get_config("int4_mma", 33, 4096, 4096, 128, torch.bfloat16, cuda)
     assert (c.kind, c.bn, c.bm, c.warps) == ("cutlass", 64, 128, 0)
     c = D.get_config("int4_mma", 4096, 4096, 4096, 128, torch.bfloat16, cuda)
     assert (c.kind, c.bn, c.bm, c.warps) == ("cutlass", 128, 256, 0)

@@ -42,7 +42,7 @@ NO_GEMV = ("int4_mma",)  # the GEMV reads row-major bytes only
 CXX_SCHEMES = ("int8_wo", "int4_wo", "int4_mma") + DYNAMIC  # schemes with CUDA C++ kernels (kind "cxx")
 # The C++ kernels' M range (int4: its tensor-core kernel; dynamic: the 8-bit MMA kernel, which
 # quantizes x itself up to CXX_QUANT_MAX_M and beyond that takes x quantized by our Triton kernel).
-CXX_MAX_M = {"int8_wo": 16, "int4_wo": 32, "int4_mma": 16, "int8_dyn": 32, "fp8_dyn_row": 32, "fp8_dyn_tensor": 32}
+CXX_MAX_M = {"int8_wo": 16, "int4_wo": 32, "int4_mma": 32, "int8_dyn": 32, "fp8_dyn_row": 32, "fp8_dyn_tensor": 32}
 # Plain ops: the kernel quantizes x itself up to here (its own limit: kMaxQuantM = 4). Measured on
 # the H100 (BENCHMARKS.md S12): at M = 1 that beats our Triton quantization + the kernel on x
 # quantized beforehand; at M = 2 it loses, except with a per-tensor scale (two Triton passes).
@@ -193,15 +193,16 @@ def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelCon
 
 
 def int4_mma_config(m: int, device: torch.device, allow_cxx: bool = True, allow_cutlass: bool = True) -> KernelConfig:
-    """The MMA-fragment int4 layout's untuned choice: its C++ decode kernel at M <= 16, the CUTLASS GEMM
-    on Hopper beyond (64 x 128 ping-pong tiles up to M = 128, 64 x 256 up to 512, 128 x 256
-    cooperative above: the row-major int4 table's tiles); the Triton kernels (which gather its bytes)
-    elsewhere."""
+    """The MMA-fragment int4 layout's choice at M <= 32 (every shape) and for shapes the table does not
+    name: its C++ decode kernel up to M = 32, the CUTLASS GEMM on Hopper beyond (tiles as weight rows x
+    tokens: 128 x 128 up to M = 32 where the C++ kernel is barred, 64 x 128 up to 128, 128 x 256 above;
+    the tile that won on most of the four tuned shapes at each M, session 26); the Triton kernels (which
+    gather its bytes) elsewhere."""
     if allow_cxx and m <= CXX_MAX_M["int4_mma"]:
         return KernelConfig("cxx", bn=0, bk=0)
     if allow_cutlass and _device_info(device)[2] == (9, 0) and device.type == "cuda":
-        bn, bm, warps = (64, 128, 0) if m <= 128 else (64, 256, 4) if m <= 512 else (128, 256, 0)
-        return KernelConfig("cutlass", bn=bn, bk=64, bm=bm, warps=warps)
+        bn, bm = (128, 128) if m <= 32 else (64, 128) if m <= 128 else (128, 256)
+        return KernelConfig("cutlass", bn=bn, bk=64, bm=bm, warps=0)
     return default_config("int4_mma", max(m, 2), 0, 0, 0)
 
 
@@ -231,7 +232,7 @@ def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dty
         for d in devs:
             if (entry := pick(tab.get(d, {}).get(exact))) is not None:
                 return KernelConfig.from_json(entry)
-    if scheme == "int4_mma":  # no shipped entries: measured only by autotuning
+    if scheme == "int4_mma":  # exact entries only (four tuned shapes, M >= 64): elsewhere its own rule
         return int4_mma_config(m, device, allow_cxx, allow_cutlass)
     tab = _table("shipped")
     for d in devs:
@@ -865,7 +866,8 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
                 for bm, bn, bk, w, st in ((128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4))]
     if (scheme in ("fp8_dyn_row", "fp8_dyn_tensor") and m >= 16) or (scheme == "int8_dyn" and m >= 32):
         out.append(G("scaled_mm", bn=0, bk=0))
-    if m >= 64:  # each GEMM again with TMA loads (Hopper; elsewhere they run as plain loads)
+    if m >= 64 and scheme != "int4_mma":  # each GEMM again with TMA loads (Hopper; elsewhere, and on
+        # the int4 MMA-fragment layout, whose bytes are gathered, they would run as plain loads: duplicates)
         out += [dataclasses.replace(c, tma=True) for c in out if c.kind == "gemm" and c.bk <= 128]
     out = [c for c in out if not _known_bad(scheme, c)]
     if scheme in CXX_SCHEMES and m <= CXX_MAX_M[scheme] and torch.cuda.is_available() and _cxx_ready():

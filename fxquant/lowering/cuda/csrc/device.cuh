@@ -8,6 +8,9 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 namespace fxquant {
 namespace device {
@@ -61,6 +64,21 @@ int blocks_per_sm(int threads) {  // threads: a multiple of 32, at most 512
     slot.store(b, std::memory_order_relaxed);
   }
   return b;
+}
+
+// The same for a kernel with dynamic shared memory, cached per (kernel, device, block size, bytes).
+inline int blocks_per_sm(const void* kernel, int threads, int smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, int>, int> cache;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const auto key = std::make_tuple(kernel, dev, threads, smem);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int b = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kernel, threads, smem));
+  return cache[key] = std::max(b, 1);
 }
 
 }  // namespace device

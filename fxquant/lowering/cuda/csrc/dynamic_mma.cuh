@@ -9,9 +9,6 @@
 #include <cfloat>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
-#include <mutex>
-#include <tuple>
 #include <type_traits>
 
 #include "device.cuh"
@@ -246,19 +243,7 @@ struct Shape {
   int rt, warps, u;
 };
 
-inline int blocks_per_sm(const void* kernel, int threads, int smem) {
-  static std::mutex mu;
-  static std::map<std::tuple<const void*, int, int, int>, int> cache;
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  const auto key = std::make_tuple(kernel, dev, threads, smem);
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  int b = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kernel, threads, smem));
-  return cache[key] = std::max(b, 1);
-}
+using device::blocks_per_sm;  // (kernel, threads, dynamic shared memory)
 
 template <bool FP8, int NT, int RT, int U, bool QUANT, typename T, bool PDL = false>
 const void* kernel_ptr() {

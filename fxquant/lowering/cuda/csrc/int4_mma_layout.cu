@@ -6,9 +6,13 @@
 // a0..a3 of mma.m16n8k16 for rows g / g + 8 and k 2t, 2t + 1 / 2t + 8, 2t + 9 of that step. So a warp
 // reads a block with one 16-byte load per lane (512 contiguous bytes) and dequantizes it with one
 // LOP3, a subtract and an FMA per pair (mma.cuh), without the byte shuffles the row-major layout
-// needs. x^T is the B operand (lane g reads token g of each 8-token tile), read as 4-byte pairs at the k
-// the weight's pairs hold. The warps of a block split K in steps of U blocks; RT 16-row blocks share
-// each x fragment; partial sums are added across warps in shared memory (mma::reduce_store).
+// needs. x^T is the B operand (lane g takes token g of each 8-token tile) at the k the weight's pairs
+// hold, 2t, 2t + 1 (mod 8): read from global memory as 4-byte pairs (XS false; one cache line per token
+// per load, cheap when M <= 2 since all lanes then read one or two tokens), or (XS true) copied per
+// warp step into the warp's shared memory with cp.async (16-byte chunks, whole lines) and read with
+// ldmatrix, which hands each lane exactly those pairs. The warps of a block split K in steps of U
+// blocks; RT 16-row blocks share each x fragment; partial sums are added across warps in shared
+// memory (mma::reduce_store).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,8 +20,11 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <tuple>
 
 #include "device.cuh"
 #include "mma.cuh"
@@ -29,7 +36,30 @@ using mma::Pair;
 
 constexpr int kWarps = 16;  // at most per block
 
-template <typename T, int NT, int RT, int U>  // NT 8-token tiles (M <= 8 NT), RT 16-row blocks, U 64-k blocks per step
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem) : "memory");
+}
+
+// Four 8 x 8 16-bit matrices; lane l gives the address of row l % 8 of matrix l / 8, and receives
+// (row l / 4, elements 2 (l % 4), + 1) of each.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+
+// XS: a warp's x tile for one step, M rows of U * 64 elements, each row padded by 16 bytes so that the
+// 8 rows of an ldmatrix fall in distinct banks.
+template <int U>
+constexpr int x_pitch() {
+  return U * 64 + 8;
+}
+
+template <typename T, int NT, int RT, int U, bool XS>  // NT 8-token tiles (M <= 8 NT), RT 16-row blocks,
+// U 64-k blocks per step, XS x through shared memory
 __global__ void __launch_bounds__(kWarps * 32) int4_mma_layout_kernel(const T* __restrict__ x, int64_t x_stride,
                                                                       const uint8_t* __restrict__ w,
                                                                       const T* __restrict__ sz,
@@ -37,6 +67,7 @@ __global__ void __launch_bounds__(kWarps * 32) int4_mma_layout_kernel(const T* _
                                                                       int64_t out_stride, int M, int N, int K,
                                                                       int group_shift) {
   using T2 = typename Pair<T>::T2;
+  extern __shared__ uint4 x_smem[];  // XS: nwarps tiles of M x x_pitch<U>() elements
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int kb = K / 64, rb0 = blockIdx.x * RT, nrb = N / 16;
@@ -53,11 +84,24 @@ __global__ void __launch_bounds__(kWarps * 32) int4_mma_layout_kernel(const T* _
     wr[r] = w + static_cast<int64_t>(rb) * kb * 512 + 16 * lane;
     row[r] = rb * 16 + g;
   }
-  const T* xr[NT];  // token n * 8 + g (past M: row M - 1, never stored), at k 2t
+  const T* xr[NT];  // !XS: token n * 8 + g (past M: row M - 1, never stored), at k 2t
+  const T* xs[NT];  // XS: the ldmatrix row this lane names: token n * 8 + l % 8 (clamped), k 8 (l / 8)
+  T* const tile = reinterpret_cast<T*>(x_smem) + warp * M * x_pitch<U>();
 #pragma unroll
-  for (int n = 0; n < NT; ++n) xr[n] = x + min(n * 8 + g, M - 1) * x_stride + 2 * t;
+  for (int n = 0; n < NT; ++n) {
+    xr[n] = x + min(n * 8 + g, M - 1) * x_stride + 2 * t;
+    xs[n] = tile + min(n * 8 + (lane & 7), M - 1) * x_pitch<U>() + 8 * (lane >> 3);
+  }
 
   for (int s0 = warp * U; s0 < kb; s0 += nwarps * U) {
+    if constexpr (XS) {  // this step's x, M x U * 64, in flight with the weights below
+      __syncwarp();  // the last step's ldmatrix reads are done
+      for (int c = lane; c < M * 8 * U; c += 32) {
+        const int tok = c / (8 * U), chunk = c % (8 * U);
+        cp_async16(tile + tok * x_pitch<U>() + 8 * chunk, x + tok * x_stride + s0 * 64 + 8 * chunk);
+      }
+      asm volatile("cp.async.commit_group;" ::: "memory");
+    }
     uint4 wv[U][RT];
     uint32_t sa[U][RT], sb[U][RT];  // (scale, zero) of rows g and g + 8
 #pragma unroll
@@ -70,6 +114,10 @@ __global__ void __launch_bounds__(kWarps * 32) int4_mma_layout_kernel(const T* _
         sb[u][r] = __ldg(szw + row[r] + 8);
       }
     }
+    if constexpr (XS) {
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
+      __syncwarp();
+    }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       T2 s2[RT][2], z2[RT][2];
@@ -78,14 +126,20 @@ __global__ void __launch_bounds__(kWarps * 32) int4_mma_layout_kernel(const T* _
         const T2 pa = *reinterpret_cast<const T2*>(&sa[u][r]), pb = *reinterpret_cast<const T2*>(&sb[u][r]);
         s2[r][0] = Pair<T>::lo2(pa), z2[r][0] = Pair<T>::hi2(pa), s2[r][1] = Pair<T>::lo2(pb), z2[r][1] = Pair<T>::hi2(pb);
       }
+      uint32_t bx[NT][4];  // XS: (b0, b1) of steps j and j + 1 from one ldmatrix at even j
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int k = (s0 + u) * 64 + 16 * j;
         uint32_t b[NT][2];
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          b[n][0] = __ldg(reinterpret_cast<const unsigned int*>(xr[n] + k));
-          b[n][1] = __ldg(reinterpret_cast<const unsigned int*>(xr[n] + k + 8));
+          if constexpr (XS) {
+            if (j % 2 == 0) ldmatrix_x4(bx[n], xs[n] + u * 64 + 16 * j);
+            b[n][0] = bx[n][2 * (j % 2)], b[n][1] = bx[n][2 * (j % 2) + 1];
+          } else {
+            b[n][0] = __ldg(reinterpret_cast<const unsigned int*>(xr[n] + k));
+            b[n][1] = __ldg(reinterpret_cast<const unsigned int*>(xr[n] + k + 8));
+          }
         }
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
@@ -111,23 +165,55 @@ struct Shape {
   int rt, warps, u;
 };
 
-template <typename T, int NT, int RT, int U>
-int per_sm(int warps) {
-  return device::blocks_per_sm<int4_mma_layout_kernel<T, NT, RT, U>>(warps * 32);
+// The kernel, its dynamic shared memory allowed up to what the device lets a block opt in to (once
+// per device).
+template <typename T, int NT, int RT, int U, bool XS>
+const void* kernel_ptr() {
+  auto k = int4_mma_layout_kernel<T, NT, RT, U, XS>;
+  if constexpr (XS) {
+    static std::atomic<bool> opted[64];
+    int dev = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    if (!opted[std::min(dev, 63)].load(std::memory_order_relaxed)) {
+      cudaFuncAttributes fa{};
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, k));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          device::attr<cudaDevAttrMaxSharedMemoryPerBlockOptin>() -
+                                              static_cast<int>(fa.sharedSizeBytes)));
+      opted[std::min(dev, 63)].store(true, std::memory_order_relaxed);
+    }
+  }
+  return reinterpret_cast<const void*>(k);
+}
+
+template <typename T>
+int x_smem_bytes(bool xs, int warps, int m, int u) {
+  return xs ? warps * m * (u * 64 + 8) * static_cast<int>(sizeof(T)) : 0;
+}
+
+template <typename T, int NT, int RT>
+int per_sm(int warps, int m, bool xs) {
+  const void* k = xs ? kernel_ptr<T, NT, RT, 2, true>() : kernel_ptr<T, NT, RT, 2, false>();
+  return device::blocks_per_sm(k, warps * 32, x_smem_bytes<T>(xs, warps, m, 2));
 }
 
 template <typename T, int NT>
-Shape pick_shape(int n, int k) {
+Shape pick_shape(int n, int k, int m, bool xs) {
   static constexpr Shape kOne[] = {{1, 16, 2}, {1, 8, 2}, {2, 8, 2}, {2, 4, 2}};
   static constexpr Shape kTwo[] = {{2, 16, 2}, {2, 8, 2}, {2, 4, 2}, {4, 4, 2}};
-  const Shape* list = NT == 1 ? kOne : kTwo;
+  // 17-32 tokens: 2 x 16 where it fits one wave (N <= 4096 on an H100), else 2 x 8, the best or within
+  // 0.1x of the best of seven shapes at M = 32 on the four Llama shapes (BENCHMARKS.md S26)
+  static constexpr Shape kFour[] = {{2, 16, 2}, {2, 8, 2}};
+  const Shape* list = NT == 1 ? kOne : NT == 2 ? kTwo : kFour;
+  const int len = NT == 4 ? 2 : 4;
   const int kb = k / 64;
-  Shape s = list[3];
-  for (int i = 0; i < 4; ++i) {
+  Shape s = list[len - 1];
+  for (int i = 0; i < len; ++i) {
     const int warps = std::max(1, std::min(list[i].warps, kb / list[i].u));
     const int blocks = (n / 16 + list[i].rt - 1) / list[i].rt;
-    const int fit = list[i].rt == 1 ? per_sm<T, NT, 1, 2>(warps) : list[i].rt == 2 ? per_sm<T, NT, 2, 2>(warps)
-                                                                                     : per_sm<T, NT, 4, 2>(warps);
+    const int fit = list[i].rt == 1   ? per_sm<T, NT, 1>(warps, m, xs)
+                    : list[i].rt == 2 ? per_sm<T, NT, 2>(warps, m, xs)
+                                      : per_sm<T, NT, 4>(warps, m, xs);
     if (blocks <= fit * device::sm_count()) {
       s = list[i];
       break;
@@ -144,38 +230,61 @@ Shape pick_shape(int n, int k) {
   if (kb % s.u) s.u = kb % 2 ? 1 : 2;  // U must divide the K blocks
   if (kb % s.u) s.u = 1;
   s.warps = std::max(1, std::min(s.warps, kb / s.u));
+  // staged x within what a block may opt in to, beside mma::reduce_store's 32 KB at most
+  const int smem_cap = device::attr<cudaDevAttrMaxSharedMemoryPerBlockOptin>() - 32 * 1024;
+  while (s.warps > 1 && x_smem_bytes<T>(xs, s.warps, m, s.u) > smem_cap) s.warps /= 2;
   return s;
 }
 
 template <typename T, int NT, int RT, int U>
 void launch(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& sz, const T* b, at::Tensor& out,
-            int group, int warps) {
+            int group, int warps, bool xs) {
   const int M = x2.size(0), N = qweight.size(0), K = x2.size(1);
   const dim3 grid((N / 16 + RT - 1) / RT);
-  int4_mma_layout_kernel<T, NT, RT, U><<<grid, warps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
-      reinterpret_cast<const T*>(sz.data_ptr()), b, reinterpret_cast<T*>(out.data_ptr()), out.stride(0), M, N, K,
-      __builtin_ctz(static_cast<unsigned>(group)));
+  const int smem = x_smem_bytes<T>(xs, warps, M, U);
+  const auto args = std::make_tuple(reinterpret_cast<const T*>(x2.data_ptr()), static_cast<int64_t>(x2.stride(0)),
+                                    reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
+                                    reinterpret_cast<const T*>(sz.data_ptr()), b, reinterpret_cast<T*>(out.data_ptr()),
+                                    static_cast<int64_t>(out.stride(0)), M, N, K,
+                                    __builtin_ctz(static_cast<unsigned>(group)));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  std::apply(
+      [&](auto... a) {
+        if (xs) {
+          kernel_ptr<T, NT, RT, U, true>();
+          int4_mma_layout_kernel<T, NT, RT, U, true><<<grid, warps * 32, smem, stream>>>(a...);
+        } else {
+          int4_mma_layout_kernel<T, NT, RT, U, false><<<grid, warps * 32, 0, stream>>>(a...);
+        }
+      },
+      args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int NT, int RT>
 void launch_u(const Shape& s, const at::Tensor& x2, const at::Tensor& q, const at::Tensor& sz, const T* b,
-              at::Tensor& out, int group) {
+              at::Tensor& out, int group, bool xs) {
   if constexpr (RT <= 2) {
-    if (s.u == 4) return launch<T, NT, RT, 4>(x2, q, sz, b, out, group, s.warps);
+    if (s.u == 4) return launch<T, NT, RT, 4>(x2, q, sz, b, out, group, s.warps, xs);
   }
-  if (s.u == 2) return launch<T, NT, RT, 2>(x2, q, sz, b, out, group, s.warps);
-  launch<T, NT, RT, 1>(x2, q, sz, b, out, group, s.warps);
+  if (s.u == 2) return launch<T, NT, RT, 2>(x2, q, sz, b, out, group, s.warps, xs);
+  launch<T, NT, RT, 1>(x2, q, sz, b, out, group, s.warps, xs);
 }
 
 template <typename T, int NT>
 void launch_nt(const at::Tensor& x2, const at::Tensor& q, const at::Tensor& sz, const T* b, at::Tensor& out,
-               int group) {
-  const Shape s = pick_shape<T, NT>(q.size(0), x2.size(1));
-  if (s.rt == 4) launch_u<T, NT, 4>(s, x2, q, sz, b, out, group);
-  else if (s.rt == 2) launch_u<T, NT, 2>(s, x2, q, sz, b, out, group);
-  else launch_u<T, NT, 1>(s, x2, q, sz, b, out, group);
+               int group, bool xs) {
+  const Shape s = pick_shape<T, NT>(q.size(0), x2.size(1), x2.size(0), xs);
+  if (s.rt == 4) launch_u<T, NT, 4>(s, x2, q, sz, b, out, group, xs);
+  else if (s.rt == 2) launch_u<T, NT, 2>(s, x2, q, sz, b, out, group, xs);
+  else launch_u<T, NT, 1>(s, x2, q, sz, b, out, group, xs);
+}
+
+// x through shared memory: faster at every M measured, 1 included (fewer load instructions; BENCHMARKS.md
+// S26); FXQUANT_CXX_INT4_MMA_X=global reads it from global memory instead (experiments; read at every call).
+bool stage_x() {
+  const char* e = std::getenv("FXQUANT_CXX_INT4_MMA_X");
+  return e == nullptr || std::strcmp(e, "global") != 0;
 }
 
 bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
@@ -198,16 +307,19 @@ at::Tensor int4_mma_layout_cuda(const at::Tensor& x, const at::Tensor& qweight, 
   if (bias.has_value()) b = bias->to(dt).contiguous();  // the reference adds bias in x's dtype too
   at::Tensor out = at::empty({m, n}, x.options());
   const int group = static_cast<int>(group_size);
+  const bool xs = stage_x() && x2.stride(0) % 8 == 0 && aligned(x2, 16);  // cp.async: 16-byte rows
   if (dt == at::kBFloat16) {
     using T = __nv_bfloat16;
     const T* bp = b.has_value() ? reinterpret_cast<const T*>(b->data_ptr()) : nullptr;
-    m <= 8 ? launch_nt<T, 1>(x2, qweight, scales_zeros, bp, out, group)
-           : launch_nt<T, 2>(x2, qweight, scales_zeros, bp, out, group);
+    m <= 8    ? launch_nt<T, 1>(x2, qweight, scales_zeros, bp, out, group, xs)
+    : m <= 16 ? launch_nt<T, 2>(x2, qweight, scales_zeros, bp, out, group, xs)
+              : launch_nt<T, 4>(x2, qweight, scales_zeros, bp, out, group, xs);
   } else {
     using T = __half;
     const T* bp = b.has_value() ? reinterpret_cast<const T*>(b->data_ptr()) : nullptr;
-    m <= 8 ? launch_nt<T, 1>(x2, qweight, scales_zeros, bp, out, group)
-           : launch_nt<T, 2>(x2, qweight, scales_zeros, bp, out, group);
+    m <= 8    ? launch_nt<T, 1>(x2, qweight, scales_zeros, bp, out, group, xs)
+    : m <= 16 ? launch_nt<T, 2>(x2, qweight, scales_zeros, bp, out, group, xs)
+              : launch_nt<T, 4>(x2, qweight, scales_zeros, bp, out, group, xs);
   }
   auto shape = x.sizes().vec();
   shape.back() = n;

@@ -52,7 +52,7 @@ at::Tensor int8_dequant_linear(const at::Tensor& x, const at::Tensor& qweight, c
 // K % 64 == 0, sm_80+; FXQUANT_CXX_INT8_MMA). bias: x's dtype, or none.
 constexpr int64_t kMaxInt8MmaM = 16;
 // The MMA-fragment int4 decode kernel's range (int4_mma_layout.cu).
-constexpr int64_t kMaxInt4MmaLayoutM = 16;
+constexpr int64_t kMaxInt4MmaLayoutM = 32;
 bool int8_mma_linear(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
                      const std::optional<at::Tensor>& bias, at::Tensor& out);
 
