@@ -40,7 +40,8 @@ def test_decode_kernel_matches_cpu_reference(n, k, group, dtype):
     gen = torch.Generator().manual_seed(n + k)
     bias = torch.randn(n, generator=gen).to(dtype)
     for m, lead, b in ((1, (), None), (2, (), bias), (5, (), None), (8, (), bias), (9, (), None), (16, (), bias),
-                       (17, (), None), (32, (), bias), (3, (2,), bias), (12, (2,), None)):
+                       (17, (), None), (32, (), bias), (33, (), None), (3, (2,), bias),
+                       (12, (2,), None)):  # M = 33: past the kernel, dequantize + cuBLAS
         x = torch.randn(*lead, m, k, generator=gen).to(dtype)
         ref = torch.ops.fxquant.int4_mma_weight_only_linear(x, qm, sz, b, group)
         got = torch.ops.fxquant.cxx_int4_mma_weight_only_linear(x.cuda(), qm.cuda(), sz.cuda(),
@@ -49,7 +50,7 @@ def test_decode_kernel_matches_cpu_reference(n, k, group, dtype):
         assert _rel(got.cpu(), ref) <= 1e-2, (n, k, m, lead)
 
 
-@pytest.mark.parametrize("xmode", ["global", "smem"])
+@pytest.mark.parametrize("xmode", ["global", "smem", "smem_sa"])
 @pytest.mark.parametrize("variant", ["1,16,1", "1,16,2", "1,8,4", "2,8,2", "2,4,4", "4,4,2", "4,2,1", "1,3,2"])
 def test_every_block_shape_agrees(variant, xmode, monkeypatch):
     n, k, group = 272, 1536, 128  # 17 row blocks (a partial last block at RT 2 / 4), 24 K blocks
@@ -81,6 +82,24 @@ def test_x_through_shared_memory_gives_the_same_bits(n, k, group, dtype, monkeyp
                 monkeypatch.setenv("FXQUANT_CXX_INT4_MMA_X", mode)
                 out[mode] = torch.ops.fxquant.cxx_int4_mma_weight_only_linear(x[:m], q, s, bias, group)
             assert torch.equal(out["global"], out["smem"]), (n, k, m, variant)
+
+
+@pytest.mark.parametrize("n,k,group", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_scale_after_the_mma_matches_cpu_reference(n, k, group, dtype, monkeypatch):
+    """The scale and zero after the MMAs (the default at 9-16 tokens; forced here at every M): the MMAs
+    on magic + q, scale and zero applied to the fp32 sums once per step; group 64 (two groups per step)
+    falls back to the plain staged kernel."""
+    _, qm, sz = _weights(n, k, group, dtype=dtype)
+    gen = torch.Generator().manual_seed(n + k + 1)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    monkeypatch.setenv("FXQUANT_CXX_INT4_MMA_X", "smem_sa")
+    for m, b in ((1, None), (4, bias), (9, None), (16, bias), (32, None)):
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        ref = torch.ops.fxquant.int4_mma_weight_only_linear(x, qm, sz, b, group)
+        got = torch.ops.fxquant.cxx_int4_mma_weight_only_linear(x.cuda(), qm.cuda(), sz.cuda(),
+                                                                 None if b is None else b.cuda(), group)
+        assert _rel(got.cpu(), ref) <= 1e-2, (n, k, m)
 
 
 def test_x_rows_off_16_bytes_are_read_from_global_memory(monkeypatch):
@@ -155,7 +174,7 @@ def test_dispatcher_across_m():
     _, qm, sz = _weights(1024, 2048, 128)
     q, s = qm.cuda(), sz.cuda()
     bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
-    for m in (1, 7, 16, 17, 32, 33, 64, 129, 600, 2048):
+    for m in (1, 7, 16, 17, 32, 33, 64, 65, 129, 600, 2048):
         x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
         got = torch.ops.fxquant.int4_mma_weight_only_linear(x, q, s, bias, 128)
         ref = torch.ops.fxquant.int4_mma_weight_only_linear(x.cpu(), qm, sz, bias.cpu(), 128)

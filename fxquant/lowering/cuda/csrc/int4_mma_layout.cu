@@ -58,15 +58,24 @@ constexpr int x_pitch() {
   return U * 64 + 8;
 }
 
-template <typename T, int NT, int RT, int U, bool XS>  // NT 8-token tiles (M <= 8 NT), RT 16-row blocks,
-// U 64-k blocks per step, XS x through shared memory
-__global__ void __launch_bounds__(kWarps * 32) int4_mma_layout_kernel(const T* __restrict__ x, int64_t x_stride,
+// x modes: global reads, shared memory, shared memory with the scale and zero applied after the MMAs
+enum XMode { kXGlobal = 0, kXShared = 1, kXSharedScaleAfter = 2 };
+
+template <typename T, int NT, int RT, int U, int MODE>  // NT 8-token tiles (M <= 8 NT), RT 16-row blocks,
+// U 64-k blocks per step, MODE an XMode
+__global__ void __launch_bounds__(kWarps * 32, MODE == kXSharedScaleAfter && NT * RT == 1 ? 3 : 0) int4_mma_layout_kernel(const T* __restrict__ x, int64_t x_stride,
                                                                       const uint8_t* __restrict__ w,
                                                                       const T* __restrict__ sz,
                                                                       const T* __restrict__ bias, T* __restrict__ out,
                                                                       int64_t out_stride, int M, int N, int K,
                                                                       int group_shift) {
   using T2 = typename Pair<T>::T2;
+  constexpr bool XS = MODE != kXGlobal;
+  // kXSharedScaleAfter: the MMAs take magic + q (one LOP3 per pair) and a second MMA on ones sums x;
+  // (q - 8) s + z = (magic + q) s + (z - (magic + 8) s) is then applied per row to the fp32 sums once
+  // per step (the launcher asks for one scale group per step). The weights are not rounded to T first,
+  // unlike the other modes and the reference: a difference of T's rounding (an experiment).
+  constexpr bool SA = MODE == kXSharedScaleAfter;
   extern __shared__ uint4 x_smem[];  // XS: nwarps tiles of M x x_pitch<U>() elements
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -118,11 +127,20 @@ __global__ void __launch_bounds__(kWarps * 32) int4_mma_layout_kernel(const T* _
       asm volatile("cp.async.wait_group 0;" ::: "memory");
       __syncwarp();
     }
+    float part[RT][NT][4], xsum[NT][4];  // SA: this step's sums of (magic + q) x per row, of x per token
+    if constexpr (SA) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        xsum[n][0] = xsum[n][1] = xsum[n][2] = xsum[n][3] = 0.f;
+#pragma unroll
+        for (int r = 0; r < RT; ++r) part[r][n][0] = part[r][n][1] = part[r][n][2] = part[r][n][3] = 0.f;
+      }
+    }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       T2 s2[RT][2], z2[RT][2];
 #pragma unroll
-      for (int r = 0; r < RT; ++r) {
+      for (int r = 0; r < RT && !SA; ++r) {
         const T2 pa = *reinterpret_cast<const T2*>(&sa[u][r]), pb = *reinterpret_cast<const T2*>(&sb[u][r]);
         s2[r][0] = Pair<T>::lo2(pa), z2[r][0] = Pair<T>::hi2(pa), s2[r][1] = Pair<T>::lo2(pb), z2[r][1] = Pair<T>::hi2(pb);
       }
@@ -141,6 +159,20 @@ __global__ void __launch_bounds__(kWarps * 32) int4_mma_layout_kernel(const T* _
             b[n][1] = __ldg(reinterpret_cast<const unsigned int*>(xr[n] + k + 8));
           }
         }
+        if constexpr (SA) {
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+            mma::mma16816<T>(xsum[n], Pair<T>::kOnes, Pair<T>::kOnes, Pair<T>::kOnes, Pair<T>::kOnes, b[n][0], b[n][1]);
+#pragma unroll
+          for (int r = 0; r < RT; ++r) {
+            const uint32_t word = j == 0 ? wv[u][r].x : j == 1 ? wv[u][r].y : j == 2 ? wv[u][r].z : wv[u][r].w;
+            const uint32_t a0 = mma::nibbles_0_4<T>(word), a1 = mma::nibbles_0_4<T>(word >> 4);
+            const uint32_t a2 = mma::nibbles_0_4<T>(word >> 8), a3 = mma::nibbles_0_4<T>(word >> 12);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) mma::mma16816<T>(part[r][n], a0, a1, a2, a3, b[n][0], b[n][1]);
+          }
+          continue;
+        }
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
           const uint32_t word = j == 0 ? wv[u][r].x : j == 1 ? wv[u][r].y : j == 2 ? wv[u][r].z : wv[u][r].w;
@@ -150,6 +182,22 @@ __global__ void __launch_bounds__(kWarps * 32) int4_mma_layout_kernel(const T* _
           const uint32_t a3 = mma::dequant_nibbles_0_4<T>(word >> 12, s2[r][1], z2[r][1]);
 #pragma unroll
           for (int n = 0; n < NT; ++n) mma::mma16816<T>(acc[r][n], a0, a1, a2, a3, b[n][0], b[n][1]);
+        }
+      }
+    }
+    if constexpr (SA) {  // one group per step: rows g and g + 8's (scale, zero) of block s0
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const T* pa = reinterpret_cast<const T*>(&sa[0][r]);
+        const T* pb = reinterpret_cast<const T*>(&sb[0][r]);
+        const float sg = device::to_f(pa[0]), sh = device::to_f(pb[0]);
+        const float cg = device::to_f(pa[1]) - Pair<T>::kOffset * sg, ch = device::to_f(pb[1]) - Pair<T>::kOffset * sh;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          acc[r][n][0] += sg * part[r][n][0] + cg * xsum[n][0];
+          acc[r][n][1] += sg * part[r][n][1] + cg * xsum[n][1];
+          acc[r][n][2] += sh * part[r][n][2] + ch * xsum[n][2];
+          acc[r][n][3] += sh * part[r][n][3] + ch * xsum[n][3];
         }
       }
     }
@@ -167,10 +215,10 @@ struct Shape {
 
 // The kernel, its dynamic shared memory allowed up to what the device lets a block opt in to (once
 // per device).
-template <typename T, int NT, int RT, int U, bool XS>
+template <typename T, int NT, int RT, int U, int MODE>
 const void* kernel_ptr() {
-  auto k = int4_mma_layout_kernel<T, NT, RT, U, XS>;
-  if constexpr (XS) {
+  auto k = int4_mma_layout_kernel<T, NT, RT, U, MODE>;
+  if constexpr (MODE != kXGlobal) {
     static std::atomic<bool> opted[64];
     int dev = 0;
     C10_CUDA_CHECK(cudaGetDevice(&dev));
@@ -187,18 +235,20 @@ const void* kernel_ptr() {
 }
 
 template <typename T>
-int x_smem_bytes(bool xs, int warps, int m, int u) {
-  return xs ? warps * m * (u * 64 + 8) * static_cast<int>(sizeof(T)) : 0;
+int x_smem_bytes(int mode, int warps, int m, int u) {
+  return mode != kXGlobal ? warps * m * (u * 64 + 8) * static_cast<int>(sizeof(T)) : 0;
 }
 
 template <typename T, int NT, int RT>
-int per_sm(int warps, int m, bool xs) {
-  const void* k = xs ? kernel_ptr<T, NT, RT, 2, true>() : kernel_ptr<T, NT, RT, 2, false>();
-  return device::blocks_per_sm(k, warps * 32, x_smem_bytes<T>(xs, warps, m, 2));
+int per_sm(int warps, int m, int mode) {
+  const void* k = mode == kXGlobal   ? kernel_ptr<T, NT, RT, 2, kXGlobal>()
+                  : mode == kXShared ? kernel_ptr<T, NT, RT, 2, kXShared>()
+                                     : kernel_ptr<T, NT, RT, 2, kXSharedScaleAfter>();
+  return device::blocks_per_sm(k, warps * 32, x_smem_bytes<T>(mode, warps, m, 2));
 }
 
 template <typename T, int NT>
-Shape pick_shape(int n, int k, int m, bool xs) {
+Shape pick_shape(int n, int k, int m, int mode) {
   static constexpr Shape kOne[] = {{1, 16, 2}, {1, 8, 2}, {2, 8, 2}, {2, 4, 2}};
   static constexpr Shape kTwo[] = {{2, 16, 2}, {2, 8, 2}, {2, 4, 2}, {4, 4, 2}};
   // 17-32 tokens: 2 x 16 where it fits one wave (N <= 4096 on an H100), else 2 x 8, the best or within
@@ -211,9 +261,9 @@ Shape pick_shape(int n, int k, int m, bool xs) {
   for (int i = 0; i < len; ++i) {
     const int warps = std::max(1, std::min(list[i].warps, kb / list[i].u));
     const int blocks = (n / 16 + list[i].rt - 1) / list[i].rt;
-    const int fit = list[i].rt == 1   ? per_sm<T, NT, 1>(warps, m, xs)
-                    : list[i].rt == 2 ? per_sm<T, NT, 2>(warps, m, xs)
-                                      : per_sm<T, NT, 4>(warps, m, xs);
+    const int fit = list[i].rt == 1   ? per_sm<T, NT, 1>(warps, m, mode)
+                    : list[i].rt == 2 ? per_sm<T, NT, 2>(warps, m, mode)
+                                      : per_sm<T, NT, 4>(warps, m, mode);
     if (blocks <= fit * device::sm_count()) {
       s = list[i];
       break;
@@ -232,16 +282,17 @@ Shape pick_shape(int n, int k, int m, bool xs) {
   s.warps = std::max(1, std::min(s.warps, kb / s.u));
   // staged x within what a block may opt in to, beside mma::reduce_store's 32 KB at most
   const int smem_cap = device::attr<cudaDevAttrMaxSharedMemoryPerBlockOptin>() - 32 * 1024;
-  while (s.warps > 1 && x_smem_bytes<T>(xs, s.warps, m, s.u) > smem_cap) s.warps /= 2;
+  while (s.warps > 1 && x_smem_bytes<T>(mode, s.warps, m, s.u) > smem_cap) s.warps /= 2;
   return s;
 }
 
 template <typename T, int NT, int RT, int U>
 void launch(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& sz, const T* b, at::Tensor& out,
-            int group, int warps, bool xs) {
+            int group, int warps, int mode) {
   const int M = x2.size(0), N = qweight.size(0), K = x2.size(1);
   const dim3 grid((N / 16 + RT - 1) / RT);
-  const int smem = x_smem_bytes<T>(xs, warps, M, U);
+  if (mode == kXSharedScaleAfter && group < 64 * U) mode = kXShared;  // it needs one scale group per step
+  const int smem = x_smem_bytes<T>(mode, warps, M, U);
   const auto args = std::make_tuple(reinterpret_cast<const T*>(x2.data_ptr()), static_cast<int64_t>(x2.stride(0)),
                                     reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
                                     reinterpret_cast<const T*>(sz.data_ptr()), b, reinterpret_cast<T*>(out.data_ptr()),
@@ -250,11 +301,14 @@ void launch(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& s
   const auto stream = c10::cuda::getCurrentCUDAStream();
   std::apply(
       [&](auto... a) {
-        if (xs) {
-          kernel_ptr<T, NT, RT, U, true>();
-          int4_mma_layout_kernel<T, NT, RT, U, true><<<grid, warps * 32, smem, stream>>>(a...);
+        if (mode == kXShared) {
+          kernel_ptr<T, NT, RT, U, kXShared>();
+          int4_mma_layout_kernel<T, NT, RT, U, kXShared><<<grid, warps * 32, smem, stream>>>(a...);
+        } else if (mode == kXSharedScaleAfter) {
+          kernel_ptr<T, NT, RT, U, kXSharedScaleAfter>();
+          int4_mma_layout_kernel<T, NT, RT, U, kXSharedScaleAfter><<<grid, warps * 32, smem, stream>>>(a...);
         } else {
-          int4_mma_layout_kernel<T, NT, RT, U, false><<<grid, warps * 32, 0, stream>>>(a...);
+          int4_mma_layout_kernel<T, NT, RT, U, kXGlobal><<<grid, warps * 32, 0, stream>>>(a...);
         }
       },
       args);
@@ -263,28 +317,35 @@ void launch(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& s
 
 template <typename T, int NT, int RT>
 void launch_u(const Shape& s, const at::Tensor& x2, const at::Tensor& q, const at::Tensor& sz, const T* b,
-              at::Tensor& out, int group, bool xs) {
+              at::Tensor& out, int group, int mode) {
   if constexpr (RT <= 2) {
-    if (s.u == 4) return launch<T, NT, RT, 4>(x2, q, sz, b, out, group, s.warps, xs);
+    if (s.u == 4) return launch<T, NT, RT, 4>(x2, q, sz, b, out, group, s.warps, mode);
   }
-  if (s.u == 2) return launch<T, NT, RT, 2>(x2, q, sz, b, out, group, s.warps, xs);
-  launch<T, NT, RT, 1>(x2, q, sz, b, out, group, s.warps, xs);
+  if (s.u == 2) return launch<T, NT, RT, 2>(x2, q, sz, b, out, group, s.warps, mode);
+  launch<T, NT, RT, 1>(x2, q, sz, b, out, group, s.warps, mode);
 }
 
 template <typename T, int NT>
 void launch_nt(const at::Tensor& x2, const at::Tensor& q, const at::Tensor& sz, const T* b, at::Tensor& out,
-               int group, bool xs) {
-  const Shape s = pick_shape<T, NT>(q.size(0), x2.size(1), x2.size(0), xs);
-  if (s.rt == 4) launch_u<T, NT, 4>(s, x2, q, sz, b, out, group, xs);
-  else if (s.rt == 2) launch_u<T, NT, 2>(s, x2, q, sz, b, out, group, xs);
-  else launch_u<T, NT, 1>(s, x2, q, sz, b, out, group, xs);
+               int group, int mode) {
+  if (mode < 0) mode = NT == 2 ? kXSharedScaleAfter : kXShared;
+  const Shape s = pick_shape<T, NT>(q.size(0), x2.size(1), x2.size(0), mode);
+  if (s.rt == 4) launch_u<T, NT, 4>(s, x2, q, sz, b, out, group, mode);
+  else if (s.rt == 2) launch_u<T, NT, 2>(s, x2, q, sz, b, out, group, mode);
+  else launch_u<T, NT, 1>(s, x2, q, sz, b, out, group, mode);
 }
 
-// x through shared memory: faster at every M measured, 1 included (fewer load instructions; BENCHMARKS.md
-// S26); FXQUANT_CXX_INT4_MMA_X=global reads it from global memory instead (experiments; read at every call).
-bool stage_x() {
+// x through shared memory: faster than the global reads at every M measured, 1 included (fewer load
+// instructions); the scale and zero after the MMAs at 9-16 tokens, where that was faster on three of the
+// four Llama shapes (BENCHMARKS.md S26). FXQUANT_CXX_INT4_MMA_X=global|smem|smem_sa forces one at every M
+// (experiments; read at every call). -1: the default.
+int x_mode() {
   const char* e = std::getenv("FXQUANT_CXX_INT4_MMA_X");
-  return e == nullptr || std::strcmp(e, "global") != 0;
+  if (e == nullptr) return -1;
+  if (std::strcmp(e, "global") == 0) return kXGlobal;
+  if (std::strcmp(e, "smem") == 0) return kXShared;
+  if (std::strcmp(e, "smem_sa") == 0) return kXSharedScaleAfter;
+  return -1;
 }
 
 bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
@@ -307,7 +368,8 @@ at::Tensor int4_mma_layout_cuda(const at::Tensor& x, const at::Tensor& qweight, 
   if (bias.has_value()) b = bias->to(dt).contiguous();  // the reference adds bias in x's dtype too
   at::Tensor out = at::empty({m, n}, x.options());
   const int group = static_cast<int>(group_size);
-  const bool xs = stage_x() && x2.stride(0) % 8 == 0 && aligned(x2, 16);  // cp.async: 16-byte rows
+  // cp.async copies 16-byte chunks: x rows off 16 bytes are read from global memory
+  const int xs = x2.stride(0) % 8 == 0 && aligned(x2, 16) ? x_mode() : kXGlobal;
   if (dt == at::kBFloat16) {
     using T = __nv_bfloat16;
     const T* bp = b.has_value() ? reinterpret_cast<const T*>(b->data_ptr()) : nullptr;

@@ -37,7 +37,9 @@ template <>
 struct Pair<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
   static constexpr uint32_t kMagic = 0x43004300u;  // bf16 128.0 twice: 128 + q is exact
-  static __device__ __forceinline__ T2 offset() { return __float2bfloat162_rn(136.f); }  // 128 + 8
+  static constexpr uint32_t kOnes = 0x3F803F80u;   // bf16 1.0 twice
+  static constexpr float kOffset = 136.f;          // 128 + 8
+  static __device__ __forceinline__ T2 offset() { return __float2bfloat162_rn(kOffset); }
   static __device__ __forceinline__ T2 lo2(T2 v) { return __low2bfloat162(v); }  // (lo, lo)
   static __device__ __forceinline__ T2 hi2(T2 v) { return __high2bfloat162(v); }
 };
@@ -45,7 +47,9 @@ template <>
 struct Pair<__half> {
   using T2 = __half2;
   static constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 twice
-  static __device__ __forceinline__ T2 offset() { return __float2half2_rn(1032.f); }
+  static constexpr uint32_t kOnes = 0x3C003C00u;   // fp16 1.0 twice
+  static constexpr float kOffset = 1032.f;         // 1024 + 8
+  static __device__ __forceinline__ T2 offset() { return __float2half2_rn(kOffset); }
   static __device__ __forceinline__ T2 lo2(T2 v) { return __low2half2(v); }
   static __device__ __forceinline__ T2 hi2(T2 v) { return __high2half2(v); }
 };
@@ -54,10 +58,16 @@ struct Pair<__half> {
 // ((a & b) | c; the compiler's own lowering takes two, since a LOP3 holds one immediate), then a
 // subtract (q - 8, exact) and an FMA rounded once.
 template <typename T>
-__device__ __forceinline__ uint32_t dequant_nibbles_0_4(uint32_t w, typename Pair<T>::T2 s2, typename Pair<T>::T2 z2) {
-  using T2 = typename Pair<T>::T2;
+__device__ __forceinline__ uint32_t nibbles_0_4(uint32_t w) {  // (magic + q0, magic + q4), exact
   uint32_t v;
   asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(v) : "r"(w), "n"(0x000F000F), "n"(Pair<T>::kMagic));
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t dequant_nibbles_0_4(uint32_t w, typename Pair<T>::T2 s2, typename Pair<T>::T2 z2) {
+  using T2 = typename Pair<T>::T2;
+  const uint32_t v = nibbles_0_4<T>(w);
   const T2 q = __hsub2(*reinterpret_cast<const T2*>(&v), Pair<T>::offset());
   const T2 r = __hfma2(q, s2, z2);
   return *reinterpret_cast<const uint32_t*>(&r);
