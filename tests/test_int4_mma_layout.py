@@ -100,7 +100,8 @@ def test_a_gemv_config_runs_as_a_gemm():
 
 def test_tuned_entries_then_the_rule(monkeypatch):
     """H100: the four tuned shapes take their table entries at M >= 33 (session 26), other shapes and
-    M <= 32 the rule; every CUTLASS entry carries a Triton fallback for where that library is missing."""
+    M <= 32 the rule; every CUTLASS entry carries a Triton fallback for where that library is missing
+    (tuned at M = 64-256; the untuned default at 512-2048)."""
     monkeypatch.setattr(D, "_device_info", lambda device: ("h100", 132, (9, 0)))
     monkeypatch.setattr(D, "_table", lambda which, real=D._table: real(which) if which == "shipped" else {})
     cuda = torch.device("cuda")
@@ -113,6 +114,9 @@ def test_tuned_entries_then_the_rule(monkeypatch):
     assert (c.kind, c.bn, c.bm, c.warps) == ("cutlass", 128, 128, 0)
     c = D.get_config("int4_mma", 200, 6144, 4096, 128, torch.bfloat16, cuda)
     assert (c.kind, c.bn, c.bm, c.warps) == ("cutlass", 64, 256, 4)
+    # 4096x14336 at M = 33-128: the 128 x 128 tile with stream-K (32 tiles for 132 SMs, K = 14336)
+    c = D.get_config("int4_mma", 40, 4096, 14336, 128, torch.bfloat16, cuda)
+    assert (c.kind, c.bn, c.bm, c.split_k) == ("cutlass", 128, 128, 0)
     fb = D.get_config("int4_mma", 200, 6144, 4096, 128, torch.bfloat16, cuda, allow_cutlass=False)
     assert fb == D.KernelConfig.from_json(entries["int4_mma|bfloat16|6144x4096|g128|m256"]["fallback"])
     # M <= 32: the C++ decode kernel on every shape, CUTLASS where it is not allowed

@@ -185,6 +185,8 @@ template <class Q, int Md> using Ping64 = Config<Q, Md, Shape<_64, _128, _64>, O
 template <class Q, int Md>
 using Coop256StreamK = Config<Q, Md, Shape<_128, _256, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
 template <class Q, int Md> using Ping128 = Config<Q, Md, Shape<_128, _128, _64>, One, Ping, PingEpi>;
+template <class Q, int Md>
+using Coop128StreamK = Config<Q, Md, Shape<_128, _128, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
 template <class Q, int Md> using Ping64x256 = Config<Q, Md, Shape<_64, _256, _64>, One, Ping, PingEpi>;
 
 // One GEMM's pointers and sizes (see Config::args).
@@ -199,7 +201,8 @@ constexpr int kSchedShift = 4;
 
 // Calls f(Config) for the variant's tile: 0 = 128 (N) x 128 (M) cooperative, 1 = 128 x 256 cooperative,
 // 2 = 64 x 128 ping-pong, 3 = 128 x 256 cooperative with stream-K, 4 = 128 x 128 ping-pong,
-// 5 = 64 x 256 ping-pong; `otherwise` for an unknown tile or scheduler order.
+// 5 = 64 x 256 ping-pong, 6 = 128 x 128 cooperative with stream-K (few tiles, long K: N = 4096 at
+// M <= 128 makes 32 tiles for 132 SMs); `otherwise` for an unknown tile or scheduler order.
 template <class Q, int Md, class F, class R>
 R with_variant(int variant, F f, R otherwise) {
   if (variant < 0 || variant >> kSchedShift >= 16 || (variant >> (kSchedShift + 2) & 3) == 3) return otherwise;
@@ -210,6 +213,7 @@ R with_variant(int variant, F f, R otherwise) {
     case 3: return f(Coop256StreamK<Q, Md>{});
     case 4: return f(Ping128<Q, Md>{});
     case 5: return f(Ping64x256<Q, Md>{});
+    case 6: return f(Coop128StreamK<Q, Md>{});
     default: return otherwise;
   }
 }
