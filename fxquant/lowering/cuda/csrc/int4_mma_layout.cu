@@ -61,9 +61,16 @@ constexpr int x_pitch() {
 // x modes: global reads, shared memory, shared memory with the scale and zero applied after the MMAs
 enum XMode { kXGlobal = 0, kXShared = 1, kXSharedScaleAfter = 2 };
 
+// Scale-after at one token tile and one row block is held to 3 blocks of 16 warps per SM (40 registers,
+// as the other modes take unasked); 0 leaves every other kernel to ptxas's own register choice (an
+// explicit 1 made it take up to 16 more registers).
+template <int MODE, int NT, int RT>
+constexpr int kMinBlocks = MODE == kXSharedScaleAfter && NT * RT == 1 ? 3 : 0;
+
 template <typename T, int NT, int RT, int U, int MODE>  // NT 8-token tiles (M <= 8 NT), RT 16-row blocks,
 // U 64-k blocks per step, MODE an XMode
-__global__ void __launch_bounds__(kWarps * 32, MODE == kXSharedScaleAfter && NT * RT == 1 ? 3 : 0) int4_mma_layout_kernel(const T* __restrict__ x, int64_t x_stride,
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks<MODE, NT, RT>) int4_mma_layout_kernel(
+    const T* __restrict__ x, int64_t x_stride,
                                                                       const uint8_t* __restrict__ w,
                                                                       const T* __restrict__ sz,
                                                                       const T* __restrict__ bias, T* __restrict__ out,
@@ -74,7 +81,7 @@ __global__ void __launch_bounds__(kWarps * 32, MODE == kXSharedScaleAfter && NT 
   // kXSharedScaleAfter: the MMAs take magic + q (one LOP3 per pair) and a second MMA on ones sums x;
   // (q - 8) s + z = (magic + q) s + (z - (magic + 8) s) is then applied per row to the fp32 sums once
   // per step (the launcher asks for one scale group per step). The weights are not rounded to T first,
-  // unlike the other modes and the reference: a difference of T's rounding (an experiment).
+  // unlike the other modes and the reference: they differ by T's rounding. The default at 9-16 tokens.
   constexpr bool SA = MODE == kXSharedScaleAfter;
   extern __shared__ uint4 x_smem[];  // XS: nwarps tiles of M x x_pitch<U>() elements
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
