@@ -24,7 +24,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <tuple>
 
 #include "device.cuh"
 #include "mma.cuh"
@@ -300,25 +299,22 @@ void launch(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& s
   const dim3 grid((N / 16 + RT - 1) / RT);
   if (mode == kXSharedScaleAfter && group < 64 * U) mode = kXShared;  // it needs one scale group per step
   const int smem = x_smem_bytes<T>(mode, warps, M, U);
-  const auto args = std::make_tuple(reinterpret_cast<const T*>(x2.data_ptr()), static_cast<int64_t>(x2.stride(0)),
-                                    reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
-                                    reinterpret_cast<const T*>(sz.data_ptr()), b, reinterpret_cast<T*>(out.data_ptr()),
-                                    static_cast<int64_t>(out.stride(0)), M, N, K,
-                                    __builtin_ctz(static_cast<unsigned>(group)));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  std::apply(
-      [&](auto... a) {
-        if (mode == kXShared) {
-          kernel_ptr<T, NT, RT, U, kXShared>();
-          int4_mma_layout_kernel<T, NT, RT, U, kXShared><<<grid, warps * 32, smem, stream>>>(a...);
-        } else if (mode == kXSharedScaleAfter) {
-          kernel_ptr<T, NT, RT, U, kXSharedScaleAfter>();
-          int4_mma_layout_kernel<T, NT, RT, U, kXSharedScaleAfter><<<grid, warps * 32, smem, stream>>>(a...);
-        } else {
-          int4_mma_layout_kernel<T, NT, RT, U, kXGlobal><<<grid, warps * 32, 0, stream>>>(a...);
-        }
-      },
-      args);
+  const auto run = [&](auto kernel, int bytes) {
+    kernel<<<grid, warps * 32, bytes, stream>>>(
+        reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
+        reinterpret_cast<const T*>(sz.data_ptr()), b, reinterpret_cast<T*>(out.data_ptr()), out.stride(0), M, N, K,
+        __builtin_ctz(static_cast<unsigned>(group)));
+  };
+  if (mode == kXShared) {
+    kernel_ptr<T, NT, RT, U, kXShared>();
+    run(int4_mma_layout_kernel<T, NT, RT, U, kXShared>, smem);
+  } else if (mode == kXSharedScaleAfter) {
+    kernel_ptr<T, NT, RT, U, kXSharedScaleAfter>();
+    run(int4_mma_layout_kernel<T, NT, RT, U, kXSharedScaleAfter>, smem);
+  } else {
+    run(int4_mma_layout_kernel<T, NT, RT, U, kXGlobal>, 0);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
