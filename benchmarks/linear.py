@@ -28,7 +28,7 @@ Kernel variants (M <= dispatch.CXX_MAX_M: 32 for int4, 16 for int8): "<scheme>@c
 dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm; "w4a16_g128@cutlass", "w8a16@cutlass" and "fp8_wo@cutlass"
 (M >= 128) force the CUTLASS wgmma GEMM with its 128 x 256 tile (Hopper), "@cutlass_128x128" and
 "@cutlass_64x128" its other tiles, "@cutlass_streamk" / "@cutlass_streamk_128x128" the 128 x 256 / 128 x 128
-tiles with stream-K,
+tiles with stream-K, "@cutlass_streamk_128x64" / "_128x32" / "_128x16" the narrow token tiles (M >= 17),
 "@cutlass_ping_128x128" / "@cutlass_ping_64x256" ping-pong tiles; "w8a8_int8@cutlass_i8_<tokens>x<rows>"
 (M >= 32; "_ping": ping-pong, "_streamk": stream-K, "_cl2": 2-CTA clusters) force a tile of the CUTLASS
 int8 dynamic GEMM; "<weight-only scheme>@deq" (M >= 128) dequantizes, then calls cuBLAS (FXQUANT_DEQ_ROWS
@@ -82,6 +82,9 @@ VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "scaled_mm": D.KernelConf
             "cutlass_64x128": D.KernelConfig("cutlass", bn=64, bk=64, bm=128, warps=0),
             "cutlass_streamk": D.KernelConfig("cutlass", bn=128, bk=64, bm=256, warps=0, split_k=0),
             "cutlass_streamk_128x128": D.KernelConfig("cutlass", bn=128, bk=64, bm=128, warps=0, split_k=0),
+            "cutlass_streamk_128x64": D.KernelConfig("cutlass", bn=128, bk=64, bm=64, warps=0, split_k=0),
+            "cutlass_streamk_128x32": D.KernelConfig("cutlass", bn=128, bk=64, bm=32, warps=0, split_k=0),
+            "cutlass_streamk_128x16": D.KernelConfig("cutlass", bn=128, bk=64, bm=16, warps=0, split_k=0),
             "cutlass_ping_128x128": D.KernelConfig("cutlass", bn=128, bk=64, bm=128, warps=4),
             "cutlass_ping_64x256": D.KernelConfig("cutlass", bn=64, bk=64, bm=256, warps=4)}
 # the CUTLASS int8 dynamic GEMM's tiles, tokens x weight rows: "w8a8_int8@cutlass_i8_128x256" etc.
@@ -90,6 +93,7 @@ VARIANTS.update({f"cutlass_i8_{bm}x{bn}{'_ping' if w == 4 else ''}{'_streamk' if
                                                               cluster=c)
                  for bn, bm, sk, w, c in I8_VARIANTS})
 CUTLASS_MIN_M = 128  # the weight-only @cutlass rows' M range (large-M kernel)
+CUTLASS_NARROW_MIN_M = 17  # ... and that of its 128 x 64 / 32 / 16 (tokens) stream-K tiles
 CUTLASS_I8_MIN_M = 32  # the int8 dynamic @cutlass_i8 rows' M range
 DEFAULT_VARIANTS = ["w4a16_g128@cuda", "w4a16_g128@triton", "w8a16@cuda", "w8a16@triton"]
 ROTATE_BYTES = 512e6  # weight bytes cycled through per graph replay (~10x L2)
@@ -529,8 +533,9 @@ def variant_runs(name: str, m: int) -> bool:
         return True
     if variant.startswith("cutlass_i8"):
         return m >= CUTLASS_I8_MIN_M
-    if variant.startswith("cutlass") or variant == "deq":
-        return m >= CUTLASS_MIN_M
+    if variant.startswith("cutlass") or variant == "deq":  # the narrow token tiles from M = 17
+        narrow = variant.startswith("cutlass") and variant in VARIANTS and VARIANTS[variant].bm < 128
+        return m >= (CUTLASS_NARROW_MIN_M if narrow else CUTLASS_MIN_M)
     return not variant or scheme not in D.CXX_MAX_M or m <= D.CXX_MAX_M[scheme]
 
 

@@ -41,8 +41,9 @@ def test_fits_only_on_hopper_cuda_bf16():
     assert not cutlass.fits("int4_wo", x, qw, sz, None, 128, 128, 256)  # CPU tensors
     assert not cutlass.fits("int4_wo", x, qw[:0], sz[:, :0], None, 128, 128, 256)  # N == 0
     assert set(cutlass.VARIANTS) == {(128, 256, 1, 0), (64, 128, 1, 0), (128, 128, 1, 0), (128, 256, 0, 0),
-                                     (128, 128, 1, 4), (64, 256, 1, 4), (128, 128, 0, 0)}
-    assert sorted(cutlass.VARIANTS.values()) == list(range(7))  # the library's variant numbers
+                                     (128, 128, 1, 4), (64, 256, 1, 4), (128, 128, 0, 0),
+                                     (128, 64, 0, 0), (128, 32, 0, 0), (128, 16, 0, 0)}
+    assert sorted(cutlass.VARIANTS.values()) == list(range(10))  # the library's variant numbers
 
 
 def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
@@ -279,7 +280,7 @@ def test_weight_only_tiles_match_the_cuda_sources():
                  r"using (\w+) = Config<Q, Md, Shape<_(\d+), _(\d+), _64>, One, (Coop|Ping), \w+"
                  r"(, cutlass::gemm::StreamKScheduler)?>", src)}
     cases = re.findall(r"case (\d+): return f\((\w+)<Q, Md>", src)
-    assert len(cases) == len(cutlass.VARIANTS) == len(tiles) == 7
+    assert len(cases) == len(cutlass.VARIANTS) == len(tiles) == 10
     assert {tiles[alias]: int(v) for v, alias in cases} == cutlass.VARIANTS
     shift = re.search(r"constexpr int kSchedShift = (\d+);", src)
     assert shift and int(shift.group(1)) == cutlass.SCHED_SHIFT and max(cutlass.VARIANTS.values()) < 1 << cutlass.SCHED_SHIFT

@@ -5,7 +5,9 @@ which inputs they take, the int4 scale / zero arrays, and the call.
 A KernelConfig of kind "cutlass" names the CUTLASS tile by bn (weight rows) x bm (tokens):
 128 x 128 and 128 x 256 (cooperative: two consumer warpgroups share a tile), 64 x 128 (ping-pong);
 split_k 0 is the 128 x 256 or 128 x 128 tile with CUTLASS's stream-K scheduler (each SM takes a share
-of the tiles' K loops, for grids of too few tiles to fill the GPU), split_k 1 the persistent one; warps 4
+of the tiles' K loops, for grids of too few tiles to fill the GPU), split_k 1 the persistent one;
+128 x 64 / 32 / 16 exist only with stream-K (cooperative; for 17-128 tokens, where a 128-token tile
+computes mostly padding and N = 4096 makes few tiles); warps 4
 asks for the ping-pong schedule (one consumer warpgroup per tile) of 128 x 128 and 64 x 256,
 warps 0 for the tile's default.
 
@@ -41,7 +43,8 @@ import torch
 
 # (bn, bm, split_k, warps) -> the library's variant number
 VARIANTS = {(128, 128, 1, 0): 0, (128, 256, 1, 0): 1, (64, 128, 1, 0): 2, (128, 256, 0, 0): 3,
-            (128, 128, 1, 4): 4, (64, 256, 1, 4): 5, (128, 128, 0, 0): 6}
+            (128, 128, 1, 4): 4, (64, 256, 1, 4): 5, (128, 128, 0, 0): 6,
+            (128, 64, 0, 0): 7, (128, 32, 0, 0): 8, (128, 16, 0, 0): 9}
 # int8 dynamic: (bn, bm, split_k, warps, cluster) -> variant of csrc_cutlass/int8_dyn_tiles_*.cu
 # (cluster 2: two CTAs along M share each weight tile through TMA multicast)
 I8_VARIANTS = {(128, 128, 1, 0, 1): 0, (256, 128, 1, 0, 1): 1, (128, 256, 1, 0, 1): 2, (256, 128, 0, 0, 1): 3,

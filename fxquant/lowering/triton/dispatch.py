@@ -872,13 +872,16 @@ def candidate_configs(scheme: str, m: int, group: int) -> list[KernelConfig]:
     out = [c for c in out if not _known_bad(scheme, c)]
     if scheme in CXX_SCHEMES and m <= CXX_MAX_M[scheme] and torch.cuda.is_available() and _cxx_ready():
         out.append(G("cxx", bn=0, bk=0))
-    if (scheme in ("int4_wo", "int4_mma", "int8_wo", "fp8_wo") and (m >= 128 or scheme == "int4_mma" and m > 16)
+    if (scheme in ("int4_wo", "int4_mma", "int8_wo", "fp8_wo") and m > 16
             and group % 64 == 0 and torch.cuda.is_available()
             and torch.cuda.get_device_capability() == (9, 0) and _cutlass_ready()):
         # (autotune skips the ones cutlass.fits refuses for its inputs: fp16, N % 8, K % 64 for int8 / fp8,
-        # per-tensor fp8 scales, alignment)
+        # per-tensor fp8 scales, alignment). The narrow token tiles (bm < 128) where M is within half to
+        # four times bm: wider, a tile computes mostly padding; narrower, each weight tile is read again
+        # for every token tile. The wide ones from M = 128 (int4_mma: 17, where it has no Triton GEMM worth timing).
         from ..cuda.cutlass import VARIANTS
-        out += [G("cutlass", bn=bn, bk=64, bm=bm, warps=w, split_k=sk) for bn, bm, sk, w in VARIANTS]
+        out += [G("cutlass", bn=bn, bk=64, bm=bm, warps=w, split_k=sk) for bn, bm, sk, w in VARIANTS
+                if (bm / 2 <= m <= 4 * bm if bm < 128 else m >= 128 or scheme == "int4_mma")]
     if (scheme == "int8_dyn" and m >= 32 and torch.cuda.is_available()
             and torch.cuda.get_device_capability() == (9, 0) and _cutlass_ready()):
         from ..cuda.cutlass import I8_VARIANTS

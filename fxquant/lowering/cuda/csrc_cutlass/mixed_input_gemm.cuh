@@ -188,6 +188,14 @@ template <class Q, int Md> using Ping128 = Config<Q, Md, Shape<_128, _128, _64>,
 template <class Q, int Md>
 using Coop128StreamK = Config<Q, Md, Shape<_128, _128, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
 template <class Q, int Md> using Ping64x256 = Config<Q, Md, Shape<_64, _256, _64>, One, Ping, PingEpi>;
+// Narrow token tiles for 17-128 tokens: a 128-token tile at M = 64 computes half zeros, and N = 4096 makes
+// only 32 of them; stream-K spreads their K loops over the SMs.
+template <class Q, int Md>
+using Coop128x64StreamK = Config<Q, Md, Shape<_128, _64, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
+template <class Q, int Md>
+using Coop128x32StreamK = Config<Q, Md, Shape<_128, _32, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
+template <class Q, int Md>
+using Coop128x16StreamK = Config<Q, Md, Shape<_128, _16, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
 
 // One GEMM's pointers and sizes (see Config::args).
 struct Problem {
@@ -202,7 +210,8 @@ constexpr int kSchedShift = 4;
 // Calls f(Config) for the variant's tile: 0 = 128 (N) x 128 (M) cooperative, 1 = 128 x 256 cooperative,
 // 2 = 64 x 128 ping-pong, 3 = 128 x 256 cooperative with stream-K, 4 = 128 x 128 ping-pong,
 // 5 = 64 x 256 ping-pong, 6 = 128 x 128 cooperative with stream-K (few tiles, long K: N = 4096 at
-// M <= 128 makes 32 tiles for 132 SMs); `otherwise` for an unknown tile or scheduler order.
+// M <= 128 makes 32 tiles for 132 SMs), 7 / 8 / 9 = 128 x 64 / 32 / 16 cooperative with stream-K;
+// `otherwise` for an unknown tile or scheduler order.
 template <class Q, int Md, class F, class R>
 R with_variant(int variant, F f, R otherwise) {
   if (variant < 0 || variant >> kSchedShift >= 16 || (variant >> (kSchedShift + 2) & 3) == 3) return otherwise;
@@ -214,6 +223,9 @@ R with_variant(int variant, F f, R otherwise) {
     case 4: return f(Ping128<Q, Md>{});
     case 5: return f(Ping64x256<Q, Md>{});
     case 6: return f(Coop128StreamK<Q, Md>{});
+    case 7: return f(Coop128x64StreamK<Q, Md>{});
+    case 8: return f(Coop128x32StreamK<Q, Md>{});
+    case 9: return f(Coop128x16StreamK<Q, Md>{});
     default: return otherwise;
   }
 }
