@@ -28,7 +28,8 @@ Kernel variants (M <= dispatch.CXX_MAX_M: 32 for int4, 16 for int8): "<scheme>@c
 dynamic ones; "fp8_row@scaled_mm" forces torch._scaled_mm; "w4a16_g128@cutlass", "w8a16@cutlass" and "fp8_wo@cutlass"
 (M >= 128) force the CUTLASS wgmma GEMM with its 128 x 256 tile (Hopper), "@cutlass_128x128" and
 "@cutlass_64x128" its other tiles, "@cutlass_streamk" / "@cutlass_streamk_128x128" the 128 x 256 / 128 x 128
-tiles with stream-K, "@cutlass_streamk_128x64" / "_128x32" / "_128x16" the narrow token tiles (M >= 17),
+tiles with stream-K, "@cutlass_streamk_128x64" / "_128x32" / "_128x16" / "_256x64" / "_256x32" the narrow
+token tiles (M >= 17), "@cutlass_streamk_256x128" (M >= 128),
 "@cutlass_ping_128x128" / "@cutlass_ping_64x256" ping-pong tiles; "w8a8_int8@cutlass_i8_<tokens>x<rows>"
 (M >= 32; "_ping": ping-pong, "_streamk": stream-K, "_cl2": 2-CTA clusters) force a tile of the CUTLASS
 int8 dynamic GEMM; "<weight-only scheme>@deq" (M >= 128) dequantizes, then calls cuBLAS (FXQUANT_DEQ_ROWS
@@ -85,6 +86,9 @@ VARIANTS = {"cuda": D.KernelConfig("cxx", bn=0, bk=0), "scaled_mm": D.KernelConf
             "cutlass_streamk_128x64": D.KernelConfig("cutlass", bn=128, bk=64, bm=64, warps=0, split_k=0),
             "cutlass_streamk_128x32": D.KernelConfig("cutlass", bn=128, bk=64, bm=32, warps=0, split_k=0),
             "cutlass_streamk_128x16": D.KernelConfig("cutlass", bn=128, bk=64, bm=16, warps=0, split_k=0),
+            "cutlass_streamk_256x64": D.KernelConfig("cutlass", bn=256, bk=64, bm=64, warps=0, split_k=0),
+            "cutlass_streamk_256x32": D.KernelConfig("cutlass", bn=256, bk=64, bm=32, warps=0, split_k=0),
+            "cutlass_streamk_256x128": D.KernelConfig("cutlass", bn=256, bk=64, bm=128, warps=0, split_k=0),
             "cutlass_ping_128x128": D.KernelConfig("cutlass", bn=128, bk=64, bm=128, warps=4),
             "cutlass_ping_64x256": D.KernelConfig("cutlass", bn=64, bk=64, bm=256, warps=4)}
 # the CUTLASS int8 dynamic GEMM's tiles, tokens x weight rows: "w8a8_int8@cutlass_i8_128x256" etc.

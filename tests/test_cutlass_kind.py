@@ -42,8 +42,9 @@ def test_fits_only_on_hopper_cuda_bf16():
     assert not cutlass.fits("int4_wo", x, qw[:0], sz[:, :0], None, 128, 128, 256)  # N == 0
     assert set(cutlass.VARIANTS) == {(128, 256, 1, 0), (64, 128, 1, 0), (128, 128, 1, 0), (128, 256, 0, 0),
                                      (128, 128, 1, 4), (64, 256, 1, 4), (128, 128, 0, 0),
-                                     (128, 64, 0, 0), (128, 32, 0, 0), (128, 16, 0, 0)}
-    assert sorted(cutlass.VARIANTS.values()) == list(range(10))  # the library's variant numbers
+                                     (128, 64, 0, 0), (128, 32, 0, 0), (128, 16, 0, 0),
+                                     (256, 64, 0, 0), (256, 32, 0, 0), (256, 128, 0, 0)}
+    assert sorted(cutlass.VARIANTS.values()) == list(range(13))  # the library's variant numbers
 
 
 def test_a_cutlass_entry_gives_its_fallback_where_it_cannot_run(monkeypatch):
@@ -280,17 +281,21 @@ def test_weight_only_tiles_match_the_cuda_sources():
                  r"using (\w+) = Config<Q, Md, Shape<_(\d+), _(\d+), _64>, One, (Coop|Ping), \w+"
                  r"(, cutlass::gemm::StreamKScheduler)?>", src)}
     cases = re.findall(r"case (\d+): return f\((\w+)<Q, Md>", src)
-    assert len(cases) == len(cutlass.VARIANTS) == len(tiles) == 10
+    assert len(cases) == len(cutlass.VARIANTS) == len(tiles) == 13
     assert {tiles[alias]: int(v) for v, alias in cases} == cutlass.VARIANTS
     shift = re.search(r"constexpr int kSchedShift = (\d+);", src)
     assert shift and int(shift.group(1)) == cutlass.SCHED_SHIFT and max(cutlass.VARIANTS.values()) < 1 << cutlass.SCHED_SHIFT
 
 
 @pytest.mark.parametrize("value, want", [("", 0), ("1,auto", 0), ("2,auto", 1), ("8,auto", 3), ("1,rows", 4),
-                                         ("4, tokens", 2 | 8), ("3,rows", 0), ("2,up", 0), ("2", 0), ("x,y,z", 0)])
+                                         ("4, tokens", 2 | 8), ("3,rows", 0), ("2,up", 0), ("2", 0), ("x,y,z", 0),
+                                         ("1,auto,any", 16), ("2,rows,det,4", 1 | 4 | 2 << 5),
+                                         ("1,auto,any,128", 16 | 7 << 5), ("1,auto,det,3", 0), ("1,auto,maybe", 0),
+                                         ("1,auto,det,2,2", 0)])
 def test_scheduler_order_override(value, want, monkeypatch):
-    """FXQUANT_CUTLASS_SCHED="SWIZZLE,RASTER" -> the bits mixed_input_gemm.cuh reads above the tile
-    (log2 swizzle, then raster 0 auto / 1 rows / 2 tokens); anything malformed is the default order."""
+    """FXQUANT_CUTLASS_SCHED="SWIZZLE,RASTER[,REDUCTION[,SPLITS]]" -> the bits mixed_input_gemm.cuh reads
+    above the tile (log2 swizzle, raster 0 auto / 1 rows / 2 tokens, 1 for "any" reduction order, log2
+    split-K count); anything malformed is the default."""
     monkeypatch.setenv("FXQUANT_CUTLASS_SCHED", value)
     assert cutlass._sched() == want
 

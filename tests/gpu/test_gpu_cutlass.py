@@ -211,7 +211,7 @@ def test_int8_inputs_it_cannot_take_are_refused():
     assert not cutlass.fits("int4_wo", x, qc, sc, None, 128, 128, 256)  # an int8 weight is no int4 one
     # A failure after the launch set-up is an error naming the status (a number in a C++ message
     # once crashed the process there: BENCHMARKS.md S11)
-    for variant in (15, 3 << 6, 1 << 8):  # no such tile; raster order 3; scheduler bits past the order's
+    for variant in (15, 3 << 6, 1 << 12):  # no such tile; raster order 3; scheduler bits past the split count's
         with pytest.raises(RuntimeError, match="CUTLASS status 1"):
             torch.ops.fxquant.cutlass_int8_weight_only_linear(x, qc, sc, None, variant)
 
@@ -282,6 +282,22 @@ def test_scheduler_order_gives_the_same_bits(scheme, sched, monkeypatch):
     assert cutlass._sched() != 0
     got = cutlass.linear(scheme, x, qc, sc, None, 128, 128, 256)
     assert torch.equal(got, want), sched
+
+
+@pytest.mark.parametrize("sched", ["1,auto,any", "1,auto,det,4", "1,auto,any,8"])
+@pytest.mark.parametrize("tile", [(128, 64, 0, 0), (256, 32, 0, 0)], ids=["128x64", "256x32"])
+def test_streamk_reduction_and_split_options_match_the_reference(tile, sched, monkeypatch):
+    """FXQUANT_CUTLASS_SCHED's reduction order and split-K count change only how the stream-K tiles'
+    partial sums are added: still within the reference's bound, on a grid of few tiles (N = 4096 at
+    M = 48: 32 or 16 tiles for 132 SMs), where the K loops are split."""
+    n, k = 4096, 4096
+    qw, sz = _weights(n, k, 128, False)
+    x = torch.randn(48, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ref = torch.ops.fxquant.int4_weight_only_linear(x, qw, sz, None, 128)
+    monkeypatch.setenv("FXQUANT_CUTLASS_SCHED", sched)
+    assert cutlass._sched() != 0
+    got = cutlass.linear("int4_wo", x.cuda(), qw.cuda(), sz.cuda(), None, 128, *tile)
+    assert _rel(got.cpu(), ref) <= 1e-2, sched
 
 
 @pytest.mark.parametrize("scheme", ["int4_wo", "int8_wo"])

@@ -217,7 +217,7 @@ def load_cutlass(verbose: bool = False) -> Path:
 LDFLAGS = ("-l:libstdc++.so.6",) if sys.platform == "linux" else ()
 
 CUTLASS_ABI_VERSION = 7  # csrc_cutlass's cutlass_abi_version(): 2 added the int8 op, 3 int8 dynamic, 4 fp8, 5 int4 mma layout,
-# 6 the 128 x 128 stream-K tile, 7 the 128 x 64 / 32 / 16 stream-K tiles
+# 6 the 128 x 128 stream-K tile, 7 the 128 x 64 / 32 / 16 and 256 x 64 / 32 / 128 stream-K tiles, stream-K options
 _CUTLASS_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG")
 
 

@@ -6,8 +6,8 @@ A KernelConfig of kind "cutlass" names the CUTLASS tile by bn (weight rows) x bm
 128 x 128 and 128 x 256 (cooperative: two consumer warpgroups share a tile), 64 x 128 (ping-pong);
 split_k 0 is the 128 x 256 or 128 x 128 tile with CUTLASS's stream-K scheduler (each SM takes a share
 of the tiles' K loops, for grids of too few tiles to fill the GPU), split_k 1 the persistent one;
-128 x 64 / 32 / 16 exist only with stream-K (cooperative; for 17-128 tokens, where a 128-token tile
-computes mostly padding and N = 4096 makes few tiles); warps 4
+128 x 64 / 32 / 16 and 256 x 64 / 32 / 128 exist only with stream-K (cooperative; for 17-128 tokens,
+where a 128-token tile computes mostly padding and N = 4096 makes few tiles); warps 4
 asks for the ping-pong schedule (one consumer warpgroup per tile) of 128 x 128 and 64 x 256,
 warps 0 for the tile's default.
 
@@ -44,7 +44,8 @@ import torch
 # (bn, bm, split_k, warps) -> the library's variant number
 VARIANTS = {(128, 128, 1, 0): 0, (128, 256, 1, 0): 1, (64, 128, 1, 0): 2, (128, 256, 0, 0): 3,
             (128, 128, 1, 4): 4, (64, 256, 1, 4): 5, (128, 128, 0, 0): 6,
-            (128, 64, 0, 0): 7, (128, 32, 0, 0): 8, (128, 16, 0, 0): 9}
+            (128, 64, 0, 0): 7, (128, 32, 0, 0): 8, (128, 16, 0, 0): 9,
+            (256, 64, 0, 0): 10, (256, 32, 0, 0): 11, (256, 128, 0, 0): 12}
 # int8 dynamic: (bn, bm, split_k, warps, cluster) -> variant of csrc_cutlass/int8_dyn_tiles_*.cu
 # (cluster 2: two CTAs along M share each weight tile through TMA multicast)
 I8_VARIANTS = {(128, 128, 1, 0, 1): 0, (256, 128, 1, 0, 1): 1, (128, 256, 1, 0, 1): 2, (256, 128, 0, 0, 1): 3,
@@ -192,14 +193,22 @@ SCHED_SHIFT = 4  # mixed_input_gemm.cuh's kSchedShift: variant = tile + schedule
 _RASTERS = {"auto": 0, "rows": 1, "tokens": 2}
 
 
+_SPLITS = ("1", "2", "4", "8", "16", "32", "64", "128")
+
+
 def _sched() -> int:
-    """The weight-only GEMMs' tile order from FXQUANT_CUTLASS_SCHED="SWIZZLE,RASTER" (experiments, read
-    at every call): SWIZZLE 1, 2, 4 or 8 output tiles per scheduler step, RASTER auto (CUTLASS's rule),
-    rows (along the weight rows) or tokens. 0 (the default order) otherwise."""
+    """The weight-only GEMMs' tile order from FXQUANT_CUTLASS_SCHED="SWIZZLE,RASTER[,REDUCTION[,SPLITS]]"
+    (experiments, read at every call): SWIZZLE 1, 2, 4 or 8 output tiles per scheduler step, RASTER auto
+    (CUTLASS's rule), rows (along the weight rows) or tokens; for the stream-K tiles, REDUCTION det (partial
+    sums added in K order) or any, and SPLITS 1 (stream-K's own split) or a split-K count up to 128.
+    0 (the defaults) for anything else."""
     v = os.environ.get("FXQUANT_CUTLASS_SCHED", "").replace(" ", "").split(",")
-    if len(v) != 2 or v[0] not in ("1", "2", "4", "8") or v[1] not in _RASTERS:
+    v += ["det", "1"][len(v) - 2:] if 2 <= len(v) <= 4 else []
+    if (len(v) != 4 or v[0] not in ("1", "2", "4", "8") or v[1] not in _RASTERS or v[2] not in ("det", "any")
+            or v[3] not in _SPLITS):
         return 0
-    return int(v[0]).bit_length() - 1 | _RASTERS[v[1]] << 2
+    return (int(v[0]).bit_length() - 1 | _RASTERS[v[1]] << 2 | (v[2] == "any") << 4
+            | _SPLITS.index(v[3]) << 5)
 
 
 def linear(scheme: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,

@@ -11,7 +11,7 @@ at::Tensor cutlass_int4_linear(const at::Tensor& x, const at::Tensor& qweight, c
       "cutlass_int4_weight_only_linear", x, qweight, qweight.size(1) * 2, scales, &zeros, bias, group_size, variant);
 }
 
-int64_t cutlass_abi_version() { return 7; }  // 2: the int8 op (int8.cu); 3: int8 dynamic (int8_dyn.cu); 4: fp8 (fp8.cu); 5: int4_mma.cu; 6: tile 6; 7: tiles 7-9
+int64_t cutlass_abi_version() { return 7; }  // 2: the int8 op (int8.cu); 3: int8 dynamic (int8_dyn.cu); 4: fp8 (fp8.cu); 5: int4_mma.cu; 6: tile 6; 7: tiles 7-12, stream-K options
 
 TORCH_LIBRARY_FRAGMENT(fxquant, m) {
   m.def("cutlass_int4_weight_only_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, "

@@ -114,8 +114,9 @@ struct Config {
 
   // scale / zero: the mainloop's bf16 [K / group, N] arrays (kGroupScaleZero), or the epilogue modes'
   // scale [N] (zero unused); bias bf16 [N] or null, in the epilogue either way.
-  // sched: the tile scheduler's order (see kSchedShift): bits 0-1 log2 of the swizzle, bits 2-3 the
-  // raster order (0 CUTLASS's heuristic, 1 along the weight rows, 2 along the tokens).
+  // sched (see kSchedShift): bits 0-1 log2 of the swizzle, bits 2-3 the raster order (0 CUTLASS's
+  // heuristic, 1 along the weight rows, 2 along the tokens); stream-K tiles only: bit 4 the partial
+  // sums added in any order (else in K order, one CTA after another), bits 5-7 log2 of a split-K count.
   static typename Gemm::Arguments args(const void* w, const void* x, const void* scale, const void* zero,
                                        const void* bias, void* out, int M, int N, int K, int group, int sched = 0) {
     using StrideB = typename Kernel::StrideB;
@@ -155,6 +156,11 @@ struct Config {
     a.scheduler.max_swizzle_size = 1 << (sched & 3);
     const int raster = (sched >> 2) & 3;
     a.scheduler.raster_order = raster == 1 ? Raster::AlongM : raster == 2 ? Raster::AlongN : Raster::Heuristic;
+    if constexpr (std::is_same_v<Scheduler, cutlass::gemm::StreamKScheduler>) {
+      using Reduction = cutlass::gemm::kernel::detail::ReductionMode;
+      a.scheduler.reduction_mode = sched >> 4 & 1 ? Reduction::Nondeterministic : Reduction::Deterministic;
+      a.scheduler.splits = 1 << (sched >> 5 & 7);  // > 1: split-K instead of stream-K's own split
+    }
     return a;
   }
 
@@ -196,6 +202,14 @@ template <class Q, int Md>
 using Coop128x32StreamK = Config<Q, Md, Shape<_128, _32, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
 template <class Q, int Md>
 using Coop128x16StreamK = Config<Q, Md, Shape<_128, _16, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
+// 256 weight rows: each consumer warpgroup converts and multiplies two 64-row slices per k step, work
+// that overlaps (the 128-row tiles spent about the same time per k tile at 64 and 128 tokens).
+template <class Q, int Md>
+using Coop256x64StreamK = Config<Q, Md, Shape<_256, _64, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
+template <class Q, int Md>
+using Coop256x32StreamK = Config<Q, Md, Shape<_256, _32, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
+template <class Q, int Md>
+using Coop256x128StreamK = Config<Q, Md, Shape<_256, _128, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
 
 // One GEMM's pointers and sizes (see Config::args).
 struct Problem {
@@ -210,11 +224,11 @@ constexpr int kSchedShift = 4;
 // Calls f(Config) for the variant's tile: 0 = 128 (N) x 128 (M) cooperative, 1 = 128 x 256 cooperative,
 // 2 = 64 x 128 ping-pong, 3 = 128 x 256 cooperative with stream-K, 4 = 128 x 128 ping-pong,
 // 5 = 64 x 256 ping-pong, 6 = 128 x 128 cooperative with stream-K (few tiles, long K: N = 4096 at
-// M <= 128 makes 32 tiles for 132 SMs), 7 / 8 / 9 = 128 x 64 / 32 / 16 cooperative with stream-K;
-// `otherwise` for an unknown tile or scheduler order.
+// M <= 128 makes 32 tiles for 132 SMs), 7 / 8 / 9 = 128 x 64 / 32 / 16 and 10 / 11 / 12 = 256 x 64 / 32 / 128
+// cooperative with stream-K; `otherwise` for an unknown tile or scheduler order.
 template <class Q, int Md, class F, class R>
 R with_variant(int variant, F f, R otherwise) {
-  if (variant < 0 || variant >> kSchedShift >= 16 || (variant >> (kSchedShift + 2) & 3) == 3) return otherwise;
+  if (variant < 0 || variant >> kSchedShift >= 256 || (variant >> (kSchedShift + 2) & 3) == 3) return otherwise;
   switch (variant & ((1 << kSchedShift) - 1)) {
     case 0: return f(Coop128<Q, Md>{});
     case 1: return f(Coop256<Q, Md>{});
@@ -226,6 +240,9 @@ R with_variant(int variant, F f, R otherwise) {
     case 7: return f(Coop128x64StreamK<Q, Md>{});
     case 8: return f(Coop128x32StreamK<Q, Md>{});
     case 9: return f(Coop128x16StreamK<Q, Md>{});
+    case 10: return f(Coop256x64StreamK<Q, Md>{});
+    case 11: return f(Coop256x32StreamK<Q, Md>{});
+    case 12: return f(Coop256x128StreamK<Q, Md>{});
     default: return otherwise;
   }
 }
