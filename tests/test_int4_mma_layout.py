@@ -99,35 +99,41 @@ def test_a_gemv_config_runs_as_a_gemm():
 
 
 def test_tuned_entries_then_the_rule(monkeypatch):
-    """H100: the four tuned shapes take their table entries at M >= 33 (session 26), other shapes and
-    M <= 32 the rule; every CUTLASS entry carries a Triton fallback for where that library is missing
-    (tuned at M = 64-256; the untuned default at 512-2048)."""
+    """H100: the four tuned shapes take their table entries at M >= 17 (sessions 26-27), other shapes
+    and M <= 16 the rule; every CUTLASS or C++ entry carries a Triton fallback for where that library
+    is missing (tuned at M = 32-256; the untuned default at 512-2048)."""
     monkeypatch.setattr(D, "_device_info", lambda device: ("h100", 132, (9, 0)))
     monkeypatch.setattr(D, "_table", lambda which, real=D._table: real(which) if which == "shipped" else {})
     cuda = torch.device("cuda")
     entries = {k: e for k, e in D._table("shipped")["h100"].items() if k.startswith("int4_mma|")}
-    assert len(entries) == 24 and all(int(k.rsplit("|m", 1)[1]) >= 64 for k in entries)
+    assert len(entries) == 28 and all(int(k.rsplit("|m", 1)[1]) >= 32 for k in entries)
     for key, e in entries.items():
-        assert e["kind"] == "cutlass" and e["fallback"]["kind"] in ("gemm", "deq"), key
-    # tuned: 28672x4096 at M = 64 took the 128 x 128 tile, 6144x4096 at M = 256 the 64 x 256 ping-pong
-    c = D.get_config("int4_mma", 64, 28672, 4096, 128, torch.bfloat16, cuda)
-    assert (c.kind, c.bn, c.bm, c.warps) == ("cutlass", 128, 128, 0)
+        assert e["kind"] in ("cutlass", "cxx") and e["fallback"]["kind"] in ("gemm", "deq"), key
+        assert e["kind"] == "cutlass" or key.endswith("|m32"), key  # C++ only where it runs (M <= 32)
+    # session 27's stream-K tiles: 28672x4096 took 256 rows x 32 / 64 / 128 tokens at M = 17-128,
+    # 4096x4096 the 128 x 64 tile at M = 33-64; 6144x4096 at M = 256 the 64 x 256 ping-pong (session 26)
+    for m, bm in ((17, 32), (64, 64), (128, 128)):
+        c = D.get_config("int4_mma", m, 28672, 4096, 128, torch.bfloat16, cuda)
+        assert (c.kind, c.bn, c.bm, c.split_k) == ("cutlass", 256, bm, 0), m
+    c = D.get_config("int4_mma", 40, 4096, 4096, 128, torch.bfloat16, cuda)
+    assert (c.kind, c.bn, c.bm, c.split_k) == ("cutlass", 128, 64, 0)
     c = D.get_config("int4_mma", 200, 6144, 4096, 128, torch.bfloat16, cuda)
     assert (c.kind, c.bn, c.bm, c.warps) == ("cutlass", 64, 256, 4)
-    # 4096x14336 at M = 33-128: the 128 x 128 tile with stream-K (32 tiles for 132 SMs, K = 14336)
-    c = D.get_config("int4_mma", 40, 4096, 14336, 128, torch.bfloat16, cuda)
-    assert (c.kind, c.bn, c.bm, c.split_k) == ("cutlass", 128, 128, 0)
     fb = D.get_config("int4_mma", 200, 6144, 4096, 128, torch.bfloat16, cuda, allow_cutlass=False)
     assert fb == D.KernelConfig.from_json(entries["int4_mma|bfloat16|6144x4096|g128|m256"]["fallback"])
-    # M <= 32: the C++ decode kernel on every shape, CUTLASS where it is not allowed
-    for n, k in ((28672, 4096), (5120, 8192)):
-        assert D.get_config("int4_mma", 32, n, k, 128, torch.bfloat16, cuda).kind == "cxx"
-        c = D.get_config("int4_mma", 32, n, k, 128, torch.bfloat16, cuda, allow_cxx=False)
-        assert (c.kind, c.bn, c.bm) == ("cutlass", 128, 128)
-    # a shape the table does not name: the rule's tiles
-    for m, tile in ((33, (64, 128)), (128, (64, 128)), (129, (128, 256)), (5000, (128, 256))):
+    # M = 17-32 on the other three: the C++ decode kernel, its Triton fallback where it is barred
+    c = D.get_config("int4_mma", 32, 4096, 4096, 128, torch.bfloat16, cuda)
+    assert c.kind == "cxx"
+    fb = D.get_config("int4_mma", 32, 4096, 4096, 128, torch.bfloat16, cuda, allow_cxx=False)
+    assert fb == D.KernelConfig.from_json(entries["int4_mma|bfloat16|4096x4096|g128|m32"]["fallback"])
+    # a shape the table does not name: the rule
+    assert D.get_config("int4_mma", 32, 5120, 8192, 128, torch.bfloat16, cuda).kind == "cxx"
+    for m, tile in ((33, (128, 64, 0)), (128, (128, 128, 0)), (256, (128, 128, 0)), (257, (128, 256, 1)),
+                    (5000, (128, 256, 1))):
         c = D.get_config("int4_mma", m, 5120, 8192, 128, torch.bfloat16, cuda)
-        assert (c.kind, c.bn, c.bm, c.warps) == ("cutlass", *tile, 0), m
+        assert (c.kind, c.bn, c.bm, c.split_k, c.warps) == ("cutlass", *tile, 0), m
+    c = D.get_config("int4_mma", 32, 5120, 8192, 128, torch.bfloat16, cuda, allow_cxx=False)
+    assert (c.kind, c.bn, c.bm, c.split_k) == ("cutlass", 128, 32, 0)
 
 
 def test_untuned_choices(monkeypatch):
@@ -137,9 +143,9 @@ def test_untuned_choices(monkeypatch):
     for m in (1, 16, 17, 32):
         assert D.get_config("int4_mma", m, 4096, 4096, 128, torch.bfloat16, cuda).kind == "cxx", m
     c = D.get_config("int4_mma", 33, 4096, 4096, 128, torch.bfloat16, cuda)
-    assert (c.kind, c.bn, c.bm, c.warps) == ("cutlass", 64, 128, 0)
+    assert (c.kind, c.bn, c.bm, c.split_k, c.warps) == ("cutlass", 128, 64, 0, 0)
     c = D.get_config("int4_mma", 4096, 4096, 4096, 128, torch.bfloat16, cuda)
-    assert (c.kind, c.bn, c.bm, c.warps) == ("cutlass", 128, 256, 0)
+    assert (c.kind, c.bn, c.bm, c.split_k, c.warps) == ("cutlass", 128, 256, 1, 0)
     assert D.get_config("int4_mma", 4096, 4096, 4096, 128, torch.bfloat16, cuda, allow_cutlass=False).kind == "deq"
     assert D.get_config("int4_mma", 8, 4096, 4096, 128, torch.bfloat16, cuda, allow_cxx=False).kind == "cutlass"
     assert D.get_config("int4_mma", 8, 4096, 4096, 128, torch.bfloat16, cuda, allow_cxx=False,

@@ -193,16 +193,16 @@ def default_config(scheme: str, m: int, n: int, k: int, group: int) -> KernelCon
 
 
 def int4_mma_config(m: int, device: torch.device, allow_cxx: bool = True, allow_cutlass: bool = True) -> KernelConfig:
-    """The MMA-fragment int4 layout's choice at M <= 32 (every shape) and for shapes the table does not
-    name: its C++ decode kernel up to M = 32, the CUTLASS GEMM on Hopper beyond (tiles as weight rows x
-    tokens: 128 x 128 up to M = 32 where the C++ kernel is barred, 64 x 128 up to 128, 128 x 256 above;
-    the tile that won on most of the four tuned shapes at each M, session 26); the Triton kernels (which
-    gather its bytes) elsewhere."""
+    """The MMA-fragment int4 layout's choice for shapes the table does not name: its C++ decode kernel
+    up to M = 32, the CUTLASS GEMM on Hopper beyond (tiles as weight rows x tokens, stream-K where
+    split_k is 0: 128 x 32 up to M = 32 where the C++ kernel is barred, 128 x 64 up to 64, 128 x 128
+    up to 256, 128 x 256 persistent above; the tiles with the best geometric mean over the four tuned
+    shapes at each M, sessions 26-27); the Triton kernels (which gather its bytes) elsewhere."""
     if allow_cxx and m <= CXX_MAX_M["int4_mma"]:
         return KernelConfig("cxx", bn=0, bk=0)
     if allow_cutlass and _device_info(device)[2] == (9, 0) and device.type == "cuda":
-        bn, bm = (128, 128) if m <= 32 else (64, 128) if m <= 128 else (128, 256)
-        return KernelConfig("cutlass", bn=bn, bk=64, bm=bm, warps=0)
+        bm, split_k = (32, 0) if m <= 32 else (64, 0) if m <= 64 else (128, 0) if m <= 256 else (256, 1)
+        return KernelConfig("cutlass", bn=128, bk=64, bm=bm, warps=0, split_k=split_k)
     return default_config("int4_mma", max(m, 2), 0, 0, 0)
 
 
@@ -232,7 +232,7 @@ def get_config(scheme: str, m: int, n: int, k: int, group: int, dtype: torch.dty
         for d in devs:
             if (entry := pick(tab.get(d, {}).get(exact))) is not None:
                 return KernelConfig.from_json(entry)
-    if scheme == "int4_mma":  # exact entries only (four tuned shapes, M >= 64): elsewhere its own rule
+    if scheme == "int4_mma":  # exact entries only (four tuned shapes, M >= 32): elsewhere its own rule
         return int4_mma_config(m, device, allow_cxx, allow_cutlass)
     tab = _table("shipped")
     for d in devs:
