@@ -202,8 +202,9 @@ template <class Q, int Md>
 using Coop128x32StreamK = Config<Q, Md, Shape<_128, _32, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
 template <class Q, int Md>
 using Coop128x16StreamK = Config<Q, Md, Shape<_128, _16, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
-// 256 weight rows: each consumer warpgroup converts and multiplies two 64-row slices per k step, work
-// that overlaps (the 128-row tiles spent about the same time per k tile at 64 and 128 tokens).
+// 256 weight rows: each consumer warpgroup has two independent 64-row slices per k step to convert and
+// multiply (the 128-row tiles took about the same time per k tile at 64 and 128 tokens: latency); they
+// won at 32-128 tokens on 28672x4096 (BENCHMARKS.md S27).
 template <class Q, int Md>
 using Coop256x64StreamK = Config<Q, Md, Shape<_256, _64, _64>, One, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
 template <class Q, int Md>
