@@ -72,6 +72,7 @@ from fxquant.numerics import sqnr  # noqa: E402
 
 FXQUANT_SCHEMES: dict[str, Callable[[], fxquant.QuantConfig]] = {
     "int4": lambda: fxquant.Int4WeightOnly(group_size=128),
+    "int4mma": lambda: fxquant.Int4WeightOnly(group_size=128, layout="mma"),
     "int8wo": lambda: fxquant.Int8WeightOnly(),
     "int8dyn": lambda: fxquant.Int8DynamicActivationInt8Weight(),
     "fp8row": lambda: fxquant.Float8DynamicActivationFloat8Weight(granularity="row"),
