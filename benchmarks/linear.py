@@ -97,7 +97,7 @@ VARIANTS.update({f"cutlass_i8_{bm}x{bn}{'_ping' if w == 4 else ''}{'_streamk' if
                                                               cluster=c)
                  for bn, bm, sk, w, c in I8_VARIANTS})
 CUTLASS_MIN_M = 128  # the weight-only @cutlass rows' M range (large-M kernel)
-CUTLASS_NARROW_MIN_M = 17  # ... and that of its 128 x 64 / 32 / 16 (tokens) stream-K tiles
+CUTLASS_NARROW_MIN_M = 17  # ... and that of its narrow token tiles (fewer than 128 tokens, stream-K)
 CUTLASS_I8_MIN_M = 32  # the int8 dynamic @cutlass_i8 rows' M range
 DEFAULT_VARIANTS = ["w4a16_g128@cuda", "w4a16_g128@triton", "w8a16@cuda", "w8a16@triton"]
 ROTATE_BYTES = 512e6  # weight bytes cycled through per graph replay (~10x L2)
