@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One GPU call (session 27): the CUTLASS 128 x 64 / 32 / 16 (tokens) stream-K tiles. Builds the
-# libraries, then tunes the weight-only schemes at 32-256 tokens with every candidate of
-# dispatch.candidate_configs (the narrow tiles now among them), timed as linear.py does; the result,
-# tuned_configs.json, is what the shipped table takes (configs.json, "h100").
+# One GPU call (session 27; gpu_int4_mma_tune.sh runs it with S26's defaults): builds the libraries, then
+# tunes the weight-only schemes with every candidate of dispatch.candidate_configs (the CUTLASS stream-K
+# tiles narrow along the tokens among them), timed as linear.py does; the result, tuned_configs.json, is
+# what the shipped table takes (configs.json, "h100").
 # Env: FXQ_SCHEMES (default w4a16_g128_mma,w4a16_g128), FXQ_TUNE_MS (default 32,64,128,256), FXQ_WARM_S,
 # FXQ_TUNE_BUDGET.
 # Files under $OUT: env.txt fxq_libs.tgz tune.log tuned_configs.json linear_table.txt linear.json.
