@@ -66,7 +66,7 @@ SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 8192]
 # name -> (dispatch scheme, packing config)
 SCHEMES = {
-    "w4a16_g128": ("int4_wo", fc.Int4WeightOnly(group_size=128)),
+    "w4a16_g128": ("int4_wo", fc.Int4WeightOnly(group_size=128, layout="rows")),
     "w4a16_g128_mma": ("int4_mma", fc.Int4WeightOnly(group_size=128, layout="mma")),  # MMA-fragment layout
     "w8a16": ("int8_wo", fc.Int8WeightOnly()),
     "w8a8_int8": ("int8_dyn", fc.Int8DynamicActivationInt8Weight()),

@@ -71,8 +71,9 @@ from fxquant.lowering.decompose import fxquant_decompositions  # noqa: E402
 from fxquant.numerics import sqnr  # noqa: E402
 
 FXQUANT_SCHEMES: dict[str, Callable[[], fxquant.QuantConfig]] = {
-    "int4": lambda: fxquant.Int4WeightOnly(group_size=128),
+    "int4": lambda: fxquant.Int4WeightOnly(group_size=128, layout="rows"),  # the row-major layout, as before S28
     "int4mma": lambda: fxquant.Int4WeightOnly(group_size=128, layout="mma"),
+    "int4auto": lambda: fxquant.Int4WeightOnly(group_size=128),  # the default: "mma" where its kernels run
     "int8wo": lambda: fxquant.Int8WeightOnly(),
     "int8dyn": lambda: fxquant.Int8DynamicActivationInt8Weight(),
     "fp8row": lambda: fxquant.Float8DynamicActivationFloat8Weight(granularity="row"),
@@ -166,10 +167,10 @@ class ReferenceLinear(torch.nn.Module):
 def to_reference(model: torch.nn.Module, qw: fxquant.QuantizedWeights) -> int:
     """Swap every linear packed in `qw` for a ReferenceLinear (its float weight is dropped).
     Returns how many were swapped."""
-    fn = fxquant_decompositions()[qw.config.op]
+    decomps = fxquant_decompositions()
     swapped = 0
     for name in qw:
-        packed = qw[name]
+        packed, fn = qw[name], decomps[qw.config_of(name).op]  # per weight: int4 "auto" picks a layout each
         for fqn in (name, *packed.aliases):
             parent_name, _, child = fqn.removesuffix(".weight").rpartition(".")
             parent = model.get_submodule(parent_name)

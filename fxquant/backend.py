@@ -212,7 +212,8 @@ class _QuantizeJointPass(CustomGraphPass):
         b = self.backend
         constants = PlaceholderConstants(graph.owning_module, self.example_inputs, self.names)
         ctx = RewriteContext(b.config, constants, skip=b.skip, layer_filter=b.filter, pack_cache=b._pack_cache,
-                             prepacked=b.prepacked)
+                             prepacked=b.prepacked,
+                             portable=b.embed_kernels or bool(b.templates))  # Triton code in the graph
         self.state["records"] = qpass.run(graph, ctx)
         self.state["packed_here"] = ctx.packed_here
         self.state["release"] = qpass.unused_weights(graph, ctx)

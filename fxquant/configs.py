@@ -5,7 +5,7 @@ Adding a scheme = a config here + an op in lowering/ops.py + its kernels.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +23,8 @@ def _allowed(cfg: object, field: str, value: Any, allowed: tuple) -> None:
 class QuantConfig:
     """Base class: subclasses set `scheme` and implement `pack` and `op`."""
     scheme: ClassVar[str] = "base"
+    # Values for fields a saved config predates (fxquant.load): what that older fxquant did.
+    saved_defaults: ClassVar[dict[str, Any]] = {}
 
     def check(self, n: int, k: int, dtype: torch.dtype) -> str | None:
         """Reason this [N, K] weight cannot use the scheme, or None if it can."""
@@ -33,6 +35,13 @@ class QuantConfig:
     def pack(self, w: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple]:
         """[N, K] float weight -> (packed tensors, static op args)."""
         raise NotImplementedError
+
+    def for_weight(self, n: int, k: int, dtype: torch.dtype, device: torch.device,
+                   portable: bool = False) -> tuple[QuantConfig, str]:
+        """The config one [N, K] weight on `device` is packed with, and a note on the choice ("" when
+        nothing was chosen). A config with a choice left open ("auto") settles it here; `portable`
+        asks for a packing whose fast kernels are Triton or ATen (export, embedded kernels)."""
+        return self, ""
 
     @property
     def op(self) -> torch._ops.OpOverload:
@@ -64,16 +73,21 @@ class Int4WeightOnly(QuantConfig):
     layout "rows": two nibbles per byte along each weight row (numerics.pack_int4). "mma": the
     MMA-fragment blocks of numerics.pack_int4_mma (N % 16 == 0, K % 64 == 0, group_size >= 64), which
     the Hopper large-M GEMM reads without shuffling nibbles; its own op, int4_mma_weight_only_linear.
+    "auto" (the default): "mma" for each weight that fits it when its kernels run (bfloat16 on an sm_90
+    GPU, fxquant's C++ and CUTLASS libraries loaded) unless the graph gets Triton or ATen kernels
+    (export, the backend's embed_kernels or templates); "rows" otherwise. Packed without that choice
+    (`pack` called directly), "rows".
     """
     group_size: int = 128
     symmetric: bool = False
-    layout: str = "rows"
+    layout: str = "auto"
     scheme: ClassVar[str] = "int4_weight_only"
+    saved_defaults: ClassVar[dict[str, Any]] = {"layout": "rows"}  # files from before the field packed rows
 
     def __post_init__(self):
         _allowed(self, "group_size", self.group_size, (32, 64, 128, 256))
         _allowed(self, "symmetric", self.symmetric, (False, True))
-        _allowed(self, "layout", self.layout, nq.INT4_LAYOUTS)
+        _allowed(self, "layout", self.layout, ("auto", *nq.INT4_LAYOUTS))
         if self.layout == "mma" and self.group_size < 64:
             raise ValueError(f"Int4WeightOnly(layout='mma') needs group_size >= 64 (one scale per 64-k block "
                              f"or more), got group_size={self.group_size}")
@@ -85,14 +99,34 @@ class Int4WeightOnly(QuantConfig):
             return f"layout='mma' needs out_features % 16 == 0 and in_features % 64 == 0, got [{n}, {k}]"
         return super().check(n, k, dtype)
 
+    def for_weight(self, n, k, dtype, device, portable=False):
+        if self.layout != "auto":
+            return self, ""
+        if self.group_size < 64 or n % 16 or k % 64:
+            why = f"group_size={self.group_size}" if self.group_size < 64 else f"[N, K]=[{n}, {k}]"
+            return replace(self, layout="rows"), f"layout='rows' (auto: {why} does not fit 'mma')"
+        if portable:
+            return (replace(self, layout="rows"),
+                    "layout='rows' (auto: for Triton / ATen kernels: export, embed_kernels, templates)")
+        from .lowering.cuda import int4_mma_layout_unfit
+        why = int4_mma_layout_unfit(device, dtype)
+        if why is not None:
+            return replace(self, layout="rows"), f"layout='rows' (auto: {why})"
+        return replace(self, layout="mma"), "layout='mma' (auto)"
+
+    @property
+    def packed_layout(self) -> str:
+        """The layout `pack` writes (numerics.INT4_LAYOUTS): "auto" unresolved packs "rows"."""
+        return "rows" if self.layout == "auto" else self.layout
+
     def pack(self, w):
         q, scales_zeros = nq.quantize_int4_groupwise(w, self.group_size, self.symmetric)
-        packed = nq.pack_int4_mma(q) if self.layout == "mma" else nq.pack_int4(q)
+        packed = nq.pack_int4_mma(q) if self.packed_layout == "mma" else nq.pack_int4(q)
         return (packed, scales_zeros), (self.group_size,)
 
     @property
     def op(self):
-        if self.layout == "mma":
+        if self.packed_layout == "mma":
             return torch.ops.fxquant.int4_mma_weight_only_linear.default
         return torch.ops.fxquant.int4_weight_only_linear.default
 

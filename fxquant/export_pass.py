@@ -59,14 +59,17 @@ def quantize_exported(ep: ExportedProgram, config: QuantConfig | None = None, *,
 
     The program is first decomposed to core ATen. Quantized weights leave its state_dict;
     the packed tensors are constant-tensor inputs. `.fxquant_report` lists every linear.
-    `prepacked` (fxquant.load) supplies packed weights by parameter name instead of quantizing."""
+    `prepacked` (fxquant.load) supplies packed weights by parameter name instead of quantizing.
+    Int4WeightOnly(layout="auto") packs "rows" here: the MMA-fragment layout has no fast Triton or
+    ATen kernel for the package (an explicit layout="mma", or a prepacked one, is kept)."""
     from .backend import _prepacked_config
     config = _prepacked_config(config, prepacked)
     config = Int8WeightOnly() if config is None else config
     ep = ep.run_decompositions()
     gm = ep.graph_module
     consts = ExportConstants(ep)
-    ctx = RewriteContext(config, consts, skip=skip, layer_filter=filter, prepacked=prepacked)
+    ctx = RewriteContext(config, consts, skip=skip, layer_filter=filter, prepacked=prepacked,
+                         portable=True)  # an "auto" choice for AOTInductor's kernels
     records = qpass.run(gm.graph, ctx)
 
     state_dict = dict(ep.state_dict)

@@ -9,8 +9,9 @@ quantizing again.
 
 File format: one safetensors file (never pickle). Tensors are named `<weight fqn>#<i>`; the
 metadata holds the format name and version, the config as JSON, one JSON record per weight
-(its tensors, static op args, logical [N, K] shape, layout, compute dtype, tied aliases and the
-sha256 of each tensor's bytes), and a sha256 digest of all of that metadata. `load` checks
+(its tensors, static op args, logical [N, K] shape, layout, compute dtype, tied aliases, the
+sha256 of each tensor's bytes and, where the config left a choice to each weight (Int4WeightOnly's
+layout="auto"), the weight's own config), and a sha256 digest of all of that metadata. `load` checks
 everything before it returns, so a bad file raises `FormatError` and yields nothing.
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ class PackedWeight:
     transposed: bool              # the float weight is stored [K, N] (HF Conv1D)
     dtype: torch.dtype            # the compute dtype the packing was made for
     aliases: tuple[str, ...] = ()  # other names of the same (tied) parameter
+    config: QuantConfig | None = None  # this weight's config.for_weight, where it differs from the set's
 
     @property
     def nbytes(self) -> int:
@@ -83,6 +85,11 @@ class QuantizedWeights(Mapping[str, PackedWeight]):
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
 
+    def config_of(self, name: str) -> QuantConfig:
+        """The config weight `name` was packed with (its `op` consumes the tensors): the set's, or
+        the weight's own where the set's left a choice ("auto") to each weight."""
+        return self[name].config or self.config
+
     def lookup(self, name: str | None, ref: WeightRef, layer: str):
         """(packed tensors on the weight's device, static args) for the graph weight `name`,
         or None when this set has no such weight. A weight that is here but does not fit the
@@ -99,7 +106,9 @@ class QuantizedWeights(Mapping[str, PackedWeight]):
                              f"{fmt(have)} but the graph uses {fmt(want)}; re-run fxquant.quantize_weights "
                              f"on this model")
         device = ref.base.device
-        return tuple(t.to(device) for t in e.tensors), e.static
+        cfg = self.config_of(name)
+        note = "" if e.config is None else _choice_note(self.config, e.config)
+        return tuple(t.to(device) for t in e.tensors), e.static, cfg, note
 
 
 # --------------------------------------------------------------------------- quantize
@@ -136,13 +145,13 @@ def quantize_weights(model: nn.Module, config: QuantConfig | None = None, *, ski
         if reason is not None:
             records.append(LinearRecord(layer, k, n, config.scheme, nbytes, nbytes, "skipped", reason))
             continue
-        tensors, static = ctx._pack(ref, layer)
+        tensors, static, cfg, note = ctx._pack(ref, layer)
         pnames = names.get(id(w), [f"{layer}.weight"])
         e = PackedWeight(tuple(t.detach() for t in tensors), tuple(static), (n, k), transposed, w.dtype,
-                         tuple(pnames[1:]))
+                         tuple(pnames[1:]), None if cfg == config else cfg)
         entries[pnames[0]] = e
         first_layer[id(w)] = layer
-        records.append(LinearRecord(layer, k, n, config.scheme, nbytes, e.nbytes, "quantized"))
+        records.append(LinearRecord(layer, k, n, config.scheme, nbytes, e.nbytes, "quantized", note))
     if verbose:
         print(format_report(records))
     return QuantizedWeights(config, entries, records)
@@ -175,6 +184,8 @@ def save(obj: QuantizedWeights, path: str | os.PathLike) -> str:
         records[name] = {"tensors": keys, "static": list(e.static), "shape_nk": list(e.shape_nk),
                          "transposed": e.transposed, "dtype": str(e.dtype).removeprefix("torch."),
                          "aliases": list(e.aliases), "sha256": [_sha256(tensors[k]) for k in keys]}
+        if e.config is not None:
+            records[name]["config"] = config_to_json(e.config)
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": config_to_json(obj.config),
             "entries": json.dumps(records)}  # model order
     meta["digest"] = _digest(meta)
@@ -231,9 +242,10 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Quan
     for name, r in records.items():
         try:
             keys, sums = list(r["tensors"]), list(r["sha256"])
+            own = config_from_json(r["config"], path) if "config" in r else None
             e = PackedWeight(tuple(tensors[k] for k in keys if k in tensors), tuple(r["static"]),
                              (int(r["shape_nk"][0]), int(r["shape_nk"][1])), bool(r["transposed"]),
-                             _DTYPES[r["dtype"]], tuple(r["aliases"]))
+                             _DTYPES[r["dtype"]], tuple(r["aliases"]), own)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise FormatError(f"fxquant.load: {path!r}: invalid record for weight {name!r}: {exc!r}") from None
         missing = [k for k in keys if k not in tensors]
@@ -243,7 +255,11 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Quan
             if _sha256(t) != s:
                 raise FormatError(f"fxquant.load: {path!r}: tensor {k!r} does not match its checksum "
                                   f"(the file was modified or damaged)")
-        _check_layout(config, name, e, path)
+        if own is not None and (type(own) is not type(config) or own.for_weight(*e.shape_nk, e.dtype, "cpu")[0] != own
+                                or not _refines(config, own)):
+            raise FormatError(f"fxquant.load: {path!r}: weight {name!r} has config {own.describe()}, which is "
+                              f"not a choice {config.describe()} leaves open")
+        _check_layout(e.config or config, name, e, path)
         used.update(keys)
         entries[name] = e
     extra = sorted(set(tensors) - used)
@@ -269,6 +285,19 @@ def _check_layout(config: QuantConfig, name: str, e: PackedWeight, path: str) ->
                           f"but {config.describe()} packs [N, K]=[{n}, {k}] as {want} with {tuple(static)}")
 
 
+def _differing(a: QuantConfig, b: QuantConfig) -> list[str]:
+    return [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+def _refines(config: QuantConfig, own: QuantConfig) -> bool:
+    """`own` differs from `config` only in fields `config` left to each weight ("auto")."""
+    return all(getattr(config, f) == "auto" for f in _differing(config, own))
+
+
+def _choice_note(config: QuantConfig, own: QuantConfig) -> str:
+    return ", ".join(f"{f}={getattr(own, f)!r}" for f in _differing(config, own)) + " (auto, prepacked)"
+
+
 # --------------------------------------------------------------------------- config JSON
 def config_to_json(config: QuantConfig) -> str:
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
@@ -283,7 +312,7 @@ def config_from_json(text: str, path: str = "<string>") -> QuantConfig:
         cls = by_scheme[d["scheme"]]
         if d.get("class") != cls.__name__:
             raise ValueError(f"class {d.get('class')!r} does not match scheme {d['scheme']!r}")
-        return cls(**d["fields"])
+        return cls(**{**cls.saved_defaults, **d["fields"]})
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"fxquant.load: {path!r}: invalid config metadata {text[:200]!r}: {exc!r}") from None
 

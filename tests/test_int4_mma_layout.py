@@ -25,7 +25,7 @@ def _rel(a, b):
 
 
 def test_config_validates_the_layout():
-    with pytest.raises(ValueError, match="layout='cols' is invalid; allowed values: 'rows', 'mma'"):
+    with pytest.raises(ValueError, match="layout='cols' is invalid; allowed values: 'auto', 'rows', 'mma'"):
         fxquant.Int4WeightOnly(layout="cols")
     with pytest.raises(ValueError, match="needs group_size >= 64"):
         fxquant.Int4WeightOnly(group_size=32, layout="mma")
@@ -33,6 +33,8 @@ def test_config_validates_the_layout():
     assert "out_features % 16 == 0" in MMA.check(40, 128, torch.float32)
     assert "in_features=96 is not a multiple of group_size=64" in MMA.check(48, 96, torch.float32)
     assert MMA.op is torch.ops.fxquant.int4_mma_weight_only_linear.default
+    assert fxquant.Int4WeightOnly(layout="rows").op is torch.ops.fxquant.int4_weight_only_linear.default
+    assert fxquant.Int4WeightOnly().layout == "auto"  # packed without a choice (pack called directly): rows
     assert fxquant.Int4WeightOnly().op is torch.ops.fxquant.int4_weight_only_linear.default
     assert config_from_json(config_to_json(MMA)) == MMA
     # a file written before the field existed reads as the row-major layout

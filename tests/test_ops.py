@@ -42,7 +42,7 @@ def make(name, dtype, bias, x_shape=(5, K), seed=0):
 def dequantized(cfg, packed, static):
     """The weight the op computes with, as exact float64 [N, K]."""
     if isinstance(cfg, Int4WeightOnly):
-        return nq.dequantize_int4(packed[0], packed[1], static[0], torch.float32, cfg.layout).double()
+        return nq.dequantize_int4(packed[0], packed[1], static[0], torch.float32, cfg.packed_layout).double()
     if isinstance(cfg, (Int8WeightOnly, Int8DynamicActivationInt8Weight)):
         return nq.dequantize_int8_per_channel(*packed, torch.float32).double()
     return nq.dequantize_fp8_weight(*packed, torch.float32).double()

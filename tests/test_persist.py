@@ -38,7 +38,7 @@ def _same(a: fxquant.QuantizedWeights, b: fxquant.QuantizedWeights) -> None:
 def saved(tmp_path):
     torch.manual_seed(0)
     model = Tiny()
-    qw = fxquant.quantize_weights(model, fxquant.Int4WeightOnly(group_size=32))
+    qw = fxquant.quantize_weights(model, fxquant.Int4WeightOnly(group_size=32, layout="rows"))
     path = tmp_path / "w.safetensors"
     assert fxquant.save(qw, path) == str(path)
     return model, qw, path

@@ -117,10 +117,10 @@ def _share_storage(ctx: RewriteContext, keys: list[tuple], w: torch.Tensor, s: t
     reuses them and the per-layer copies can be freed."""
     n0 = 0
     for key, n in zip(keys, sizes):
-        ref, packed, static = ctx.pack_cache[key]
+        ref, packed, *rest = ctx.pack_cache[key]  # rest: static args, config, note
         ws = w[n0:n0 + n]
         ss = s[:, n0:n0 + n] if s.dim() == 3 else s[n0:n0 + n]
-        ctx.pack_cache[key] = (ref, [ws, ss, *packed[2:]], static)
+        ctx.pack_cache[key] = (ref, [ws, ss, *packed[2:]], *rest)
         n0 += n
 
 

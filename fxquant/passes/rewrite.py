@@ -53,8 +53,9 @@ class RewriteContext:
 
     def __init__(self, config: QuantConfig, constants, *, skip: Sequence[str] = (),
                  layer_filter: LayerFilter | None = None, pack_cache: dict | None = None,
-                 prepacked=None):
+                 prepacked=None, portable: bool = False):
         self.config = config
+        self.portable = portable  # config.for_weight's: packings whose fast kernels are Triton / ATen
         # fxquant.persist.QuantizedWeights: weights packed earlier, looked up by weight name.
         self.prepacked = prepacked
         self.packed_here: list[str] = []  # layers packed by this pass although `prepacked` was given
@@ -128,12 +129,13 @@ class RewriteContext:
         return self.config.check(n, k, ref.dtype)
 
     # -- rewrite ---------------------------------------------------------------------------
-    def packed_nodes(self, graph: fx.Graph, ref: WeightRef, name: str) -> tuple[list[fx.Node], tuple]:
-        """Constant nodes of the packed weight and the op's static args; packs on first sight
-        and reuses the nodes for a tied weight."""
+    def packed_nodes(self, graph: fx.Graph, ref: WeightRef, name: str) -> tuple[list[fx.Node], tuple, QuantConfig, str]:
+        """Constant nodes of the packed weight, the op's static args, the weight's own config
+        (config.for_weight's) and the note on its choice; packs on first sight and reuses the
+        nodes for a tied weight."""
         key = self._key(ref)
         if key in self.graph_nodes:
-            return self.graph_nodes[key], self.pack_cache[key][2]
+            return (self.graph_nodes[key], *self.pack_cache[key][2:])
         cached = self.pack_cache.get(key)
         if cached is None or cached[0]() is not ref.base:
             found = None
@@ -142,11 +144,11 @@ class RewriteContext:
                     found = self.prepacked.lookup(self.constants.weight_name(ref.node), ref, name)
                 if found is None:
                     self.packed_here.append(name)
-            packed, static = found if found is not None else self._pack(ref, name)
-            cached = (weakref.ref(ref.base, drop_when_dead(self.pack_cache, key)), packed, static)
+            packed, static, cfg, note = found if found is not None else self._pack(ref, name)
+            cached = (weakref.ref(ref.base, drop_when_dead(self.pack_cache, key)), packed, static, cfg, note)
             self.packed_bytes[key] = sum(_nbytes(t) for t in packed)
             self.pack_cache[key] = cached
-        _, packed, static = cached
+        _, packed, static, cfg, note = cached
         self.packed_bytes[key] = sum(_nbytes(t) for t in packed)
         nodes = [self.constants.add(graph, t, f"{name}_{i}") for i, t in enumerate(packed)]
         fake = graph_fake_mode(graph)
@@ -155,14 +157,23 @@ class RewriteContext:
                 node.meta["val"] = fake.from_tensor(t, static_shapes=True)
         self.graph_nodes[key] = nodes
         self.quantized_weights[id(ref.base)] = (ref.base, ref.node)
-        return nodes, static
+        return nodes, static, cfg, note
 
-    @staticmethod
-    def _key(ref: WeightRef) -> tuple:
-        # _version moves on in-place writes, so a recompile after changing a weight repacks it.
-        return (id(ref.base), _weight_version(ref.base), ref.transposed, ref.dtype)
+    def _key(self, ref: WeightRef) -> tuple:
+        # _version moves on in-place writes, so a recompile after changing a weight repacks it;
+        # `portable` changes what an "auto" config packs.
+        return (id(ref.base), _weight_version(ref.base), ref.transposed, ref.dtype, self.portable)
 
-    def _pack(self, ref: WeightRef, name: str):
+    def weight_config(self, ref: WeightRef) -> tuple[QuantConfig, str]:
+        """The config this weight is packed with (config.for_weight) and the note on the choice."""
+        n, k = ref.shape_nk
+        return self.config.for_weight(n, k, ref.dtype, ref.base.device, self.portable)
+
+    def _pack(self, ref: WeightRef, name: str) -> tuple[tuple[torch.Tensor, ...], tuple, QuantConfig, str]:
+        cfg, note = self.weight_config(ref)
+        return (*self._pack_with(cfg, ref, name), cfg, note)
+
+    def _pack_with(self, cfg: QuantConfig, ref: WeightRef, name: str):
         with unset_fake_temporarily(), torch.no_grad():
             if ref.base.untyped_storage().nbytes() == 0 and ref.base.numel() > 0:
                 raise RuntimeError(f"fxquant: the weight of {name!r} was released (release_weights=True) and "
@@ -171,17 +182,17 @@ class RewriteContext:
             if not torch.isfinite(w).all():
                 raise ValueError(f"fxquant: the weight of layer {name!r} contains NaN or Inf; refusing to "
                                  f"quantize it (fix the checkpoint, or skip the layer with options['skip'])")
-            return self.config.pack(w)
+            return cfg.pack(w)
 
     def replace(self, match, x: fx.Node, bias: object, ref: WeightRef) -> None:
         node = match.output_node()
         graph = node.graph
         name = self.layer_name(node, ref)
         n, k = ref.shape_nk
-        packed, static = self.packed_nodes(graph, ref, name)
+        packed, static, cfg, note = self.packed_nodes(graph, ref, name)
         bias_arg = bias if _is_vector_bias(bias, n) else None
         with graph.inserting_before(node):
-            new = graph.call_function(self.config.op, (x, *packed, bias_arg, *static))
+            new = graph.call_function(cfg.op, (x, *packed, bias_arg, *static))
             out = new
             if bias is not None and bias_arg is None:
                 out = graph.call_function(aten.add.Tensor, (new, bias))
@@ -192,7 +203,7 @@ class RewriteContext:
         node.replace_all_uses_with(out)
         match.erase_nodes()
         self.records[new] = LinearRecord(name, k, n, self.config.scheme, _nbytes(ref.base),
-                                         self.packed_bytes[self._key(ref)], "quantized")
+                                         self.packed_bytes[self._key(ref)], "quantized", note)
         self.record_keys[new] = self._key(ref)
 
     def ordered_records(self, graph: fx.Graph) -> list[LinearRecord]:

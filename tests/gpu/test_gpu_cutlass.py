@@ -123,7 +123,7 @@ def test_compiled_model_with_cuda_graphs_runs_it(scheme):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 4096))
     model = model.to(torch.bfloat16).cuda().eval()
-    cfg = {"int4_wo": fxquant.Int4WeightOnly(group_size=128), "int8_wo": fxquant.Int8WeightOnly(),
+    cfg = {"int4_wo": fxquant.Int4WeightOnly(group_size=128, layout="rows"), "int8_wo": fxquant.Int8WeightOnly(),
            "fp8_wo": fxquant.Float8WeightOnly()}[scheme]
     seqs = {"int4_wo": (150, 256, 512, 1000), "int8_wo": (256, 512, 1000), "fp8_wo": (70, 150, 256, 512, 1000)}[scheme]
     xs = [torch.randn(2, s, 4096, dtype=torch.bfloat16, device="cuda") for s in seqs]

@@ -188,11 +188,45 @@ def test_compiled_model_serves_every_m_without_recompiles():
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.SiLU(), torch.nn.Linear(1024, 256)).cuda().bfloat16()
     be = fxquant.backend(fxquant.Int4WeightOnly(group_size=128, layout="mma"))
     compiled = torch.compile(model, backend=be, dynamic=True)
-    rowmajor = torch.compile(model, backend="fxquant", options={"config": fxquant.Int4WeightOnly(group_size=128)},
-                             dynamic=True)
+    rowmajor = torch.compile(model, backend="fxquant", dynamic=True,
+                             options={"config": fxquant.Int4WeightOnly(group_size=128, layout="rows")})
     for m in (2, 5, 16, 33, 300, 1024):  # (M = 1 would be a second graph: Dynamo specializes size 1)
         x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             got, want = compiled(x), rowmajor(x)
         assert _rel(got, want) <= 1e-2, m
     assert len(be.compiled_graphs) == 1
+
+
+def test_default_layout_is_mma_where_its_kernels_run():
+    """Int4WeightOnly()'s layout="auto": on an sm_90 GPU with both libraries, a bf16 weight that fits gets the
+    MMA-fragment op and one that does not (N % 16) the row-major op, each saying why in the report; an fp16
+    model, or another GPU, gets row-major throughout. Outputs equal the explicit layouts' compiles."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.SiLU(), torch.nn.Linear(1024, 264)).cuda()
+    x = torch.randn(3, 40, 512, device="cuda")
+    mma = str(torch.ops.fxquant.int4_mma_weight_only_linear.default)
+    rows = str(torch.ops.fxquant.int4_weight_only_linear.default)
+    for dtype in (torch.bfloat16, torch.float16):
+        m, xd = model.to(dtype), x.to(dtype)
+        torch._dynamo.reset()
+        be = fxquant.backend(fxquant.Int4WeightOnly(group_size=128))
+        with torch.no_grad():
+            got = torch.compile(m, backend=be)(xd)
+        fits = HOPPER and dtype == torch.bfloat16
+        assert [(c[mma], c[rows]) for c in be.compiled_graphs] == [(1, 1) if fits else (0, 2)], dtype
+        notes = [r.reason for r in be.report]
+        assert notes[1] == "layout='rows' (auto: [N, K]=[264, 1024] does not fit 'mma')"
+        if fits:
+            assert notes[0] == "layout='mma' (auto)"
+        else:
+            assert notes[0].startswith("layout='rows' (auto: ") and ("float16" in notes[0] or not HOPPER), notes[0]
+        # the same bytes as an explicit per-layer choice would pack: the first layer's explicit layout's compile
+        torch._dynamo.reset()
+        first = fxquant.Int4WeightOnly(group_size=128, layout="mma" if fits else "rows")
+        with torch.no_grad():
+            a = torch.compile(m[0], backend=fxquant.backend(first))(xd)
+            last = fxquant.backend(fxquant.Int4WeightOnly(group_size=128, layout="rows"))
+            want = torch.compile(m[2], backend=last)(m[1](a))
+        assert _rel(got, want) <= 1e-2, dtype
