@@ -28,7 +28,7 @@ from fxquant.numerics import sqnr
 
 SCHEMES = {
     "int8_wo": fxquant.Int8WeightOnly,
-    "int4_g128": lambda: fxquant.Int4WeightOnly(group_size=128),
+    "int4_g128": lambda: fxquant.Int4WeightOnly(group_size=128, layout="rows"),  # templates exist for rows only
     "fp8_wo": fxquant.Float8WeightOnly,
     "w8a8_int8": fxquant.Int8DynamicActivationInt8Weight,
     "fp8_row": lambda: fxquant.Float8DynamicActivationFloat8Weight(granularity="row"),

@@ -245,14 +245,15 @@ class _QuantizeJointPass(CustomGraphPass):
 
 
 def _prepacked_config(config: QuantConfig | None, prepacked: Any) -> QuantConfig | None:
-    """The config to use with `prepacked` weights: theirs; a different explicit one is an error."""
+    """The config to use with `prepacked` weights: theirs; a different explicit one is an error, unless
+    theirs is one of its choices (Int4WeightOnly() given, a file saved with layout="rows")."""
     if prepacked is None:
         return config
     from .persist import QuantizedWeights
     if not isinstance(prepacked, QuantizedWeights):
         raise TypeError(f"fxquant: prepacked must be fxquant.QuantizedWeights (from fxquant.load or "
                         f"fxquant.quantize_weights), got {type(prepacked).__name__}")
-    if config is not None and config != prepacked.config:
+    if config is not None and not (isinstance(config, QuantConfig) and config.accepts(prepacked.config)):
         shown = config.describe() if isinstance(config, QuantConfig) else repr(config)
         raise ValueError(f"fxquant: the prepacked weights were quantized with {prepacked.config.describe()} "
                          f"but the config given is {shown}; pass the same config, or none")

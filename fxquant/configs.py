@@ -47,6 +47,11 @@ class QuantConfig:
     def op(self) -> torch._ops.OpOverload:
         raise NotImplementedError
 
+    def accepts(self, other: QuantConfig) -> bool:
+        """`other` is this config, or this config with choices it leaves open ("auto") settled."""
+        return type(other) is type(self) and all(
+            getattr(self, f.name) in (getattr(other, f.name), "auto") for f in fields(self))
+
     def describe(self) -> str:
         args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
         return f"{self.scheme}({args})" if args else self.scheme

@@ -88,7 +88,11 @@ class QuantizedWeights(Mapping[str, PackedWeight]):
     def config_of(self, name: str) -> QuantConfig:
         """The config weight `name` was packed with (its `op` consumes the tensors): the set's, or
         the weight's own where the set's left a choice ("auto") to each weight."""
-        return self[name].config or self.config
+        e = self[name]
+        if e.config is None and _leaves_choice(self.config, e):
+            raise ValueError(f"fxquant: prepacked weight {name!r} has no config of its own, but "
+                             f"{self.config.describe()} leaves a choice to each weight; its bytes cannot be read")
+        return e.config or self.config
 
     def lookup(self, name: str | None, ref: WeightRef, layer: str):
         """(packed tensors on the weight's device, static args) for the graph weight `name`,
@@ -255,8 +259,13 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Quan
             if _sha256(t) != s:
                 raise FormatError(f"fxquant.load: {path!r}: tensor {k!r} does not match its checksum "
                                   f"(the file was modified or damaged)")
-        if own is not None and (type(own) is not type(config) or own.for_weight(*e.shape_nk, e.dtype, "cpu")[0] != own
-                                or not _refines(config, own)):
+        if own is None and _leaves_choice(config, e):
+            raise FormatError(f"fxquant.load: {path!r}: weight {name!r} stores no config of its own, but "
+                              f"{config.describe()} leaves a choice to each weight (damaged or hand-made file)")
+        if own is not None and _leaves_choice(own, e):
+            raise FormatError(f"fxquant.load: {path!r}: weight {name!r} stores {own.describe()}, a choice left "
+                              f"open; a weight's own config must be settled")
+        if own is not None and not config.accepts(own):
             raise FormatError(f"fxquant.load: {path!r}: weight {name!r} has config {own.describe()}, which is "
                               f"not a choice {config.describe()} leaves open")
         _check_layout(e.config or config, name, e, path)
@@ -289,9 +298,9 @@ def _differing(a: QuantConfig, b: QuantConfig) -> list[str]:
     return [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
 
 
-def _refines(config: QuantConfig, own: QuantConfig) -> bool:
-    """`own` differs from `config` only in fields `config` left to each weight ("auto")."""
-    return all(getattr(config, f) == "auto" for f in _differing(config, own))
+def _leaves_choice(config: QuantConfig, e: PackedWeight) -> bool:
+    """`config` leaves something to be chosen per weight (settled by config.for_weight)."""
+    return config.for_weight(*e.shape_nk, e.dtype, torch.device("cpu"))[0] != config
 
 
 def _choice_note(config: QuantConfig, own: QuantConfig) -> str:

@@ -111,21 +111,87 @@ def test_saved_choices_load_and_compile_without_packing(kernels_here, tmp_path):
     assert be.report[0].reason == "layout='mma' (auto, prepacked)"
 
 
-def test_a_saved_choice_the_config_does_not_leave_open_is_refused(kernels_here, tmp_path):
+def _edited(tmp_path, top=None, **own):
+    """A saved "auto" set whose config (`top`) or records' own configs (`own`: weight -> config or None) were
+    edited, the digest fixed: only the checks on configs can refuse it."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-    qw = fxquant.quantize_weights(_model(), AUTO)
-    path = fxquant.save(qw, tmp_path / "w.safetensors")
+    path = fxquant.save(fxquant.quantize_weights(_model(), AUTO), tmp_path / "w.safetensors")
     with safe_open(path, framework="pt") as f:
         meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
     entries = json.loads(meta["entries"])
-    entries["0.weight"]["config"] = persist.config_to_json(fxquant.Int4WeightOnly(group_size=128, layout="mma"))
+    for name, cfg in own.items():
+        entries[name.replace("_", ".")].pop("config")
+        if cfg is not None:
+            entries[name.replace("_", ".")]["config"] = persist.config_to_json(cfg)
     meta["entries"] = json.dumps(entries)
+    if top is not None:
+        meta["config"] = persist.config_to_json(top)
     meta["digest"] = persist._digest(meta)
     save_file(tensors, tmp_path / "bad.safetensors", metadata=meta)
+    return tmp_path / "bad.safetensors"
+
+
+def test_a_saved_choice_the_config_does_not_leave_open_is_refused(kernels_here, tmp_path):
+    bad = _edited(tmp_path, **{"0_weight": fxquant.Int4WeightOnly(group_size=128, layout="mma")})
     with pytest.raises(fxquant.FormatError, match=r"weight '0.weight' has config int4_weight_only\(group_size=128.*"
                                                   r"not a choice int4_weight_only\(group_size=64.*'auto'\) leaves open"):
-        fxquant.load(tmp_path / "bad.safetensors")
+        fxquant.load(bad)
+    # an "mma" record under a set that said "rows": not a choice that set left open
+    bad = _edited(tmp_path, top=fxquant.Int4WeightOnly(group_size=64, layout="rows"))
+    with pytest.raises(fxquant.FormatError, match=r"weight '0.weight' has config .*layout='mma'.*not a choice"):
+        fxquant.load(bad)
+    bad = _edited(tmp_path, **{"0_weight": fxquant.Int8WeightOnly()})  # another scheme
+    with pytest.raises(fxquant.FormatError, match=r"has config int8_weight_only, which is not a choice"):
+        fxquant.load(bad)
+
+
+def test_an_unsettled_saved_choice_is_refused(kernels_here, tmp_path):
+    """A record whose own config is still "auto", or an "auto" set's record with none (its bytes could be
+    either layout: same shapes), is refused rather than read as row-major."""
+    bad = _edited(tmp_path, **{"0_weight": AUTO})
+    with pytest.raises(fxquant.FormatError, match=r"weight '0.weight' stores int4_weight_only\(.*'auto'\), a choice "
+                                                  r"left open"):
+        fxquant.load(bad)
+    bad = _edited(tmp_path, **{"0_weight": None})
+    with pytest.raises(fxquant.FormatError, match=r"weight '0.weight' stores no config of its own, but "
+                                                  r"int4_weight_only\(.*'auto'\) leaves a choice to each weight"):
+        fxquant.load(bad)
+    # the same set built in memory: refused at its first use
+    import dataclasses
+    qw = fxquant.quantize_weights(_model(), AUTO)
+    hand = persist.QuantizedWeights(AUTO, {n: dataclasses.replace(qw[n], config=None) for n in qw})
+    with pytest.raises(ValueError, match=r"prepacked weight '0.weight' has no config of its own"):
+        hand.config_of("0.weight")
+    with pytest.raises(Exception, match=r"has no config of its own"), torch.no_grad():  # (Dynamo wraps it)
+        torch.compile(_model(), backend=fxquant.backend(prepacked=hand))(torch.randn(2, 128))
+
+
+def test_a_config_that_leaves_the_saved_choice_open_is_accepted_with_prepacked(tmp_path):
+    """Int4WeightOnly() (layout "auto") given with a set saved as layout="rows" (e.g. before the field
+    existed): the set's config is used; a config the set's does not settle is still an error."""
+    rows = fxquant.Int4WeightOnly(group_size=64, layout="rows")
+    qw = fxquant.quantize_weights(_model(), rows)
+    assert fxquant.backend(AUTO, prepacked=qw).config == rows
+    with pytest.raises(ValueError, match=r"quantized with int4_weight_only\(group_size=64.*'rows'\) but the config "
+                                         r"given is int4_weight_only\(group_size=128"):
+        fxquant.backend(fxquant.Int4WeightOnly(group_size=128), prepacked=qw)
+    assert AUTO.accepts(rows) and not rows.accepts(AUTO) and not AUTO.accepts(fxquant.Int8WeightOnly())
+
+
+def test_prepacked_mma_weights_in_an_export_are_kept_and_noted(kernels_here):
+    """Weights packed "mma" on a Hopper GPU and exported: the stored bytes are used as they are (correct; the
+    export's kernels dequantize them per call), and the report says this target would have packed "rows"."""
+    from fxquant.export import export_program
+    model, x = _model(), torch.randn(2, 128)
+    qw = fxquant.quantize_weights(model, AUTO)
+    ep = export_program(model, (x,), prepacked=qw)
+    note = ep.fxquant_report[0].reason
+    assert note.startswith("layout='mma' (auto, prepacked); packed for another target (this one would pack "
+                           "int4_weight_only(group_size=64, symmetric=False, layout='rows'))"), note
+    with torch.no_grad():
+        want = torch.compile(model, backend=fxquant.backend(prepacked=qw))(x)
+    assert fxquant.sqnr(want, ep.module()(x)) >= 60
 
 
 def test_files_from_before_the_layout_field_read_as_rows():

@@ -260,7 +260,7 @@ def test_invalid_config_metadata(saved, tmp_path, text, match):
 
 def test_config_that_does_not_fit_the_tensors(saved, tmp_path):
     _, _, path = saved
-    cfg = persist.config_to_json(fxquant.Int4WeightOnly(group_size=64))  # valid JSON, digest fixed
+    cfg = persist.config_to_json(fxquant.Int4WeightOnly(group_size=64, layout="rows"))  # valid JSON, digest fixed
     bad = _rewrite(path, tmp_path / "cfg64.safetensors", meta={"config": cfg})
     with pytest.raises(fxquant.FormatError, match=r"but int4_weight_only\(group_size=64.* packs"):
         fxquant.load(bad)

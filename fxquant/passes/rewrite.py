@@ -145,6 +145,9 @@ class RewriteContext:
                 if found is None:
                     self.packed_here.append(name)
             packed, static, cfg, note = found if found is not None else self._pack(ref, name)
+            if found is not None and self.portable and cfg != (want := self.weight_config(ref)[0]):
+                # e.g. int4 "mma" bytes chosen on a Hopper GPU, now in an export: correct, not fast
+                note = f"{note}; packed for another target (this one would pack {want.describe()})"
             cached = (weakref.ref(ref.base, drop_when_dead(self.pack_cache, key)), packed, static, cfg, note)
             self.packed_bytes[key] = sum(_nbytes(t) for t in packed)
             self.pack_cache[key] = cached
