@@ -135,7 +135,8 @@ def _edited(tmp_path, top=None, **own):
 def test_a_saved_choice_the_config_does_not_leave_open_is_refused(kernels_here, tmp_path):
     bad = _edited(tmp_path, **{"0_weight": fxquant.Int4WeightOnly(group_size=128, layout="mma")})
     with pytest.raises(fxquant.FormatError, match=r"weight '0.weight' has config int4_weight_only\(group_size=128.*"
-                                                  r"not a choice int4_weight_only\(group_size=64.*'auto'\) leaves open"):
+                                                  r"not a choice int4_weight_only\(group_size=64.*'auto'\) "
+                                                  r"leaves open"):
         fxquant.load(bad)
     # an "mma" record under a set that said "rows": not a choice that set left open
     bad = _edited(tmp_path, top=fxquant.Int4WeightOnly(group_size=64, layout="rows"))
@@ -215,3 +216,31 @@ def test_reference_model_uses_each_weights_own_op(kernels_here):
         assert llm.to_reference(model, qw) == 2
         got = model(x)
     assert fxquant.sqnr(want, got) >= 60  # same dequantized weights; a wrong layout gives noise (< 0 dB)
+
+
+def test_why_the_layout_would_not_be_fast(monkeypatch):
+    """int4_mma_layout_unfit's reasons on a (pretend) CUDA device: another arch, another dtype, a library that
+    does not build (its first line only: the report has one cell per layer), and None when all is there."""
+    from fxquant.lowering.cuda import build
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert fxcuda.int4_mma_layout_unfit(cuda, torch.bfloat16) == \
+        "sm_80 GPU: the layout's large-M GEMM is CUTLASS for sm_90a"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fxcuda.int4_mma_layout_unfit(cuda, torch.float16) == \
+        "float16 activations: the layout's CUTLASS GEMM takes bfloat16"
+    monkeypatch.setattr(fxcuda, "available", lambda: False)
+    failed = "building the C++/CUDA op library failed: boom\nnvcc: x\ny"
+    monkeypatch.setattr(fxcuda, "unavailable_reason", lambda: failed)
+    assert fxcuda.int4_mma_layout_unfit(cuda, torch.bfloat16) == \
+        "the C++ library is unavailable (building the C++/CUDA op library failed: boom)"
+    monkeypatch.setattr(fxcuda, "available", lambda: True)
+    monkeypatch.setattr(build, "cutlass_available", lambda: False)
+    monkeypatch.setitem(build._cutlass_state, "error", "no CUTLASS headers: pip install nvidia-cutlass")
+    assert fxcuda.int4_mma_layout_unfit(cuda, torch.bfloat16) == \
+        "the CUTLASS library is unavailable (no CUTLASS headers: pip install nvidia-cutlass)"
+    monkeypatch.setattr(build, "cutlass_available", lambda: True)
+    assert fxcuda.int4_mma_layout_unfit(cuda, torch.bfloat16) is None
+    cfg, note = AUTO.for_weight(64, 128, torch.bfloat16, cuda)
+    assert cfg.layout == "mma" and note == "layout='mma' (auto)"

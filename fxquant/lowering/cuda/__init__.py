@@ -4,7 +4,9 @@ csrc/ops.cpp defines `torch.ops.fxquant.cxx_*` (each with the schema of the Pyth
 scheme) and their CPU kernels; csrc/gemv.cu adds CUDA kernels (int4 on tensor cores at M <= 32,
 a CUDA-core GEMV at M <= 16 otherwise; dequantize + cuBLAS beyond), csrc/int8_mma.cu int8 on tensor
 cores at 2 <= M <= 16, csrc/int4_mma_layout.cu int4 in the MMA-fragment layout (Int4WeightOnly(layout="mma"))
-at M <= 16, csrc/dynamic_mma*.cu the 8-bit dynamic schemes at small M. build.py compiles them just in time on first use, into a persistent cache.
+at M <= 16, csrc/dynamic_mma*.cu the 8-bit dynamic schemes at small M. build.py compiles them just in
+time on first use, into a persistent cache. int4_mma_layout_unfit tells Int4WeightOnly(layout="auto")
+whether that layout's kernels run here.
 The Triton launchers (lowering/triton/dispatch.py) treat these kernels as one more candidate
 (config kind "cxx"); where the library cannot be built, the Triton kernels are used.
 """
@@ -30,8 +32,14 @@ def int4_mma_layout_unfit(device: torch.device, dtype: torch.dtype) -> str | Non
     if dtype != torch.bfloat16:
         return f"{str(dtype).removeprefix('torch.')} activations: the layout's CUTLASS GEMM takes bfloat16"
     if not available():
-        return f"the C++ library is unavailable ({unavailable_reason()})"
+        return f"the C++ library is unavailable ({_first_line(unavailable_reason())})"
     from . import build
     if not build.cutlass_available():
-        return f"the CUTLASS library is unavailable ({build._cutlass_state['error']})"
+        return f"the CUTLASS library is unavailable ({_first_line(build._cutlass_state['error'])})"
     return None
+
+
+def _first_line(reason: str | None) -> str:
+    # a failed build's reason ends with compiler output: one report cell gets its first line
+    lines = (reason or "").strip().splitlines()
+    return lines[0] if lines else "unknown reason"
