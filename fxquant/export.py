@@ -16,7 +16,8 @@ With `ops="triton"`, every linear on a CUDA input becomes fxquant's Triton kerne
 their `torch.library.triton_op`, lowering/triton/triton_ops.py), compiled into the package by
 AOTInductor: the package needs neither fxquant nor its library, and M is chosen among the
 kernels inside the package at run time. (Int4WeightOnly(layout="mma") has no Triton twin: its linears
-get the ATen decomposition, which dequantizes the weight per call.)
+get the ATen decomposition, which dequantizes the weight per call. The default layout="auto" packs
+"rows" for export.)
 The packed tensors are the package's constants; their dequantization is code in the package that
 runs per call (Inductor does not fold it into float constants: AOTI's runtime constant folding is
 off by default, and the package-size test guards it).
