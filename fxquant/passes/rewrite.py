@@ -174,9 +174,6 @@ class RewriteContext:
 
     def _pack(self, ref: WeightRef, name: str) -> tuple[tuple[torch.Tensor, ...], tuple, QuantConfig, str]:
         cfg, note = self.weight_config(ref)
-        return (*self._pack_with(cfg, ref, name), cfg, note)
-
-    def _pack_with(self, cfg: QuantConfig, ref: WeightRef, name: str):
         with unset_fake_temporarily(), torch.no_grad():
             if ref.base.untyped_storage().nbytes() == 0 and ref.base.numel() > 0:
                 raise RuntimeError(f"fxquant: the weight of {name!r} was released (release_weights=True) and "
@@ -185,7 +182,7 @@ class RewriteContext:
             if not torch.isfinite(w).all():
                 raise ValueError(f"fxquant: the weight of layer {name!r} contains NaN or Inf; refusing to "
                                  f"quantize it (fix the checkpoint, or skip the layer with options['skip'])")
-            return cfg.pack(w)
+            return (*cfg.pack(w), cfg, note)
 
     def replace(self, match, x: fx.Node, bias: object, ref: WeightRef) -> None:
         node = match.output_node()
