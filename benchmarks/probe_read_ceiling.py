@@ -49,6 +49,21 @@ def read_fn(src: torch.Tensor, dst: torch.Tensor, block: int, warps: int):
     return lambda: _read_kernel[grid](src, dst, n, BLOCK=block, num_warps=warps)
 
 
+def read_graphs(nbytes: int, copies: int) -> dict:
+    """"tread{BLOCK}" -> (graph, calls) for the read kernel at each of BLOCKS over `copies` random
+    buffers of `nbytes` (rotated as an op's weight copies are), for linear.time_graphs."""
+    words = (nbytes + 3) // 4
+    srcs = [torch.randint(-2 ** 31, 2 ** 31 - 1, (words,), dtype=torch.int32, device="cuda") for _ in range(copies)]
+    sink = torch.empty(triton.cdiv(words, min(b for b, _ in BLOCKS)), dtype=torch.int32, device="cuda")
+    return {f"tread{b}": (LB.capture([read_fn(src, sink, b, w) for src in srcs]), copies) for b, w in BLOCKS}
+
+
+def best_read(us: dict) -> dict:
+    """time_graphs' result with the read_graphs keys replaced by the fastest of them, as "tread"."""
+    reads = [key for key in us if key.startswith("tread")]
+    return {key: t for key, t in us.items() if key not in reads} | {"tread": min(us[key] for key in reads)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="6144x4096,4096x4096,28672x4096,4096x14336")

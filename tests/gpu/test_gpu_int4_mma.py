@@ -230,3 +230,36 @@ def test_default_layout_is_mma_where_its_kernels_run():
             last = fxquant.backend(fxquant.Int4WeightOnly(group_size=128, layout="rows"))
             want = torch.compile(m[2], backend=last)(m[1](a))
         assert _rel(got, want) <= 1e-2, dtype
+
+
+def test_saved_default_choices_load_and_compile(tmp_path):
+    """quantize_weights -> save -> load(device="cuda") -> compile with the default Int4WeightOnly(): each weight
+    keeps the layout chosen for it on this GPU ("mma" where it fits on Hopper, "rows" for N % 16), nothing is
+    packed again, and the output is bitwise the compile from the float model's."""
+    import warnings
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.SiLU(),
+                                torch.nn.Linear(1024, 264)).cuda().bfloat16()
+    x = torch.randn(5, 512, device="cuda", dtype=torch.bfloat16)
+    cfg = fxquant.Int4WeightOnly(group_size=128)
+    qw = fxquant.quantize_weights(model, cfg)
+    layouts = ["mma" if HOPPER else "rows", "rows"]
+    assert [qw[f"{i}.weight"].config.layout for i in (0, 2)] == layouts
+    back = fxquant.load(fxquant.save(qw, tmp_path / "w.safetensors"), device="cuda")
+    assert [back[f"{i}.weight"].config.layout for i in (0, 2)] == layouts
+    be = fxquant.backend(prepacked=back, fuse_siblings=False)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(model, backend=be)(x)
+        torch._dynamo.reset()
+        want = torch.compile(model, backend=fxquant.backend(cfg, fuse_siblings=False))(x)
+        ref = model(x)
+    assert torch.equal(got, want)
+    mma = str(torch.ops.fxquant.int4_mma_weight_only_linear.default)
+    rows = str(torch.ops.fxquant.int4_weight_only_linear.default)
+    assert [(c[mma], c[rows]) for c in be.compiled_graphs] == [(1, 1) if HOPPER else (0, 2)]
+    assert not [w for w in caught if "prepacked weights given" in str(w.message)]  # nothing packed again
+    if HOPPER:
+        assert be.report[0].reason == "layout='mma' (auto, prepacked)"
+    assert _rel(got, ref) <= 0.15  # int4 g128 on random weights: about 0.1
