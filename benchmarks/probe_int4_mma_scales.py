@@ -5,7 +5,9 @@ stores them (sl0: [K / group, N] pairs, 64 bytes per row block and group), from 
 (sl1: [N / 16, K / group, 16], a row block's scales contiguous), as stored but once per scale group
 instead of once per 64-k block (sl3), from a copy with rows g and g + 8 side by side (sl4: one 8-byte load
 per lane and block instead of two 4-byte loads), from the row-block-major copy staged per thread block in
-shared memory at the start (sl5), and not at all after group 0 (sl2: wrong output, timing only). A config "RTxWxU" is row blocks per thread block, warps, 64-k blocks per warp step.
+shared memory at the start (sl5), as stored but without allocating in L1 (sl6; sl7 also copies x past L1),
+as stored with the kernel held to 40 registers (sl8: three 16-warp blocks per SM), and not at all after
+group 0 (sl2: wrong output, timing only). A config "RTxWxU" is row blocks per thread block, warps, 64-k blocks per warp step.
 Timed beside the shipped op and the Triton read-only kernel of probe_read_ceiling.py, linear.py's method
 (CUDA-graph replay over rotated weight copies, medians, round-robin).
 
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default="1")
     ap.add_argument("--shapes", default="6144x4096,4096x4096,28672x4096,4096x14336")
     ap.add_argument("--configs", default="1x16x2,2x4x2,2x8x2,1x16x4,1x8x4,2x4x4")
-    ap.add_argument("--sls", default="0,5,2")
+    ap.add_argument("--sls", default="0,8,2")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     build.load()
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
         nc = len(mma.copies)
         tiled = [tile_major(p[1]) for p in mma.copies]
         paired = [rows_paired(p[1]) for p in mma.copies]
-        reads = RC.read_graphs(mma.bytes, nc)
+        reads, read_buffers = RC.read_graphs(mma.bytes, nc)
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = mma.fn(x, 0)().float()
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
                              **({"rel_err_vs_mma": errs[key]} if key in errs else {})})
             print(f"{n}x{k} M={m}: " + "  ".join(f"{key} {mma.bytes / t / 1e6:.2f}" for key, t in us.items()
                                                    if key != "bf16") + " TB/s", flush=True)
-        del reads, bf16, mma, tiled, paired
+        del reads, read_buffers, bf16, mma, tiled, paired
         torch.cuda.empty_cache()
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         bf16 = LB.Layer("bf16", n, k)
         mma = LB.Layer("w4a16_g128_mma@cuda", n, k)
         nc = len(mma.copies)
-        reads = RC.read_graphs(mma.bytes, nc)
+        reads, read_buffers = RC.read_graphs(mma.bytes, nc)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = mma.fn(x, 0)().float()
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             print(f"{n}x{k} M={m}: " + "  ".join(
                 f"{key} {mma.bytes / us[key] / 1e6:.2f}" for key in us if key != "bf16") + " TB/s"
                 + (f"   max rel err vs mma {max(errs.values()):.1e}" if errs else ""), flush=True)
-        del reads, bf16, mma
+        del reads, read_buffers, bf16, mma
         torch.cuda.empty_cache()
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

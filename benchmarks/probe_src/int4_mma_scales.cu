@@ -9,6 +9,8 @@
 // group are adjacent ([K / group, N / 16, 8, 2] pairs): one 8-byte load instead of two 4-byte loads.
 // SL 5 copies the block's scales for all of K from the row-block-major copy into shared memory at the
 // start (cp.async, whole lines, one block barrier in each warp's first step) and reads them there.
+// SL 6 reads them as SL 0 without allocating them in L1 (as the weights are read); SL 7 also copies x
+// past L1 (cp.async.cg). SL 8 is SL 0 held to 40 registers (three 16-warp blocks per SM).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,8 +29,9 @@ using fxquant::mma::mma16816;
 using probe::cp_async16;
 using probe::ldmatrix_x4;
 
+// minimum blocks 0: unasked, as the shipped kernel (an explicit 1 lets ptxas take more registers)
 template <int RT, int U, int SL>
-__global__ void __launch_bounds__(512) scales_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w,
+__global__ void __launch_bounds__(512, SL == 8 ? 3 : 0) scales_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w,
                                                      const unsigned* __restrict__ sz, T* __restrict__ out, int M,
                                                      int N, int K, int group_shift) {
   extern __shared__ uint4 x_smem[];
@@ -63,7 +66,10 @@ __global__ void __launch_bounds__(512) scales_kernel(const T* __restrict__ x, co
     __syncwarp();
     for (int c = lane; c < M * 8 * U; c += 32) {
       const int tok = c / (8 * U), chunk = c % (8 * U);
-      cp_async16(tile + tok * pitch + 8 * chunk, x + static_cast<int64_t>(tok) * K + s0 * 64 + 8 * chunk);
+      if constexpr (SL == 7)
+        probe::cp_async16_cg(tile + tok * pitch + 8 * chunk, x + static_cast<int64_t>(tok) * K + s0 * 64 + 8 * chunk);
+      else
+        cp_async16(tile + tok * pitch + 8 * chunk, x + static_cast<int64_t>(tok) * K + s0 * 64 + 8 * chunk);
     }
     asm volatile("cp.async.commit_group;" ::: "memory");
     uint4 wv[U][RT];
@@ -74,7 +80,10 @@ __global__ void __launch_bounds__(512) scales_kernel(const T* __restrict__ x, co
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
         wv[u][r] = fxquant::device::load_stream(wr[r] + (s0 + u) * 512);
-        if constexpr (SL == 0) {
+        if constexpr (SL == 6 || SL == 7) {  // as SL 0, without allocating in L1
+          sa[u][r] = probe::load_no_l1(sz + grp * N + row[r]);
+          sb[u][r] = probe::load_no_l1(sz + grp * N + row[r] + 8);
+        } else if constexpr (SL == 0 || SL == 8) {
           sa[u][r] = __ldg(sz + grp * N + row[r]);
           sb[u][r] = __ldg(sz + grp * N + row[r] + 8);
         } else if constexpr (SL == 3) {  // once per scale group: a step's later blocks of the same group reuse them
@@ -170,7 +179,10 @@ at::Tensor scales_linear(const at::Tensor& x, const at::Tensor& q, const at::Ten
   else if (sl == 2) by_shape<2>(x, q, sz, out, group, rt, warps, u);
   else if (sl == 3) by_shape<3>(x, q, sz, out, group, rt, warps, u);
   else if (sl == 4) by_shape<4>(x, q, sz, out, group, rt, warps, u);
-  else by_shape<5>(x, q, sz, out, group, rt, warps, u);
+  else if (sl == 5) by_shape<5>(x, q, sz, out, group, rt, warps, u);
+  else if (sl == 6) by_shape<6>(x, q, sz, out, group, rt, warps, u);
+  else if (sl == 7) by_shape<7>(x, q, sz, out, group, rt, warps, u);
+  else by_shape<8>(x, q, sz, out, group, rt, warps, u);
   return out;
 }
 }  // namespace
