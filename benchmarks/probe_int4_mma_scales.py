@@ -6,8 +6,9 @@ stores them (sl0: [K / group, N] pairs, 64 bytes per row block and group), from 
 instead of once per 64-k block (sl3), from a copy with rows g and g + 8 side by side (sl4: one 8-byte load
 per lane and block instead of two 4-byte loads), from the row-block-major copy staged per thread block in
 shared memory at the start (sl5), as stored but without allocating in L1 (sl6; sl7 also copies x past L1),
-as stored with the kernel held to 40 registers (sl8: three 16-warp blocks per SM), and not at all after
-group 0 (sl2: wrong output, timing only). A config "RTxWxU" is row blocks per thread block, warps, 64-k blocks per warp step.
+as stored with the kernel held to 40 registers (sl8: three 16-warp blocks per SM), one register pair per
+scale group with the group (128) known at compile time (sl9; sl10 also held to 40 registers), and not at
+all after group 0 (sl2: wrong output, timing only). A config "RTxWxU" is row blocks per thread block, warps, 64-k blocks per warp step.
 Timed beside the shipped op and the Triton read-only kernel of probe_read_ceiling.py, linear.py's method
 (CUDA-graph replay over rotated weight copies, medians, round-robin).
 
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default="1")
     ap.add_argument("--shapes", default="6144x4096,4096x4096,28672x4096,4096x14336")
     ap.add_argument("--configs", default="1x16x2,2x4x2,2x8x2,1x16x4,1x8x4,2x4x4")
-    ap.add_argument("--sls", default="0,8,2")
+    ap.add_argument("--sls", default="0,9,10,2")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     build.load()

@@ -10,7 +10,8 @@
 // SL 5 copies the block's scales for all of K from the row-block-major copy into shared memory at the
 // start (cp.async, whole lines, one block barrier in each warp's first step) and reads them there.
 // SL 6 reads them as SL 0 without allocating them in L1 (as the weights are read); SL 7 also copies x
-// past L1 (cp.async.cg). SL 8 is SL 0 held to 40 registers (three 16-warp blocks per SM).
+// past L1 (cp.async.cg). SL 8 is SL 0 held to 40 registers (three 16-warp blocks per SM). SL 9 knows the
+// group (128) at compile time and holds one scale register pair per group; SL 10 is SL 9 held to 40.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -31,7 +32,7 @@ using probe::ldmatrix_x4;
 
 // minimum blocks 0: unasked, as the shipped kernel (an explicit 1 lets ptxas take more registers)
 template <int RT, int U, int SL>
-__global__ void __launch_bounds__(512, SL == 8 ? 3 : 0) scales_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w,
+__global__ void __launch_bounds__(512, SL == 8 || SL == 10 ? 3 : 0) scales_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w,
                                                      const unsigned* __restrict__ sz, T* __restrict__ out, int M,
                                                      int N, int K, int group_shift) {
   extern __shared__ uint4 x_smem[];
@@ -83,6 +84,13 @@ __global__ void __launch_bounds__(512, SL == 8 ? 3 : 0) scales_kernel(const T* _
         if constexpr (SL == 6 || SL == 7) {  // as SL 0, without allocating in L1
           sa[u][r] = probe::load_no_l1(sz + grp * N + row[r]);
           sb[u][r] = probe::load_no_l1(sz + grp * N + row[r] + 8);
+        } else if constexpr (SL == 9 || SL == 10) {  // group 128, U even: blocks 2i and 2i + 1 share a group
+          if (u % 2 == 0) {  // u is a constant once unrolled: no branch, one register pair per group
+            sa[u][r] = __ldg(sz + grp * N + row[r]);
+            sb[u][r] = __ldg(sz + grp * N + row[r] + 8);
+          } else {
+            sa[u][r] = sa[u > 0 ? u - 1 : 0][r], sb[u][r] = sb[u > 0 ? u - 1 : 0][r];
+          }
         } else if constexpr (SL == 0 || SL == 8) {
           sa[u][r] = __ldg(sz + grp * N + row[r]);
           sb[u][r] = __ldg(sz + grp * N + row[r] + 8);
@@ -182,7 +190,12 @@ at::Tensor scales_linear(const at::Tensor& x, const at::Tensor& q, const at::Ten
   else if (sl == 5) by_shape<5>(x, q, sz, out, group, rt, warps, u);
   else if (sl == 6) by_shape<6>(x, q, sz, out, group, rt, warps, u);
   else if (sl == 7) by_shape<7>(x, q, sz, out, group, rt, warps, u);
-  else by_shape<8>(x, q, sz, out, group, rt, warps, u);
+  else if (sl == 8) by_shape<8>(x, q, sz, out, group, rt, warps, u);
+  else {
+    TORCH_CHECK(group == 128 && u % 2 == 0, "sl 9 and 10: group 128 and an even U only");
+    if (sl == 9) by_shape<9>(x, q, sz, out, group, rt, warps, u);
+    else by_shape<10>(x, q, sz, out, group, rt, warps, u);
+  }
   return out;
 }
 }  // namespace

@@ -211,10 +211,11 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<MODE, NT, RT>) int4_mm
   mma::reduce_store<T, RT, NT, kWarps>(acc, rb0 * 16, M, N, static_cast<const T*>(nullptr), bias, out, out_stride);
 }
 
-// Block shape (RT 16-row blocks, warps splitting K, U blocks per warp step): the first of a preference
-// list whose grid fits on the GPU in one wave, else the last (as gemv.cu's int4 kernel). U = 2 gives a
-// warp step LEAN's 1 KB per 16 rows. FXQUANT_CXX_INT4_MMA_LAYOUT_VARIANT="RT,WARPS,U" overrides it (RT 1,
-// 2 or 4, U 1, 2 or 4 with RT * U <= 8; experiments; read at every call).
+// Block shape (RT 16-row blocks, warps splitting K, U blocks per warp step): 1 x 16 x 4 for a long K at
+// M <= 8, else the first of a preference list whose grid fits on the GPU in one wave, else the last (as
+// gemv.cu's int4 kernel). U = 2 gives a warp step LEAN's 1 KB per 16 rows.
+// FXQUANT_CXX_INT4_MMA_LAYOUT_VARIANT="RT,WARPS,U" overrides it (RT 1, 2 or 4, U 1, 2 or 4 with RT * U <= 8;
+// experiments; read at every call).
 struct Shape {
   int rt, warps, u;
 };
@@ -245,12 +246,12 @@ int x_smem_bytes(int mode, int warps, int m, int u) {
   return mode != kXGlobal ? warps * m * (u * 64 + 8) * static_cast<int>(sizeof(T)) : 0;
 }
 
-template <typename T, int NT, int RT>
+template <typename T, int NT, int RT, int U = 2>
 int per_sm(int warps, int m, int mode) {
-  const void* k = mode == kXGlobal   ? kernel_ptr<T, NT, RT, 2, kXGlobal>()
-                  : mode == kXShared ? kernel_ptr<T, NT, RT, 2, kXShared>()
-                                     : kernel_ptr<T, NT, RT, 2, kXSharedScaleAfter>();
-  return device::blocks_per_sm(k, warps * 32, x_smem_bytes<T>(mode, warps, m, 2));
+  const void* k = mode == kXGlobal   ? kernel_ptr<T, NT, RT, U, kXGlobal>()
+                  : mode == kXShared ? kernel_ptr<T, NT, RT, U, kXShared>()
+                                     : kernel_ptr<T, NT, RT, U, kXSharedScaleAfter>();
+  return device::blocks_per_sm(k, warps * 32, x_smem_bytes<T>(mode, warps, m, U));
 }
 
 template <typename T, int NT>
@@ -263,8 +264,14 @@ Shape pick_shape(int n, int k, int m, int mode) {
   const Shape* list = NT == 1 ? kOne : NT == 2 ? kTwo : kFour;
   const int len = NT == 4 ? 2 : 4;
   const int kb = k / 64;
-  Shape s = list[len - 1];
-  for (int i = 0; i < len; ++i) {
+  // At most 8 tokens, K >= 8192 and a grid of at most two waves: 1 x 16 x 4, four k-blocks per warp step.
+  // On the H100 at M = 1-8 (BENCHMARKS.md S29) it beat the list's choice by 1-8 % on 4096x14336 and
+  // 4096x11008 and by 8-18 % on 8192x28672; on 14336x8192 (3.4 waves) the list's 2 x 8 x 2 was 8-15 %
+  // ahead of it, and at K = 4096 the list's shapes are ahead.
+  const bool long_k = NT == 1 && kb >= 128 && kb % 4 == 0 &&
+                      n / 16 <= 2 * per_sm<T, NT, 1, 4>(16, m, mode) * device::sm_count();
+  Shape s = long_k ? Shape{1, 16, 4} : list[len - 1];
+  for (int i = 0; i < len && !long_k; ++i) {
     const int warps = std::max(1, std::min(list[i].warps, kb / list[i].u));
     const int blocks = (n / 16 + list[i].rt - 1) / list[i].rt;
     const int fit = list[i].rt == 1   ? per_sm<T, NT, 1>(warps, m, mode)
