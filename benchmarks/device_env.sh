@@ -30,12 +30,22 @@ build_libs() {
   wait
 }
 
-# save_libs DIR: the built op libraries into DIR/fxq_libs.tgz (for .devrun/ in later calls' carry).
+# save_libs DIR: the op libraries the current sources load (built or from the cache) into
+# DIR/fxq_libs.tgz, for .devrun/ in later calls' carry. Only those two: stale builds left in the cache
+# by other sources would make the file too large for the device tool to return.
 save_libs() {
-  local dest
+  local dest libs
   dest=$(cd "$1" && pwd) || return
-  (cd "$FXQUANT_CACHE_DIR" && ls cxx/*/*.so >/dev/null 2>&1 && tar -czf "$dest/fxq_libs.tgz" cxx/*/*.so) \
-    && echo "saved $(du -h "$dest/fxq_libs.tgz" | cut -f1) of libraries to $dest/fxq_libs.tgz"
+  libs=$(${PYTHON:-python3} -c "
+import os
+from fxquant.lowering.cuda import build
+for load in (build.load, build.load_cutlass):
+    try:
+        print(os.path.relpath(load(), os.environ['FXQUANT_CACHE_DIR']))
+    except Exception:
+        pass" 2>/dev/null)
+  [ -n "$libs" ] && (cd "$FXQUANT_CACHE_DIR" && tar -czf "$dest/fxq_libs.tgz" $libs) \
+    && echo "saved $(du -h "$dest/fxq_libs.tgz" | cut -f1) of libraries ($(echo $libs | tr '\n' ' ')) to $dest/fxq_libs.tgz"
 }
 
 # device_info FILE: the GPU, driver, clock, torch / CUDA / Triton versions and the date, into FILE.
