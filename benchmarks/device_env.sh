@@ -20,32 +20,34 @@ fi
 
 # build_libs LOGDIR: the C++ and CUTLASS op libraries built (or loaded from the cache) here, the two
 # builds in parallel, not by every test or benchmark process at once; each build's log in LOGDIR,
-# and a line for each that failed.
+# and a line for each that failed. The paths of those that loaded go to $FXQUANT_CACHE_DIR/current_libs.txt
+# (save_libs packs those).
 build_libs() {
   local lib
   for lib in load load_cutlass; do
-    { ${PYTHON:-python3} -c "from fxquant.lowering.cuda import build; build.$lib()" > "$1/build_$lib.log" 2>&1 \
-      || echo "build $lib failed: $(tail -1 "$1/build_$lib.log")"; } &
+    { ${PYTHON:-python3} -c "from fxquant.lowering.cuda import build; print('FXQ_LIB', build.$lib(), flush=True)" \
+        > "$1/build_$lib.log" 2>&1 || echo "build $lib failed: $(tail -1 "$1/build_$lib.log")"; } &
   done
   wait
+  grep -h '^FXQ_LIB ' "$1/build_load.log" "$1/build_load_cutlass.log" 2>/dev/null | cut -d' ' -f2- \
+    > "$FXQUANT_CACHE_DIR/current_libs.txt"
 }
 
-# save_libs DIR: the op libraries the current sources load (built or from the cache) into
-# DIR/fxq_libs.tgz, for .devrun/ in later calls' carry. Only those two: stale builds left in the cache
-# by other sources would make the file too large for the device tool to return.
+# save_libs DIR: the op libraries the last build_libs loaded into DIR/fxq_libs.tgz, for .devrun/ in later
+# calls' carry. Only those (nothing is built here): stale builds left in the cache by other sources
+# would make the file too large for the device tool to return.
 save_libs() {
-  local dest libs
+  local dest f libs=()
   dest=$(cd "$1" && pwd) || return
-  libs=$(${PYTHON:-python3} -c "
-import os
-from fxquant.lowering.cuda import build
-for load in (build.load, build.load_cutlass):
-    try:
-        print(os.path.relpath(load(), os.environ['FXQUANT_CACHE_DIR']))
-    except Exception:
-        pass" 2>/dev/null)
-  [ -n "$libs" ] && (cd "$FXQUANT_CACHE_DIR" && tar -czf "$dest/fxq_libs.tgz" $libs) \
-    && echo "saved $(du -h "$dest/fxq_libs.tgz" | cut -f1) of libraries ($(echo $libs | tr '\n' ' ')) to $dest/fxq_libs.tgz"
+  while IFS= read -r f; do
+    [ -f "$f" ] && libs+=("${f#"$FXQUANT_CACHE_DIR"/}")
+  done < <(cat "$FXQUANT_CACHE_DIR/current_libs.txt" 2>/dev/null)
+  if [ ${#libs[@]} = 0 ]; then
+    echo "save_libs: no library loaded by build_libs: nothing saved"
+    return 1
+  fi
+  (cd "$FXQUANT_CACHE_DIR" && tar -czf "$dest/fxq_libs.tgz" "${libs[@]}") \
+    && echo "saved $(du -h "$dest/fxq_libs.tgz" | cut -f1) of libraries (${libs[*]}) to $dest/fxq_libs.tgz"
 }
 
 # device_info FILE: the GPU, driver, clock, torch / CUDA / Triton versions and the date, into FILE.

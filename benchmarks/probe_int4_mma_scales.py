@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                              **({"rel_err_vs_mma": errs[key]} if key in errs else {})})
             print(f"{n}x{k} M={m}: " + "  ".join(f"{key} {mma.bytes / t / 1e6:.2f}" for key, t in us.items()
                                                    if key != "bf16") + " TB/s", flush=True)
-        del reads, read_buffers, bf16, mma, tiled, paired
+        del graphs, x, reads, read_buffers, bf16, mma, tiled, paired
         torch.cuda.empty_cache()
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

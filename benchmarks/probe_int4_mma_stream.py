@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             print(f"{n}x{k} M={m}: " + "  ".join(
                 f"{key} {mma.bytes / us[key] / 1e6:.2f}" for key in us if key != "bf16") + " TB/s"
                 + (f"   max rel err vs mma {max(errs.values()):.1e}" if errs else ""), flush=True)
-        del reads, read_buffers, bf16, mma
+        del graphs, x, reads, read_buffers, bf16, mma
         torch.cuda.empty_cache()
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

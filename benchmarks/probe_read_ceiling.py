@@ -50,13 +50,13 @@ def read_fn(src: torch.Tensor, dst: torch.Tensor, block: int, warps: int):
 
 
 def read_graphs(nbytes: int, copies: int) -> tuple[dict, list]:
-    """("tread{BLOCK}" -> (graph, calls) for the read kernel at each of BLOCKS over `copies` random
+    """("tread{BLOCK}/{WARPS}" -> (graph, calls) for the read kernel at each of BLOCKS over `copies` random
     buffers of `nbytes`, rotated as an op's weight copies are; the buffers). A graph does not keep the
     memory it reads alive: hold the buffers for as long as the graphs replay."""
     words = (nbytes + 3) // 4
     srcs = [torch.randint(-2 ** 31, 2 ** 31 - 1, (words,), dtype=torch.int32, device="cuda") for _ in range(copies)]
     sink = torch.empty(triton.cdiv(words, min(b for b, _ in BLOCKS)), dtype=torch.int32, device="cuda")
-    graphs = {f"tread{b}": (LB.capture([read_fn(src, sink, b, w) for src in srcs]), copies) for b, w in BLOCKS}
+    graphs = {f"tread{b}/{w}": (LB.capture([read_fn(src, sink, b, w) for src in srcs]), copies) for b, w in BLOCKS}
     return graphs, [*srcs, sink]
 
 
